@@ -1,0 +1,72 @@
+"""Conversions between a network's prediction types and the ε contract every solver uses.
+
+With x_t = α_t x_0 + σ_t ε:  x̂_0 = (x_t − σ_t ε̂)/α_t,  ε̂ = (x_t − α_t x̂_0)/σ_t,  and the
+v-prediction of Salimans & Ho (2022) v = α_t ε − σ_t x_0, so ε̂ = σ_t x_t + α_t v̂ (this last one
+assumes a variance-preserving schedule, α_t² + σ_t² = 1, which is where v-prediction is defined).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from .schedules import Schedule
+
+PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v")
+Prediction = Literal["eps", "x0", "v"]
+
+
+def _bcast(c: Tensor, x: Tensor) -> Tensor:
+    """Per-item coefficient of shape (B,) or () broadcast against x of shape (B, ...)."""
+    c = c.to(device=x.device, dtype=x.dtype)
+    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
+
+
+def eps_from_prediction(pred: Tensor, x: Tensor, t: Tensor, schedule: Schedule, kind: Prediction) -> Tensor:
+    """ε̂ from a network output ``pred`` of type ``kind`` at state ``x`` and times ``t`` (shape (B,))."""
+    if kind == "eps":
+        return pred
+    a, s = _bcast(schedule.alpha(t), x), _bcast(schedule.sigma(t), x)
+    if kind == "x0":
+        return (x - a * pred) / s
+    if kind == "v":
+        return s * x + a * pred
+    raise ValueError(f"unknown prediction type {kind!r}; valid: {', '.join(PREDICTION_TYPES)}")
+
+
+def denoised_from_eps(eps: Tensor, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+    """Tweedie / DDIM data prediction x̂_0 = (x_t − σ_t ε̂)/α_t."""
+    return (x - _bcast(schedule.sigma(t), x) * eps) / _bcast(schedule.alpha(t), x)
+
+
+def eps_fn_from_model(
+    model: Callable[..., Tensor], schedule: Schedule, kind: Prediction = "eps"
+) -> Callable[..., Tensor]:
+    """Wrap ``model(x, t, **kw)`` predicting ``kind`` into the solvers' ``eps_fn(x, t, **kw)`` contract."""
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {kind!r}; valid: {', '.join(PREDICTION_TYPES)}")
+
+    def eps_fn(x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        return eps_from_prediction(model(x, t, **kwargs), x, t, schedule, kind)
+
+    return eps_fn
+
+
+def classifier_free_guidance(
+    eps_fn: Callable[..., Tensor], scale: float, null_label: int
+) -> Callable[..., Tensor]:
+    """ε̃ = ε(x, ∅) + s·(ε(x, y) − ε(x, ∅)) (Ho & Salimans 2022), both branches in one batched call.
+
+    The wrapped function takes ``labels`` as a keyword; ``null_label`` is the class index the network
+    was trained to treat as "no label". ``scale = 1`` is plain conditional sampling.
+    """
+
+    def guided(x: Tensor, t: Tensor, labels: Tensor, **kwargs) -> Tensor:
+        null = torch.full_like(labels, null_label)
+        eps = eps_fn(torch.cat([x, x]), torch.cat([t, t]), labels=torch.cat([labels, null]), **kwargs)
+        eps_c, eps_u = eps.chunk(2)
+        return eps_u + scale * (eps_c - eps_u)
+
+    return guided
