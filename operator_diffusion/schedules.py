@@ -73,11 +73,12 @@ class Schedule:
     def check_times(self, ts: Tensor, what: str = "time") -> None:
         """Raise ValueError if a time lies outside ``[t_min, t_max]`` (relative slack 1e-9)."""
         lo, hi = self.t_min * (1 - 1e-9), self.t_max * (1 + 1e-9)
-        bad = ((ts < lo) | (ts > hi) | ~torch.isfinite(ts)).nonzero()
+        flat = ts.flatten()
+        bad = ((flat < lo) | (flat > hi) | ~torch.isfinite(flat)).nonzero()
         if len(bad):
-            i = int(bad[0, 0]) if bad.dim() > 1 else int(bad[0])
+            i = int(bad[0, 0])
             raise ValueError(
-                f"{what} {float(ts.flatten()[i]):.6g} at index {i} is outside the range of the "
+                f"{what} {float(flat[i]):.6g} at index {i} is outside the range of the "
                 f"{self.name} schedule [{self.t_min:.6g}, {self.t_max:.6g}]; choose times inside it "
                 f"(or build the schedule with a wider t_min/t_max)"
             )
@@ -166,7 +167,7 @@ class DiscreteVP(Schedule):
         if len(self.log_alphas) < 2:
             raise ValueError("DiscreteVP needs at least 2 steps; build it with DiscreteVP.from_betas(betas)")
         la = torch.tensor(self.log_alphas, dtype=torch.float64)
-        if not bool((la[1:] < la[:-1]).all()) or not bool((la < 0).all()):
+        if not bool(torch.isfinite(la).all()) or not bool((la[1:] < la[:-1]).all()) or not bool((la < 0).all()):
             raise ValueError("DiscreteVP: ᾱ_n must be strictly decreasing and below 1 (betas in (0, 1))")
         n = len(la)
         object.__setattr__(self, "_t", torch.arange(1, n + 1, dtype=torch.float64) / n)
@@ -264,6 +265,10 @@ def schedule_from_config(config: dict) -> Schedule:
     if name not in _SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(available_schedules())}")
     cls = _SCHEDULES[name]
+    valid = {f.name for f in fields(cls) if f.init}
+    unknown = set(config) - valid
+    if unknown:
+        raise ValueError(f"unknown {name} schedule parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
     if cls is DiscreteVP:
         return DiscreteVP(log_alphas=tuple(config["log_alphas"]))
     return cls(**config)

@@ -1,0 +1,127 @@
+"""Backbones: the ``Backbone`` protocol and a registry of implementations by name.
+
+Implementations are found through the ``opdiff.backbones`` entry-point group (the built-in ``opdiff-unet``
+is registered that way too, in this distribution's pyproject), imported only when first requested and
+cached; ``register_backbone`` adds one programmatically (tests, notebooks).
+
+    >>> bb = load_backbone("opdiff-unet", preset="tiny")
+    >>> bb2 = load_backbone(**bb.config())          # same architecture
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+
+from .base import CHECKPOINT_CONFIG_KEY, Backbone
+
+__all__ = [
+    "Backbone",
+    "ENTRY_POINT_GROUP",
+    "available_backbones",
+    "backbone_class",
+    "load_backbone",
+    "register_backbone",
+    "backbone_from_checkpoint",
+]
+
+ENTRY_POINT_GROUP = "opdiff.backbones"
+
+_registered: dict[str, type[Backbone]] = {}  # by register_backbone, and entry points once imported
+
+
+@functools.cache
+def _entry_points() -> dict[str, EntryPoint]:
+    """The group's entry points by name (read once; importing them is deferred to ``backbone_class``)."""
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found and found[ep.name].value != ep.value:
+            warnings.warn(
+                f"two backbone plugins are named {ep.name!r} ({found[ep.name].value} and {ep.value}); using the first",
+                stacklevel=2,
+            )
+            continue
+        found[ep.name] = ep
+    return found
+
+
+def available_backbones() -> list[str]:
+    """Names of all backbones: installed entry points and programmatically registered ones."""
+    return sorted(set(_entry_points()) | set(_registered))
+
+
+def register_backbone(name: str, cls: type[Backbone] | None = None, *, overwrite: bool = False):
+    """Register ``cls`` under ``name`` (usable as a decorator: ``@register_backbone("mine")``).
+
+    ``cls.name`` must equal ``name`` (``config()`` records it, and ``load_backbone`` resolves it).
+    Replacing a different class already known under ``name`` needs ``overwrite=True``."""
+
+    def register(cls: type[Backbone]) -> type[Backbone]:
+        _check_class(name, cls, origin="register_backbone")
+        known = _registered.get(name)
+        taken = (known is not None and known is not cls) or (known is None and name in _entry_points())
+        if taken and not overwrite:
+            raise ValueError(f"a backbone named {name!r} already exists; pass overwrite=True to replace it")
+        _registered[name] = cls
+        return cls
+
+    return register if cls is None else register(cls)
+
+
+def backbone_class(name: str) -> type[Backbone]:
+    """The class registered under ``name``, importing its plugin on first use."""
+    if name in _registered:
+        return _registered[name]
+    ep = _entry_points().get(name)
+    if ep is None:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones()) or '(none)'}")
+    try:
+        cls = ep.load()
+    except Exception as e:  # ImportError, or any error raised while importing the plugin's module
+        dist = f" from distribution {ep.dist.name!r}" if getattr(ep, "dist", None) is not None else ""
+        raise ImportError(
+            f"backbone plugin {name!r} ({ep.value}{dist}) failed to import: {type(e).__name__}: {e}"
+        ) from e
+    _check_class(name, cls, origin=f"entry point {ep.value}")
+    _registered[name] = cls
+    return cls
+
+
+def load_backbone(name: str | None = None, /, **kwargs) -> Backbone:
+    """Build the backbone ``name`` with constructor ``kwargs`` (e.g. ``preset``, ``schedule``, ``checkpoint``).
+
+    ``kwargs`` may be a backbone's ``config()``, whose ``name`` key is then used (and must agree with
+    ``name`` when both are given): ``load_backbone(**bb.config())`` rebuilds ``bb``'s architecture."""
+    cfg_name = kwargs.pop("name", None)
+    if name is None and cfg_name is None:
+        raise ValueError(f"load_backbone needs a backbone name; available: {', '.join(available_backbones())}")
+    if name is not None and cfg_name is not None and name != cfg_name:
+        raise ValueError(f"load_backbone({name!r}) was given a config of backbone {cfg_name!r}")
+    return backbone_class(name or cfg_name)(**kwargs)
+
+
+def backbone_from_checkpoint(path: str | Path, **overrides) -> Backbone:
+    """Rebuild a backbone from a checkpoint written by ``Backbone.save_weights`` (config in its metadata),
+    then load its weights. ``overrides`` replace config entries (e.g. ``dropout=0.0``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if CHECKPOINT_CONFIG_KEY not in meta:
+        raise ValueError(
+            f"checkpoint {str(path)!r} carries no backbone config in its metadata; "
+            f"use load_backbone(name, checkpoint=..., **config) instead"
+        )
+    backbone = load_backbone(**{**json.loads(meta[CHECKPOINT_CONFIG_KEY]), **overrides})
+    backbone.load_weights(path)
+    return backbone
+
+
+def _check_class(name: str, cls: object, origin: str) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+        raise TypeError(f"backbone {name!r} ({origin}) is {cls!r}, not a subclass of operator_diffusion.backbones.Backbone")
+    if cls.name != name:
+        raise ValueError(f"backbone class {cls.__qualname__} declares name {cls.name!r} but is registered as {name!r}")

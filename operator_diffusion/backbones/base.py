@@ -1,0 +1,253 @@
+"""The ``Backbone`` protocol: how a pretrained diffusion network enters opdiff.
+
+A backbone wraps one ``torch.nn.Module`` (``network``) together with everything needed to call it as a
+denoiser of a given noise schedule: the schedule, the network's prediction type, the image shape and the
+class conditioning. Solvers see it through ``eps_fn(x, t)``; the DSNO adapter additionally needs
+``network`` (to attach temporal layers by forward hooks after ``default_injection_points``, leaving the
+network's own ``state_dict`` keys untouched) and runs it on batches of B·M items.
+
+Plugin authors subclass ``Backbone``, set the class attribute ``name``, call ``super().__init__`` with the
+network and its metadata, and implement ``forward``, ``config`` and ``default_injection_points``; the class
+is then registered under ``name`` in the ``opdiff.backbones`` entry-point group of their distribution::
+
+    [project.entry-points."opdiff.backbones"]
+    my-unet = "my_package.backbone:MyUNetBackbone"
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..prediction import PREDICTION_TYPES, Prediction, eps_from_prediction
+from ..schedules import Schedule
+
+__all__ = ["Backbone", "CHECKPOINT_CONFIG_KEY"]
+
+CHECKPOINT_CONFIG_KEY = "opdiff.backbone"  # safetensors metadata entry holding the backbone's JSON config
+_SHOW = 3  # how many offending keys a mismatch error names
+
+
+class Backbone(abc.ABC):
+    """A pretrained (or trainable) diffusion network in opdiff's conventions.
+
+    Attributes set by ``__init__``: ``network`` (the ``nn.Module``), ``schedule``, ``prediction``
+    (one of ``"eps"``, ``"x0"``, ``"v"``), ``image_shape`` (C, H, W), ``num_classes`` (0 = unconditional;
+    otherwise labels are ints in ``[0, num_classes)``) and ``null_label`` (the label meaning "no class" for
+    classifier-free guidance, or ``None`` if the network has none).
+
+    Subclasses implement:
+      * ``name`` (class attribute): the registry name;
+      * ``forward(x, t, labels=None)``: the raw network output in its prediction type, for continuous
+        schedule times ``t`` of shape (B,) (the backbone maps them to what the network embeds);
+      * ``config()``: a JSON-serialisable dict with ``name`` from which ``load_backbone(**config)``
+        rebuilds the same architecture (weights excluded);
+      * ``default_injection_points``: names of modules of ``network`` after whose output a temporal layer
+        goes (DSNO: after every ResBlock, after its attention where there is one, and after the mid block;
+        never after a resample block). Each module's output must be one (N, C, H, W) tensor per item.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        schedule: Schedule,
+        prediction: Prediction,
+        image_shape: tuple[int, int, int],
+        num_classes: int = 0,
+        null_label: int | None = None,
+    ):
+        if not isinstance(network, nn.Module):
+            raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be an operator_diffusion.schedules.Schedule, got {type(schedule).__name__}")
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTION_TYPES)}")
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+        if null_label is not None and not num_classes:
+            raise ValueError("null_label only makes sense for a class-conditional backbone (num_classes > 0)")
+        self.network = network
+        self.schedule = schedule
+        self.prediction: Prediction = prediction
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.num_classes = int(num_classes)
+        self.null_label = null_label
+
+    # ----------------------------------------------------------------------------------------------
+    # The contract
+    # ----------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Raw network output (in ``self.prediction``) at states ``x`` (B, C, H, W) and times ``t`` (B,)."""
+
+    @abc.abstractmethod
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description with key ``name``; ``load_backbone(**config)`` rebuilds it."""
+
+    @property
+    @abc.abstractmethod
+    def default_injection_points(self) -> list[str]:
+        """Module names of ``network`` after which DSNO's temporal layers go, in forward order."""
+
+    def eps_fn(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The solvers' contract: ε̂(x, t) from the network output (``prediction.eps_from_prediction``)."""
+        t = self.expand_times(t, x)
+        return eps_from_prediction(self.forward(x, t, labels=labels), x, t, self.schedule, self.prediction)
+
+    def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """A backbone is called like a module: ``bb(x, t, labels)`` is ``bb.forward(x, t, labels)``."""
+        return self.forward(x, t, labels=labels)
+
+    # ----------------------------------------------------------------------------------------------
+    # Input checks shared by implementations
+    # ----------------------------------------------------------------------------------------------
+    def expand_times(self, t: Tensor | float, x: Tensor) -> Tensor:
+        """Times as a (B,) tensor on x's device: a scalar is broadcast to the batch of ``x``."""
+        t = torch.as_tensor(t, device=x.device)
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"times must have shape (B,) = ({x.shape[0]},) or be a scalar, got {tuple(t.shape)}")
+        return t
+
+    def check_inputs(self, x: Tensor, labels: Tensor | None) -> Tensor | None:
+        """Validate ``x`` (B, *image_shape) and return labels as a (B,) long tensor (or None).
+
+        For a class-conditional backbone with a ``null_label``, ``labels=None`` means unconditional and
+        becomes the null label; label values are range-checked on CPU tensors (on accelerators the check
+        would cost a host sync per call, and the embedding lookup fails loudly anyway)."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"{self.name}: x must have shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
+        if not self.num_classes:
+            if labels is not None:
+                raise ValueError(f"{self.name} is unconditional (num_classes=0) but labels were given")
+            return None
+        if labels is None:
+            if self.null_label is None:
+                raise ValueError(f"{self.name} is class-conditional without a null label: labels are required")
+            return torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+        labels = torch.as_tensor(labels, device=x.device)
+        if labels.is_floating_point():
+            raise ValueError("labels must be integer class indices, got a floating-point tensor")
+        labels = labels.long()
+        if labels.dim() == 0:
+            labels = labels.expand(x.shape[0])
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape (B,) = ({x.shape[0]},), got {tuple(labels.shape)}")
+        if labels.device.type == "cpu" and len(labels):
+            hi = self.num_classes if self.null_label is None else max(self.num_classes, self.null_label + 1)
+            lo_v, hi_v = int(labels.min()), int(labels.max())
+            if lo_v < 0 or hi_v >= hi:
+                bad = lo_v if lo_v < 0 else hi_v
+                raise ValueError(
+                    f"label {bad} out of range: classes are 0..{self.num_classes - 1}"
+                    + (f" and {self.null_label} (null label)" if self.null_label is not None else "")
+                )
+        return labels
+
+    # ----------------------------------------------------------------------------------------------
+    # Weights (safetensors only: never torch.load / pickle)
+    # ----------------------------------------------------------------------------------------------
+    def save_weights(self, path: str | Path) -> None:
+        """Write ``network.state_dict()`` to a .safetensors file, with ``config()`` in its metadata."""
+        from safetensors.torch import save_file
+
+        # clone: safetensors refuses tensors sharing storage (tied weights), and needs contiguous CPU data
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.network.state_dict().items()}
+        save_file(tensors, str(path), metadata={CHECKPOINT_CONFIG_KEY: json.dumps(self.config()), "format": "opdiff-backbone/1"})
+
+    def load_weights(self, path: str | Path, strict: bool = True) -> None:
+        """Load a .safetensors checkpoint into ``network``. A checkpoint whose keys or shapes differ from the
+        architecture raises ValueError naming the first offending keys (with ``strict=False``, only keys
+        present in both with equal shapes are loaded and the rest is left as is)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone checkpoint {str(path)!r} does not exist")
+        try:
+            state = load_file(str(path), device="cpu")
+        except SafetensorError as e:
+            raise ValueError(
+                f"{str(path)!r} is not a safetensors file ({e}); opdiff loads weights from .safetensors only "
+                f"(convert a pickled checkpoint once with safetensors.torch.save_file)"
+            ) from None
+        own = self.network.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [
+            f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+            for k in own if k in state and state[k].shape != own[k].shape
+        ]
+        if strict and (missing or unexpected or shapes):
+            parts = []
+            problems = (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shape mismatches (checkpoint vs model)", shapes))
+            for what, items in problems:
+                if items:
+                    more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+                    parts.append(f"{len(items)} {what}: {', '.join(items[:_SHOW])}{more}")
+            origin = _checkpoint_origin(path)
+            raise ValueError(
+                f"checkpoint {str(path)!r} does not match backbone {self.name!r} with this config: {'; '.join(parts)}; "
+                f"it belongs to another backbone or configuration{origin}"
+            )
+        if not strict:
+            state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+        self.network.load_state_dict(state, strict=strict)
+
+    # ----------------------------------------------------------------------------------------------
+    # Conveniences delegating to the network
+    # ----------------------------------------------------------------------------------------------
+    def to(self, *args, **kwargs) -> "Backbone":
+        self.network.to(*args, **kwargs)
+        return self
+
+    def eval(self) -> "Backbone":
+        self.network.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "Backbone":
+        self.network.train(mode)
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.network.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.network.parameters())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.network.parameters())).dtype
+
+    def __repr__(self) -> str:
+        cond = f", num_classes={self.num_classes}" if self.num_classes else ""
+        return (
+            f"{type(self).__name__}(name={self.name!r}, image_shape={self.image_shape}, schedule={self.schedule.name!r}, "
+            f"prediction={self.prediction!r}{cond}, params={self.num_parameters():,})"
+        )
+
+
+def _checkpoint_origin(path: Path) -> str:
+    """' (saved by ...)' from the checkpoint's metadata, for mismatch messages; '' if it has none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        cfg = json.loads(meta[CHECKPOINT_CONFIG_KEY])
+        return f" (its metadata says backbone {cfg.get('name')!r})"
+    except Exception:  # metadata is optional: foreign checkpoints have none
+        return ""

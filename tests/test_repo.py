@@ -1,0 +1,42 @@
+"""The repository contract: README's two commands are what CI runs; the CLI lists its commands."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [b.strip() for b in blocks]
+
+
+def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
+    cmds = _readme_commands()
+    assert len(cmds) == 2, cmds
+    setup, tests = cmds[1].split(" && ")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"\n{setup}\n" in ci and f"\n{tests}\n" in ci, (setup, tests, ci)
+
+
+def test_top_level_layout():
+    allowed = {"pyproject.toml", "operator_diffusion", "plugins", "cli", "tests", "docs", "README.md", ".ci", ".gitignore", ".git"}
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if tracked:  # inside a git checkout
+        assert {p.split("/")[0] for p in tracked} <= allowed
+
+
+def test_cli_help_and_solvers_listing():
+    run = [sys.executable, "-m", "opdiff_cli.main"]
+    out = subprocess.run(run + ["--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "solvers" in out.stdout
+    out = subprocess.run(run + ["solvers", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0
+    names = [row["name"] for row in __import__("json").loads(out.stdout)]
+    from operator_diffusion.solvers import available_solvers
+
+    assert names == available_solvers()
+    bad = subprocess.run(run + ["no-such-command"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "No such command" in bad.stderr
