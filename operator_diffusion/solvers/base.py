@@ -61,29 +61,30 @@ class Grid:
 _GL_X, _GL_W = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(32))
 
 
-def integrate_drho(schedule: Schedule, f: Callable[[Tensor], Tensor], lam_s: float, lam_t: float) -> Tensor:
-    """∫ f(τ) dρ(τ) over one step, from λ_s to λ_t, by Gauss–Legendre in λ (dρ = −e^{−λ} dλ).
+def integrate_drho(schedule: Schedule, f: Callable[[Tensor], Tensor], lam_s: Tensor, lam_t: Tensor) -> Tensor:
+    """∫ f(τ) dρ(τ) over steps from λ_s to λ_t (tensors of shape (S,)), by Gauss–Legendre in λ
+    (dρ = −e^{−λ} dλ), for all S steps at once.
 
-    ``f`` maps times τ (shape (Q,)) to values of shape (Q, ...); the integral has shape (...).
+    ``f`` maps times τ of shape (S, Q) to values of shape (S, Q, ...); the result has shape (S, ...).
     Substituting λ makes the integrand analytic and mildly varying, so the rule is exact to round-off:
     these are the "exact" (not Riemann-sum) coefficients of DEIS and the conjugate integrators.
     """
+    lam_s, lam_t = lam_s.to(torch.float64)[:, None], lam_t.to(torch.float64)[:, None]
     half, mid = 0.5 * (lam_t - lam_s), 0.5 * (lam_t + lam_s)
-    lam = mid + half * _GL_X
-    tau = schedule.t_from_log_snr(lam)
-    vals = f(tau)
-    w = (_GL_W * half * -torch.exp(-lam)).reshape((-1,) + (1,) * (vals.dim() - 1))
-    return (w * vals).sum(0)
+    lam = mid + half * _GL_X  # (S, Q)
+    vals = f(schedule.t_from_log_snr(lam))
+    w = _GL_W * half * -torch.exp(-lam)  # (S, Q)
+    return (w.reshape(w.shape + (1,) * (vals.dim() - 2)) * vals).sum(1)
 
 
 def lagrange_basis(nodes: Tensor, u: Tensor) -> Tensor:
-    """ℓ_j(u) for the Lagrange basis on ``nodes`` (K,), at points ``u`` (Q,) → (Q, K)."""
-    k = len(nodes)
-    out = torch.ones(len(u), k, dtype=torch.float64)
+    """ℓ_j(u) for the Lagrange basis on ``nodes`` (S, K), at points ``u`` (S, Q) → (S, Q, K)."""
+    k = nodes.shape[-1]
+    out = torch.ones(*u.shape, k, dtype=torch.float64)
     for j in range(k):
         for m in range(k):
             if m != j:
-                out[:, j] *= (u - nodes[m]) / (nodes[j] - nodes[m])
+                out[..., j] *= (u - nodes[:, m : m + 1]) / (nodes[:, j : j + 1] - nodes[:, m : m + 1])
     return out
 
 

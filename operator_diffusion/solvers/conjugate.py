@@ -19,13 +19,12 @@ from .base import Evaluator, Grid, integrate_drho
 
 
 def lambda_ddim(ev: Evaluator, x: Tensor, grid: Grid, *, lam: float = 0.0) -> Tensor:
-    schedule = grid.schedule
-    for i in range(grid.steps):
-        t_s, a_s, _, lam_s, _ = grid[i]
-        t_t, a_t, _, lam_t, _ = grid[i + 1]
+    d_phis = integrate_drho(grid.schedule, lambda u: torch.exp(lam * u), grid.lam[:-1], grid.lam[1:]).tolist()
+    for i, d_phi in enumerate(d_phis):
+        t_s, a_s, _, _, _ = grid[i]
+        t_t, a_t, _, _, _ = grid[i + 1]
         eps = ev(x, i)
         ev.visit(i, x, ev.denoise(x, eps, i))
-        d_phi = float(integrate_drho(schedule, lambda u: torch.exp(lam * u), lam_s, lam_t))
         # x_{n+1} = x̂_{n+1} / A_{t_{n+1}} with A_t = e^{λt}/α_t
         x = (a_t / a_s) * math.exp(lam * (t_s - t_t)) * (1.0 + lam * (t_t - t_s)) * x + a_t * math.exp(-lam * t_t) * d_phi * eps
     return x

@@ -11,20 +11,33 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+
 
 from torch import Tensor
 
 from .base import Evaluator, Grid, integrate_drho, lagrange_basis, multistep_order
 
 
-def deis_coefficients(grid: Grid, i: int, r: int, variant: str = "tab") -> Tensor:
-    """(C_0 … C_r) for the step t_i → t_{i+1} using ε̂ at t_i, t_{i−1}, …, t_{i−r} (float64)."""
-    schedule = grid.schedule
+def deis_coefficients(grid: Grid, steps: Tensor, r: int, variant: str = "tab") -> Tensor:
+    """(S, r+1) coefficients C_0 … C_r for the steps t_i → t_{i+1}, i in ``steps`` (each i ≥ r),
+    using ε̂ at t_i, t_{i−1}, …, t_{i−r} (float64)."""
     knots = grid.t if variant == "tab" else grid.rho
-    nodes = knots[i - r : i + 1].flip(0)  # (t_i, t_{i−1}, …, t_{i−r})
-    u = (lambda tau: tau) if variant == "tab" else schedule.rho
-    integral = integrate_drho(schedule, lambda tau: lagrange_basis(nodes, u(tau)), float(grid.lam[i]), float(grid.lam[i + 1]))
-    return float(grid.alpha[i + 1]) * integral
+    nodes = torch.stack([knots[steps - j] for j in range(r + 1)], 1)  # (S, r+1): t_i, t_{i−1}, …
+    u = (lambda tau: tau) if variant == "tab" else grid.schedule.rho
+    integral = integrate_drho(grid.schedule, lambda tau: lagrange_basis(nodes, u(tau)), grid.lam[steps], grid.lam[steps + 1])
+    return grid.alpha[steps + 1, None] * integral
+
+
+def _deis_table(grid: Grid, order: int, variant: str, lower_order_final: bool) -> list[list[float]]:
+    """Every step's coefficients, computed up front in one vectorised pass per order."""
+    rs = torch.tensor([multistep_order(order + 1, i, grid.steps, lower_order_final) - 1 for i in range(grid.steps)])
+    table: list[list[float]] = [[] for _ in range(grid.steps)]
+    for r in rs.unique().tolist():
+        steps = (rs == r).nonzero().flatten()
+        for i, c in zip(steps.tolist(), deis_coefficients(grid, steps, r, variant).tolist()):
+            table[i] = c
+    return table
 
 
 def deis(
@@ -40,14 +53,13 @@ def deis(
         raise ValueError(f"deis order must be 0, 1, 2 or 3 (number of past ε̂ used), got {order!r}")
     if variant not in ("tab", "rho"):
         raise ValueError(f"deis variant must be 'tab' or 'rho', got {variant!r}")
+    table = _deis_table(grid, order, variant, lower_order_final)
     history: list[Tensor] = []  # ε̂_i, ε̂_{i−1}, … (most recent first)
     for i in range(grid.steps):
         eps = ev(x, i)
         ev.visit(i, x, ev.denoise(x, eps, i))
         history = [eps] + history[:order]
-        r = multistep_order(order + 1, i, grid.steps, lower_order_final) - 1
-        coeffs = deis_coefficients(grid, i, r, variant)
-        x = float(grid.alpha[i + 1] / grid.alpha[i]) * x + sum(float(c) * e for c, e in zip(coeffs, history))
+        x = float(grid.alpha[i + 1] / grid.alpha[i]) * x + sum(c * e for c, e in zip(table[i], history))
     return x
 
 

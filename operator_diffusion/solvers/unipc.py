@@ -14,16 +14,17 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .base import Evaluator, Grid, multistep_order
 
 
-def unipc_coefficients(hh: float, rks: list[float], order: int, variant: str) -> tuple[float, Tensor, Tensor]:
-    """(B(h), ρ^p, ρ^c) for one step; ``rks`` are r_1 … r_{order−1} (float64)."""
+def unipc_coefficients(hh: float, rks: list[float], order: int, variant: str) -> tuple[float, list[float], list[float]]:
+    """(B(h), ρ^p, ρ^c) for one step; ``rks`` are r_1 … r_{order−1}. Tiny systems: numpy float64."""
     b_h = hh if variant == "bh1" else math.expm1(hh)
-    r = torch.tensor(rks + [1.0], dtype=torch.float64)
+    r = np.array(rks + [1.0])
     h_phi_k = math.expm1(hh) / hh - 1.0  # hφ_2
     factorial = 1
     rows, b = [], []
@@ -32,13 +33,11 @@ def unipc_coefficients(hh: float, rks: list[float], order: int, variant: str) ->
         b.append(h_phi_k * factorial / b_h)
         factorial *= k + 1
         h_phi_k = h_phi_k / hh - 1.0 / factorial
-    R, b_vec = torch.stack(rows), torch.tensor(b, dtype=torch.float64)
+    R, b_vec = np.stack(rows), np.array(b)
     if order == 1:
-        rho_p, rho_c = torch.zeros(0, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
-    else:
-        rho_p = torch.tensor([0.5], dtype=torch.float64) if order == 2 else torch.linalg.solve(R[:-1, :-1], b_vec[:-1])
-        rho_c = torch.linalg.solve(R, b_vec)
-    return b_h, rho_p, rho_c
+        return b_h, [], [0.5]
+    rho_p = [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b_vec[:-1]).tolist()
+    return b_h, rho_p, np.linalg.solve(R, b_vec).tolist()
 
 
 def unipc(
@@ -68,15 +67,15 @@ def unipc(
         d1s = [(ms[k] - ms[0]) / rk for k, rk in enumerate(rks, start=1)]
         b_h, rho_p, rho_c = unipc_coefficients(hh, rks, p, variant)
         x_base = (sig_t / sig_s) * x - a_t * math.expm1(hh) * ms[0]
-        x_pred = x_base - a_t * b_h * sum((float(c) * d for c, d in zip(rho_p, d1s)), torch.zeros_like(x))
+        x_pred = x_base - a_t * b_h * sum((c * d for c, d in zip(rho_p, d1s)), torch.zeros_like(x))
         last = i == grid.steps - 1
         if last:
             x = x_pred
             break
         m_t = ev.denoise(x_pred, ev(x_pred, i + 1), i + 1)
         if corrector:
-            corr = sum((float(c) * d for c, d in zip(rho_c[:-1], d1s)), torch.zeros_like(x))
-            x = x_base - a_t * b_h * (corr + float(rho_c[-1]) * (m_t - ms[0]))
+            corr = sum((c * d for c, d in zip(rho_c[:-1], d1s)), torch.zeros_like(x))
+            x = x_base - a_t * b_h * (corr + rho_c[-1] * (m_t - ms[0]))
         else:
             x = x_pred
         ev.visit(i + 1, x, m_t)
