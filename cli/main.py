@@ -52,6 +52,23 @@ def solvers(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     console.print(table)
 
 
+@app.command()
+def backbones(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the installed backbones (entry-point group `opdiff.backbones`) and where each comes from."""
+    from operator_diffusion.backbones import available_backbones, backbone_origin
+
+    rows = [{"name": name, "provided_by": backbone_origin(name)} for name in available_backbones()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="opdiff backbones (use with load_backbone(NAME, ...))")
+    table.add_column("name", no_wrap=True)
+    table.add_column("provided by", overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["provided_by"])
+    console.print(table)
+
+
 def main() -> None:
     app()
 

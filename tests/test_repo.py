@@ -40,3 +40,11 @@ def test_cli_help_and_solvers_listing():
     assert names == available_solvers()
     bad = subprocess.run(run + ["no-such-command"], capture_output=True, text=True)
     assert bad.returncode == 2 and "No such command" in bad.stderr
+
+
+def test_cli_lists_backbones_from_entry_points():
+    out = subprocess.run([sys.executable, "-m", "opdiff_cli.main", "backbones", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = {row["name"]: row["provided_by"] for row in __import__("json").loads(out.stdout)}
+    assert rows["opdiff-unet"].startswith("operator-diffusion ")
+    assert "operator_diffusion.backbones.unet:OpdiffUNetBackbone" in rows["opdiff-unet"]

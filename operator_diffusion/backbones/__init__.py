@@ -22,6 +22,7 @@ __all__ = [
     "Backbone",
     "ENTRY_POINT_GROUP",
     "available_backbones",
+    "backbone_origin",
     "backbone_class",
     "load_backbone",
     "register_backbone",
@@ -51,6 +52,17 @@ def _entry_points() -> dict[str, EntryPoint]:
 def available_backbones() -> list[str]:
     """Names of all backbones: installed entry points and programmatically registered ones."""
     return sorted(set(_entry_points()) | set(_registered))
+
+
+def backbone_origin(name: str) -> str:
+    """Where a backbone comes from, without importing it: "DIST VERSION (module:Class)" or "registered"."""
+    ep = _entry_points().get(name)
+    if ep is None:
+        if name in _registered:
+            return f"registered ({_registered[name].__module__}.{_registered[name].__qualname__})"
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones()) or 'none'}")
+    dist = f"{ep.dist.name} {ep.dist.version} " if ep.dist is not None else ""
+    return f"{dist}({ep.value})"
 
 
 def register_backbone(name: str, cls: type[Backbone] | None = None, *, overwrite: bool = False):
