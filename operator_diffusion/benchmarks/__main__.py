@@ -34,6 +34,7 @@ def machine() -> str:
 
 def solvers_section() -> str:
     from ..backbones import load_backbone
+    from ..solvers import available_solvers
     from .solvers import NFES, benchmark_mixture, benchmark_overhead
 
     setup, rows = benchmark_mixture()
@@ -43,7 +44,7 @@ def solvers_section() -> str:
         "Command: `python -m operator_diffusion.benchmarks solvers`  ",
         f"Machine: {machine()}",
         "",
-        f"### Accuracy against NFE on the exact Gaussian-mixture flow",
+        "### Accuracy against NFE on the exact Gaussian-mixture flow",
         "",
         f"RMSE of x(t_min) against a float64 DOP853 reference (rtol = atol = 1e-12) for {setup['batch']} "
         f"trajectories of a {setup['components']}-component mixture in {setup['dim']} dimensions (component "
@@ -65,8 +66,8 @@ def solvers_section() -> str:
         "visible only next to the 190k-parameter `tiny` test network at batch 1 (about 2 ms per evaluation) "
         "and vanishes for real networks.",
         "",
-        "| backbone (batch) | one evaluation | " + " | ".join(["ddim", "deis", "ipndm", "dpmpp-2m", "dpmpp-3m", "unipc", "heun", "lambda-ddim"]) + " |",
-        "|---|---:|" + "---:|" * 8,
+        "| backbone (batch) | one evaluation | " + " | ".join(available_solvers()) + " |",
+        "|---|---:|" + "---:|" * len(available_solvers()),
     ]
     for preset, batch in (("tiny", 1), ("digits", 64), ("cifar10", 8)):
         backbone = load_backbone("opdiff-unet", preset=preset)

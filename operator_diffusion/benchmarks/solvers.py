@@ -15,7 +15,7 @@ import torch
 
 from ..oracles import GaussianMixtureOracle
 from ..schedules import VPLinear, time_grid
-from ..solvers import solve, solver_info
+from ..solvers import available_solvers, solve, solver_info
 
 # (label, method, options, grid kind): defaults as a user would call them, plus DEIS on its own grid.
 CONFIGS = [
@@ -85,9 +85,8 @@ def benchmark_overhead(network_eps, x: torch.Tensor, steps: int = 20, repeats: i
             return eps0
 
         rows = []
-        for name in ("ddim", "deis", "ipndm", "dpmpp-2m", "dpmpp-3m", "unipc", "heun", "lambda-ddim"):
-            solve(free_eps, x, schedule, ts, name)  # warm-up
-            nfe = solve(free_eps, x, schedule, ts, name).nfe
+        for name in available_solvers():
+            nfe = solve(free_eps, x, schedule, ts, name).nfe  # also the warm-up
             t = _median_time(lambda: solve(free_eps, x, schedule, ts, name), repeats)
             rows.append(Overhead(name, 1e3 * t / steps, (t / nfe) / t_net))
     return t_net, rows
