@@ -3,11 +3,9 @@ heavy imports happen inside the commands so that `opdiff --help` stays fast."""
 
 from __future__ import annotations
 
-import json
-
 import typer
-from rich.console import Console
-from rich.table import Table
+
+from ._common import console, print_rows
 
 app = typer.Typer(
     help="opdiff: one-step sampling of pretrained diffusion models by operator learning (DSNO).",
@@ -15,7 +13,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
 
 
 @app.callback()
@@ -34,22 +31,12 @@ def solvers(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     """List the teacher ODE solvers, their orders and options."""
     from operator_diffusion.solvers import available_solvers, solver_info
 
-    specs = [solver_info(name) for name in available_solvers()]
-    if as_json:
-        rows = [
-            {"name": s.name, "order": s.order, "nfe_per_step": s.nfe_per_step, "options": s.options, "summary": s.summary}
-            for s in specs
-        ]
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(title="opdiff solvers (use with solve(..., method=NAME, **options))")
-    table.add_column("name", no_wrap=True)
-    for col in ("global order", "NFE/step", "options", "what it is"):
-        table.add_column(col, overflow="fold")
-    for s in specs:
-        opts = ", ".join(f"{k}={v!r}" for k, v in s.options.items()) or "-"
-        table.add_row(s.name, s.order, str(s.nfe_per_step), opts, s.summary)
-    console.print(table)
+    rows = [
+        {"name": s.name, "order": s.order, "nfe_per_step": s.nfe_per_step, "options": s.options, "summary": s.summary}
+        for s in (solver_info(name) for name in available_solvers())
+    ]
+    columns = {"name": "name", "order": "global order", "nfe_per_step": "NFE/step", "options": "options", "summary": "what it is"}
+    print_rows(rows, columns, "opdiff solvers (use with solve(..., method=NAME, **options))", as_json)
 
 
 @app.command()
@@ -58,15 +45,7 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Machine-readab
     from operator_diffusion.backbones import available_backbones, backbone_origin
 
     rows = [{"name": name, "provided_by": backbone_origin(name)} for name in available_backbones()]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(title="opdiff backbones (use with load_backbone(NAME, ...))")
-    table.add_column("name", no_wrap=True)
-    table.add_column("provided by", overflow="fold")
-    for row in rows:
-        table.add_row(row["name"], row["provided_by"])
-    console.print(table)
+    print_rows(rows, {"name": "name", "provided_by": "provided by"}, "opdiff backbones (use with load_backbone(NAME, ...))", as_json)
 
 
 def main() -> None:
