@@ -40,3 +40,18 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """Print a one-line error (what is wrong and what to do) to stderr and exit with ``code`` (2: usage)."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def parse_options(items: Sequence[str] | None, flag: str = "--backbone-option") -> dict[str, Any]:
+    """``["preset=tiny", "num_classes=10"]`` → ``{"preset": "tiny", "num_classes": 10}`` (values parsed as
+    JSON when they are JSON, else kept as strings); a malformed item is a usage error."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"{flag} {item!r} is not KEY=VALUE (e.g. {flag} preset=tiny)")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options

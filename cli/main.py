@@ -48,6 +48,16 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Machine-readab
     print_rows(rows, {"name": "name", "provided_by": "provided by"}, "opdiff backbones (use with load_backbone(NAME, ...))", as_json)
 
 
+from .inspect import inspect as _inspect  # noqa: E402
+
+app.command("inspect")(_inspect)
+
+
+from .spectrum import spectrum as _spectrum  # noqa: E402
+
+app.command("spectrum")(_spectrum)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,347 @@
+"""The DSNO model: a backbone U-Net with Fourier temporal layers injected after chosen blocks (paper Sec. 3).
+
+``DSNO(backbone, times)`` maps x_T to the trajectory {x(t_1), …, x(t_M)} in one forward pass:
+
+* the backbone runs once on B·M items — item ``b*M + i`` is x_T of example b with the time embedding of
+  t_i (labels repeated likewise), so every ResBlock, GroupNorm and attention layer works per frame;
+* after each injection point a ``TemporalBlock`` (u + LeakyReLU(K u), K a spectral convolution over the M
+  frames) mixes the copies of one example. The blocks are attached with forward hooks that are active only
+  inside ``DSNO.forward``: the backbone's modules, names and ``state_dict`` keys are untouched, so teacher
+  weights load unchanged and ``backbone.eps_fn`` is still the plain teacher;
+* channel counts are found by tracing one forward pass, so a new U-Net needs no table.
+
+Output parameterisation: the network's raw output on item (b, i) is taken as the prediction of the training
+target at t_i (the teacher's denoised x̂_0 or the state x(t_i), chosen when collecting data), as in the
+reference implementation whose teacher predicted x directly. The teacher's own output head (ε, x_0 or v
+at state x_{t_i}) cannot be converted — DSNO never sees x_{t_i}, only x_T — so the head is a warm start
+that training re-targets.
+
+``baseline=True`` gives the one-step knowledge-distillation baseline (Luhman & Luhman, 2021): the same
+backbone, no temporal layers, one output at the last time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import Backbone, load_backbone
+
+FORMAT_VERSION = 1
+CONFIG_KEY = "opdiff.dsno"  # safetensors metadata key holding DSNO.config()
+
+
+@dataclass(frozen=True)
+class InjectionPoint:
+    """A module after which a temporal layer goes: its name in ``backbone.network`` and output channels."""
+
+    name: str
+    channels: int
+    resolution: tuple[int, int]
+
+
+def check_times(times: Sequence[float] | Tensor, backbone: Backbone, minimum: int = 2) -> Tensor:
+    """Output times as a float64 (M,) tensor: strictly decreasing and inside the teacher's schedule range."""
+    t = torch.as_tensor(times, dtype=torch.float64).flatten().cpu()
+    if len(t) < minimum:
+        raise ValueError(
+            f"DSNO needs at least {minimum} output times, got {len(t)}; pass the M times of the training grid "
+            "(e.g. the dataset's output times)"
+        )
+    if not torch.isfinite(t).all():
+        raise ValueError(f"output times must be finite, got {t.tolist()}")
+    if len(t) > 1 and not bool((t[1:] < t[:-1]).all()):
+        raise ValueError(f"output times must be strictly decreasing (t_1 > … > t_M), got {t.tolist()}")
+    backbone.schedule.check_times(t, "DSNO output time")
+    return t
+
+
+def _segment_glob(pattern: str) -> re.Pattern:
+    """A dotted-name glob: ``*`` matches one name segment (``up.*.res.*`` matches ``up.1.res.0``, not its
+    submodules), ``?`` one character of a segment."""
+    body = re.escape(pattern).replace(r"\*", r"[^.]+").replace(r"\?", r"[^.]")
+    return re.compile(body + r"\Z")
+
+
+def resolve_placement(network: nn.Module, placement: Sequence[str | type] | None, default: Sequence[str]) -> list[str]:
+    """Module names for ``placement``: exact names, dotted globs (``"up.*.res.*"``) or ``nn.Module`` types.
+    A selector that matches nothing raises ValueError with close names. Order is fixed later by tracing."""
+    names = [n for n, _ in network.named_modules() if n]
+    modules = dict(network.named_modules())
+    if placement is None:
+        placement = list(default)
+    if isinstance(placement, (str, type)):
+        placement = [placement]
+    chosen: set[str] = set()
+    for sel in placement:
+        if isinstance(sel, type):
+            hits = [n for n in names if isinstance(modules[n], sel)]
+            what = f"module type {sel.__name__}"
+        elif any(ch in sel for ch in "*?["):
+            rx = _segment_glob(sel)
+            hits = [n for n in names if rx.match(n)]
+            what = f"pattern {sel!r}"
+        else:
+            hits = [sel] if sel in modules and sel else []
+            what = f"module name {sel!r}"
+        if not hits:
+            close = difflib.get_close_matches(str(sel), names, n=4) or names[:4]
+            raise ValueError(
+                f"injection point {what} matches no module of the backbone network; close names: "
+                f"{', '.join(close)} (list them with `opdiff inspect --all-modules`)"
+            )
+        chosen.update(hits)
+    nested = sorted(a for a in chosen for b in chosen if a != b and a.startswith(b + "."))
+    if nested:
+        raise ValueError(
+            f"injection points {nested} lie inside other injection points; choose either the block or its parts"
+        )
+    return [n for n in names if n in chosen]
+
+
+def trace_injection_points(backbone: Backbone, names: Sequence[str]) -> list[InjectionPoint]:
+    """Run the backbone once on one zero image and record each named module's output shape (N, C, H, W);
+    the points come back in the order the forward pass reaches them."""
+    modules = dict(backbone.network.named_modules())
+    shapes: dict[str, Any] = {}
+
+    def recorder(name: str):
+        def hook(module, args, output):
+            shapes.setdefault(name, tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
+        return hook
+
+    handles = [modules[n].register_forward_hook(recorder(n)) for n in names]
+    x = torch.zeros(1, *backbone.image_shape, device=backbone.device, dtype=backbone.dtype)
+    t = torch.full((1,), backbone.schedule.t_max, device=backbone.device)
+    labels = None
+    if backbone.num_classes:
+        labels = torch.full((1,), backbone.null_label if backbone.null_label is not None else 0, device=backbone.device)
+    was_training = backbone.network.training
+    try:
+        backbone.network.eval()
+        with torch.no_grad():
+            backbone.forward(x, t, labels)
+    finally:
+        backbone.network.train(was_training)
+        for h in handles:
+            h.remove()
+    points = []
+    for n in sorted(names, key=lambda n: list(shapes).index(n) if n in shapes else -1):
+        shape = shapes.get(n)
+        if shape is None:
+            raise ValueError(f"injection point {n!r} is never called in the backbone's forward pass; choose another module")
+        if not isinstance(shape, tuple) or len(shape) != 4:
+            raise ValueError(
+                f"injection point {n!r} returns {shape}, not one (N, C, H, W) tensor; choose a module that does "
+                "(e.g. a ResBlock rather than a block returning (h, skips))"
+            )
+        points.append(InjectionPoint(n, int(shape[1]), (int(shape[2]), int(shape[3]))))
+    return points
+
+
+def _block_key(name: str) -> str:
+    """ModuleDict key for an injection point (keys may not contain '.')."""
+    return name.replace(".", "__")
+
+
+class _TemporalHook:
+    """Forward hook applying one temporal block while its DSNO is inside ``forward``.
+
+    An object rather than a closure so that ``copy.deepcopy(dsno)`` (EMA copies) re-binds the copy's hooks to
+    the copied model and its own temporal blocks."""
+
+    def __init__(self, dsno: "DSNO", key: str):
+        self.dsno, self.key = dsno, key
+
+    def __call__(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
+        m = self.dsno._num_frames
+        if m is None:  # outside DSNO.forward: the backbone behaves as the plain teacher
+            return None
+        n, c, h, w = output.shape
+        u = output.reshape(n // m, m, c, h, w)  # (B*M, C, H, W) -> (B, M, C, H, W), item b*M+i
+        return self.dsno.temporal[self.key](u).reshape(n, c, h, w)
+
+
+class DSNO(nn.Module):
+    """Operator-learning one-step sampler built on a backbone (paper Sec. 3, Fig. 1).
+
+    Args:
+        backbone: the teacher's ``Backbone`` (its weights are the initialisation).
+        times: the M output times t_1 > … > t_M of the training grid (schedule time, e.g. the dataset's).
+        modes: Fourier modes J kept by every temporal layer (1 ≤ J ≤ M//2 + 1; the paper uses 2 for M = 4).
+        placement: injection points (names, glob patterns or module types); default
+            ``backbone.default_injection_points`` (after every ResBlock and the mid block).
+        init: ``"zero"`` (exact identity: DSNO starts as the teacher network) or ``"small"`` (reference init).
+        negative_slope: LeakyReLU slope of the temporal layers (0.01 in the paper).
+        baseline: the one-step distillation baseline (no temporal layers, one output at t_M).
+
+    ``forward(x_T, labels=None, times=None)`` → (B, M, C, H, W). ``times`` evaluates the operator on other
+    query times (App. A.3): the temporal layers treat the times as equispaced samples in index, as in training.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        times: Sequence[float] | Tensor,
+        modes: int = 2,
+        placement: Sequence[str | type] | None = None,
+        init: str = "zero",
+        negative_slope: float = 0.01,
+        baseline: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(backbone, Backbone):
+            raise TypeError(f"backbone must be an operator_diffusion Backbone, got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.network = backbone.network  # registered here so DSNO.state_dict() holds network.* keys
+        self.baseline = bool(baseline)
+        self.modes = int(modes)
+        self.init = init
+        self.negative_slope = float(negative_slope)
+        all_times = check_times(times, backbone, minimum=1 if baseline else 2)
+        # The baseline has one output, at the end of the trajectory; DSNO keeps all M.
+        self.register_buffer("times", all_times[-1:] if baseline else all_times, persistent=False)
+        self.train_times = all_times
+        self.temporal = nn.ModuleDict()
+        self.injection_points: list[InjectionPoint] = []
+        self._num_frames: int | None = None  # set only inside forward: hooks are inert otherwise
+        if self.baseline:
+            return
+        m = len(all_times)
+        if not 1 <= self.modes <= m // 2 + 1:
+            raise ValueError(
+                f"modes={self.modes} is out of range for M={m} output times: use 1 <= modes <= {m // 2 + 1} (M//2+1)"
+            )
+        names = resolve_placement(backbone.network, placement, backbone.default_injection_points)
+        self.injection_points = trace_injection_points(backbone, names)
+        from .operators import TemporalBlock  # lazy: neuralop is a heavy import
+
+        modules = dict(backbone.network.named_modules())
+        ref = next(iter(backbone.network.parameters()))
+        for p in self.injection_points:
+            block = TemporalBlock(p.channels, self.modes, m, init=init, negative_slope=self.negative_slope)
+            self.temporal[_block_key(p.name)] = block.to(device=ref.device)
+            modules[p.name].register_forward_hook(_TemporalHook(self, _block_key(p.name)))
+
+    # ----------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _frames(self, m: int):
+        self._num_frames = m
+        try:
+            yield
+        finally:
+            self._num_frames = None
+
+    @property
+    def num_times(self) -> int:
+        return len(self.times)
+
+    def forward(self, x_T: Tensor, labels: Tensor | None = None, times: Sequence[float] | Tensor | None = None) -> Tensor:
+        """Predicted trajectory (B, M, C, H, W) at ``times`` (default: the training times) from noise x_T."""
+        bb = self.backbone
+        labels = bb.check_inputs(x_T, labels)
+        if times is None:
+            t = self.times
+        else:
+            if self.baseline:
+                raise ValueError("the one-step baseline has a single output time; it cannot be queried at other times")
+            t = check_times(times, bb, minimum=1).to(self.times.device)
+            if len(t) // 2 + 1 < self.modes:
+                raise ValueError(
+                    f"{len(t)} query times carry only {len(t) // 2 + 1} Fourier modes but the temporal layers use "
+                    f"{self.modes}; query at least {2 * (self.modes - 1)} times"
+                )
+        b, m = x_T.shape[0], len(t)
+        x = x_T.repeat_interleave(m, dim=0)  # (B, C, H, W) -> (B*M, C, H, W), item b*M+i = x_T[b]
+        t_items = t.to(x_T.device).repeat(b)  # item b*M+i has time t_i
+        lab = None if labels is None else labels.repeat_interleave(m)
+        with self._frames(m):
+            out = bb.forward(x, t_items, lab)
+        return out.reshape(b, m, *out.shape[1:])
+
+    @torch.no_grad()
+    def sample(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
+        """One-NFE sample: the output at the last time t_M, (B, C, H, W)."""
+        return self.forward(x_T, labels)[:, -1]
+
+    # ----------------------------------------------------------------------------------------------
+    def parameter_report(self) -> dict[str, Any]:
+        """Parameter counts: backbone, temporal layers (per injection point) and the overhead fraction."""
+        backbone = sum(p.numel() for p in self.network.parameters())
+        rows = [
+            {"name": p.name, "channels": p.channels, "resolution": list(p.resolution),
+             "parameters": sum(q.numel() for q in self.temporal[_block_key(p.name)].parameters())}
+            for p in self.injection_points
+        ]
+        temporal = sum(r["parameters"] for r in rows)
+        return {"backbone_parameters": backbone, "temporal_parameters": temporal,
+                "overhead": temporal / backbone, "injection_points": rows}
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description: ``DSNO.from_config`` rebuilds the architecture (weights excluded)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "backbone": self.backbone.config(),
+            "times": self.train_times.tolist(),
+            "modes": self.modes,
+            "placement": [p.name for p in self.injection_points],
+            "init": self.init,
+            "negative_slope": self.negative_slope,
+            "baseline": self.baseline,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "DSNO":
+        version = config.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"DSNO config has format_version {version!r}; this opdiff reads version {FORMAT_VERSION} "
+                "(re-export the model with a matching opdiff version)"
+            )
+        backbone = load_backbone(**config["backbone"])
+        return cls(backbone, config["times"], modes=config["modes"], placement=config["placement"] or None,
+                   init=config["init"], negative_slope=config["negative_slope"], baseline=config["baseline"])
+
+    def save(self, path: str | Path) -> None:
+        """Write all weights (``network.*`` and ``temporal.*``) to .safetensors with ``config()`` in the metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={CONFIG_KEY: json.dumps(self.config()), "format": f"opdiff-dsno/{FORMAT_VERSION}"})
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DSNO":
+        """Rebuild a DSNO saved with ``save`` (safetensors only; never unpickles)."""
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"DSNO checkpoint {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path), device=str(map_location))
+        except SafetensorError as e:
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({e})") from None
+        if CONFIG_KEY not in meta:
+            raise ValueError(
+                f"{str(path)!r} has no DSNO config in its metadata: it is not a DSNO checkpoint saved by opdiff "
+                "(a teacher checkpoint goes to the backbone's `checkpoint=` option instead)"
+            )
+        model = cls.from_config(json.loads(meta[CONFIG_KEY])).to(map_location)
+        model.load_state_dict(state)
+        return model
+
+    def extra_repr(self) -> str:
+        kind = "baseline (one-step distillation)" if self.baseline else f"modes={self.modes}, points={len(self.injection_points)}"
+        return f"backbone={self.backbone.name!r}, times={[round(float(t), 6) for t in self.train_times]}, {kind}"
