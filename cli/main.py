@@ -58,6 +58,17 @@ from .spectrum import spectrum as _spectrum  # noqa: E402
 app.command("spectrum")(_spectrum)
 
 
+from .train import train as _train  # noqa: E402
+
+app.command("train")(_train)
+
+
+from .collect import collect as _collect, data_app as _data_app  # noqa: E402
+
+app.command("collect")(_collect)
+app.add_typer(_data_app, name="data")
+
+
 def main() -> None:
     app()
 

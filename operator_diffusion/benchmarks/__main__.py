@@ -100,10 +100,10 @@ def adapter_section() -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        train = "-" if r.dsno_train is None else f"{100 * (r.dsno_train / r.teacher_bm_train - 1):+.1f}%"
         lines.append(
             f"| {r.preset} | {r.batch} | {100 * r.overhead_params:.1f}% | {1e3 * r.teacher:.1f} ms | {1e3 * r.teacher_bm:.1f} ms "
-            f"| {1e3 * r.dsno:.1f} ms | {r.dsno / r.teacher:.2f}× | {100 * (r.dsno / r.teacher_bm - 1):+.1f}% "
-            f"| {100 * (r.dsno_train / r.teacher_bm_train - 1):+.1f}% |"
+            f"| {1e3 * r.dsno:.1f} ms | {r.dsno / r.teacher:.2f}× | {100 * (r.dsno / r.teacher_bm - 1):+.1f}% | {train} |"
         )
     lines.append("")
     return "\n".join(lines)

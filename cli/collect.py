@@ -1,0 +1,189 @@
+"""`opdiff collect` (teacher trajectories → a Hugging Face dataset folder) and `opdiff data info`.
+
+The commands map flags to ``operator_diffusion.trajectories`` and print; bad input exits with code 2
+(nothing written), a fault while collecting (NaN from the teacher, I/O) with code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from ._common import console, fail, parse_options, print_rows
+
+data_app = typer.Typer(help="Inspect trajectory datasets written by `opdiff collect`.", no_args_is_help=True)
+
+
+def parse_config(items: list[str], flag: str) -> dict[str, Any]:
+    """``key=value`` items (``_common.parse_options``) and JSON objects, merged left to right."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if not item.lstrip().startswith("{"):
+            out.update(parse_options([item], flag))
+            continue
+        try:
+            obj = json.loads(item)
+        except json.JSONDecodeError as e:
+            fail(f"{flag}: {item!r} is not a JSON object ({e})")
+        if not isinstance(obj, dict):
+            fail(f"{flag}: {item!r} is not a JSON object")
+        out.update(obj)
+    return out
+
+
+def parse_labels(text: str | None):
+    """'random', one class index, or a comma list of class indices (cycled over the examples)."""
+    if text is None or text == "random":
+        return text
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        fail(f"--labels takes 'random', a class index or a comma list of them, got {text!r}")
+    return values[0] if len(values) == 1 and "," not in text else tuple(values)
+
+
+def parse_times(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        fail(f"--time-list takes comma-separated times, got {text!r}")
+
+
+def _load_teacher(name: str, options: dict, checkpoint: Path | None, seed: int):
+    """The backbone (random weights seeded by ``seed`` so that a checkpoint-free run is reproducible)."""
+    import torch
+
+    from operator_diffusion.backbones import load_backbone
+
+    torch.manual_seed(seed)
+    try:
+        backbone = load_backbone(name, **options)
+        if checkpoint is not None:
+            backbone.load_weights(checkpoint)
+    except ImportError as e:
+        fail(str(e), code=1)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        fail(str(e))
+    return backbone
+
+
+def collect(
+    backbone: str = typer.Option(..., "--backbone", help="Teacher backbone name (see `opdiff backbones`)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Teacher weights (.safetensors)."),
+    backbone_config: List[str] = typer.Option([], "--backbone-config", "--backbone-option", help="Backbone option key=value (e.g. preset=tiny) or a JSON object; repeatable."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="Teacher ODE solver (see `opdiff solvers`); default unipc (see docs/collect.md)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (the grid has steps+1 times); default 49."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Solver grid: uniform, quadratic, logsnr, edm; default quadratic."),
+    times: int = typer.Option(4, "--times", help="Number M of output times on the grid."),
+    time_kind: str = typer.Option("quadratic", "--time-kind", help="Output placement: quadratic (DSNO's CIFAR choice) or uniform."),
+    time_list: Optional[str] = typer.Option(None, "--time-list", help="Explicit output times t1,t2,... (grid points); overrides --times."),
+    target: str = typer.Option("denoised", "--target", help="Store the teacher's x̂_0 predictions (denoised) or its states (state)."),
+    num: int = typer.Option(..., "--num", help="Number of trajectories."),
+    out: Path = typer.Option(..., "--out", help="Output folder (Hub dataset layout); re-run to resume."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Conditional teachers: random (default), a class, or a comma list."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, "--seed", help="Example k uses seed+k."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Trajectories per solve (changes only float round-off; keep it to resume bit-exactly)."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Examples per parquet shard."),
+    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 or float32."),
+    solver_option: List[str] = typer.Option([], "--solver-option", help="Solver option key=value (e.g. order=2); repeatable."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device; default cuda when available, else cpu."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the finished folder as this Hub dataset repo."),
+) -> None:
+    """Collect teacher PF-ODE trajectories at M grid times into a sharded, resumable Hugging Face dataset."""
+    from operator_diffusion import trajectories as tr
+
+    config_kw = dict(solver=solver, steps=steps, grid=grid)
+    config = tr.CollectConfig(
+        num=num, times=times, time_kind=time_kind, time_list=parse_times(time_list), target=target, dtype=dtype,
+        seed=seed, shard_size=shard_size, labels=parse_labels(labels), guidance=guidance, batch_size=batch_size,
+        solver_options=parse_options(solver_option, "--solver-option"),
+        **{k: v for k, v in config_kw.items() if v is not None},
+    )
+    teacher = _load_teacher(backbone, parse_config(backbone_config, "--backbone-config"), checkpoint, seed)
+    try:
+        plan = tr.plan_collection(teacher, config, checkpoint)
+        tr.check_output_dir(out, plan)
+    except ValueError as e:
+        fail(str(e))
+    started = time.perf_counter()
+    try:
+        result = _collect_with_progress(teacher, out, plan, device)
+    except (ArithmeticError, RuntimeError, OSError, ValueError) as e:  # inputs were checked above: a fault
+        fail(str(e), code=1)
+    _report(result, plan, time.perf_counter() - started)
+    if push_to_hub:
+        try:
+            url = tr.push_to_hub(out, push_to_hub)
+        except Exception as e:  # network, authentication, repository errors: report them in one line
+            fail(f"upload to {push_to_hub!r} failed: {type(e).__name__}: {e}", code=1)
+        console.print(f"uploaded to {url}")
+
+
+def _collect_with_progress(teacher, out: Path, plan, device):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from operator_diffusion.trajectories import collect as run
+
+    columns = (TextColumn("collecting"), BarColumn(), MofNCompleteColumn(), TextColumn("trajectories"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("collect", total=plan.config.num)
+        return run(teacher, out, plan, device=device, progress=lambda n: bar.advance(task, n))
+
+
+def _report(result, plan, seconds: float) -> None:
+    written = len(result.written)
+    console.print(
+        f"{str(result.out_dir)}: {written} shard(s) written, {len(result.skipped)} already complete, "
+        f"{plan.num_shards} in all; {plan.identity['nfe_per_trajectory']} NFE per trajectory; {seconds:.1f} s"
+        + ("" if result.complete else f"; missing shards {list(result.missing)[:10]}")
+    )
+
+
+@data_app.command("info")
+def data_info(
+    path: Path = typer.Argument(..., help="A collection folder written by `opdiff collect`."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show a trajectory dataset's configuration, completeness and storage per trajectory."""
+    from operator_diffusion.trajectories import collection_status
+
+    try:
+        status = collection_status(path)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    print_rows(_info_rows(status), {"field": "field", "value": "value"}, f"opdiff collection {str(path)}", False)
+
+
+def _info_rows(status: dict) -> list[dict[str, Any]]:
+    info = status["info"]
+    c = info["collection"]
+    times = ", ".join(f"{t:.6g} ({i})" for t, i in zip(c["output_times"], c["output_indices"]))
+    disk = status["disk_bytes_per_trajectory"]
+    ref = status["reference_bytes_per_trajectory"]
+    rows = {
+        "teacher": f"{c['backbone'].get('name')} ({'×'.join(map(str, c['image_shape']))}, schedule {c['schedule'].get('name')})",
+        "solver": f"{c['solver']} {c['solver_options']}, {c['steps']} steps, {c['grid']} grid",
+        "NFE per trajectory": c["nfe_per_trajectory"],
+        "output times (grid index)": f"{times} ({c['time_kind']})",
+        "target / dtype": f"{c['target']} / {c['dtype']}",
+        "seeds": f"{c['seed']} .. {c['seed'] + c['num'] - 1}",
+        "labels / guidance": f"{c['labels']} / {c['guidance']}",
+        "shards complete": f"{status['complete_shards']} of {status['num_shards']} ({c['shard_size']} examples each)",
+        "examples complete": f"{status['complete_examples']} of {c['num']}",
+        "bytes per trajectory": f"{status['bytes_per_trajectory']:,} stored"
+        + (f", {disk:,.0f} on disk" if disk else "") + f" (reference format, 17 float32 steps: {ref:,})",
+        "checkpoint sha256": c["checkpoint_sha256"],
+        "weights sha256": c["weights_sha256"],
+        "created": f"{info['created']} by opdiff {info['opdiff_version']}",
+    }
+    return [{"field": k, "value": v} for k, v in rows.items()]

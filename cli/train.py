@@ -1,0 +1,91 @@
+"""`opdiff train`: DSNO (or the one-step baseline) on a trajectory dataset, with Accelerate.
+
+Bad input exits with code 2 before anything is written; run it under `accelerate launch` or `torchrun`
+for several GPUs (or CPU processes with ACCELERATE_USE_CPU=1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ._common import console, fail, parse_options
+
+
+def train(
+    data: str = typer.Option(..., "--data", help="Trajectory dataset: an `opdiff collect` folder (or a Hub id)."),
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, metrics.jsonl, model.safetensors); re-run to resume."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Teacher weights (.safetensors) to start from (the paper does)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone to train; default: the dataset's teacher architecture."),
+    backbone_option: List[str] = typer.Option([], "--backbone-option", "-o", help="Backbone option KEY=VALUE (repeatable), e.g. dropout=0.1."),
+    modes: int = typer.Option(2, "--modes", help="Fourier modes per temporal layer (see `opdiff spectrum`)."),
+    weighting: str = typer.Option("sqrt-snr", "--weighting", help="Per-time loss weight: sqrt-snr (paper), snr or uniform."),
+    weight_min: float = typer.Option(1.0, "--weight-min", help="Lower clamp of the loss weight."),
+    weight_max: float = typer.Option(1e4, "--weight-max", help="Upper clamp of the loss weight (reference 1e4: the last time gets ~99.9%)."),
+    loss: str = typer.Option("l1", "--loss", help="l1 (paper) or l2."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Trajectories per process and micro-step."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation micro-steps."),
+    lr: float = typer.Option(2e-4, "--lr", help="Adam learning rate."),
+    warmup: int = typer.Option(1000, "--warmup", help="Linear learning-rate warm-up steps."),
+    ema: float = typer.Option(0.9999, "--ema", help="EMA decay of the exported weights."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="bf16, fp16 or no (default: bf16 on GPU, no on CPU)."),
+    max_steps: int = typer.Option(10_000, "--max-steps", help="Optimizer steps."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="'one-step': the knowledge-distillation baseline (no temporal layers, last time only)."),
+    seed: int = typer.Option(0, "--seed"),
+    save_every: int = typer.Option(1000, "--save-every", help="Checkpoint every N steps (resume point)."),
+    log_every: int = typer.Option(10, "--log-every", help="Append to metrics.jsonl every N steps."),
+    tracker: List[str] = typer.Option([], "--tracker", help="Accelerate tracker (tensorboard, wandb, ...), repeatable."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved configuration and the model size, then exit."),
+) -> None:
+    """Train DSNO on a trajectory dataset (one-step sampling by operator learning)."""
+    from operator_diffusion import training
+
+    if baseline not in (None, "one-step"):
+        fail(f"--baseline takes 'one-step', got {baseline!r}")
+    if weighting not in training.WEIGHTINGS:
+        fail(f"unknown --weighting {weighting!r}; valid: {', '.join(training.WEIGHTINGS)}")
+    config = training.TrainConfig(
+        data=data, out=str(out), init_from=None if init_from is None else str(init_from), backbone=backbone,
+        backbone_options=parse_options(backbone_option), modes=modes, weighting=weighting, weight_min=weight_min,
+        weight_max=weight_max, loss=loss, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, ema=ema,
+        mixed_precision=mixed_precision, max_steps=max_steps, baseline=baseline == "one-step", seed=seed,
+        save_every=save_every, log_every=log_every, trackers=tuple(tracker),
+    )
+    try:
+        if dry_run:
+            plan = training.plan_run(config)
+            training.check_run_dir(out, plan.run_info)
+            report = plan.model.parameter_report()
+            typer.echo(json.dumps({
+                "config": dataclasses.asdict(config), "mixed_precision": plan.mixed_precision,
+                "times": plan.model.times.tolist(), "loss_weights": plan.weights.tolist(),
+                "backbone_parameters": report["backbone_parameters"], "temporal_parameters": report["temporal_parameters"],
+                "dataset": {"trajectories": len(plan.cache), "content_sha256": plan.content_sha256},
+            }, indent=2))
+            return
+        result = _run(training, config)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    msg = f"resumed from step {result.resumed_from}; " if result.resumed_from else ""
+    console.print(f"{msg}trained to step {result.step}: {result.model_path or out}")
+
+
+def _run(training, config):
+    """Train with a rich progress bar (loss, steps/s, ETA) on the main process."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} it/s"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("train", total=config.max_steps, loss="-", rate="-")
+
+        def progress(step: int, total: int, metrics: dict) -> None:
+            speed = bar.tasks[task].speed
+            bar.update(task, completed=step, loss=f"{metrics['loss']:.4g}", rate=f"{speed:.2f}" if speed else "-")
+
+        return training.train(config, progress=progress)

@@ -1,0 +1,849 @@
+"""Trajectory datasets: the teacher's PF-ODE solutions at M output times, as Hugging Face datasets.
+
+A collection is a folder in the Hub layout, written by ``collect``::
+
+    README.md                          dataset card (YAML: configs, features) + a description
+    opdiff_collection.json             format version, the collection's identity config, provenance
+    data/train-00000-of-00025.parquet  shard k holds examples [k·S, min((k+1)·S, num))
+
+Example k starts from x_T = ``torch.randn(C, H, W, generator=torch.Generator().manual_seed(seed + k))``
+(CPU, float32; a random label is drawn from the same generator after the noise), so x_T is never stored
+and the data depend neither on the batch size nor on the number of processes. Each row holds
+``trajectory`` (M, C, H, W) in float16 (or float32) — the teacher's x̂_0 predictions (DSNO's targets,
+``target="denoised"``) or its states x(t_i) (``target="state"``) at the output times t_1 > … > t_M, all
+points of the solver grid (no interpolation) — plus ``seed`` and, for class-conditional teachers, ``label``.
+
+``load_collection`` opens a collection (a folder or a Hub id) with ``datasets``; ``TrajectoryCache``
+converts it once into a memory-mapped ``tensordict.TensorDict`` for training (shuffled reads from Arrow
+are several times slower; see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import __version__
+from .schedules import GRID_KINDS, Schedule, time_grid
+from .solvers import NonFiniteError, solve, solver_info
+
+if TYPE_CHECKING:  # heavy imports stay lazy
+    import datasets
+    from tensordict import TensorDict
+
+    from .backbones import Backbone
+
+__all__ = [
+    "CollectConfig",
+    "CollectionPlan",
+    "CollectResult",
+    "CollectionMismatchError",
+    "NonFiniteTrajectoryError",
+    "TrajectoryCache",
+    "collect",
+    "collection_status",
+    "content_hash",
+    "load_collection",
+    "output_indices",
+    "plan_collection",
+    "push_to_hub",
+    "read_info",
+    "record_trajectories",
+]
+
+FORMAT_VERSION = 1
+INFO_NAME = "opdiff_collection.json"
+CARD_NAME = "README.md"
+DATA_DIR = "data"
+SHARD_GLOB = f"{DATA_DIR}/train-*.parquet"
+NOISE_RULE = "x_T = torch.randn(C, H, W, generator=torch.Generator().manual_seed(seed)) on CPU, float32; then label"
+TIME_KINDS = ("uniform", "quadratic")
+TARGETS = ("denoised", "state")
+DTYPES = ("float16", "float32")
+REFERENCE_STEPS_STORED = 17  # the reference DSNO code stored 16 x̂_0 and x_T per CIFAR trajectory, in float32
+
+# CLI and library defaults: the cheapest teacher setting with RMSE < 1e-3 at the recorded outputs on both
+# exact mixture flows of the collect benchmark (50 NFE with the final x̂_0; docs/benchmarks.md, "collect").
+DEFAULT_SOLVER = "unipc"
+DEFAULT_STEPS = 49
+DEFAULT_GRID = "quadratic"
+
+TimeKind = Literal["uniform", "quadratic"]
+Target = Literal["denoised", "state"]
+Progress = Callable[[int], None]
+
+
+class CollectionMismatchError(ValueError):
+    """The output folder holds another collection (or other files); ``fields`` names what differs."""
+
+    def __init__(self, message: str, fields: list[str]):
+        super().__init__(message)
+        self.fields = fields
+
+
+class NonFiniteTrajectoryError(NonFiniteError):
+    """The teacher returned NaN/Inf; ``seeds`` are the affected examples' seeds (``items`` too)."""
+
+    def __init__(self, message: str, step: int, t: float, seeds: list[int]):
+        super().__init__(message, step, t, seeds)
+        self.seeds = seeds
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and plan (validation only: nothing here touches the output folder)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CollectConfig:
+    """What to collect from a teacher. Everything but ``batch_size`` is part of the dataset's identity
+    (the batch size changes only float round-off: see ``_collect_shard``)."""
+
+    num: int                                   # number of trajectories
+    solver: str = DEFAULT_SOLVER
+    steps: int = DEFAULT_STEPS                 # solver steps; the grid has steps+1 times
+    grid: str = DEFAULT_GRID                   # time_grid kind of the solver grid
+    times: int = 4                             # M outputs (DSNO's reference: 4)
+    time_kind: TimeKind = "quadratic"          # output placement; the reference's CIFAR choice
+    time_list: tuple[float, ...] | None = None  # explicit output times (grid points); overrides times/time_kind
+    target: Target = "denoised"                # DSNO trains on the teacher's x̂_0 predictions
+    dtype: Literal["float16", "float32"] = "float16"  # fp16 halves the reference's fp32 storage
+    seed: int = 0                              # example k uses seed + k
+    shard_size: int = 1000                     # examples per parquet shard (~25 MB at 4×3×32×32 fp16)
+    labels: str | int | tuple[int, ...] | None = None  # "random", one class, or a list: seed s gets list[s % len]
+    guidance: float | None = None              # classifier-free guidance scale (needs a null label)
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64                       # trajectories per solve; changes float round-off only
+
+
+@dataclass(frozen=True)
+class CollectionPlan:
+    """A validated collection: the solver grid, output indices and the identity recorded in the info."""
+
+    config: CollectConfig
+    ts: Tensor                  # (steps+1,) float64 solver grid
+    indices: tuple[int, ...]    # M grid indices of the outputs, increasing (times decreasing)
+    identity: dict[str, Any]    # JSON-normalised; equal identities mean equal data
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.config.num / self.config.shard_size)
+
+    def shard_range(self, k: int) -> range:
+        """Example indices of shard k: [k·S, min((k+1)·S, num))."""
+        s = self.config.shard_size
+        return range(k * s, min((k + 1) * s, self.config.num))
+
+    def shard_path(self, out_dir: Path, k: int) -> Path:
+        return Path(out_dir) / shard_name(k, self.num_shards)
+
+
+def item_shape(identity: dict) -> tuple[int, ...]:
+    """(M, C, H, W) of one stored trajectory."""
+    return (len(identity["output_indices"]), *identity["image_shape"])
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"{DATA_DIR}/train-{k:05d}-of-{n:05d}.parquet"
+
+
+def output_indices(steps: int, m: int, kind: TimeKind = "quadratic") -> list[int]:
+    """Grid indices of M outputs: i ↦ round(steps·u_i), u_i = i/M (uniform) or 1 − (1 − i/M)² (quadratic,
+    DSNO's CIFAR choice), i = 1..M, rounded half up; the last output is the grid's end t_min."""
+    if kind not in TIME_KINDS:
+        raise ValueError(f"unknown output time kind {kind!r}; valid: {', '.join(TIME_KINDS)} (or give a time list)")
+    if m < 2:
+        raise ValueError(f"need at least 2 output times, got {m}")
+    if steps < m:
+        raise ValueError(f"{steps} solver steps cannot hold {m} distinct output times; use --steps >= {m}")
+    u = [i / m if kind == "uniform" else 1 - (1 - i / m) ** 2 for i in range(1, m + 1)]
+    idx = [math.floor(steps * v + 0.5) for v in u]
+    if len(set(idx)) < m:
+        raise ValueError(f"{m} {kind} output times collide on a {steps}-step grid (indices {idx}); raise --steps")
+    return idx
+
+
+def indices_of_times(ts: Tensor, times: Sequence[float]) -> list[int]:
+    """Grid indices of explicit output times, each equal to a grid time to 1e-9 relative (no interpolation)."""
+    if len(times) < 2:
+        raise ValueError(f"need at least 2 output times, got {len(times)}")
+    out = []
+    for t in times:
+        j = int(torch.argmin((ts - float(t)).abs()))
+        if abs(float(ts[j]) - float(t)) > 1e-9 * abs(float(ts[j])):
+            near = ", ".join(f"{float(ts[i]):.10g} (index {i})" for i in (j - 1, j, j + 1) if 0 <= i < len(ts))
+            raise ValueError(f"output time {float(t):.10g} is not a point of the solver grid; nearest grid times: {near}")
+        out.append(j)
+    if len(set(out)) < len(out):
+        raise ValueError(f"output times must be distinct grid points, got indices {out}")
+    if 0 in out:
+        raise ValueError(f"output time {float(ts[0]):.6g} is the start t_max (x_T is regenerated from the seed, never stored)")
+    return sorted(out)
+
+
+def _label_mode(labels, num_classes: int, guidance: float | None, null_label: int | None):
+    """Normalise the label option: None (unconditional), "random", a class index, or a list of them."""
+    if not num_classes:
+        if labels is not None or guidance is not None:
+            raise ValueError("labels and guidance need a class-conditional backbone; this one is unconditional")
+        return None
+    if guidance is not None and null_label is None:
+        raise ValueError("classifier-free guidance needs a backbone with a null label; this one has none")
+    labels = "random" if labels is None else labels
+    if labels == "random":
+        return "random"
+    values = [labels] if isinstance(labels, int) else list(labels)
+    if not values or any(not isinstance(v, int) or not 0 <= v < num_classes for v in values):
+        raise ValueError(f"labels must be 'random' or class indices in 0..{num_classes - 1}, got {labels!r}")
+    return values[0] if isinstance(labels, int) else values
+
+
+def weights_sha256(backbone: "Backbone") -> str:
+    """sha256 over the network's state_dict (key, dtype, shape, bytes) in key order: the weights that ran."""
+    h = hashlib.sha256()
+    for k, v in backbone.network.state_dict().items():
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _solver_nfe(schedule: Schedule, ts: Tensor, config: CollectConfig, indices: Sequence[int], options: dict) -> int:
+    """Network evaluations per trajectory, by a dry run on a free ε (also validates the solver options)."""
+    out = solve(lambda x, t, **kw: torch.zeros_like(x), torch.zeros(1, 1, dtype=torch.float64), schedule, ts,
+                config.solver, record=list(indices), record_denoised=config.target == "denoised", **options)
+    return out.nfe
+
+
+def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str | os.PathLike | None = None) -> CollectionPlan:
+    """Validate ``config`` against the teacher and build the plan; raises ValueError on bad input."""
+    c = config
+    for name, v, lo in (("num", c.num, 1), ("shard_size", c.shard_size, 1), ("batch_size", c.batch_size, 1), ("steps", c.steps, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    for name, v, valid in (("target", c.target, TARGETS), ("dtype", c.dtype, DTYPES), ("grid", c.grid, GRID_KINDS)):
+        if v not in valid:
+            raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
+    spec = solver_info(c.solver)
+    ts = time_grid(backbone.schedule, c.steps, c.grid)
+    if c.time_list is not None:
+        indices = indices_of_times(ts, c.time_list)
+    else:
+        indices = output_indices(c.steps, c.times, c.time_kind)
+    options = {**spec.options, **c.solver_options}
+    nfe = _solver_nfe(backbone.schedule, ts, c, indices, c.solver_options)
+    labels = _label_mode(c.labels, backbone.num_classes, c.guidance, backbone.null_label)
+    identity = {
+        "backbone": backbone.config(),
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint is not None else None,
+        "weights_sha256": weights_sha256(backbone),
+        "image_shape": list(backbone.image_shape),
+        "num_classes": backbone.num_classes,
+        "schedule": backbone.schedule.config(),
+        "solver": c.solver,
+        "solver_options": options,
+        "steps": c.steps,
+        "grid": c.grid,
+        "nfe_per_trajectory": nfe,
+        "time_kind": "list" if c.time_list is not None else c.time_kind,
+        "output_indices": list(indices),
+        "output_times": [float(ts[i]) for i in indices],
+        "target": c.target,
+        "dtype": c.dtype,
+        "seed": c.seed,
+        "noise": NOISE_RULE,
+        "num": c.num,
+        "shard_size": c.shard_size,
+        "labels": labels,
+        "guidance": None if c.guidance is None else float(c.guidance),
+    }
+    return CollectionPlan(c, ts, tuple(indices), json.loads(json.dumps(identity)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher solves
+# --------------------------------------------------------------------------------------------------
+def example_inputs(seeds: Sequence[int], shape: Sequence[int], labels=None, num_classes: int = 0) -> tuple[Tensor, Tensor | None]:
+    """x_T (B, *shape) on CPU float32 and labels (B,) or None, from per-example generators (NOISE_RULE):
+    example seed s draws its noise first and then, for labels="random", its label in [0, num_classes);
+    a fixed label list gives seed s the label list[s mod len]. An example depends on its seed alone."""
+    xs, ys = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        xs.append(torch.randn(tuple(shape), generator=g))
+        if labels == "random":
+            ys.append(int(torch.randint(num_classes, (), generator=g)))
+    x = torch.stack(xs)
+    if labels is None:
+        return x, None
+    if labels != "random":
+        values = [labels] if isinstance(labels, int) else list(labels)
+        ys = [values[int(s) % len(values)] for s in seeds]
+    return x, torch.tensor(ys, dtype=torch.long)
+
+
+def record_trajectories(
+    eps_fn, x: Tensor, schedule: Schedule, ts: Tensor, indices: Sequence[int], solver: str,
+    target: Target = "denoised", extra_args: dict | None = None, **options,
+) -> Tensor:
+    """(B, M, ...) teacher outputs at grid ``indices``: x̂_0(x(t_i), t_i) (``denoised``; at the last grid
+    index this is denoise_to_zero's sample) or the states x(t_i) (``state``), from one ``solve``."""
+    out = solve(eps_fn, x, schedule, ts, solver, extra_args=extra_args, record=list(indices),
+                record_denoised=target == "denoised", check_finite=True, **options)
+    return out.denoised if target == "denoised" else out.states
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The teacher's ε on a device, with classifier-free guidance applied when asked for."""
+
+    eps_fn: Callable[..., Tensor]
+    schedule: Schedule
+    device: torch.device
+
+    @classmethod
+    def from_backbone(cls, backbone: "Backbone", guidance: float | None, device) -> "Teacher":
+        from .prediction import classifier_free_guidance
+
+        backbone.to(device).eval()
+        eps_fn = backbone.eps_fn
+        if guidance is not None:
+            eps_fn = classifier_free_guidance(eps_fn, float(guidance), backbone.null_label)
+        return cls(eps_fn, backbone.schedule, torch.device(device))
+
+
+def solve_examples(teacher: Teacher, plan: CollectionPlan, examples: range) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stored trajectories (B, M, C, H, W) in the storage dtype and labels for a range of example indices."""
+    cfg, ident = plan.config, plan.identity
+    seeds = [cfg.seed + k for k in examples]
+    x, labels = example_inputs(seeds, ident["image_shape"], ident["labels"], ident["num_classes"])
+    extra = None if labels is None else {"labels": labels.to(teacher.device)}
+    try:
+        with torch.inference_mode():
+            traj = record_trajectories(teacher.eps_fn, x.to(teacher.device), teacher.schedule, plan.ts, plan.indices,
+                                       cfg.solver, cfg.target, extra, **cfg.solver_options)
+    except NonFiniteError as e:
+        bad = [seeds[i] for i in e.items]
+        raise NonFiniteTrajectoryError(
+            f"the teacher returned NaN/Inf at step {e.step} (t={e.t:.6g}) for the examples with seeds {bad[:20]}"
+            f"{' …' if len(bad) > 20 else ''}; check the backbone and its checkpoint (completed shards are kept)",
+            e.step, e.t, bad,
+        ) from None
+    stored = traj.to(getattr(torch, cfg.dtype)).cpu().numpy()
+    return stored, None if labels is None else labels.numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage: card, info, shards
+# --------------------------------------------------------------------------------------------------
+def features(identity: dict) -> "datasets.Features":
+    """The dataset schema: trajectory Array4D (M, C, H, W), seed, and label for conditional teachers."""
+    import datasets
+
+    feats = {"trajectory": datasets.Array4D(item_shape(identity), identity["dtype"]), "seed": datasets.Value("int64")}
+    if identity["num_classes"]:
+        feats["label"] = datasets.Value("int64")
+    return datasets.Features(feats)
+
+
+def read_info(path: str | os.PathLike) -> dict | None:
+    """The collection info of a folder, or None if it holds none."""
+    p = Path(path) / INFO_NAME
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old → new' for every (nested, dotted) identity field that differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {_short(a)} → {_short(b)}")
+    return out
+
+
+def _short(v: Any, n: int = 40) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def check_output_dir(out_dir: Path, plan: CollectionPlan) -> bool:
+    """Refuse a folder that holds another collection or foreign files; True if it holds this collection."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CollectionMismatchError(f"output path {str(out_dir)!r} is a file; choose a new --out folder", ["out"])
+    info = read_info(out_dir)
+    if info is None:
+        foreign = [p.name for p in out_dir.iterdir() if not p.name.startswith(".")] if out_dir.is_dir() else []
+        if foreign:
+            raise CollectionMismatchError(
+                f"output folder {str(out_dir)!r} is not empty and holds no opdiff collection ({', '.join(sorted(foreign)[:3])}); "
+                "choose a new --out", ["out"])
+        return False
+    if info.get("format_version") != FORMAT_VERSION:
+        raise CollectionMismatchError(
+            f"{str(out_dir)!r} holds a collection of format {info.get('format_version')!r} (this opdiff writes "
+            f"{FORMAT_VERSION}); choose a new --out", ["format_version"])
+    diff = identity_diff(info["collection"], plan.identity)
+    if diff:
+        raise CollectionMismatchError(
+            f"{str(out_dir)!r} holds a different collection ({'; '.join(diff[:6])}{' …' if len(diff) > 6 else ''}); "
+            "resuming needs the same arguments: choose a new --out for this one", [d.split(":")[0] for d in diff])
+    return True
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def dataset_card(info: dict) -> str:
+    """README.md: YAML front matter (configs/data_files, features, split size) and a description."""
+    import datasets
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
+    ident = info["collection"]
+    card = DatasetCardData(tags=["opdiff", "diffusion-trajectories", "dsno"])
+    split = datasets.SplitDict({"train": datasets.SplitInfo("train", num_examples=ident["num"])})
+    DatasetInfosDict({"default": datasets.DatasetInfo(features=features(ident), splits=split)}).to_dataset_card_data(card)
+    MetadataConfigs({"default": {"data_files": [{"split": "train", "path": SHARD_GLOB}]}}).to_dataset_card_data(card)
+    return f"---\n{card.to_yaml()}\n---\n\n{_card_text(info)}"
+
+
+def _card_text(info: dict) -> str:
+    ident = info["collection"]
+    bb = ident["backbone"]
+    times = ", ".join(f"{t:.6g} (grid index {i})" for t, i in zip(ident["output_times"], ident["output_indices"]))
+    label = "" if ident["labels"] is None else f" and `label` (int64; labels: {ident['labels']}, guidance: {ident['guidance']})"
+    options = ", ".join(f"{k}={v!r}" for k, v in ident["solver_options"].items()) or "no options"
+    what = "x̂_0 predictions of the teacher" if ident["target"] == "denoised" else "states x(t_i) of the teacher's ODE"
+    return f"""# Teacher trajectories for operator learning (DSNO)
+
+{ident['num']:,} probability-flow ODE trajectories of the diffusion model `{bb.get('name')}` (image shape
+{'×'.join(map(str, ident['image_shape']))}, schedule `{ident['schedule'].get('name')}`), collected with
+opdiff {info['opdiff_version']} (`opdiff collect`).
+
+- Solver: `{ident['solver']}` ({options}), {ident['steps']} steps on a `{ident['grid']}` grid,
+  {ident['nfe_per_trajectory']} network evaluations per trajectory.
+- Stored per example: `trajectory` ({len(ident['output_times'])}, {', '.join(map(str, ident['image_shape']))}) in
+  {ident['dtype']}, the {what} at the output times t = {times}; `seed` (int64){label}.
+- Noise: example k has seed {ident['seed']} + k and {NOISE_RULE}. x_T is not stored: regenerate it from the seed.
+- Weights: checkpoint sha256 `{ident['checkpoint_sha256']}`, state-dict sha256 `{ident['weights_sha256']}`.
+
+The full configuration is in `{INFO_NAME}`.
+
+```python
+from operator_diffusion.trajectories import load_collection, TrajectoryCache
+ds, info = load_collection("path/or/hub-id")      # a datasets.Dataset and this card's configuration
+cache = TrajectoryCache.build("path")             # memory-mapped TensorDict for training
+```
+"""
+
+
+def write_metadata(out_dir: Path, plan: CollectionPlan) -> dict:
+    """Write the info, then the card, then the data folder — all before any shard (``push_to_hub`` keeps an
+    existing card). The info comes first so that a folder is never ours without it; an existing info of
+    the same collection keeps its creation time."""
+    old = read_info(out_dir)
+    info = old or {
+        "format_version": FORMAT_VERSION,
+        "collection": plan.identity,
+        "opdiff_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if old is None:
+        _atomic_write_text(out_dir / INFO_NAME, json.dumps(info, indent=2) + "\n")
+    if not (out_dir / CARD_NAME).is_file():
+        _atomic_write_text(out_dir / CARD_NAME, dataset_card(info))
+    (out_dir / DATA_DIR).mkdir(exist_ok=True)
+    return info
+
+
+def _arrow_array4d(values: np.ndarray, ext_type) -> "Any":
+    """The Array4D extension array of (N, M, C, H, W) values: nested list offsets over the flat buffer."""
+    import pyarrow as pa
+
+    storage = pa.array(values.reshape(-1))
+    for d in range(values.ndim - 1, 0, -1):  # innermost list first
+        n_lists = int(np.prod(values.shape[:d]))
+        offsets = np.arange(n_lists + 1, dtype=np.int32) * values.shape[d]
+        storage = pa.ListArray.from_arrays(pa.array(offsets), storage)
+    return pa.ExtensionArray.from_storage(ext_type, storage)
+
+
+def write_shard(path: Path, feats: "datasets.Features", trajectory: np.ndarray, seeds: np.ndarray,
+                labels: np.ndarray | None, provenance: dict | None = None) -> None:
+    """Write one shard to a hidden temporary name and rename it atomically when complete; ``provenance``
+    (batch size, device, torch version: what decides the float round-off) goes in the schema metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = feats.arrow_schema
+    if provenance is not None:
+        schema = schema.with_metadata({**schema.metadata, b"opdiff": json.dumps(provenance).encode()})
+    columns = [_arrow_array4d(trajectory, schema.field("trajectory").type), pa.array(seeds, pa.int64())]
+    if labels is not None:
+        columns.append(pa.array(labels, pa.int64()))
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_arrays(columns, schema=schema), tmp)
+    os.replace(tmp, path)
+
+
+def read_shard(path: Path, shape: Sequence[int]) -> dict[str, np.ndarray]:
+    """A shard's columns as numpy, trajectories (N, *shape) in the stored dtype (no float32 upcast). Works
+    whether or not ``datasets`` registered its Array4D extension type with pyarrow (storage: nested lists)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    arr = table.column("trajectory").combine_chunks()
+    arr = getattr(arr, "storage", arr)
+    while hasattr(arr.type, "value_type"):  # list<list<…<float16>>> → the flat values, offsets respected
+        arr = arr.flatten()
+    out = {"trajectory": arr.to_numpy(zero_copy_only=False).reshape(len(table), *shape),
+           "seed": table.column("seed").to_numpy()}
+    if "label" in table.column_names:
+        out["label"] = table.column("label").to_numpy()
+    return out
+
+
+def shard_complete(path: Path, rows: int) -> bool:
+    """A shard is complete when its (atomically renamed) file exists and reads back ``rows`` rows."""
+    import pyarrow.parquet as pq
+
+    try:
+        return path.is_file() and pq.read_metadata(path).num_rows == rows
+    except Exception:  # a damaged file is incomplete and gets rewritten
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Collection
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CollectResult:
+    """``written``/``skipped``: shards this process wrote or found complete; ``missing``: shards still
+    absent when it finished (other processes' share, in independent-jobs mode)."""
+
+    out_dir: Path
+    info: dict
+    written: tuple[int, ...]
+    skipped: tuple[int, ...]
+    missing: tuple[int, ...]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def _process_layout(process_index: int | None, num_processes: int | None):
+    """(index, count, state): explicit values (independent jobs, no barriers) or accelerate's PartialState."""
+    if process_index is not None and num_processes is not None:
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index must be in 0..{num_processes - 1}, got {process_index}")
+        return process_index, num_processes, None
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes, state
+
+
+def collect(
+    backbone: "Backbone",
+    out_dir: str | os.PathLike,
+    config: CollectConfig | CollectionPlan,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    process_index: int | None = None,
+    num_processes: int | None = None,
+    progress: Progress | None = None,
+) -> CollectResult:
+    """Solve the teacher's PF-ODE for ``config.num`` examples and write the collection to ``out_dir``.
+
+    Resumable: complete shards are skipped and the others (re)written; the result is bit-identical to an
+    uninterrupted run with the same batch size and device. Process p of N writes shards p, p+N, …; by default p and N come from
+    ``accelerate.PartialState()``, whose main process writes the card and info first and verifies every
+    shard at the end. Explicit ``process_index``/``num_processes`` mean independent jobs (no barriers).
+    The backbone is moved to ``device`` (default: CUDA when available) and put in eval mode.
+    ``checkpoint`` (the file the weights came from) is hashed into the identity; ``progress(n)`` is
+    called with the number of trajectories done (or found done) after each batch. ``config`` may be a
+    plan already made by ``plan_collection`` for this backbone.
+    Bad input raises ValueError before anything is written.
+    """
+    out = Path(out_dir)
+    plan = config if isinstance(config, CollectionPlan) else plan_collection(backbone, config, checkpoint)
+    config = plan.config
+    p, n, state = _process_layout(process_index, num_processes)
+    writes_metadata = state is None or state.is_main_process
+    if writes_metadata:
+        check_output_dir(out, plan)
+        write_metadata(out, plan)
+    if state is not None:
+        state.wait_for_everyone()
+    if not writes_metadata:  # after the barrier: the main process has written the info
+        check_output_dir(out, plan)
+    if device is None:
+        device = state.device if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = Teacher.from_backbone(backbone, config.guidance, device)
+    feats = features(plan.identity)
+    written, skipped = [], []
+    for k in range(p, plan.num_shards, n):
+        path, rows = plan.shard_path(out, k), plan.shard_range(k)
+        if shard_complete(path, len(rows)):
+            skipped.append(k)
+            if progress is not None:
+                progress(len(rows))
+            continue
+        _collect_shard(teacher, plan, feats, path, rows, progress)
+        written.append(k)
+    if state is not None:
+        state.wait_for_everyone()
+    missing = [k for k in range(plan.num_shards) if not shard_complete(plan.shard_path(out, k), len(plan.shard_range(k)))]
+    if state is not None and missing:
+        raise RuntimeError(f"collection {str(out)!r} is incomplete after all processes finished: shards {missing[:10]} missing")
+    return CollectResult(out, read_info(out), tuple(written), tuple(skipped), tuple(missing))
+
+
+def _collect_shard(teacher: Teacher, plan: CollectionPlan, feats, path: Path, rows: range, progress: Progress | None) -> None:
+    """Solve a shard's examples in batches composed within the shard ([start, start+B), …) and write it.
+
+    The composition fixes the float round-off: CPU GEMM/conv kernels (and cuDNN) give results that differ
+    in the last bits with the batch size, so the stored bits are reproducible for a given batch size and
+    device (resume, any number of processes), and agree to about one float16 ulp across batch sizes."""
+    bs = plan.config.batch_size
+    trajs, labels = [], []
+    for b0 in range(rows.start, rows.stop, bs):
+        batch = range(b0, min(b0 + bs, rows.stop))
+        traj, lab = solve_examples(teacher, plan, batch)
+        trajs.append(traj)
+        labels.append(lab)
+        if progress is not None:
+            progress(len(batch))
+    seeds = np.arange(rows.start, rows.stop, dtype=np.int64) + plan.config.seed
+    provenance = {"batch_size": bs, "device": str(teacher.device), "torch": torch.__version__, "opdiff": __version__}
+    write_shard(path, feats, np.concatenate(trajs), seeds, None if labels[0] is None else np.concatenate(labels), provenance)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading, verification, sharing
+# --------------------------------------------------------------------------------------------------
+def _require_info(path: Path) -> dict:
+    info = read_info(path)
+    if info is None:
+        raise FileNotFoundError(f"{str(path)!r} holds no opdiff collection (no {INFO_NAME}); create one with `opdiff collect`")
+    return info
+
+
+def _shard_paths(path: Path, info: dict) -> list[tuple[Path, int]]:
+    """(path, expected rows) of every shard of the collection in ``path``."""
+    ident = info["collection"]
+    num, size = ident["num"], ident["shard_size"]
+    n = math.ceil(num / size)
+    return [(path / shard_name(k, n), min(size, num - k * size)) for k in range(n)]
+
+
+def collection_status(path: str | os.PathLike) -> dict:
+    """Info plus progress: complete shards and examples, stored bytes per trajectory (raw and on disk),
+    and the reference code's per-trajectory bytes (17 float32 steps) for comparison."""
+    path = Path(path)
+    info = _require_info(path)
+    ident = info["collection"]
+    shards = _shard_paths(path, info)
+    done = [(p, r) for p, r in shards if shard_complete(p, r)]
+    examples = sum(r for _, r in done)
+    pixels = int(np.prod(ident["image_shape"]))
+    return {
+        "info": info,
+        "num_shards": len(shards),
+        "complete_shards": len(done),
+        "complete_examples": examples,
+        "complete": len(done) == len(shards),
+        "bytes_per_trajectory": int(np.prod(item_shape(ident))) * np.dtype(ident["dtype"]).itemsize,
+        "disk_bytes_per_trajectory": sum(p.stat().st_size for p, _ in done) / examples if examples else None,
+        "reference_bytes_per_trajectory": REFERENCE_STEPS_STORED * pixels * 4,
+    }
+
+
+def _require_complete(path: Path) -> dict:
+    status = collection_status(path)
+    if not status["complete"]:
+        raise ValueError(
+            f"collection {str(path)!r} is incomplete ({status['complete_shards']} of {status['num_shards']} shards); "
+            "finish it by re-running the same `opdiff collect` command")
+    return status["info"]
+
+
+def iter_shards(path: str | os.PathLike):
+    """The shards' columns (``read_shard``) of a complete collection, in example order."""
+    path = Path(path)
+    info = _require_complete(path)
+    for p, _ in _shard_paths(path, info):
+        yield read_shard(p, item_shape(info["collection"]))
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """sha256 over the trajectories (stored bytes), seeds and labels in example order (each column
+    hashed on its own, then the three digests): independent of shard size, batch size and processes."""
+    cols = {"trajectory": hashlib.sha256(), "seed": hashlib.sha256(), "label": hashlib.sha256()}
+    for shard in iter_shards(path):
+        for name, h in cols.items():
+            if name in shard:
+                h.update(np.ascontiguousarray(shard[name]).tobytes())
+    return hashlib.sha256(("opdiff-trajectories/1:" + ":".join(h.hexdigest() for h in cols.values())).encode()).hexdigest()
+
+
+def _local_dir(dir_or_hub_id: str | os.PathLike) -> tuple[Path, bool]:
+    """A local folder for a collection: the folder itself, or a Hub dataset's snapshot (downloaded)."""
+    p = Path(dir_or_hub_id)
+    if p.exists():
+        return p, False
+    text = str(dir_or_hub_id)
+    if isinstance(dir_or_hub_id, Path) or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(
+            f"{text!r} is neither a folder nor a Hub dataset id (namespace/name); "
+            "pass the folder written by `opdiff collect`"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(dir_or_hub_id), repo_type="dataset")), True
+
+
+def load_collection(dir_or_hub_id: str | os.PathLike, cache_dir: str | None = None) -> tuple["datasets.Dataset", dict]:
+    """(train split as a ``datasets.Dataset``, info dict) of a complete collection, local or on the Hub."""
+    import datasets
+
+    path, _ = _local_dir(dir_or_hub_id)
+    info = _require_complete(path)
+    return datasets.load_dataset(str(path), split="train", cache_dir=cache_dir), info
+
+
+def push_to_hub(path: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:
+    """Upload a complete collection as a Hub dataset: card and info first, then the shards. Returns the URL."""
+    from huggingface_hub import HfApi
+
+    path = Path(path)
+    _require_complete(path)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="dataset",
+                      allow_patterns=[CARD_NAME, INFO_NAME], commit_message="opdiff collection: card and info")
+    api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="dataset",
+                      allow_patterns=[SHARD_GLOB], commit_message="opdiff collection: shards")
+    return f"https://huggingface.co/datasets/{repo_id}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Training cache
+# --------------------------------------------------------------------------------------------------
+CACHE_META = "opdiff_cache.json"
+CACHE_FORMAT = "opdiff-trajectory-cache/1"
+
+
+def default_cache_dir(dataset_dir: Path, from_hub: bool, name: str) -> Path:
+    """``DIR/.opdiff-cache`` for a local collection; ``$OPDIFF_CACHE`` (~/.cache/opdiff)/trajectories/… for the Hub."""
+    if not from_hub:
+        return dataset_dir / ".opdiff-cache"
+    root = Path(os.environ.get("OPDIFF_CACHE", Path.home() / ".cache" / "opdiff"))
+    return root / "trajectories" / name.replace("/", "--")
+
+
+@dataclass(frozen=True)
+class TrajectoryCache:
+    """A collection as a memory-mapped TensorDict (``trajectory`` in the stored dtype, ``seed``, ``label``),
+    tagged with the collection's content hash. ``cache[idx]`` gathers a batch as an in-memory TensorDict."""
+
+    path: Path
+    data: "TensorDict"
+    info: dict
+    content_sha256: str
+
+    @classmethod
+    def build(cls, dataset: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> "TrajectoryCache":
+        """Convert a complete collection once (or reuse a cache with the same content hash; rebuild a stale one)."""
+        path, from_hub = _local_dir(dataset)
+        info = _require_complete(path)
+        digest = content_hash(path)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(path, from_hub, str(dataset))
+        meta = cache / CACHE_META
+        if meta.is_file() and json.loads(meta.read_text()).get("content_sha256") == digest:
+            return cls.load(cache)
+        _write_cache(path, info, cache, digest)
+        return cls.load(cache)
+
+    @classmethod
+    def load(cls, cache_dir: str | os.PathLike) -> "TrajectoryCache":
+        """Open a cache written by ``build`` (no check against the collection: ``build`` does that)."""
+        from tensordict import TensorDict
+
+        cache = Path(cache_dir)
+        meta_path = cache / CACHE_META
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{str(cache)!r} holds no trajectory cache; create it with TrajectoryCache.build(DIR)")
+        meta = json.loads(meta_path.read_text())
+        return cls(cache, TensorDict.load_memmap(cache / "tensors"), meta["info"], meta["content_sha256"])
+
+    def __len__(self) -> int:
+        return int(self.data.batch_size[0])
+
+    def __getitem__(self, idx) -> "TensorDict":
+        return self.data[idx]
+
+    @property
+    def times(self) -> Tensor:
+        """The M output times t_1 > … > t_M (float64)."""
+        return torch.tensor(self.info["collection"]["output_times"], dtype=torch.float64)
+
+    @property
+    def indices(self) -> list[int]:
+        return list(self.info["collection"]["output_indices"])
+
+
+def _write_cache(path: Path, info: dict, cache: Path, digest: str) -> None:
+    """Fill memmapped tensors shard by shard (never the whole set in memory); the meta file goes last."""
+    from tensordict import TensorDict
+
+    ident = info["collection"]
+    n = ident["num"]
+    spec = {"trajectory": torch.empty(n, *item_shape(ident), dtype=getattr(torch, ident["dtype"]), device="meta"),
+            "seed": torch.empty(n, dtype=torch.int64, device="meta")}
+    if ident["num_classes"]:
+        spec["label"] = torch.empty(n, dtype=torch.int64, device="meta")
+    tmp = cache / ".tensors.tmp"
+    for stale in (tmp, cache / "tensors", cache / CACHE_META):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    cache.mkdir(parents=True, exist_ok=True)
+    td = TensorDict(spec, batch_size=[n]).memmap_like(tmp)
+    start = 0
+    for shard in iter_shards(path):
+        stop = start + len(shard["seed"])
+        for name, values in shard.items():
+            td[name][start:stop] = torch.from_numpy(np.array(values))  # copy: Arrow buffers are read-only
+        start = stop
+    del td
+    os.replace(tmp, cache / "tensors")
+    _atomic_write_text(cache / CACHE_META, json.dumps({"format": CACHE_FORMAT, "content_sha256": digest, "info": info}, indent=2))

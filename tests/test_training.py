@@ -1,0 +1,287 @@
+"""DSNO training: the loss against closed forms, EMA against its recursion, learning on real trajectories,
+exact resume, two processes under torchrun, bf16 on CPU, and bad input.
+
+The teacher is an exact Gaussian-mixture denoiser wrapped as a backbone (its trajectories are smooth and
+learnable, unlike a random network's); the student is the tiny ``opdiff-unet``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_backbones import vp_linear_alpha_sigma
+from torch import nn
+from typer.testing import CliRunner
+
+from operator_diffusion.backbones import Backbone, load_backbone, register_backbone
+from operator_diffusion.oracles import GaussianMixtureOracle
+from operator_diffusion.schedules import VPLinear
+from operator_diffusion.training import (
+    EMA,
+    TrainConfig,
+    dsno_loss,
+    learning_rate,
+    load_run,
+    per_time_losses,
+    time_weights,
+    train,
+)
+from operator_diffusion.trajectories import CollectConfig, collect
+from opdiff_cli.main import app
+
+SHAPE = (3, 8, 8)
+
+
+class MixtureTeacher(Backbone):
+    """A backbone whose ε is the exact ε of a 3-component Gaussian mixture on 3×8×8 images."""
+
+    name = "test-mixture-teacher"
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        means = 0.8 * torch.randn(3, *SHAPE, generator=g, dtype=torch.float64)
+        self.oracle = GaussianMixtureOracle(VPLinear(), torch.ones(3), means, torch.tensor([0.2, 0.3, 0.25]))
+        self.seed = seed
+        net = nn.Module()
+        net.register_parameter("unused", nn.Parameter(torch.zeros(1)))  # device/dtype anchor
+        super().__init__(net, VPLinear(), "eps", SHAPE)
+
+    def forward(self, x, t, labels=None):
+        self.check_inputs(x, labels)
+        t = self.expand_times(t, x)
+        return self.oracle.eps(x.double(), t.double()).to(x.dtype)
+
+    def config(self):
+        return {"name": self.name, "seed": self.seed}
+
+    @property
+    def default_injection_points(self):
+        return []
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    register_backbone(MixtureTeacher.name, MixtureTeacher)
+    out = tmp_path_factory.mktemp("mixture") / "data"
+    collect(MixtureTeacher(), out, CollectConfig(num=96, steps=24, solver="dpmpp-2m", shard_size=48, batch_size=48))
+    return out
+
+
+def config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), backbone="opdiff-unet", backbone_options={"preset": "tiny", "dropout": 0.0},
+                batch_size=8, max_steps=20, save_every=10, log_every=1, warmup=5, lr=1e-3, ema=0.99, init="small")
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def reset_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss and its parts
+# --------------------------------------------------------------------------------------------------
+def test_time_weights_are_clamped_sqrt_snr():
+    t = torch.tensor([0.9, 0.5, 0.2, 0.05, 1e-3], dtype=torch.float64)
+    alpha, sigma = vp_linear_alpha_sigma(t)
+    torch.testing.assert_close(time_weights(VPLinear(), t, "sqrt-snr"), (alpha / sigma).clamp(1, 1e4), rtol=1e-12, atol=0)
+    torch.testing.assert_close(time_weights(VPLinear(), t, "snr", 0.5, 50), (alpha / sigma).square().clamp(0.5, 50), rtol=1e-12, atol=0)
+    assert time_weights(VPLinear(), t, "uniform").tolist() == [1.0] * 5
+    with pytest.raises(ValueError, match="unknown weighting"):
+        time_weights(VPLinear(), t, "lpips")
+
+
+def test_loss_is_the_weighted_mean_of_per_time_l1_terms():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(5, 4, 3, 2, 2, generator=g), torch.randn(5, 4, 3, 2, 2, generator=g)
+    w = torch.tensor([1.0, 2.0, 10.0, 1e4], dtype=torch.float64)
+    terms = [sum(abs(float(pred[b, i, c, h, k]) - float(target[b, i, c, h, k]))
+                 for b in range(5) for c in range(3) for h in range(2) for k in range(2)) / 60 for i in range(4)]
+    loss, got = dsno_loss(pred, target, w)
+    torch.testing.assert_close(got.double(), torch.tensor(terms, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert float(loss) == pytest.approx(sum(wi * ti for wi, ti in zip(w.tolist(), terms)) / 4, rel=1e-6)
+    sq = per_time_losses(pred, target, "l2")
+    torch.testing.assert_close(sq, (pred - target).square().mean(dim=(0, 2, 3, 4)), rtol=1e-6, atol=0)
+
+
+def test_learning_rate_warmup():
+    assert learning_rate(0, 2e-4, 1000) == pytest.approx(2e-7)
+    assert learning_rate(500, 2e-4, 1000) == pytest.approx(2e-4 * (1e-3 + 0.999 * 0.5))
+    assert learning_rate(1000, 2e-4, 1000) == learning_rate(10**6, 2e-4, 1000) == 2e-4
+    assert learning_rate(0, 1e-3, 0) == 1e-3
+
+
+def test_ema_follows_its_recursion():
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    ema = EMA(model, decay=0.9)
+    expected = 1.0
+    for n in range(1, 30):
+        with torch.no_grad():
+            model.weight.fill_(float(n))
+        ema.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * n
+        assert float(ema.shadow[0][0, 0]) == pytest.approx(expected, rel=1e-6)
+    restored = EMA(model, 0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 29 and float(restored.shadow[0][0, 0]) == pytest.approx(expected, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------------
+def test_training_brings_the_loss_down_and_exports_a_loadable_model(dataset, tmp_path):
+    out = tmp_path / "run"
+    result = train(config(dataset, out, max_steps=150, save_every=150, log_every=10, lr=2e-3, warmup=10))
+    log = metrics(out)
+    assert [m["step"] for m in log] == list(range(10, 151, 10))
+    first, last = log[0], log[-1]
+    assert last["loss"] < 0.5 * first["loss"], (first["loss"], last["loss"])
+    assert sum(last[f"share_t{i}"] for i in range(1, 5)) == pytest.approx(1.0, rel=1e-5)
+    model, info = load_run(out)
+    assert result.model_path == out / "model.safetensors"
+    assert info["model"]["times"] == json.loads((dataset / "opdiff_collection.json").read_text())["collection"]["output_times"]
+    assert info["data_content_sha256"] and info["num_processes"] == 1
+    # the export holds the EMA weights, not the last iterate
+    state = load_file(out / "model.safetensors")
+    last_ckpt = load_file(out / "checkpoints" / "step_00000150" / "model.safetensors")
+    key = "temporal.down__0__res__0.conv.weight"
+    assert not torch.equal(state[key], last_ckpt[key])
+
+
+def test_resume_gives_the_uninterrupted_loss_sequence(dataset, tmp_path):
+    full = tmp_path / "full"
+    train(config(dataset, full, max_steps=24, save_every=8))
+
+    class Kill(Exception):
+        pass
+
+    def kill_at_19(step, total, m):
+        if step == 19:
+            raise Kill
+
+    part = tmp_path / "part"
+    with pytest.raises(Kill):
+        train(config(dataset, part, max_steps=24, save_every=8), progress=kill_at_19)
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    assert [m["step"] for m in metrics(part)][-1] == 19  # logged past the last checkpoint (16) before dying
+    result = train(config(dataset, part, max_steps=24, save_every=8))
+    assert result.resumed_from == 16
+    assert metrics(part) == metrics(full)  # every loss, term and lr identical, nothing logged twice
+    a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_step_baseline_trains_on_the_last_time_only(dataset, tmp_path):
+    out = tmp_path / "baseline"
+    train(config(dataset, out, baseline=True, max_steps=4))
+    log = metrics(out)
+    assert set(k for k in log[0] if k.startswith("loss_t")) == {"loss_t1"}
+    model, info = load_run(out)
+    assert model.baseline and len(model.temporal) == 0 and info["parameters"]["temporal_parameters"] == 0
+
+
+def test_bf16_autocast_trains_on_cpu(dataset, tmp_path):
+    out = tmp_path / "bf16"
+    train(config(dataset, out, mixed_precision="bf16", max_steps=3))
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(out))
+    assert json.loads((out / "run.json").read_text())["train"]["mixed_precision"] == "bf16"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_torchrun_train_one_synchronized_model(dataset, tmp_path):
+    out = tmp_path / "ddp"
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, json\n"
+        "from test_training import MixtureTeacher, config\n"
+        "from operator_diffusion.backbones import register_backbone\n"
+        "from operator_diffusion.training import train\n"
+        "register_backbone(MixtureTeacher.name, MixtureTeacher)\n"
+        f"train(config({str(dataset)!r}, {str(out)!r}, max_steps=6, save_every=3))\n"
+    )
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "config.json").read_text())
+    assert info["num_processes"] == 2  # and train() checked that both ranks ended with the same weights
+    assert [m["step"] for m in metrics(out)] == list(range(1, 7))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: clear error, nothing written
+# --------------------------------------------------------------------------------------------------
+def snapshot(path: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))} if path.exists() else {}
+
+
+def test_bad_input_is_refused_without_writing(dataset, tmp_path):
+    digits = load_backbone("opdiff-unet", preset="digits")
+    digits.save_weights(tmp_path / "digits.safetensors")
+    cases = [
+        (dict(backbone_options={"preset": "digits"}), "takes images of shape \\(1, 8, 8\\) but the dataset holds \\(3, 8, 8\\)"),
+        (dict(init_from=str(tmp_path / "digits.safetensors")), "does not match backbone 'opdiff-unet'"),
+        (dict(batch_size=200), "holds 96 trajectories, fewer than one batch of 200"),
+        (dict(init_from=str(tmp_path / "missing.safetensors")), "does not exist"),
+        (dict(data=str(tmp_path / "nowhere")), "neither a folder nor a Hub dataset id"),
+    ]
+    for i, (kw, match) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            train(config(kw.pop("data", dataset), out, **kw))
+        assert not out.exists()
+    # an out directory holding another run
+    out = tmp_path / "taken"
+    train(config(dataset, out, max_steps=2, save_every=2))
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="holds another run \\(differs in train.lr\\)"):
+        train(config(dataset, out, max_steps=2, lr=5e-4))
+    assert snapshot(out) == before
+
+
+def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
+    runner = CliRunner()
+    args = ["train", "--data", str(dataset), "--backbone", "opdiff-unet", "-o", "preset=tiny", "--batch-size", "8",
+            "--max-steps", "2", "--save-every", "2", "--log-every", "1"]
+    dry = runner.invoke(app, [*args, "--out", str(tmp_path / "dry"), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    resolved = json.loads(dry.output)
+    assert resolved["times"] == json.loads((dataset / "opdiff_collection.json").read_text())["collection"]["output_times"]
+    assert not (tmp_path / "dry").exists()
+    ok = runner.invoke(app, [*args, "--out", str(tmp_path / "cli")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "cli" / "model.safetensors").is_file()
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--weighting", "lpips"])
+    assert bad.exit_code == 2 and "unknown --weighting 'lpips'" in bad.output
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "-o", "preset=digits"])
+    assert bad.exit_code == 2 and "takes images of shape" in bad.output
+    assert not (tmp_path / "bad").exists()
