@@ -112,6 +112,50 @@ def spectral_time_conv(
         return torch.fft.irfft(y_hat, n=n_out, dim=time_dim, norm="forward")
 
 
+@functools.lru_cache(maxsize=64)
+def _real_dft_bases(m: int, n_modes: int) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, bool], ...]]:
+    """The kept rfft modes of a length-M signal as R real rows (float64, CPU):
+
+    analysis A (R, M): row (j, re) = cos(2πjk/M)/M, row (j, im) = −sin(2πjk/M)/M  (rfft, norm="forward");
+    synthesis S (M, R): column (j, re) = c_j cos(2πjk/M), (j, im) = −c_j sin(2πjk/M), c_j = 1 for the DC and
+    Nyquist modes and 2 otherwise (irfft, norm="forward"). DC and Nyquist have no imaginary row: irfft
+    ignores those parts. ``parts`` lists (j, is_imaginary) per row."""
+    k = torch.arange(m, dtype=torch.float64)
+    parts = []
+    for j in range(n_modes):
+        parts.append((j, False))
+        if 0 < j and 2 * j != m:
+            parts.append((j, True))
+    rows, cols = [], []
+    for j, imag in parts:
+        theta = 2 * torch.pi * j * k / m
+        c = 1.0 if j == 0 or 2 * j == m else 2.0
+        rows.append((-torch.sin(theta) if imag else torch.cos(theta)) / m)
+        cols.append(c * (-torch.sin(theta) if imag else torch.cos(theta)))
+    return torch.stack(rows), torch.stack(cols, dim=1), tuple(parts)
+
+
+def spectral_mixing_matrix(weight: torch.Tensor, parts: Sequence[tuple[int, bool]]) -> torch.Tensor:
+    """The complex per-mode mixing y_j = Σ_c û_j[c] R_j[c, :] on the real rows of ``_real_dft_bases``, as one
+    real block matrix (R·C_out, R·C_in) for a 1×1 convolution: Re y = Rr^T Re û − Ri^T Im û, Im y = Ri^T Re û
+    + Rr^T Im û (rows without an imaginary part keep only the first term)."""
+    rr, ri = weight[..., 0], weight[..., 1]  # (J, C_in, C_out)
+    index = {p: n for n, p in enumerate(parts)}
+    c_in, c_out = weight.shape[1], weight.shape[2]
+    blocks = [[weight.new_zeros(c_out, c_in) for _ in parts] for _ in parts]
+    for (j, imag), n in index.items():
+        re_in = index[(j, False)]
+        im_in = index.get((j, True))
+        if not imag:
+            blocks[n][re_in] = rr[j].T
+            if im_in is not None:
+                blocks[n][im_in] = -ri[j].T
+        else:
+            blocks[n][re_in] = ri[j].T
+            blocks[n][im_in] = rr[j].T
+    return torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
+
+
 def _regrid_spectrum(z: torch.Tensor, n_in: int, n_out: int, dim: int) -> torch.Tensor:
     """Move the lowest rfft modes ``z`` of a length-``n_in`` signal to a length-``n_out`` grid.
 
@@ -345,6 +389,9 @@ class TemporalBlock(nn.Module):
         self.num_times = int(num_times)
         self.negative_slope = float(negative_slope)
         self.conv = TemporalSpectralConv(channels, channels, n_modes, bias=False, init=init)
+        # Up to this many frames the layer runs as real DFT matmuls + a 1×1 convolution (``_dft_path``); the
+        # FFT path remains for longer grids and for output_times (App. A.3 resampling).
+        self.dft_max_times = 32
 
     @property
     def n_modes(self) -> int:
@@ -371,6 +418,9 @@ class TemporalBlock(nn.Module):
             raise ValueError(f"TemporalBlock: expected {self.channels} channels, got {c} (input {tuple(x.shape)}).")
         _check_modes(self.conv.n_modes, m, "TemporalBlock")
         m_out = m if output_times is None else int(output_times)
+        if m_out == m and m <= self.dft_max_times:
+            out = self._dft_path(u, m)
+            return out.reshape(x.shape)
 
         # (B, M, C, P) -> (B, M_out, C, P): time on dim 1, channels on dim 2, pixels act as batch.
         ku = spectral_time_conv(u, self.conv.weight[: self.conv.n_modes], time_dim=1, channel_dim=2, n_out=m_out)
@@ -380,6 +430,24 @@ class TemporalBlock(nn.Module):
         if x.dim() == 4:
             return out.reshape(-1, c, h, w)  # (B, M_out, C, H*W) -> (B*M_out, C, H, W)
         return out.reshape(out.shape[0], m_out, c, h, w)  # (B, M_out, C, H*W) -> (B, M_out, C, H, W)
+
+    def _dft_path(self, u: torch.Tensor, m: int) -> torch.Tensor:
+        """T u on (B, M, C, P) with the kept modes as real DFT rows: analysis (a matmul over the M frames),
+        the complex mixing as one block 1×1 convolution, synthesis (a matmul over frames). The same numbers
+        as the FFT path (tested), without FFTs of length 4 or complex tensors: on CPU and GPU alike the
+        cost is that of a 1×1 convolution from R·C to R·C channels (R = 2J−1 real rows, 3 for J = 2)."""
+        b, _, c, p = u.shape
+        a, s, parts = _real_dft_bases(m, self.conv.n_modes)
+        dtype = _compute_dtype(u.dtype, self.conv.weight.dtype)
+        with _fft_context(u.device):  # analysis, mixing weights and synthesis in float32 (as the FFT)
+            a, s = a.to(u.device, dtype), s.to(u.device, dtype)
+            v = torch.matmul(a, u.to(dtype).reshape(b, m, c * p))  # (B, R, C·P): the kept modes
+            w = spectral_mixing_matrix(self.conv.weight[: self.conv.n_modes].to(dtype), parts)
+        v = v.reshape(b, len(parts) * c, p, 1)
+        y = F.conv2d(v, w.to(v.dtype)[:, :, None, None])  # autocast applies here like to any 1×1 conv
+        with _fft_context(u.device):
+            ku = torch.matmul(s, y.to(dtype).reshape(b, len(parts), c * p))  # (B, M, C·P)
+        return u + F.leaky_relu(ku, self.negative_slope).to(u.dtype).reshape(u.shape)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_times={self.num_times}, negative_slope={self.negative_slope}"

@@ -357,3 +357,19 @@ def test_fno_with_temporal_conv_learns_antiderivative():
 
     model.n_modes = (4,)  # FNO's n_modes setter propagates to the convs (lower than max is allowed)
     assert convs[0].n_modes == 4
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 6, 8])
+def test_block_dft_path_equals_the_fft_path(m, gen):
+    """The real-DFT + 1×1-convolution path and the rfft path compute the same T u for every number of kept
+    modes, odd and even M (with and without the Nyquist mode)."""
+    c = 3
+    for n_modes in range(1, m // 2 + 2):
+        block = make_block(c, n_modes, m, gen)
+        x = torch.randn(2 * m, c, 4, 3, dtype=torch.float64, generator=gen)
+        block.dft_max_times = m
+        dft = block(x)
+        block.dft_max_times = 0
+        fft = block(x)
+        torch.testing.assert_close(dft, fft, rtol=0, atol=1e-12)
+        assert not torch.equal(dft, x)  # the layer acts
