@@ -24,7 +24,7 @@ def train(
     modes: int = typer.Option(2, "--modes", help="Fourier modes per temporal layer (see `opdiff spectrum`)."),
     weighting: str = typer.Option("sqrt-snr", "--weighting", help="Per-time loss weight: sqrt-snr (paper), snr or uniform."),
     weight_min: float = typer.Option(1.0, "--weight-min", help="Lower clamp of the loss weight."),
-    weight_max: float = typer.Option(1e4, "--weight-max", help="Upper clamp of the loss weight (reference 1e4: the last time gets ~99.9%)."),
+    weight_max: float = typer.Option(1e4, "--weight-max", help="Upper clamp of the loss weight (reference 1e4; see metrics.jsonl share_tI for each time's share)."),
     loss: str = typer.Option("l1", "--loss", help="l1 (paper) or l2."),
     batch_size: int = typer.Option(64, "--batch-size", help="Trajectories per process and micro-step."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation micro-steps."),
@@ -67,7 +67,7 @@ def train(
             }, indent=2))
             return
         result = _run(training, config)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TypeError) as e:  # TypeError: an unknown backbone option
         fail(str(e))
     msg = f"resumed from step {result.resumed_from}; " if result.resumed_from else ""
     console.print(f"{msg}trained to step {result.step}: {result.model_path or out}")
