@@ -58,22 +58,9 @@ def inspect(
 
 def _module_rows(bb) -> list[dict]:
     """Every module of the network with the shape of its output on one image (or its output type)."""
-    import torch
+    from operator_diffusion.adapter import trace_outputs
 
-    seen: dict[str, str] = {}
-
-    def record(name: str):
-        def hook(module, args, out) -> None:  # returns None: the output is left as it is
-            seen.setdefault(name, str(tuple(out.shape)) if isinstance(out, torch.Tensor) else type(out).__name__)
-        return hook
-
-    handles = [m.register_forward_hook(record(n)) for n, m in bb.network.named_modules() if n]
-    try:
-        with torch.no_grad():
-            labels = torch.full((1,), bb.null_label or 0) if bb.num_classes else None
-            bb(torch.zeros(1, *bb.image_shape), torch.full((1,), bb.schedule.t_max), labels)
-    finally:
-        for h in handles:
-            h.remove()
-    return [{"name": n, "type": type(m).__name__, "output": seen.get(n, "not called")}
-            for n, m in bb.network.named_modules() if n]
+    names = [n for n, _ in bb.network.named_modules() if n]
+    seen = trace_outputs(bb, names)
+    modules = dict(bb.network.named_modules())
+    return [{"name": n, "type": type(modules[n]).__name__, "output": str(seen.get(n, "not called"))} for n in names]

@@ -107,14 +107,15 @@ def resolve_placement(network: nn.Module, placement: Sequence[str | type] | None
     return [n for n in names if n in chosen]
 
 
-def trace_injection_points(backbone: Backbone, names: Sequence[str]) -> list[InjectionPoint]:
-    """Run the backbone once on one zero image and record each named module's output shape (N, C, H, W);
-    the points come back in the order the forward pass reaches them."""
+def trace_outputs(backbone: Backbone, names: Sequence[str]) -> dict[str, tuple[int, ...] | str]:
+    """Run the backbone once (eval mode, no grad) on one zero image at t_max and record what each named module
+    returns on its first call: the output shape, or the output's type name when it is not one tensor. Keys come
+    in the order the forward pass reaches the modules; modules never called are absent."""
     modules = dict(backbone.network.named_modules())
-    shapes: dict[str, Any] = {}
+    shapes: dict[str, tuple[int, ...] | str] = {}
 
     def recorder(name: str):
-        def hook(module, args, output):
+        def hook(module, args, output) -> None:  # returns None: the output is left as it is
             shapes.setdefault(name, tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
         return hook
 
@@ -133,6 +134,13 @@ def trace_injection_points(backbone: Backbone, names: Sequence[str]) -> list[Inj
         backbone.network.train(was_training)
         for h in handles:
             h.remove()
+    return shapes
+
+
+def trace_injection_points(backbone: Backbone, names: Sequence[str]) -> list[InjectionPoint]:
+    """Each named module's output channels and resolution from one traced forward pass (``trace_outputs``);
+    the points come back in the order the forward pass reaches them."""
+    shapes = trace_outputs(backbone, names)
     points = []
     for n in sorted(names, key=lambda n: list(shapes).index(n) if n in shapes else -1):
         shape = shapes.get(n)

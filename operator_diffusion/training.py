@@ -236,14 +236,14 @@ def plan_run(config: TrainConfig) -> RunPlan:
         precision = "bf16" if torch.cuda.is_available() else "no"
     else:
         precision = config.mixed_precision
+    init_sha = file_sha256(config.init_from) if config.init_from else None  # read the file once
     run_info = {
         "format_version": FORMAT_VERSION,
         "opdiff_version": __version__,
         "train": config.identity(),
         "data_content_sha256": cache.content_sha256,
-        "init_from_sha256": file_sha256(config.init_from) if config.init_from else None,
-        "init_is_teacher": (config.init_from is not None and collection.get("checkpoint_sha256") is not None
-                            and file_sha256(config.init_from) == collection.get("checkpoint_sha256")),
+        "init_from_sha256": init_sha,
+        "init_is_teacher": init_sha is not None and init_sha == collection.get("checkpoint_sha256"),
     }
     return RunPlan(config, cache, collection, cache.content_sha256, model, weights, precision, run_info)
 
