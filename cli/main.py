@@ -69,6 +69,21 @@ app.command("collect")(_collect)
 app.add_typer(_data_app, name="data")
 
 
+from .sample import sample as _sample  # noqa: E402
+
+app.command("sample")(_sample)
+
+
+from .fid import fid as _fid  # noqa: E402
+
+app.command("fid")(_fid)
+
+
+from .bench import bench as _bench  # noqa: E402
+
+app.command("bench")(_bench)
+
+
 def main() -> None:
     app()
 

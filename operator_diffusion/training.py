@@ -485,8 +485,7 @@ def _export(model: DSNO, ema: EMA, out: Path, plan: RunPlan, num_processes: int 
     info = {
         **plan.run_info,
         "model": final.config(),
-        "collection": {k: plan.collection[k] for k in ("output_times", "target", "solver", "steps", "grid", "nfe_per_trajectory",
-                                                        "image_shape", "num_classes", "num")},
+        "collection": dict(plan.collection),  # the dataset's identity: teacher, solver, grid, seeds, labels, …
         "ema_updates": ema.updates,
         "num_processes": num_processes,
         "parameters": final.parameter_report() | {"injection_points": len(final.injection_points)},

@@ -225,10 +225,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _solver_nfe(schedule: Schedule, ts: Tensor, config: CollectConfig, indices: Sequence[int], options: dict) -> int:
-    """Network evaluations per trajectory, by a dry run on a free ε (also validates the solver options)."""
+def solver_nfe(schedule: Schedule, ts: Tensor, solver: str, indices: Sequence[int], target: Target, options: dict) -> int:
+    """Network evaluations per trajectory of ``solver`` on grid ``ts`` recording ``indices`` (a denoised
+    target at the last index costs one more), by a dry run on a free ε; also validates the solver options."""
     out = solve(lambda x, t, **kw: torch.zeros_like(x), torch.zeros(1, 1, dtype=torch.float64), schedule, ts,
-                config.solver, record=list(indices), record_denoised=config.target == "denoised", **options)
+                solver, record=list(indices), record_denoised=target == "denoised", **options)
     return out.nfe
 
 
@@ -248,7 +249,7 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
     else:
         indices = output_indices(c.steps, c.times, c.time_kind)
     options = {**spec.options, **c.solver_options}
-    nfe = _solver_nfe(backbone.schedule, ts, c, indices, c.solver_options)
+    nfe = solver_nfe(backbone.schedule, ts, c.solver, indices, c.target, c.solver_options)
     labels = _label_mode(c.labels, backbone.num_classes, c.guidance, backbone.null_label)
     identity = {
         "backbone": backbone.config(),
@@ -736,7 +737,10 @@ def load_collection(dir_or_hub_id: str | os.PathLike, cache_dir: str | None = No
 
     path, _ = _local_dir(dir_or_hub_id)
     info = _require_complete(path)
-    return datasets.load_dataset(str(path), split="train", cache_dir=cache_dir), info
+    # explicit shard paths: `load_dataset(folder)` keys its Arrow cache on the folder's name and card, so two
+    # collections in folders of the same name (e.g. two runs' "data") would share one cache entry
+    files = [str(p.resolve()) for p, _ in _shard_paths(path, info)]
+    return datasets.load_dataset("parquet", data_files={"train": files}, split="train", cache_dir=cache_dir), info
 
 
 def push_to_hub(path: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:

@@ -214,6 +214,18 @@ def test_hub_layout_loads_with_datasets_and_card_comes_first(bb, done, tmp_path)
     assert seen[0] == (True, True, [])
 
 
+def test_collections_in_folders_of_the_same_name_do_not_share_a_datasets_cache(bb, tmp_path):
+    # regression: `load_dataset(folder)` keyed its Arrow cache on the folder name and card, so a second
+    # collection in another folder called "data" came back with the first one's trajectories
+    cache = str(tmp_path / "hf")
+    first, second = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    collect(bb, first, replace(CONFIG, num=4))
+    collect(bb, second, replace(CONFIG, num=4, seed=100))
+    for path in (first, second):
+        ds, _ = load_collection(path, cache_dir=cache)
+        np.testing.assert_array_equal(np.asarray(ds.with_format("numpy")["trajectory"]), stored(path)["trajectory"].astype(np.float32))
+
+
 def test_status_counts_shards_and_bytes(done):
     s = collection_status(done)
     assert (s["complete_shards"], s["num_shards"], s["complete_examples"]) == (3, 3, 10)

@@ -1,0 +1,183 @@
+"""`opdiff bench`: the paper's Table 1 for the user's own teacher — DSNO at 1 NFE, the one-step baseline and
+the training-free solvers at k NFE against the teacher's reference solution on held-out seeds."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import console, err_console, fail
+from .sample import resolve_seeds
+
+DEFAULT_NUM = 1000
+
+
+def _int_list(spec: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        fail(f"bad {flag} {spec!r}: give comma-separated integers, e.g. 1,2,3,5,10,20")
+    if not values or min(values) < 1:
+        fail(f"{flag} needs positive integers, got {spec!r}")
+    return sorted(set(values))
+
+
+def _load(path: Path, dev: str, what: str):
+    from operator_diffusion.sampling import load_model
+
+    try:
+        return load_model(path, device=dev)
+    except FileNotFoundError as e:
+        fail(f"{what}: {e}")
+    except (ValueError, RuntimeError) as e:
+        fail(f"cannot load {what} {str(path)!r}: {e}")
+
+
+def bench(
+    run: Path = typer.Argument(..., help="The `opdiff train` run folder of the DSNO model."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="A run trained with `--baseline one-step` on the same data."),
+    num: Optional[int] = typer.Option(None, "--num", "-n", help=f"Held-out samples per method (default {DEFAULT_NUM}, or the number of --seeds)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds (default: --num seeds right after the training seeds)."),
+    solvers: str = typer.Option("ddim,deis,dpmpp-2m,unipc", "--solvers", help="Training-free solvers to compare (see `opdiff solvers`)."),
+    nfe: str = typer.Option("1,2,3,5,10,20", "--nfe", help="NFE budgets of the solvers."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Time grid of the solvers (default: the collection's)."),
+    reference_solver: Optional[str] = typer.Option(None, "--reference-solver", help="Solver of the teacher's reference solution (default: the collection's)."),
+    reference_steps: Optional[int] = typer.Option(None, "--reference-steps", help="Its steps (default: the collection's)."),
+    teacher_checkpoint: Optional[Path] = typer.Option(None, "--teacher-checkpoint", help="The teacher's weights (default: the run's --init-from file)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class-conditional teachers: random (default), one class or a list."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="FID reference (image folder, digits, .npz, statistics .npz, datasets id, cleanfid:NAME/RES/SPLIT); adds an FID column."),
+    feature_extractor: str = typer.Option("inception", "--feature-extractor", help="FID features: inception | digits | PATH to a FeatureNet."),
+    inception_path: Optional[Path] = typer.Option(None, "--inception-path", help="Local InceptionV3 torchscript weights."),
+    ref_num: Optional[int] = typer.Option(None, "--ref-num", help="Use the first N reference images."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where reference statistics are cached (default $OPDIFF_CACHE_DIR or ~/.cache/opdiff/fid)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Samples per batch (does not change the results)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write bench.md and bench.json into this folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace bench.md/bench.json in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """DSNO at 1 NFE vs the baseline and the solvers at k NFE: teacher-match error, FID, wall time."""
+    from operator_diffusion.solvers import available_solvers
+
+    solver_list = [s.strip() for s in solvers.split(",") if s.strip()]
+    unknown = [s for s in solver_list if s not in available_solvers()]
+    if unknown:
+        fail(f"unknown --solvers {', '.join(unknown)}; valid: {', '.join(available_solvers())}")
+    nfes = _int_list(nfe, "--nfe")
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1 (got {batch_size})")
+    if reference_steps is not None and reference_steps < 1:
+        fail(f"--reference-steps must be at least 1 (got {reference_steps})")
+    if ref is None and (ref_num is not None or inception_path is not None or cache_dir is not None):
+        fail("--ref-num/--inception-path/--cache-dir only apply with --ref")
+    if out is not None:
+        existing = [str(out / f) for f in ("bench.md", "bench.json") if (out / f).exists()]
+        if out.exists() and not out.is_dir():
+            fail(f"--out {str(out)!r} is a file, not a folder")
+        if existing and not overwrite:
+            fail(f"{', '.join(existing)} already exist(s); pass --overwrite or choose another --out")
+    from .spectrum import _resolve_device
+
+    dev = _resolve_device(device)
+
+    from operator_diffusion import sampling as sp
+    from operator_diffusion.bench import BenchSetup, run_bench
+    from operator_diffusion.schedules import GRID_KINDS
+
+    if grid is not None and grid not in GRID_KINDS:
+        fail(f"unknown --grid {grid!r}; valid: {', '.join(GRID_KINDS)}")
+    model, info = _load(run, dev, "the DSNO run")
+    if not info:
+        fail(f"{str(run)!r} is a bare checkpoint; bench needs the run folder (it records the teacher and its data)")
+    models = {"DSNO": model} if not model.baseline else {"one-step baseline": model}
+    if baseline is not None:
+        base, binfo = _load(baseline, dev, "the baseline run")
+        if tuple(base.backbone.image_shape) != tuple(model.backbone.image_shape):
+            fail(f"the baseline makes images of shape {base.backbone.image_shape}, the DSNO run {model.backbone.image_shape}")
+        if binfo.get("data_content_sha256") != info.get("data_content_sha256"):
+            err_console.print("[yellow]warning:[/] the baseline was trained on other data than the DSNO run")
+        models["one-step baseline" if base.backbone is not None and base.baseline else "second model"] = base
+    seed_list = resolve_seeds(seeds, num if num is not None or seeds is not None else DEFAULT_NUM, info)
+    try:
+        label_mode = sp.parse_labels(labels, model.backbone.num_classes)
+        reference = sp.run_solver(info, reference_solver, reference_steps)
+        teacher = sp.run_teacher(info, teacher_checkpoint)
+        reference.nfe(teacher.schedule)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+        fail(f"cannot set up the teacher: {e}")
+
+    fid_fn, fid_meta = None, None
+    if ref is not None:
+        from operator_diffusion import fid as F
+
+        try:
+            extractor = F.load_extractor(feature_extractor, inception_path, dev)
+            ref_stats = F.reference_stats(ref, extractor, ref_num, cache_dir=cache_dir, device=dev)
+        except (ValueError, FileNotFoundError) as e:
+            fail(f"cannot set up FID: {e}")
+        warn = F.small_sample_warning(ref_stats, "the reference") if hasattr(F, "small_sample_warning") else None
+        if warn:
+            err_console.print(f"[yellow]warning:[/] {warn}")
+        fid_meta = {"reference": ref, "extractor": extractor.id, "n_reference": ref_stats.n}
+
+        def fid_fn(pixels):
+            try:
+                return F.fid_of_pixels(pixels, ref_stats, extractor, device=dev)
+            except ValueError as e:
+                fail(f"cannot compute FID: {e}")
+
+    setup = BenchSetup(teacher, reference, seed_list, label_mode, solver_list, nfes, grid or info["collection"]["grid"],
+                       models, fid_fn, batch_size, dev, info["collection"].get("guidance"))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        try:
+            result = run_bench(setup, progress)
+        except (ValueError, RuntimeError) as e:
+            fail(f"bench failed: {e}", code=1)
+
+    from operator_diffusion.benchmarks.__main__ import machine
+
+    command = "opdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "opdiff" in sys.argv[0] else None
+    result.meta.update({"run": str(run), "seeds": f"{seed_list[0]}-{seed_list[-1]}" if seeds is None else seeds,
+                        "machine": machine(), "command": command, "fid": fid_meta,
+                        "baseline": None if baseline is None else str(baseline)})
+    text = markdown(result)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.md").write_text(text + "\n")
+        (out / "bench.json").write_text(result.to_json() + "\n")
+    if as_json:
+        typer.echo(result.to_json())
+        return
+    typer.echo(text)  # raw markdown: a terminal-wide rich wrap would break the table rows
+    if out is not None:
+        console.print(f"wrote {out / 'bench.md'} and {out / 'bench.json'}")
+
+
+def markdown(result) -> str:
+    """The table with a header saying what was compared, on which machine, and how to reproduce it."""
+    m = result.meta
+    lines = [
+        f"Teacher-match error on {m['num']} held-out seeds ({m['seeds']}) against the teacher's reference solution "
+        f"({m['reference']}, {m['reference_nfe']} NFE); each method estimates the collection's `{m['target']}` target "
+        f"at t = {m['t_end']:.4g}; solvers on the `{m['grid']}` grid. RMSE on images in [-1, 1]; PSNR with peak-to-peak 2.",
+    ]
+    if m.get("fid"):
+        lines.append(f"FID against {m['fid']['reference']} ({m['fid']['n_reference']} images, features {m['fid']['extractor']}).")
+    if m.get("command"):
+        lines.append(f"Command: `{m['command']}`")
+    lines.append(f"Machine: {m['machine']}; device {m['device']}.")
+    return "\n\n".join(lines) + "\n\n" + result.to_markdown()

@@ -1,0 +1,396 @@
+"""Sampling: DSNO's one-NFE outputs and the teacher's solver outputs for the same seeds, and writing them.
+
+Every sample is a function of its seed alone: x_T and (for ``labels="random"``) the class label come from
+``trajectories.example_inputs`` — the noise rule of `opdiff collect` — so seed s gives the same image
+whatever the batch size, and DSNO's sample for seed s is comparable with the teacher's trajectory for s.
+(On CPU, convolutions round differently at different batch sizes: values agree to float round-off, not bit
+for bit.)
+
+Writers (``SampleWriter``) lay a sample folder out as::
+
+    OUT/opdiff_samples.json        what was sampled (run, seeds, times, labels, teacher solver), format version
+    OUT/images/<seed>.png          the final-time samples (what clean-fid and `opdiff fid` read)
+    OUT/samples.npz                uint8 images (N, H, W, C) or (N, T, H, W, C), seeds, labels, times
+    OUT/grid.png                   the first samples tiled (small images enlarged)
+    OUT/trajectories/<seed>.png    with several times: each sample's outputs left to right (DSNO Figure 2)
+    OUT/trajectories.png           the first trajectories, one per row
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import __version__
+from .images import SAMPLES_IMAGES, SAMPLES_INFO, image_grid, save_png, to_uint8, upscale
+from .schedules import time_grid
+
+FORMAT_VERSION = 1
+FORMATS = ("png", "npz", "grid")
+GRID_MAX = 64          # samples in grid.png
+STRIPS_MAX = 16        # trajectories in trajectories.png
+VIEW_MIN_SIZE = 64     # grids of smaller images are enlarged (nearest neighbour) to at least this size
+
+Progress = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds and labels
+# --------------------------------------------------------------------------------------------------
+def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
+    """``"0-49999"``, ``"0,5,9"``, ``"0-9,100-109"`` (inclusive ranges) or a list → distinct non-negative seeds."""
+    if isinstance(spec, int):
+        seeds = [spec]
+    elif isinstance(spec, str):
+        seeds = []
+        for part in spec.replace(" ", "").split(","):
+            lo, sep, hi = part.partition("-")
+            try:
+                a, b = int(lo), int(hi) if sep else int(lo)
+            except ValueError:
+                raise ValueError(f"bad seed list {spec!r}: {part!r} is not N or A-B (e.g. 0-49999 or 0,5,9)") from None
+            if b < a:
+                raise ValueError(f"bad seed range {part!r} in {spec!r}: the end is below the start")
+            seeds.extend(range(a, b + 1))
+    else:
+        seeds = [int(s) for s in spec]
+    if not seeds:
+        raise ValueError("no seeds given")
+    if min(seeds) < 0:
+        raise ValueError(f"seeds must be non-negative, got {min(seeds)}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the seed list {spec!r} repeats seeds; every sample needs its own seed")
+    return seeds
+
+
+def parse_labels(spec: str | int | Sequence[int] | None, num_classes: int) -> str | int | tuple[int, ...] | None:
+    """Label mode of a sample request: None (unconditional model), ``"random"`` (drawn per seed), one class,
+    or a list (seed s gets list[s mod len]); the default for a class-conditional model is random."""
+    if num_classes == 0:
+        if spec not in (None, "", "none"):
+            raise ValueError("this model is unconditional; drop --labels")
+        return None
+    if spec in (None, "", "random"):
+        return "random"
+    if isinstance(spec, str):
+        try:
+            values = [int(v) for v in spec.split(",")]
+        except ValueError:
+            raise ValueError(f"bad --labels {spec!r}: use 'random', one class (e.g. 3) or a list (e.g. 0,1,2)") from None
+    else:
+        values = [int(spec)] if isinstance(spec, int) else [int(v) for v in spec]
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad:
+        raise ValueError(f"labels {bad} are outside [0, {num_classes}) of this model")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class SampleBatch:
+    """Outputs (B, T, C, H, W) float32 on CPU for ``seeds`` at ``times`` (descending; the last is the sample)."""
+
+    seeds: list[int]
+    labels: Tensor | None
+    outputs: Tensor
+    times: list[float]
+
+
+def _inputs(seeds: Sequence[int], shape, labels, num_classes: int, device) -> tuple[Tensor, Tensor | None]:
+    from .trajectories import example_inputs
+
+    x, y = example_inputs(seeds, shape, labels, num_classes)
+    return x.to(device), None if y is None else y.to(device)
+
+
+def _batches(seeds: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    for i in range(0, len(seeds), batch_size):
+        yield list(seeds[i:i + batch_size])
+
+
+def dsno_batches(model, seeds: Sequence[int], labels=None, times: Sequence[float] | None = None,
+                 batch_size: int = 256, device: str | torch.device = "cpu") -> Iterator[SampleBatch]:
+    """DSNO's outputs, one forward pass per batch: at its training times, or at ``times`` (App. A.3)."""
+    bb = model.backbone
+    model.to(device).eval()
+    out_times = [float(t) for t in (model.times if times is None else times)]
+    for chunk in _batches(seeds, batch_size):
+        x, y = _inputs(chunk, bb.image_shape, labels, bb.num_classes, device)
+        with torch.inference_mode():
+            out = model(x, y, times=times)
+        yield SampleBatch(chunk, None if y is None else y.cpu(), out.float().cpu(), out_times)
+
+
+@dataclass(frozen=True)
+class TeacherSolver:
+    """How the teacher samples: ``solver`` with ``steps`` steps on a ``grid`` from t_max to ``t_end``; the
+    output is the collection ``target`` at t_end (the denoised x̂_0 costs one more evaluation)."""
+
+    solver: str
+    steps: int
+    grid: str
+    t_end: float
+    target: str = "denoised"
+    options: dict = field(default_factory=dict)
+
+    def grid_times(self, schedule) -> Tensor:
+        return time_grid(schedule, self.steps, self.grid, t_end=self.t_end)
+
+    def nfe(self, schedule) -> int:
+        """Network evaluations per sample (a dry run on a free ε: the solvers' own count)."""
+        from .trajectories import solver_nfe
+
+        return solver_nfe(schedule, self.grid_times(schedule), self.solver, [self.steps], self.target, self.options)
+
+    def describe(self) -> str:
+        opts = "".join(f", {k}={v}" for k, v in self.options.items())
+        return f"{self.solver} ({self.steps} step{'s' if self.steps > 1 else ''}, {self.grid} grid{opts})"
+
+
+def teacher_batches(backbone, seeds: Sequence[int], solver: TeacherSolver, labels=None, batch_size: int = 256,
+                    device: str | torch.device = "cpu", guidance: float | None = None) -> Iterator[SampleBatch]:
+    """The teacher's outputs (B, 1, C, H, W) at ``solver.t_end`` for the same seeds (same noise rule)."""
+    from .trajectories import Teacher, record_trajectories
+
+    teacher = Teacher.from_backbone(backbone, guidance, device)
+    ts = solver.grid_times(backbone.schedule)
+    for chunk in _batches(seeds, batch_size):
+        x, y = _inputs(chunk, backbone.image_shape, labels, backbone.num_classes, device)
+        extra = None if y is None else {"labels": y}
+        with torch.inference_mode():
+            out = record_trajectories(teacher.eps_fn, x, teacher.schedule, ts, [solver.steps], solver.solver,
+                                      solver.target, extra, **solver.options)
+        yield SampleBatch(chunk, None if y is None else y.cpu(), out.float().cpu(), [float(ts[-1])])
+
+
+def collect_batches(batches: Iterator[SampleBatch], total: int, progress: Progress | None = None,
+                    sync: Callable[[], None] | None = None) -> tuple[SampleBatch, float]:
+    """Run a generator to the end: all outputs concatenated, and the wall time (seconds) it took."""
+    parts: list[SampleBatch] = []
+    start = time.perf_counter()
+    done = 0
+    for b in batches:
+        parts.append(b)
+        done += len(b.seeds)
+        if progress is not None:
+            progress(done, total)
+    if sync is not None:
+        sync()
+    seconds = time.perf_counter() - start
+    labels = None if parts[0].labels is None else torch.cat([b.labels for b in parts])
+    merged = SampleBatch([s for b in parts for s in b.seeds], labels, torch.cat([b.outputs for b in parts]), parts[0].times)
+    return merged, seconds
+
+
+# --------------------------------------------------------------------------------------------------
+# Teachers of runs
+# --------------------------------------------------------------------------------------------------
+def run_teacher(info: dict, checkpoint: str | os.PathLike | None = None):
+    """The teacher a run was distilled from: the collection's backbone config with ``checkpoint``'s weights.
+    Default weights: the run's ``--init-from`` file when it is the collection's checkpoint, or none when the
+    collection was made without a checkpoint file (the backbone's config loads its own weights, e.g. a
+    diffusers model path). The loaded weights must hash to the collection's ``weights_sha256``: samples of
+    another network would be no comparison."""
+    from .backbones import load_backbone
+    from .trajectories import file_sha256, weights_sha256
+
+    coll = info.get("collection", {})
+    if "backbone" not in coll:
+        raise ValueError("this run's config.json does not record the teacher (trained by an older opdiff); "
+                         "pass the teacher with --teacher-checkpoint and its backbone options")
+    if checkpoint is None and coll.get("checkpoint_sha256") is not None:
+        init = (info.get("train") or {}).get("init_from")
+        if init and Path(init).is_file() and info.get("init_from_sha256") == coll["checkpoint_sha256"] \
+                and file_sha256(init) == coll["checkpoint_sha256"]:
+            checkpoint = init
+        else:
+            raise ValueError("cannot find the teacher's weights of this run; pass them with --teacher-checkpoint PATH")
+    backbone = load_backbone(**coll["backbone"])
+    if checkpoint is not None:
+        backbone.load_weights(checkpoint)
+    expected = coll.get("weights_sha256")
+    if expected is not None and weights_sha256(backbone) != expected:
+        raise ValueError(f"{str(checkpoint or 'the configured backbone')!r} is not the teacher this run was distilled "
+                         "from (its weights differ from the collection's); pass the checkpoint the trajectories were "
+                         "collected with")
+    return backbone.eval()
+
+
+def run_solver(info: dict, solver: str | None = None, steps: int | None = None, grid: str | None = None,
+               options: dict | None = None) -> TeacherSolver:
+    """The teacher solver of a run's collection, with any field overridden; it ends at DSNO's last time."""
+    coll = info["collection"]
+    same = solver in (None, coll["solver"])
+    opts = dict(coll.get("solver_options", {})) if same and options is None else dict(options or {})
+    return TeacherSolver(solver or coll["solver"], int(steps or coll["steps"]), grid or coll["grid"],
+                         float(coll["output_times"][-1]), coll.get("target", "denoised"), opts)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(DSNO, info) from a run directory (``opdiff train``'s output) or a DSNO .safetensors checkpoint."""
+    from .adapter import DSNO
+    from .training import load_run
+
+    path = Path(path)
+    if path.is_dir():
+        return load_run(path, map_location=device)
+    if path.is_file():
+        return DSNO.load(path, map_location=device), {}
+    raise FileNotFoundError(f"{str(path)!r} is neither an `opdiff train` run folder nor a DSNO checkpoint")
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+def view_factor(height: int) -> int:
+    """Nearest-neighbour enlargement that makes an image at least VIEW_MIN_SIZE pixels tall."""
+    return max(1, math.ceil(VIEW_MIN_SIZE / height))
+
+
+def trajectory_strip(frames: np.ndarray, pad: int = 1) -> np.ndarray:
+    """(T, H, W, C) pixels → one row image, earliest time on the left (DSNO Figure 2)."""
+    return image_grid(frames, nrow=len(frames), pad=pad)
+
+
+def output_paths(out: Path, formats: Sequence[str], several_times: bool) -> list[Path]:
+    """Everything a sample folder will hold (to refuse overwriting before anything is written)."""
+    paths = [out / SAMPLES_INFO]
+    if "png" in formats:
+        paths.append(out / SAMPLES_IMAGES)
+        if several_times:
+            paths.append(out / "trajectories")
+    if "npz" in formats:
+        paths.append(out / "samples.npz")
+    if "grid" in formats:
+        paths.append(out / "grid.png")
+        if several_times:
+            paths.append(out / "trajectories.png")
+    return paths
+
+
+def seed_name(seed: int) -> str:
+    return f"{seed:06d}.png"
+
+
+class SampleWriter:
+    """Streams batches into a sample folder: PNGs as they come, the npz and grids at ``close``."""
+
+    def __init__(self, out: str | os.PathLike, formats: Sequence[str], meta: dict, overwrite: bool = False):
+        bad = [f for f in formats if f not in FORMATS]
+        if bad or not formats:
+            raise ValueError(f"unknown format(s) {bad or formats}; valid: {', '.join(FORMATS)}")
+        self.out, self.formats, self.meta = Path(out), tuple(formats), meta
+        self.overwrite = overwrite
+        self.pixels: list[np.ndarray] = []
+        self.seeds: list[int] = []
+        self.labels: list[np.ndarray] = []
+        self.times: list[float] | None = None
+        self._started = False
+
+    def check(self, several_times: bool) -> None:
+        """Refuse an occupied output before anything is computed or written."""
+        if self.out.exists() and not self.out.is_dir():
+            raise FileExistsError(f"--out {str(self.out)!r} is a file, not a folder")
+        existing = [str(p) for p in output_paths(self.out, self.formats, several_times) if p.exists()]
+        if existing and not self.overwrite:
+            raise FileExistsError(f"{', '.join(existing[:3])} already exist(s); pass --overwrite or choose another --out")
+
+    def add(self, batch: SampleBatch) -> None:
+        several = batch.outputs.shape[1] > 1
+        if not self._started:
+            self.check(several)
+            self.out.mkdir(parents=True, exist_ok=True)
+            if "png" in self.formats:
+                (self.out / SAMPLES_IMAGES).mkdir(exist_ok=True)
+                if several:
+                    (self.out / "trajectories").mkdir(exist_ok=True)
+            self.times, self._started = batch.times, True
+        pixels = to_uint8(batch.outputs)  # (B, T, H, W, C)
+        if "png" in self.formats:
+            factor = view_factor(pixels.shape[2])
+            for seed, frames in zip(batch.seeds, pixels):
+                save_png(frames[-1], self.out / SAMPLES_IMAGES / seed_name(seed))
+                if several:
+                    save_png(trajectory_strip(upscale(frames, factor)), self.out / "trajectories" / seed_name(seed))
+        keep = "npz" in self.formats or len(self.seeds) < max(GRID_MAX, STRIPS_MAX)
+        if keep:
+            self.pixels.append(pixels if "npz" in self.formats else pixels[: max(GRID_MAX, STRIPS_MAX)])
+        self.seeds.extend(batch.seeds)
+        if batch.labels is not None:
+            self.labels.append(batch.labels.numpy())
+
+    def close(self) -> dict[str, str]:
+        """Write the npz, grids and the info file; returns what was written."""
+        if not self._started:
+            raise ValueError("no samples were generated")
+        pixels = np.concatenate(self.pixels)
+        several = pixels.shape[1] > 1
+        files: dict[str, str] = {}
+        labels = np.concatenate(self.labels) if self.labels else None
+        if "npz" in self.formats:
+            arrays = {"images": pixels if several else pixels[:, 0], "seeds": np.asarray(self.seeds, dtype=np.int64),
+                      "times": np.asarray(self.times, dtype=np.float64)}
+            if labels is not None:
+                arrays["labels"] = labels.astype(np.int64)
+            tmp = self.out / "samples.tmp.npz"
+            np.savez(tmp, **arrays)
+            tmp.replace(self.out / "samples.npz")
+            files["npz"] = str(self.out / "samples.npz")
+        if "grid" in self.formats:
+            factor = view_factor(pixels.shape[2])
+            save_png(image_grid(upscale(pixels[:GRID_MAX, -1], factor)), self.out / "grid.png")
+            files["grid"] = str(self.out / "grid.png")
+            if several:
+                strips = np.stack([trajectory_strip(upscale(f, factor)) for f in pixels[:STRIPS_MAX]])
+                save_png(image_grid(strips, nrow=1, pad=2), self.out / "trajectories.png")
+                files["trajectories"] = str(self.out / "trajectories.png")
+        if "png" in self.formats:
+            files["images"] = str(self.out / SAMPLES_IMAGES)
+        info = {
+            "format_version": FORMAT_VERSION,
+            "opdiff_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **self.meta,
+            "num": len(self.seeds),
+            "times": self.times,
+            "files": files,
+        }
+        (self.out / SAMPLES_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        return files
+
+
+def side_by_side(left: str | os.PathLike, right: str | os.PathLike, out: str | os.PathLike, gap: int = 8) -> None:
+    """Two grid images joined horizontally (DSNO | teacher) with a white gap."""
+    from .images import read_image
+
+    a, b = read_image(left), read_image(right)
+    if a.shape[-1] != b.shape[-1]:
+        a, b = np.repeat(a, 3 // a.shape[-1], -1), np.repeat(b, 3 // b.shape[-1], -1)
+    h = max(a.shape[0], b.shape[0])
+    canvas = np.full((h, a.shape[1] + gap + b.shape[1], a.shape[-1]), 255, dtype=np.uint8)
+    canvas[: a.shape[0], : a.shape[1]] = a
+    canvas[: b.shape[0], a.shape[1] + gap:] = b
+    save_png(canvas, out)
+
+
+def summary(model, info: dict) -> dict[str, Any]:
+    """What a sample folder records about the model it came from."""
+    return {
+        "model": model.config(),
+        "run_info": {k: info[k] for k in ("data_content_sha256", "init_from_sha256") if k in info},
+        "collection": {k: info.get("collection", {}).get(k) for k in ("solver", "steps", "grid", "target", "output_times")},
+    }
