@@ -154,7 +154,7 @@ def bench(
     result.meta.update({"run": str(run), "seeds": f"{seed_list[0]}-{seed_list[-1]}" if seeds is None else seeds,
                         "machine": machine(), "command": command, "fid": fid_meta,
                         "baseline": None if baseline is None else str(baseline)})
-    text = markdown(result)
+    text = result.report()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.md").write_text(text + "\n")
@@ -165,19 +165,3 @@ def bench(
     typer.echo(text)  # raw markdown: a terminal-wide rich wrap would break the table rows
     if out is not None:
         console.print(f"wrote {out / 'bench.md'} and {out / 'bench.json'}")
-
-
-def markdown(result) -> str:
-    """The table with a header saying what was compared, on which machine, and how to reproduce it."""
-    m = result.meta
-    lines = [
-        f"Teacher-match error on {m['num']} held-out seeds ({m['seeds']}) against the teacher's reference solution "
-        f"({m['reference']}, {m['reference_nfe']} NFE); each method estimates the collection's `{m['target']}` target "
-        f"at t = {m['t_end']:.4g}; solvers on the `{m['grid']}` grid. RMSE on images in [-1, 1]; PSNR with peak-to-peak 2.",
-    ]
-    if m.get("fid"):
-        lines.append(f"FID against {m['fid']['reference']} ({m['fid']['n_reference']} images, features {m['fid']['extractor']}).")
-    if m.get("command"):
-        lines.append(f"Command: `{m['command']}`")
-    lines.append(f"Machine: {m['machine']}; device {m['device']}.")
-    return "\n\n".join(lines) + "\n\n" + result.to_markdown()

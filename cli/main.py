@@ -84,6 +84,16 @@ from .bench import bench as _bench  # noqa: E402
 app.command("bench")(_bench)
 
 
+from .teacher import teacher_app as _teacher_app  # noqa: E402
+
+app.add_typer(_teacher_app, name="teacher")
+
+
+from .demo import demo as _demo  # noqa: E402
+
+app.command("demo")(_demo)
+
+
 def main() -> None:
     app()
 

@@ -55,6 +55,23 @@ class BenchResult:
     def to_json(self) -> str:
         return json.dumps({"meta": self.meta, "rows": [asdict(r) for r in self.rows]}, indent=2)
 
+    def report(self) -> str:
+        """The table with a header saying what was compared, on which machine, and how to reproduce it."""
+        m = self.meta
+        lines = [
+            f"Teacher-match error on {m['num']} held-out seeds ({m.get('seeds', '?')}) against the teacher's reference "
+            f"solution ({m['reference']}, {m['reference_nfe']} NFE); each method estimates the collection's "
+            f"`{m['target']}` target at t = {m['t_end']:.4g}; solvers on the `{m['grid']}` grid. RMSE on images in "
+            "[-1, 1]; PSNR with peak-to-peak 2.",
+        ]
+        if m.get("fid"):
+            lines.append(f"FID against {m['fid']['reference']} ({m['fid']['n_reference']} images, features {m['fid']['extractor']}).")
+        if m.get("command"):
+            lines.append(f"Command: `{m['command']}`")
+        if m.get("machine"):
+            lines.append(f"Machine: {m['machine']}; device {m['device']}.")
+        return "\n\n".join(lines) + "\n\n" + self.to_markdown()
+
     def to_markdown(self) -> str:
         has_fid = any(r.fid is not None for r in self.rows)
         head = "| method | NFE | RMSE ↓ | PSNR (dB) ↑ |" + (" FID ↓ |" if has_fid else "") + " seconds | images/s | detail |"

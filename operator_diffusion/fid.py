@@ -60,7 +60,9 @@ INCEPTION_FILE = os.path.join("./" if platform.system() == "Windows" else "/tmp"
 # where clean-fid downloads it from (cleanfid/downloads_helper.py: inception_url)
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats"  # cleanfid/features.py: get_reference_statistics
-DIGITS_FEATURENET = Path(__file__).resolve().parent / "assets" / "digits_featurenet.safetensors"
+ASSETS = Path(__file__).resolve().parent / "assets"  # shipped with the package (operator_diffusion/assets/README.md)
+DIGITS_FEATURENET = ASSETS / "digits_featurenet.safetensors"
+DIGITS_STATS = ASSETS / "digits_fid_stats.npz"  # FeatureStats of the 1,797 digits under DIGITS_FEATURENET
 CACHE_ENV = "OPDIFF_CACHE_DIR"
 
 Progress = Callable[[int, int], None]  # progress(images_done, images_total), called after every batch

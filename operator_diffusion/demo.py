@@ -1,0 +1,260 @@
+"""`opdiff demo`: the whole DSNO pipeline on the embedded default — scikit-learn's 8×8 digits and the teacher
+shipped with opdiff — on a laptop CPU: collect → train DSNO (and the one-step baseline) → sample → spectrum →
+bench, with a markdown report.
+
+Every stage is the library call the matching command makes (``collect``, ``train``, ``dsno_batches``,
+``dense_trajectories``, ``run_bench``), so the demo is also the integration test of the pipeline. Stages
+resume: collection shards and training checkpoints already in ``out`` are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .fid import ASSETS, DIGITS_FEATURENET, DIGITS_STATS  # the digits feature network and its reference statistics
+
+DIGITS_TEACHER = ASSETS / "digits_teacher.safetensors"    # `opdiff teacher train --data digits` (assets/README.md)
+
+Progress = Callable[[str, int, int], None]  # progress(stage, done, total)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of each stage. ``DEMO`` fits ≤ 10 minutes on 2 CPU cores, ``QUICK`` ≤ 2 minutes."""
+
+    num: int = 8192                 # trajectories collected
+    solver: str = "unipc"           # teacher solver of the collection
+    steps: int = 20                 # its steps (quadratic grid)
+    times: int = 4                  # M output times
+    train_steps: int = 600          # DSNO optimizer steps (the baseline gets as many)
+    batch_size: int = 64
+    lr: float = 2e-4
+    baseline_lr: float = 2e-4
+    warmup: int = 50
+    ema: float = 0.99
+    modes: int = 2
+    samples: int = 64               # images in the sample grids
+    bench_num: int = 512            # held-out seeds in the bench table
+    bench_nfes: tuple[int, ...] = (1, 2, 3, 5, 10)
+    bench_solvers: tuple[str, ...] = ("ddim", "deis", "dpmpp-2m", "unipc")
+    reference_steps: int = 50       # the bench's reference solution (unipc, quadratic grid)
+    spectrum_num: int = 16
+    spectrum_points: int = 256
+    collect_batch: int = 512
+
+
+DEMO = DemoConfig()
+QUICK = replace(DEMO, num=512, train_steps=40, warmup=5, samples=16, bench_num=64, bench_nfes=(1, 2, 5, 10),
+                bench_solvers=("ddim", "unipc"), reference_steps=20, spectrum_num=4, spectrum_points=64)
+
+
+def digits_teacher():
+    """The shipped digits teacher (an ``opdiff-unet``, preset ``digits``), ready to sample."""
+    from .backbones import backbone_from_checkpoint
+
+    if not DIGITS_TEACHER.is_file():
+        raise FileNotFoundError(f"the shipped digits teacher is missing ({DIGITS_TEACHER}); reinstall opdiff or retrain "
+                                "it with `opdiff teacher train --data digits` (see docs/teacher.md)")
+    return backbone_from_checkpoint(DIGITS_TEACHER).eval()
+
+
+def build_digits_featurenet(epochs: int = 30, seed: int = 0) -> dict[str, Any]:
+    """Train the shipped digits feature network (a ``FeatureNet`` classifier on all 1,797 digits but a 10%
+    hold-out) and write it with the digits' reference statistics into the package's assets; returns the
+    accuracies. How the shipped files were made: ``python -c "from operator_diffusion.demo import
+    build_digits_featurenet as b; print(b())"``."""
+    from .fid import FeatureNetExtractor, stats_of_images, train_feature_net
+    from .images import load_images
+
+    digits = load_images("digits")
+    torch.manual_seed(seed)
+    net, metrics = train_feature_net(digits, epochs=epochs, seed=seed)
+    ASSETS.mkdir(exist_ok=True)
+    net.save(DIGITS_FEATURENET)
+    stats = stats_of_images(digits, FeatureNetExtractor(DIGITS_FEATURENET))
+    stats.save(DIGITS_STATS)
+    return {**metrics, "extractor": stats.extractor, "n": stats.n}
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    report: Path
+    seconds: dict[str, float]
+    bench: Any
+
+
+def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | None = None) -> DemoResult:
+    """Run every stage into ``out`` and write ``out/report.md``."""
+    from .bench import BenchSetup, run_bench
+    from .fid import FeatureStats, load_extractor, fid_of_pixels
+    from .images import load_images
+    from .sampling import SampleWriter, TeacherSolver, dsno_batches, side_by_side, teacher_batches
+    from .training import TrainConfig, load_run, train
+    from .trajectories import CollectConfig, collect
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    c = config
+    report = lambda stage: (lambda done, total: progress(stage, done, total)) if progress else None  # noqa: E731
+    seconds: dict[str, float] = {}
+    teacher = digits_teacher()
+
+    start = time.perf_counter()
+    collect(teacher, out / "data", CollectConfig(num=c.num, solver=c.solver, steps=c.steps, times=c.times,
+                                                 batch_size=c.collect_batch, shard_size=min(4096, c.num)),
+            checkpoint=DIGITS_TEACHER, progress=_count(report("collect"), c.num))
+    seconds["collect"] = time.perf_counter() - start
+
+    runs = {"DSNO": (out / "run", False, c.lr), "one-step baseline": (out / "baseline", True, c.baseline_lr)}
+    for name, (path, baseline, lr) in runs.items():
+        start = time.perf_counter()
+        stage = report(f"train {name}")
+        train(TrainConfig(data=str(out / "data"), out=str(path), init_from=str(DIGITS_TEACHER), modes=c.modes,
+                          batch_size=c.batch_size, lr=lr, warmup=c.warmup, ema=c.ema, max_steps=c.train_steps,
+                          save_every=c.train_steps, log_every=10, baseline=baseline),
+              progress=None if stage is None else (lambda step, total, m, s=stage: s(step, total)))
+        _reset_accelerate()
+        seconds[f"train {name}"] = time.perf_counter() - start
+    model, info = load_run(out / "run")
+    base, _ = load_run(out / "baseline")
+
+    # samples: DSNO's trajectories and the teacher's samples for the same held-out seeds
+    start = time.perf_counter()
+    seeds = list(range(c.num, c.num + c.samples))
+    writer = SampleWriter(out / "samples", ("png", "grid"), {"source": "dsno", "run": str(out / "run")}, overwrite=True)
+    for batch in dsno_batches(model, seeds):
+        writer.add(batch)
+    writer.close()
+    ref_solver = TeacherSolver(c.solver, c.reference_steps, "quadratic", float(model.times[-1]))
+    twriter = SampleWriter(out / "samples" / "teacher", ("png", "grid"), {"source": "teacher"}, overwrite=True)
+    for batch in teacher_batches(teacher, seeds, ref_solver):
+        twriter.add(batch)
+    twriter.close()
+    side_by_side(out / "samples" / "grid.png", out / "samples" / "teacher" / "grid.png", out / "side_by_side.png")
+    strips = SampleWriter(out / "trajectories", ("grid",), {"source": "dsno", "times": "all"}, overwrite=True)
+    strips.add(next(dsno_batches(model, seeds[:16])))  # all M outputs: trajectories.png, one per row
+    strips.close()
+    seconds["sample"] = time.perf_counter() - start
+
+    # spectrum of the teacher's trajectories (Appendix A.1)
+    start = time.perf_counter()
+    spectrum = _spectrum(teacher, out / "spectrum", c)
+    seconds["spectrum"] = time.perf_counter() - start
+
+    # bench: Table 1 with FID against the digits (the shipped feature network)
+    start = time.perf_counter()
+    extractor = load_extractor(str(DIGITS_FEATURENET)) if DIGITS_FEATURENET.is_file() else None
+    fid_fn = None
+    if extractor is not None:
+        ref_stats = FeatureStats.load(DIGITS_STATS) if DIGITS_STATS.is_file() else None
+        if ref_stats is None or ref_stats.extractor != extractor.id:
+            from .fid import stats_of_images
+
+            ref_stats = stats_of_images(load_images("digits"), extractor)
+        fid_fn = lambda pixels: fid_of_pixels(pixels, ref_stats, extractor)  # noqa: E731
+    bench_seeds = list(range(c.num + c.samples, c.num + c.samples + c.bench_num))
+    setup = BenchSetup(teacher, TeacherSolver(c.solver, c.reference_steps, "quadratic", float(model.times[-1])),
+                       bench_seeds, None, c.bench_solvers, c.bench_nfes, "quadratic",
+                       {"DSNO": model, "one-step baseline": base}, fid_fn, batch_size=256)
+    result = run_bench(setup, None if progress is None else (lambda label, d, t: progress(f"bench: {label}", d, t)))
+    seconds["bench"] = time.perf_counter() - start
+    result.meta.update({"seeds": f"{bench_seeds[0]}-{bench_seeds[-1]}", "fid": None if fid_fn is None else
+                        {"reference": "digits (1,797 images)", "n_reference": 1797, "extractor": extractor.id},
+                        "command": "opdiff demo" + ("" if c == DEMO else " --quick"), "machine": _machine()})
+    (out / "bench.json").write_text(result.to_json() + "\n")
+    path = out / "report.md"
+    path.write_text(_report(c, result, spectrum, seconds, info))
+    return DemoResult(out, path, seconds, result)
+
+
+def _count(stage: Callable[[int, int], None] | None, total: int):
+    """collect's progress reports trajectories done so far; the stage bar wants (done, total)."""
+    if stage is None:
+        return None
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        stage(done[0], total)
+
+    return advance
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def _machine() -> str:
+    from .benchmarks.__main__ import machine
+
+    return machine()
+
+
+def _spectrum(teacher, folder: Path, c: DemoConfig) -> dict[str, Any]:
+    from .spectrum import dense_trajectories, modes_for_energy, per_trajectory_spectrum, spectrum_from_per_trajectory, spectrum_report
+
+    g = torch.Generator().manual_seed(10**6)
+    x = torch.randn((c.spectrum_num, *teacher.image_shape), generator=g)
+    with torch.inference_mode():
+        traj = dense_trajectories(teacher.eps_fn, teacher.schedule, x, c.spectrum_points, "deis", 1, None, "denoised")
+    result = spectrum_from_per_trajectory(per_trajectory_spectrum(traj.values, traj.dt), traj.dt, c.spectrum_points)
+    spectrum_report(result, folder, 0.99, {"teacher": "digits", "what": "denoised"}, overwrite=True)
+    return {"modes_99": modes_for_energy(result, 0.99), "modes_999": modes_for_energy(result, 0.999),
+            "energy_2": float(result.energy_fraction[1])}
+
+
+def _report(c: DemoConfig, result, spectrum: dict, seconds: dict, info: dict) -> str:
+    dsno = result.row("DSNO")
+    base = result.row("one-step baseline")
+    lines = [
+        "# opdiff demo: DSNO on the 8×8 digits",
+        "",
+        f"Teacher: the shipped digits `opdiff-unet` ({DIGITS_TEACHER.name}). Trajectories: {c.num} from {c.solver} "
+        f"with {c.steps} steps, M = {c.times} output times. DSNO and the one-step baseline: {c.train_steps} steps each at "
+        f"batch {c.batch_size}, initialised from the teacher.",
+        "",
+        "## Samples (same seeds): DSNO, 1 NFE | teacher",
+        "",
+        "![samples](side_by_side.png)",
+        "",
+        "## DSNO trajectories (t_1 … t_M, left to right; paper Figure 2)",
+        "",
+        "![trajectories](trajectories/trajectories.png)",
+        "",
+        "## Spectrum of the teacher's x̂₀ trajectories (Appendix A.1)",
+        "",
+        f"![spectrum](spectrum/spectrum.png)  \n{spectrum['modes_99']} modes hold 99% of the energy "
+        f"({spectrum['modes_999']} hold 99.9%); DSNO keeps {c.modes}, which hold {spectrum['energy_2']:.4f}.",
+        "",
+        "## Table 1 on held-out seeds",
+        "",
+        result.report(),
+        "",
+        "## Verdict",
+        "",
+    ]
+    for solver in ("ddim", "deis", "dpmpp-2m", "unipc"):
+        rows = [r for r in result.rows if r.method == solver]
+        worse = [r.nfe for r in rows if r.rmse > dsno.rmse]
+        if rows:
+            lines.append(f"- {solver}: DSNO (1 NFE, RMSE {dsno.rmse:.4f}) beats it up to {max(worse) if worse else 'no'} NFE"
+                         + (f"; at 10 NFE its RMSE is {result.row(solver, 10).rmse:.4f}" if any(r.nfe == 10 for r in rows) else ""))
+    lines.append(f"- one-step baseline: RMSE {base.rmse:.4f} ({base.rmse / dsno.rmse:.2f}× DSNO's)"
+                 + (f", FID {base.fid:.3f} vs DSNO {dsno.fid:.3f}" if dsno.fid is not None else ""))
+    ref = result.row("teacher reference")
+    if dsno.fid is not None:
+        lines.append(f"- FID: DSNO {dsno.fid:.3f}, teacher {ref.fid:.3f} (ratio {dsno.fid / ref.fid:.2f})")
+    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
+    lines += [f"| total | {sum(seconds.values()):.1f} |", ""]
+    return "\n".join(lines)
