@@ -41,6 +41,34 @@ def _open(spec: str, num: Optional[int], split: str, column: Optional[str], what
         fail(f"cannot read {what} {spec!r}: {' '.join(str(e).split()) or type(e).__name__}")
 
 
+RUN_NUM = 10_000  # samples drawn from a run when --num is not given
+
+
+def _is_run(spec: str) -> bool:
+    p = Path(spec)
+    return p.is_dir() and (p / "model.safetensors").is_file() and (p / "config.json").is_file()
+
+
+def _run_samples(spec: str, num: Optional[int], seeds: Optional[str], dev: str):
+    """An `opdiff train` run as SOURCE: its one-NFE samples for held-out seeds, as pixels in memory."""
+    import numpy as np
+
+    from operator_diffusion.images import ImageSet, to_uint8
+    from operator_diffusion.sampling import dsno_batches, load_model, parse_labels
+
+    from .sample import resolve_seeds
+
+    try:
+        model, info = load_model(spec, dev)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        fail(f"cannot load the run {spec!r}: {e}")
+    seed_list = resolve_seeds(seeds, num if num is not None or seeds is not None else RUN_NUM, info)
+    labels = parse_labels(None, model.backbone.num_classes)
+    pixels = np.concatenate([to_uint8(b.outputs[:, -1]) for b in dsno_batches(model, seed_list, labels, None, 256, dev)])
+    name = f"{spec} (DSNO, seeds {seed_list[0]}-{seed_list[-1]})" if seeds is None else f"{spec} (DSNO, seeds {seeds})"
+    return ImageSet(pixels, None, name, {"kind": "run", "run": spec, "seeds": [seed_list[0], seed_list[-1], len(seed_list)]})
+
+
 def _bars(progress):
     """A progress callback per feature computation; the task appears on the first batch (a cached reference
     computes nothing and shows none). ``calls`` counts the batches."""
@@ -62,11 +90,12 @@ def _bars(progress):
 
 
 def fid(
-    source: str = typer.Argument(..., help="Images under test: 'digits', an image folder (an `opdiff sample` folder works), "
+    source: str = typer.Argument(..., help="Images under test: an `opdiff train` run (samples it: --num, --seeds), 'digits', an image folder (an `opdiff sample` folder works), "
                                           "an .npz of images, a statistics .npz (--save-stats), a datasets folder or Hub id."),
     ref: str = typer.Option(..., "--ref", help="Reference: the same kinds as SOURCE, or cleanfid:NAME/RES/SPLIT "
                                                "(clean-fid's published Inception statistics, e.g. cleanfid:cifar10/32/train)."),
-    num: Optional[int] = typer.Option(None, "--num", help="Use the first N images of SOURCE (default: all)."),
+    num: Optional[int] = typer.Option(None, "--num", help=f"Use the first N images of SOURCE (default: all; a run draws {RUN_NUM})."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="A run SOURCE: the seeds to sample (default: held out, after the training seeds)."),
     ref_num: Optional[int] = typer.Option(None, "--ref-num", help="Use the first N images of REF (default: all)."),
     feature_extractor: str = typer.Option("inception", "--feature-extractor",
                                           help="inception (clean-fid InceptionV3) | digits (shipped 8×8 digits network) | PATH of a FeatureNet .safetensors."),
@@ -86,7 +115,9 @@ def fid(
     from operator_diffusion import fid as F
     from operator_diffusion.images import ImageSet
 
-    src = _open(source, num, split, column, "SOURCE")
+    if seeds is not None and not _is_run(source):
+        fail("--seeds only applies when SOURCE is an `opdiff train` run")
+    src = _run_samples(source, num, seeds, dev) if _is_run(source) else _open(source, num, split, column, "SOURCE")
     named_ref = ref.startswith(CLEANFID_PREFIX)
     ref_obj = None if named_ref else _open(ref, ref_num, split, column, "--ref")
     if named_ref and len(ref[len(CLEANFID_PREFIX):].split("/")) != 3:

@@ -209,3 +209,20 @@ def test_the_teacher_must_be_the_collections(tiny_run, tmp_path):
     r = run_cli(tiny_run["run"], "--out", tmp_path / "s", "--teacher", "--teacher-checkpoint", tmp_path / "other.safetensors")
     assert r.exit_code == 2 and "is not the teacher this run was distilled from" in " ".join(r.output.split())
     assert not (tmp_path / "s").exists()
+
+
+def test_fid_of_a_run_samples_it_with_held_out_seeds(tiny_run, tmp_path):
+    from operator_diffusion.fid import FeatureNet
+
+    torch.manual_seed(0)
+    FeatureNet(in_channels=1, image_size=8, width=8, feature_dim=4, num_classes=0).save(tmp_path / "f.safetensors")
+    r = run_cli(tiny_run["run"], "--out", tmp_path / "s", "--num", "20", "--format", "png")
+    assert r.exit_code == 0, r.output
+    fid = runner.invoke(app, ["fid", str(tiny_run["run"]), "--num", "20", "--ref", str(tmp_path / "s"),
+                              "--feature-extractor", str(tmp_path / "f.safetensors"), "--json"])
+    assert fid.exit_code == 0, fid.output
+    out = json.loads(fid.output[fid.output.index("{"):])
+    # the same 20 held-out seeds as `opdiff sample`: the same images (up to 1-level round-off) → FID ≈ 0
+    assert out["n_source"] == 20 and out["fid"] < 1e-3 and "seeds 48-67" in out["source"]
+    bad = runner.invoke(app, ["fid", "digits", "--seeds", "0-3", "--ref", "digits", "--feature-extractor", str(tmp_path / "f.safetensors")])
+    assert bad.exit_code == 2 and "--seeds only applies" in bad.output

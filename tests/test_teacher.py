@@ -150,22 +150,22 @@ def test_default_backbone_for_the_digits_is_the_digits_preset(tmp_path):
 # --------------------------------------------------------------------------------------------------
 def test_training_lowers_the_loss_and_exports_the_ema_weights(tmp_path):
     out = tmp_path / "run"
-    result = train_teacher(config(out, max_steps=120, save_every=120))
+    result = train_teacher(config(out, max_steps=80, save_every=80))
     log = metrics(out)
-    assert [m["step"] for m in log] == list(range(1, 121))
+    assert [m["step"] for m in log] == list(range(1, 81))
     first = np.mean([m["loss"] for m in log[:20]])
     last = np.mean([m["loss"] for m in log[-20:]])
     assert first > 0.5  # the zero-initialised output layer predicts ε̂ = 0: loss E[ε²] = 1 at the start
-    assert last < 0.7 * first, (first, last)
-    assert result.step == 120 and result.checkpoint == out / "teacher.safetensors"
+    assert last < 0.4 * first, (first, last)  # measured: 0.705 → 0.139
+    assert result.step == 80 and result.checkpoint == out / "teacher.safetensors"
     assert result.final_loss == pytest.approx(log[-1]["loss_avg"])
 
     rebuilt = backbone_from_checkpoint(out / "teacher.safetensors")
     assert rebuilt.config() == load_backbone("opdiff-unet", **TINY).config()
     # the export holds the EMA weights (saved with the last checkpoint), not the last iterate
-    ckpt = out / "checkpoints" / "step_00000120"
+    ckpt = out / "checkpoints" / "step_00000080"
     ema = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)
-    assert ema["updates"] == 120
+    assert ema["updates"] == 80
     params = list(rebuilt.network.parameters())
     assert all(torch.equal(p, ema[f"shadow.{i}"]) for i, p in enumerate(params))
     last_iterate = load_file(ckpt / "model.safetensors")
@@ -174,7 +174,7 @@ def test_training_lowers_the_loss_and_exports_the_ema_weights(tmp_path):
 
     info = json.loads((out / "teacher.json").read_text())
     assert info["format_version"] == tt.FORMAT_VERSION and info["kind"] == "teacher"
-    assert info["steps"] == 120 and info["final_loss"] == pytest.approx(result.final_loss)
+    assert info["steps"] == 80 and info["final_loss"] == pytest.approx(result.final_loss)
     assert info["data"] == {"kind": "digits", "n": 256} and info["backbone"] == rebuilt.config()
     assert set(info["versions"]) == {"opdiff", "torch", "accelerate"}
 
