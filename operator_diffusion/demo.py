@@ -96,7 +96,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     from .fid import FeatureStats, load_extractor, fid_of_pixels
     from .images import load_images
     from .sampling import SampleWriter, TeacherSolver, dsno_batches, side_by_side, teacher_batches
-    from .training import TrainConfig, load_run, train
+    from .training import TrainConfig, load_run, reset_accelerate_state, train
     from .trajectories import CollectConfig, collect
 
     out = Path(out)
@@ -120,7 +120,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
                           batch_size=c.batch_size, lr=lr, warmup=c.warmup, ema=c.ema, max_steps=c.train_steps,
                           save_every=c.train_steps, log_every=10, baseline=baseline),
               progress=None if stage is None else (lambda step, total, m, s=stage: s(step, total)))
-        _reset_accelerate()
+        reset_accelerate_state()
         seconds[f"train {name}"] = time.perf_counter() - start
     model, info = load_run(out / "run")
     base, _ = load_run(out / "baseline")
@@ -185,13 +185,6 @@ def _count(stage: Callable[[int, int], None] | None, total: int):
         stage(done[0], total)
 
     return advance
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 def _machine() -> str:

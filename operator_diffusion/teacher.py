@@ -45,19 +45,17 @@ from .prediction import PREDICTION_TYPES, Prediction, _bcast
 from .schedules import Schedule
 from .training import (
     EMA,
-    METRICS_FILE,
     PRECISIONS,
     RUN_INFO,
     TrainState,
-    _append_metrics,
     _check_in_sync,
     _check_launch,
     _Indices,
-    _save_checkpoint,
-    _truncate_metrics,
     check_run_dir,
-    latest_checkpoint,
+    end_of_step,
     learning_rate,
+    resumable_batches,
+    resume_from_checkpoint,
 )
 
 __all__ = [
@@ -460,61 +458,42 @@ def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, 
     state = TeacherState()
     accelerator.register_for_checkpointing(ema, state)
 
-    resumed_from = None
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        resumed_from = state.step
-    if accelerator.is_main_process:
-        _truncate_metrics(out / METRICS_FILE, state.step)
+    resumed_from = resume_from_checkpoint(accelerator, out, resume, state)
 
     schedule, device = backbone.schedule, accelerator.device
     params = list(network.parameters())
     max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-    per_epoch = len(loader)
-    while state.step < config.max_steps:
-        epoch, skip = divmod(state.micro, per_epoch)
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in batches:
-            # all of this micro-step's randomness, network dropout included, from (seed, process, micro-step)
-            torch.manual_seed(_micro_seed(config.seed, accelerator.process_index, state.micro))
-            x0 = batch["x0"]
-            if config.hflip:
-                x0 = _flip(x0)
-            y = batch.get("label")
-            if y is not None and backbone.null_label is not None:  # plan_teacher refused dropout without a null label
-                y = drop_labels(y, config.label_dropout, backbone.null_label)
-            t = sample_times(schedule, x0.shape[0], device)
-            eps = torch.randn_like(x0)
-            with accelerator.accumulate(objective):
-                loss = objective(x0, t, eps, y)
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(params, max_norm) if accelerator.sync_gradients else None
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(state.step, config.lr, config.warmup)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            ema.update(network)
-            loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"the loss became {loss_value} at step {state.step}; lower --lr or raise --warmup")
-            state.update_loss(loss_value)
-            metrics = {"loss": loss_value, "loss_avg": state.loss_avg, "lr": float(optimizer.param_groups[0]["lr"]),
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None}
-            if accelerator.is_main_process:
-                if state.step % config.log_every == 0 or state.step == config.max_steps:
-                    _append_metrics(out / METRICS_FILE, state.step, metrics)
-                if progress is not None:
-                    progress(state.step, config.max_steps, metrics)
-            if state.step % config.save_every == 0 or state.step == config.max_steps:
-                _save_checkpoint(accelerator, out, state.step, config.keep_checkpoints)
-            if state.step >= config.max_steps:
-                break
+    for batch in resumable_batches(accelerator, loader, state, config.max_steps):
+        # all of this micro-step's randomness, network dropout included, from (seed, process, micro-step)
+        torch.manual_seed(_micro_seed(config.seed, accelerator.process_index, state.micro))
+        x0 = batch["x0"]
+        if config.hflip:
+            x0 = _flip(x0)
+        y = batch.get("label")
+        if y is not None and backbone.null_label is not None:  # plan_teacher refused dropout without a null label
+            y = drop_labels(y, config.label_dropout, backbone.null_label)
+        t = sample_times(schedule, x0.shape[0], device)
+        eps = torch.randn_like(x0)
+        with accelerator.accumulate(objective):
+            loss = objective(x0, t, eps, y)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(params, max_norm) if accelerator.sync_gradients else None
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(state.step, config.lr, config.warmup)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        state.micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        ema.update(network)
+        loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the loss became {loss_value} at step {state.step}; lower --lr or raise --warmup")
+        state.update_loss(loss_value)
+        metrics = {"loss": loss_value, "loss_avg": state.loss_avg, "lr": float(optimizer.param_groups[0]["lr"]),
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        end_of_step(accelerator, out, state, config, metrics, progress)
 
     path = None
     accelerator.wait_for_everyone()

@@ -353,53 +353,34 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
     state = TrainState()
     accelerator.register_for_checkpointing(ema, state)
 
-    resumed_from = None
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        resumed_from = state.step
-    if accelerator.is_main_process:
-        _truncate_metrics(out / METRICS_FILE, state.step)
+    resumed_from = resume_from_checkpoint(accelerator, out, resume, state)
     if config.trackers:
         accelerator.init_trackers("opdiff-train", config={k: str(v) for k, v in config.identity().items()})
 
     weights = plan.weights.to(accelerator.device)
     image_shape = tuple(plan.collection["image_shape"])
-    per_epoch = len(loader)
     unwrapped = accelerator.unwrap_model(model)
-    while state.step < config.max_steps:
-        epoch, skip = divmod(state.micro, per_epoch)
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in batches:
-            x_T, _ = example_inputs(batch["seed"].tolist(), image_shape)  # the collection's noise rule
-            x_T = x_T.to(accelerator.device)
-            target = batch["trajectory"].to(torch.float32)
-            with accelerator.accumulate(model):
-                pred = model(x_T, batch.get("label"))
-                loss, terms = dsno_loss(pred, target, weights, config.loss)
-                accelerator.backward(loss)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(state.step, config.lr, config.warmup)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            ema.update(unwrapped)
-            metrics = _metrics(accelerator, loss, terms, weights, optimizer)
-            if accelerator.is_main_process:
-                if state.step % config.log_every == 0 or state.step == config.max_steps:
-                    _append_metrics(out / METRICS_FILE, state.step, metrics)
-                if progress is not None:
-                    progress(state.step, config.max_steps, metrics)
-            if config.trackers and state.step % config.log_every == 0:
-                accelerator.log(metrics, step=state.step)
-            if state.step % config.save_every == 0 or state.step == config.max_steps:
-                _save_checkpoint(accelerator, out, state.step, config.keep_checkpoints)
-            if state.step >= config.max_steps:
-                break
+    for batch in resumable_batches(accelerator, loader, state, config.max_steps):
+        x_T, _ = example_inputs(batch["seed"].tolist(), image_shape)  # the collection's noise rule
+        x_T = x_T.to(accelerator.device)
+        target = batch["trajectory"].to(torch.float32)
+        with accelerator.accumulate(model):
+            pred = model(x_T, batch.get("label"))
+            loss, terms = dsno_loss(pred, target, weights, config.loss)
+            accelerator.backward(loss)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(state.step, config.lr, config.warmup)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        state.micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        ema.update(unwrapped)
+        metrics = _metrics(accelerator, loss, terms, weights, optimizer)
+        if config.trackers and state.step % config.log_every == 0:
+            accelerator.log(metrics, step=state.step)
+        end_of_step(accelerator, out, state, config, metrics, progress)
 
     model_path = None
     accelerator.wait_for_everyone()
@@ -423,6 +404,55 @@ def _metrics(accelerator, loss: Tensor, terms: Tensor, weights: Tensor, optimize
         m[f"loss_t{i + 1}"] = term
         m[f"share_t{i + 1}"] = s
     return m
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, so that the next ``Accelerator`` in this process starts afresh
+    (one process running several trainings: the demo, benchmarks, tests)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def resume_from_checkpoint(accelerator, out: Path, resume: bool, state) -> int | None:
+    """Load the latest complete checkpoint of ``out`` (when resuming) into everything registered with
+    ``accelerator`` and cut metrics.jsonl back to it; returns the step resumed from (None: a fresh start)."""
+    resumed_from = None
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        resumed_from = state.step
+    if accelerator.is_main_process:
+        _truncate_metrics(out / METRICS_FILE, state.step)
+    return resumed_from
+
+
+def resumable_batches(accelerator, loader, state, max_steps: int):
+    """The loader's batches from micro-step ``state.micro`` on, epoch after epoch, until the caller's
+    ``state.step`` reaches ``max_steps``: with the seedable sampler, epoch e is the same permutation in every
+    run and ``skip_first_batches`` lands on the batch the interrupted run would have drawn next."""
+    per_epoch = len(loader)
+    while state.step < max_steps:
+        epoch, skip = divmod(state.micro, per_epoch)
+        loader.set_epoch(epoch)
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            yield batch
+            if state.step >= max_steps:
+                return
+
+
+def end_of_step(accelerator, out: Path, state, config, metrics: dict, progress) -> None:
+    """After an optimizer step: log every ``config.log_every`` steps (and the last), report progress (main
+    process) and checkpoint every ``config.save_every`` steps (and the last)."""
+    last = state.step == config.max_steps
+    if accelerator.is_main_process:
+        if state.step % config.log_every == 0 or last:
+            _append_metrics(out / METRICS_FILE, state.step, metrics)
+        if progress is not None:
+            progress(state.step, config.max_steps, metrics)
+    if state.step % config.save_every == 0 or last:
+        _save_checkpoint(accelerator, out, state.step, config.keep_checkpoints)
 
 
 def _append_metrics(path: Path, step: int, metrics: dict) -> None:

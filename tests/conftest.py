@@ -22,10 +22,9 @@ def _private_fid_cache(tmp_path_factory, monkeypatch):
 
 def reset_accelerate() -> None:
     """Forget Accelerate's process-wide state (each `train` call builds its own Accelerator)."""
-    from accelerate.state import AcceleratorState, PartialState
+    from operator_diffusion.training import reset_accelerate_state
 
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="session")

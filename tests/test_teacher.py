@@ -37,6 +37,7 @@ from operator_diffusion.teacher import (
     sample_times,
     train_teacher,
 )
+from operator_diffusion.training import reset_accelerate_state
 from opdiff_cli.main import app
 
 TINY = {"preset": "tiny", "in_channels": 1, "dropout": 0.0}
@@ -53,10 +54,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture(autouse=True)

@@ -31,6 +31,7 @@ from operator_diffusion.training import (
     learning_rate,
     load_run,
     per_time_losses,
+    reset_accelerate_state,
     time_weights,
     train,
 )
@@ -88,10 +89,7 @@ def metrics(out: Path) -> list[dict]:
 @pytest.fixture(autouse=True)
 def reset_accelerate():
     yield
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate_state()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,10 +180,7 @@ def test_resume_gives_the_uninterrupted_loss_sequence(dataset, tmp_path):
     part = tmp_path / "part"
     with pytest.raises(Kill):
         train(config(dataset, part, max_steps=24, save_every=8), progress=kill_at_19)
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate_state()
     assert [m["step"] for m in metrics(part)][-1] == 19  # logged past the last checkpoint (16) before dying
     result = train(config(dataset, part, max_steps=24, save_every=8))
     assert result.resumed_from == 16

@@ -43,9 +43,9 @@ def variants(lr: float, baseline_lr: float) -> list[Variant]:
 
 def run_ablations(root: Path | None = None) -> list[dict]:
     from ..bench import BenchSetup, run_bench
-    from ..demo import DEMO, DIGITS_TEACHER, _reset_accelerate, digits_teacher
+    from ..demo import DEMO, DIGITS_TEACHER, digits_teacher
     from ..sampling import TeacherSolver
-    from ..training import TrainConfig, load_run, train
+    from ..training import TrainConfig, load_run, reset_accelerate_state, train
     from ..trajectories import CollectConfig, collect
 
     c = DEMO
@@ -63,7 +63,7 @@ def run_ablations(root: Path | None = None) -> list[dict]:
             start = time.perf_counter()
             train(TrainConfig(data=str(data), out=str(root / f"run{k}"), init_from=str(DIGITS_TEACHER),
                               save_every=c.train_steps, log_every=50, **kw))
-            _reset_accelerate()
+            reset_accelerate_state()
             seconds = time.perf_counter() - start
             model, _ = load_run(root / f"run{k}")
             ref = TeacherSolver(c.solver, c.reference_steps, "quadratic", float(model.times[-1]))

@@ -17,14 +17,11 @@ import torch
 
 def _step_seconds(config, steps: int) -> float:
     """Median seconds per optimizer step of ``train`` (the first steps, with set-up, excluded)."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    from ..training import train
+    from ..training import reset_accelerate_state, train
 
     stamps: list[float] = []
     train(config, progress=lambda step, total, m: stamps.append(time.perf_counter()))
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate_state()
     gaps = sorted(b - a for a, b in zip(stamps[2:], stamps[3:]))
     return gaps[len(gaps) // 2]
 
