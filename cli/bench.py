@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from ._common import console, err_console, fail
-from .sample import resolve_seeds
+from .sample import load_run_or_fail, resolve_seeds
 
 DEFAULT_NUM = 1000
 
@@ -24,17 +24,6 @@ def _int_list(spec: str, flag: str) -> list[int]:
     if not values or min(values) < 1:
         fail(f"{flag} needs positive integers, got {spec!r}")
     return sorted(set(values))
-
-
-def _load(path: Path, dev: str, what: str):
-    from operator_diffusion.sampling import load_model
-
-    try:
-        return load_model(path, device=dev)
-    except FileNotFoundError as e:
-        fail(f"{what}: {e}")
-    except (ValueError, RuntimeError) as e:
-        fail(f"cannot load {what} {str(path)!r}: {e}")
 
 
 def bench(
@@ -90,17 +79,17 @@ def bench(
 
     if grid is not None and grid not in GRID_KINDS:
         fail(f"unknown --grid {grid!r}; valid: {', '.join(GRID_KINDS)}")
-    model, info = _load(run, dev, "the DSNO run")
+    model, info = load_run_or_fail(run, dev, "the DSNO run")
     if not info:
         fail(f"{str(run)!r} is a bare checkpoint; bench needs the run folder (it records the teacher and its data)")
     models = {"DSNO": model} if not model.baseline else {"one-step baseline": model}
     if baseline is not None:
-        base, binfo = _load(baseline, dev, "the baseline run")
+        base, binfo = load_run_or_fail(baseline, dev, "the baseline run")
         if tuple(base.backbone.image_shape) != tuple(model.backbone.image_shape):
             fail(f"the baseline makes images of shape {base.backbone.image_shape}, the DSNO run {model.backbone.image_shape}")
         if binfo.get("data_content_sha256") != info.get("data_content_sha256"):
             err_console.print("[yellow]warning:[/] the baseline was trained on other data than the DSNO run")
-        models["one-step baseline" if base.backbone is not None and base.baseline else "second model"] = base
+        models["one-step baseline" if base.baseline else "second model"] = base
     seed_list = resolve_seeds(seeds, num if num is not None or seeds is not None else DEFAULT_NUM, info)
     try:
         label_mode = sp.parse_labels(labels, model.backbone.num_classes)
@@ -119,7 +108,7 @@ def bench(
             ref_stats = F.reference_stats(ref, extractor, ref_num, cache_dir=cache_dir, device=dev)
         except (ValueError, FileNotFoundError) as e:
             fail(f"cannot set up FID: {e}")
-        warn = F.small_sample_warning(ref_stats, "the reference") if hasattr(F, "small_sample_warning") else None
+        warn = F.small_sample_warning(ref_stats, "the reference")
         if warn:
             err_console.print(f"[yellow]warning:[/] {warn}")
         fid_meta = {"reference": ref, "extractor": extractor.id, "n_reference": ref_stats.n}

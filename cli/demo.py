@@ -16,12 +16,10 @@ def demo(
     """Collect → train DSNO and the one-step baseline → sample → spectrum → bench on the 8×8 digits (≤ 10 min on CPU)."""
     if out.exists() and not out.is_dir():
         fail(f"--out {str(out)!r} is a file, not a folder")
-    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from operator_diffusion.demo import DEMO, QUICK, run_demo
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = QUICK if quick else DEMO
     with Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console) as bar:

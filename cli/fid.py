@@ -54,14 +54,11 @@ def _run_samples(spec: str, num: Optional[int], seeds: Optional[str], dev: str):
     import numpy as np
 
     from operator_diffusion.images import ImageSet, to_uint8
-    from operator_diffusion.sampling import dsno_batches, load_model, parse_labels
+    from operator_diffusion.sampling import dsno_batches, parse_labels
 
-    from .sample import resolve_seeds
+    from .sample import load_run_or_fail, resolve_seeds
 
-    try:
-        model, info = load_model(spec, dev)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        fail(f"cannot load the run {spec!r}: {e}")
+    model, info = load_run_or_fail(spec, dev)
     seed_list = resolve_seeds(seeds, num if num is not None or seeds is not None else RUN_NUM, info)
     labels = parse_labels(None, model.backbone.num_classes)
     pixels = np.concatenate([to_uint8(b.outputs[:, -1]) for b in dsno_batches(model, seed_list, labels, None, 256, dev)])

@@ -70,6 +70,18 @@ def resolve_seeds(seeds: Optional[str], num: Optional[int], info: dict) -> list[
     return list(range(start, start + (num or DEFAULT_NUM)))
 
 
+def load_run_or_fail(path, dev: str, what: str = "the run"):
+    """(DSNO, info) of a run folder or DSNO checkpoint; anything unloadable is a one-line usage error."""
+    from operator_diffusion.sampling import load_model
+
+    try:
+        return load_model(path, device=dev)
+    except FileNotFoundError as e:
+        fail(f"{what}: {e}")
+    except (ValueError, RuntimeError) as e:
+        fail(f"cannot load {what} {str(path)!r}: {e}")
+
+
 def _progress_loop(batches, total: int, label: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -116,12 +128,7 @@ def sample(
 
     from operator_diffusion import sampling as sp
 
-    try:
-        model, info = sp.load_model(run, device=dev)
-    except FileNotFoundError as e:
-        fail(str(e))
-    except (ValueError, RuntimeError) as e:
-        fail(f"cannot load {str(run)!r}: {e}")
+    model, info = load_run_or_fail(run, dev)
     bb = model.backbone
     seed_list = resolve_seeds(seeds, num, info)
     try:
@@ -142,14 +149,14 @@ def sample(
     out_times = [float(t) for t in (model.times if query is None else query)]
     keep = select_times(times, out_times)
 
-    teacher_solver = teacher_model = None
+    teacher_solver = teacher_model = teacher_nfe = None
     if teacher:
         if not info:
             fail("--teacher needs a run folder (a bare checkpoint does not record its teacher)")
         try:
             teacher_solver = sp.run_solver(info, solver, steps, grid)
             teacher_model = sp.run_teacher(info, teacher_checkpoint)
-            teacher_solver.nfe(teacher_model.schedule)  # validates solver and grid
+            teacher_nfe = teacher_solver.nfe(teacher_model.schedule)  # also validates solver and grid
         except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
             fail(f"cannot set up the teacher: {e}")
 
@@ -159,7 +166,7 @@ def sample(
     teacher_writer = None
     if teacher:
         tmeta = {"source": "teacher", "run": str(run), "seeds": meta["seeds"], "labels": label_mode,
-                 "solver": teacher_solver.describe(), "nfe": teacher_solver.nfe(teacher_model.schedule)}
+                 "solver": teacher_solver.describe(), "nfe": teacher_nfe}
         teacher_writer = sp.SampleWriter(out / "teacher", fmts, tmeta, overwrite)
     try:
         writer.check(len(keep) > 1)

@@ -111,13 +111,12 @@ def steps_for_nfe(schedule, solver: str, nfe: int, grid: str, t_end: float, targ
 def denoiser_batches(backbone, seeds: Sequence[int], labels, batch_size: int, device, guidance: float | None = None) -> Any:
     """The teacher's one-shot x̂_0(x_T, t_max) (1 NFE), as (B, 1, C, H, W) batches."""
     from .prediction import denoised_from_eps
-    from .sampling import _batches, _inputs
+    from .sampling import seed_inputs
     from .trajectories import Teacher
 
     teacher = Teacher.from_backbone(backbone, guidance, device)
     t = torch.tensor(teacher.schedule.t_max, dtype=torch.float64)
-    for chunk in _batches(seeds, batch_size):
-        x, y = _inputs(chunk, backbone.image_shape, labels, backbone.num_classes, device)
+    for chunk, x, y in seed_inputs(seeds, backbone, labels, batch_size, device):
         tt = t.to(device).expand(len(chunk))
         extra = {} if y is None else {"labels": y}
         with torch.inference_mode():

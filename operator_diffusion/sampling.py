@@ -108,18 +108,17 @@ class SampleBatch:
     times: list[float]
 
 
-def _inputs(seeds: Sequence[int], shape, labels, num_classes: int, device) -> tuple[Tensor, Tensor | None]:
+def seed_inputs(seeds: Sequence[int], backbone, labels, batch_size: int,
+                device) -> Iterator[tuple[list[int], Tensor, Tensor | None]]:
+    """(seeds, x_T, labels) per batch of at most ``batch_size`` seeds, by the collection's noise rule, on ``device``."""
     from .trajectories import example_inputs
 
-    x, y = example_inputs(seeds, shape, labels, num_classes)
-    return x.to(device), None if y is None else y.to(device)
-
-
-def _batches(seeds: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     for i in range(0, len(seeds), batch_size):
-        yield list(seeds[i:i + batch_size])
+        chunk = list(seeds[i:i + batch_size])
+        x, y = example_inputs(chunk, backbone.image_shape, labels, backbone.num_classes)
+        yield chunk, x.to(device), None if y is None else y.to(device)
 
 
 def dsno_batches(model, seeds: Sequence[int], labels=None, times: Sequence[float] | None = None,
@@ -128,8 +127,7 @@ def dsno_batches(model, seeds: Sequence[int], labels=None, times: Sequence[float
     bb = model.backbone
     model.to(device).eval()
     out_times = [float(t) for t in (model.times if times is None else times)]
-    for chunk in _batches(seeds, batch_size):
-        x, y = _inputs(chunk, bb.image_shape, labels, bb.num_classes, device)
+    for chunk, x, y in seed_inputs(seeds, bb, labels, batch_size, device):
         with torch.inference_mode():
             out = model(x, y, times=times)
         yield SampleBatch(chunk, None if y is None else y.cpu(), out.float().cpu(), out_times)
@@ -168,8 +166,7 @@ def teacher_batches(backbone, seeds: Sequence[int], solver: TeacherSolver, label
 
     teacher = Teacher.from_backbone(backbone, guidance, device)
     ts = solver.grid_times(backbone.schedule)
-    for chunk in _batches(seeds, batch_size):
-        x, y = _inputs(chunk, backbone.image_shape, labels, backbone.num_classes, device)
+    for chunk, x, y in seed_inputs(seeds, backbone, labels, batch_size, device):
         extra = None if y is None else {"labels": y}
         with torch.inference_mode():
             out = record_trajectories(teacher.eps_fn, x, teacher.schedule, ts, [solver.steps], solver.solver,
