@@ -92,6 +92,7 @@ def collect(
     batch_size: int = typer.Option(64, "--batch-size", help="Trajectories per solve (changes only float round-off; keep it to resume bit-exactly)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Examples per parquet shard."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 or float32."),
+    precision: str = typer.Option("fp32", "--precision", help="Teacher network arithmetic: fp32, or bf16 (autocast; ~2× faster on GPUs and AVX-512 BF16 CPUs)."),
     solver_option: List[str] = typer.Option([], "--solver-option", help="Solver option key=value (e.g. order=2); repeatable."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device; default cuda when available, else cpu."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the finished folder as this Hub dataset repo."),
@@ -101,7 +102,7 @@ def collect(
 
     config_kw = dict(solver=solver, steps=steps, grid=grid)
     config = tr.CollectConfig(
-        num=num, times=times, time_kind=time_kind, time_list=parse_times(time_list), target=target, dtype=dtype,
+        num=num, times=times, time_kind=time_kind, time_list=parse_times(time_list), target=target, dtype=dtype, precision=precision,
         seed=seed, shard_size=shard_size, labels=parse_labels(labels), guidance=guidance, batch_size=batch_size,
         solver_options=parse_options(solver_option, "--solver-option"),
         **{k: v for k, v in config_kw.items() if v is not None},

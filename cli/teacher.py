@@ -32,6 +32,7 @@ def train(
     grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation micro-steps."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
     warmup: int = typer.Option(200, "--warmup", help="Linear learning-rate warm-up steps."),
+    lr_decay: str = typer.Option("constant", "--lr-decay", help="Learning rate after warm-up: constant, cosine or linear (to 0 at --max-steps)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
     ema: float = typer.Option(0.999, "--ema", help="EMA decay of the exported weights."),
     max_steps: int = typer.Option(4000, "--max-steps", help="Optimizer steps."),
@@ -52,7 +53,7 @@ def train(
     config = tt.TeacherConfig(
         data=data, out=str(out), backbone=backbone, backbone_options=parse_options(backbone_option),
         prediction=prediction, num_classes=num_classes, label_dropout=label_dropout, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay, ema=ema, max_steps=max_steps,
+        grad_accum=grad_accum, lr=lr, warmup=warmup, lr_decay=lr_decay, weight_decay=weight_decay, ema=ema, max_steps=max_steps,
         grad_clip=grad_clip, mixed_precision=mixed_precision, seed=seed, save_every=save_every, log_every=log_every,
         hflip=hflip, split=split, column=column, num=num,
     )

@@ -30,6 +30,7 @@ def train(
     grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation micro-steps."),
     lr: float = typer.Option(2e-4, "--lr", help="Adam learning rate."),
     warmup: int = typer.Option(1000, "--warmup", help="Linear learning-rate warm-up steps."),
+    lr_decay: str = typer.Option("constant", "--lr-decay", help="Learning rate after warm-up: constant, cosine or linear (to 0 at --max-steps)."),
     ema: float = typer.Option(0.9999, "--ema", help="EMA decay of the exported weights."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="bf16, fp16 or no (default: bf16 on GPU, no on CPU)."),
     max_steps: int = typer.Option(10_000, "--max-steps", help="Optimizer steps."),
@@ -50,7 +51,7 @@ def train(
     config = training.TrainConfig(
         data=data, out=str(out), init_from=None if init_from is None else str(init_from), backbone=backbone,
         backbone_options=parse_options(backbone_option), modes=modes, weighting=weighting, weight_min=weight_min,
-        weight_max=weight_max, loss=loss, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, ema=ema,
+        weight_max=weight_max, loss=loss, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, lr_decay=lr_decay, ema=ema,
         mixed_precision=mixed_precision, max_steps=max_steps, baseline=baseline == "one-step", seed=seed,
         save_every=save_every, log_every=log_every, trackers=tuple(tracker),
     )

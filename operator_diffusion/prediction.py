@@ -54,6 +54,19 @@ def eps_fn_from_model(
     return eps_fn
 
 
+def autocast_eps(eps_fn: Callable[..., Tensor], device_type: str, dtype: torch.dtype = torch.bfloat16) -> Callable[..., Tensor]:
+    """Run the network under ``torch.autocast(device_type, dtype)`` and hand ε̂ back in the state's dtype,
+    so that a solver's own arithmetic stays in full precision (bf16 teachers: about 2× the throughput on
+    CPUs with AVX-512 BF16 and on GPUs, for an error well below the solver's; docs/collect.md)."""
+
+    def eps_lowp(x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            eps = eps_fn(x, t, **kwargs)
+        return eps.to(x.dtype)
+
+    return eps_lowp
+
+
 def classifier_free_guidance(
     eps_fn: Callable[..., Tensor], scale: float, null_label: int
 ) -> Callable[..., Tensor]:

@@ -53,6 +53,7 @@ from .training import (
     _Indices,
     check_run_dir,
     end_of_step,
+    check_decay,
     learning_rate,
     resumable_batches,
     resume_from_checkpoint,
@@ -104,6 +105,7 @@ class TeacherConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     warmup: int = 200                          # linear LR warm-up from lr·1e-3 (training.learning_rate)
+    lr_decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up; to 0 at max_steps
     weight_decay: float = 0.0                  # AdamW's decoupled weight decay
     ema: float = 0.999                         # EMA decay of the exported weights (warm-up rule of training.EMA)
     max_steps: int = 4000                      # optimizer steps
@@ -271,6 +273,7 @@ def _check_numbers(config: TeacherConfig) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not isinstance(config.warmup, int) or config.warmup < 0:
         raise ValueError(f"warmup must be an integer >= 0, got {config.warmup!r}")
+    check_decay(config.lr_decay, config.warmup, config.max_steps)
     if not isinstance(config.num_classes, int) or config.num_classes < 0:
         raise ValueError(f"num_classes must be an integer >= 0, got {config.num_classes!r}")
     if config.num is not None and (not isinstance(config.num, int) or config.num < 1):
@@ -479,7 +482,7 @@ def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, 
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, max_norm) if accelerator.sync_gradients else None
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(state.step, config.lr, config.warmup)
+                group["lr"] = learning_rate(state.step, config.lr, config.warmup, config.lr_decay, config.max_steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         state.micro += 1

@@ -44,6 +44,7 @@ WEIGHTINGS = ("sqrt-snr", "snr", "uniform")
 LOSSES = ("l1", "l2")
 PRECISIONS = ("bf16", "fp16", "no")
 # Fields that may change between a run and its resumption (they do not change what is trained).
+LR_DECAYS = ("constant", "cosine", "linear")
 RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints", "trackers")
 
 
@@ -65,6 +66,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-4
     warmup: int = 1000                         # linear LR warm-up from lr·1e-3 (reference: 10k)
+    lr_decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up (reference: constant); to 0 at max_steps
     ema: float = 0.9999
     mixed_precision: Literal["bf16", "fp16", "no"] | None = None  # None: bf16 on GPU, no on CPU
     max_steps: int = 10_000                    # optimizer steps
@@ -113,11 +115,26 @@ def dsno_loss(pred: Tensor, target: Tensor, weights: Tensor, loss: str = "l1") -
     return (weights.to(terms) * terms).mean(), terms
 
 
-def learning_rate(step: int, lr: float, warmup: int) -> float:
-    """Linear warm-up from lr·1e-3 to lr over ``warmup`` optimizer steps (reference: LinearLR(0.001 → 1)), then lr."""
-    if warmup <= 0:
+def check_decay(decay: str, warmup: int, max_steps: int | None) -> None:
+    """Refuse an unknown decay, or a decaying one without decay steps (max_steps must exceed warmup)."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"unknown learning-rate decay {decay!r}; valid: {', '.join(LR_DECAYS)}")
+    if decay != "constant" and (max_steps is None or max_steps <= warmup):
+        raise ValueError(f"a {decay} learning-rate decay needs max_steps > warmup ({warmup}), got {max_steps}; "
+                         "raise --max-steps or lower --warmup")
+
+
+def learning_rate(step: int, lr: float, warmup: int, decay: str = "constant", max_steps: int | None = None) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): a linear warm-up from lr·1e-3 to lr over
+    ``warmup`` steps (the reference's LinearLR(0.001 → 1)), then ``constant`` (the reference), or a
+    ``cosine`` / ``linear`` decay that would reach 0 at step ``max_steps`` (diffusers' get_scheduler shapes)."""
+    check_decay(decay, warmup, max_steps)
+    if step < warmup:
+        return lr * (1e-3 + (1 - 1e-3) * step / warmup)
+    if decay == "constant":
         return lr
-    return lr * min(1.0, 1e-3 + (1 - 1e-3) * step / warmup)
+    p = min(1.0, (step - warmup) / (max_steps - warmup))
+    return lr * (0.5 * (1 + math.cos(math.pi * p)) if decay == "cosine" else 1 - p)
 
 
 class EMA:
@@ -214,6 +231,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         raise ValueError(f"ema must lie in [0, 1), got {config.ema}")
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; valid: {', '.join(LOSSES)}")
+    check_decay(config.lr_decay, config.warmup, config.max_steps)
     if config.mixed_precision not in (*PRECISIONS, None):
         raise ValueError(f"unknown mixed precision {config.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
     if config.init_from is not None and not Path(config.init_from).is_file():
@@ -369,7 +387,7 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
             loss, terms = dsno_loss(pred, target, weights, config.loss)
             accelerator.backward(loss)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(state.step, config.lr, config.warmup)
+                group["lr"] = learning_rate(state.step, config.lr, config.warmup, config.lr_decay, config.max_steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         state.micro += 1

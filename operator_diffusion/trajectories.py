@@ -71,6 +71,7 @@ NOISE_RULE = "x_T = torch.randn(C, H, W, generator=torch.Generator().manual_seed
 TIME_KINDS = ("uniform", "quadratic")
 TARGETS = ("denoised", "state")
 DTYPES = ("float16", "float32")
+PRECISIONS = ("fp32", "bf16")  # the teacher network's arithmetic during collection
 REFERENCE_STEPS_STORED = 17  # the reference DSNO code stored 16 x̂_0 and x_T per CIFAR trajectory, in float32
 
 # CLI and library defaults: the cheapest teacher setting with RMSE < 1e-3 at the recorded outputs on both
@@ -117,6 +118,7 @@ class CollectConfig:
     time_list: tuple[float, ...] | None = None  # explicit output times (grid points); overrides times/time_kind
     target: Target = "denoised"                # DSNO trains on the teacher's x̂_0 predictions
     dtype: Literal["float16", "float32"] = "float16"  # fp16 halves the reference's fp32 storage
+    precision: Literal["fp32", "bf16"] = "fp32"  # the teacher network's arithmetic (bf16: autocast; solver stays fp32)
     seed: int = 0                              # example k uses seed + k
     shard_size: int = 1000                     # examples per parquet shard (~25 MB at 4×3×32×32 fp16)
     labels: str | int | tuple[int, ...] | None = None  # "random", one class, or a list: seed s gets list[s % len]
@@ -239,7 +241,8 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
     for name, v, lo in (("num", c.num, 1), ("shard_size", c.shard_size, 1), ("batch_size", c.batch_size, 1), ("steps", c.steps, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    for name, v, valid in (("target", c.target, TARGETS), ("dtype", c.dtype, DTYPES), ("grid", c.grid, GRID_KINDS)):
+    for name, v, valid in (("target", c.target, TARGETS), ("dtype", c.dtype, DTYPES), ("grid", c.grid, GRID_KINDS),
+                           ("precision", c.precision, PRECISIONS)):
         if v not in valid:
             raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
     spec = solver_info(c.solver)
@@ -268,6 +271,7 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
         "output_times": [float(ts[i]) for i in indices],
         "target": c.target,
         "dtype": c.dtype,
+        "precision": c.precision,
         "seed": c.seed,
         "noise": NOISE_RULE,
         "num": c.num,
@@ -320,14 +324,17 @@ class Teacher:
     device: torch.device
 
     @classmethod
-    def from_backbone(cls, backbone: "Backbone", guidance: float | None, device) -> "Teacher":
-        from .prediction import classifier_free_guidance
+    def from_backbone(cls, backbone: "Backbone", guidance: float | None, device, precision: str = "fp32") -> "Teacher":
+        from .prediction import autocast_eps, classifier_free_guidance
 
         backbone.to(device).eval()
+        device = torch.device(device)
         eps_fn = backbone.eps_fn
+        if precision == "bf16":
+            eps_fn = autocast_eps(eps_fn, device.type, torch.bfloat16)
         if guidance is not None:
             eps_fn = classifier_free_guidance(eps_fn, float(guidance), backbone.null_label)
-        return cls(eps_fn, backbone.schedule, torch.device(device))
+        return cls(eps_fn, backbone.schedule, device)
 
 
 def solve_examples(teacher: Teacher, plan: CollectionPlan, examples: range) -> tuple[np.ndarray, np.ndarray | None]:
@@ -607,7 +614,7 @@ def collect(
         check_output_dir(out, plan)
     if device is None:
         device = state.device if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = Teacher.from_backbone(backbone, config.guidance, device)
+    teacher = Teacher.from_backbone(backbone, config.guidance, device, plan.identity["precision"])
     feats = features(plan.identity)
     written, skipped = [], []
     for k in range(p, plan.num_shards, n):

@@ -8,6 +8,7 @@ learnable, unlike a random network's); the student is the tiny ``opdiff-unet``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -123,6 +124,26 @@ def test_learning_rate_warmup():
     assert learning_rate(500, 2e-4, 1000) == pytest.approx(2e-4 * (1e-3 + 0.999 * 0.5))
     assert learning_rate(1000, 2e-4, 1000) == learning_rate(10**6, 2e-4, 1000) == 2e-4
     assert learning_rate(0, 1e-3, 0) == 1e-3
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_learning_rate_decay_after_warmup(decay):
+    lr, warmup, total = 1e-3, 100, 1100
+    assert learning_rate(50, lr, warmup, decay, total) == learning_rate(50, lr, warmup)  # warm-up unchanged
+    assert learning_rate(warmup, lr, warmup, decay, total) == pytest.approx(lr)
+    assert learning_rate(600, lr, warmup, decay, total) == pytest.approx(lr / 2)  # half-way: cos(π/2) = 0, 1 − ½
+    quarter = learning_rate(350, lr, warmup, decay, total) / lr
+    assert quarter == pytest.approx((1 + math.cos(math.pi / 4)) / 2 if decay == "cosine" else 0.75)
+    assert learning_rate(total, lr, warmup, decay, total) == pytest.approx(0, abs=1e-18)
+    rates = [learning_rate(k, lr, warmup, decay, total) for k in range(warmup, total)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_learning_rate_decay_refuses_bad_settings():
+    with pytest.raises(ValueError, match="unknown learning-rate decay 'step'; valid: constant, cosine, linear"):
+        learning_rate(0, 1e-3, 10, "step", 100)
+    with pytest.raises(ValueError, match="needs max_steps > warmup"):
+        learning_rate(0, 1e-3, 100, "cosine", 100)
 
 
 def test_ema_follows_its_recursion():

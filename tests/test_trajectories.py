@@ -313,6 +313,29 @@ def test_content_hash_refuses_an_incomplete_collection(bb, tmp_path):
         content_hash(tmp_path / "i")
 
 
+def test_bf16_precision_runs_the_network_under_autocast_and_the_solver_in_float32(bb, tmp_path):
+    """The stored bf16 trajectories equal a direct solve whose ε̂ comes from the network under CPU bf16
+    autocast (cast back to float32 before the solver uses it), and differ from the fp32 ones by bf16
+    rounding only; the precision is part of the identity, so a fp32 folder is not resumed in bf16."""
+    cfg = replace(CONFIG, num=4, shard_size=4, batch_size=4, dtype="float32", precision="bf16")
+    info = collect(bb, tmp_path / "b", cfg).info["collection"]
+    assert info["precision"] == "bf16"
+
+    def eps_bf16(x, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return bb.eps_fn(x, t).float()
+
+    idx = output_indices(cfg.steps, cfg.times, cfg.time_kind)
+    ref_bf16 = reference(eps_bf16, bb.schedule, cfg, record=idx)[0].denoised
+    ref_fp32 = reference(bb.eps_fn, bb.schedule, cfg, record=idx)[0].denoised
+    got = torch.from_numpy(stored(tmp_path / "b")["trajectory"])
+    torch.testing.assert_close(got, ref_bf16, rtol=0, atol=0)
+    gap = (got - ref_fp32).abs().max() / ref_fp32.abs().max()
+    assert 0 < gap < 2**-5  # bf16 keeps 8 significant bits; the ODE may amplify them a few times, not more
+    with pytest.raises(ValueError, match="precision: \"bf16\" → \"fp32\""):
+        collect(bb, tmp_path / "b", replace(cfg, precision="fp32"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Refusals leave the folder untouched
 # --------------------------------------------------------------------------------------------------
@@ -326,6 +349,7 @@ def test_content_hash_refuses_an_incomplete_collection(bb, tmp_path):
         (dict(solver_options={"orderr": 2}), "no option orderr"),
         (dict(target="noise"), "unknown target"),
         (dict(dtype="bfloat16"), "unknown dtype"),
+        (dict(precision="fp16"), "unknown precision 'fp16'; valid: fp32, bf16"),
         (dict(labels="random"), "unconditional"),
         (dict(guidance=2.0), "unconditional"),
         (dict(shard_size=0), "shard_size"),
