@@ -3,6 +3,10 @@
 Every schedule is a frozen dataclass exposing ``alpha``, ``sigma``, ``log_snr`` (λ_t = log α_t/σ_t),
 its inverse ``t_from_log_snr`` and ``rho`` (ρ_t = σ_t/α_t = e^{-λ_t}, EDM's σ and DEIS's ρ) on tensors.
 Solvers only ever see these functions, so any schedule with α, σ > 0 works with every solver.
+
+``PSLD`` (Phase Space Langevin Diffusion) is the one process here that is not an α/σ schedule: a
+linear SDE on (data, momentum) with 2×2 closed forms for its mean map and covariance. It shares the
+time range, ``config()`` and ``check_times`` (``DiffusionProcess``) and has its own solvers.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DiffusionProcess",
     "Schedule",
     "VPLinear",
     "VPCosine",
     "DiscreteVP",
     "EDM",
     "VE",
+    "PSLD",
+    "split",
+    "join",
+    "apply2",
     "GRID_KINDS",
     "time_grid",
     "schedule_from_config",
@@ -35,13 +44,38 @@ def _as_tensor(t) -> Tensor:
     return torch.as_tensor(t, dtype=torch.float64)
 
 
-class Schedule:
-    """Base class. Subclasses define ``log_alpha`` and ``log_sigma`` (or override the public functions)
-    and the valid time range ``[t_min, t_max]`` (``t_max`` is where sampling starts)."""
+class DiffusionProcess:
+    """What every forward process shares: a registered ``name``, the sampling time range
+    ``[t_min, t_max]`` (``t_max`` is where sampling starts), ``config()`` and ``check_times``.
+    ``Schedule`` (x_t = α_t x_0 + σ_t ε) and ``PSLD`` (phase space, not an α/σ process) derive from it."""
 
-    name: ClassVar[str] = "schedule"
+    name: ClassVar[str] = "process"
     t_min: float
     t_max: float
+
+    def config(self) -> dict:
+        """A JSON-serialisable description; ``schedule_from_config`` rebuilds the schedule from it."""
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}  # type: ignore[arg-type]
+
+    def check_times(self, ts: Tensor, what: str = "time") -> None:
+        """Raise ValueError if a time lies outside ``[t_min, t_max]`` (relative slack 1e-9)."""
+        lo, hi = self.t_min * (1 - 1e-9), self.t_max * (1 + 1e-9)
+        flat = ts.flatten()
+        bad = ((flat < lo) | (flat > hi) | ~torch.isfinite(flat)).nonzero()
+        if len(bad):
+            i = int(bad[0, 0])
+            raise ValueError(
+                f"{what} {float(flat[i]):.6g} at index {i} is outside the range of the "
+                f"{self.name} schedule [{self.t_min:.6g}, {self.t_max:.6g}]; choose times inside it "
+                f"(or build the schedule with a wider t_min/t_max)"
+            )
+
+
+class Schedule(DiffusionProcess):
+    """Base class of the α/σ schedules. Subclasses define ``log_alpha`` and ``log_sigma`` (or override the
+    public functions) and the valid time range ``[t_min, t_max]`` (``t_max`` is where sampling starts)."""
+
+    name: ClassVar[str] = "schedule"
 
     def log_alpha(self, t) -> Tensor:
         raise NotImplementedError
@@ -65,23 +99,6 @@ class Schedule:
 
     def t_from_log_snr(self, log_snr) -> Tensor:
         raise NotImplementedError
-
-    def config(self) -> dict:
-        """A JSON-serialisable description; ``schedule_from_config`` rebuilds the schedule from it."""
-        return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}  # type: ignore[arg-type]
-
-    def check_times(self, ts: Tensor, what: str = "time") -> None:
-        """Raise ValueError if a time lies outside ``[t_min, t_max]`` (relative slack 1e-9)."""
-        lo, hi = self.t_min * (1 - 1e-9), self.t_max * (1 + 1e-9)
-        flat = ts.flatten()
-        bad = ((flat < lo) | (flat > hi) | ~torch.isfinite(flat)).nonzero()
-        if len(bad):
-            i = int(bad[0, 0])
-            raise ValueError(
-                f"{what} {float(flat[i]):.6g} at index {i} is outside the range of the "
-                f"{self.name} schedule [{self.t_min:.6g}, {self.t_max:.6g}]; choose times inside it "
-                f"(or build the schedule with a wider t_min/t_max)"
-            )
 
 
 def _vp_log_sigma(log_alpha: Tensor) -> Tensor:
@@ -251,14 +268,212 @@ class VE(EDM):
     sigma_max: float = 50.0
 
 
-_SCHEDULES: dict[str, type[Schedule]] = {c.name: c for c in (VPLinear, VPCosine, DiscreteVP, EDM, VE)}
+# ----------------------------------------------------------------------------------------------------
+# Phase Space Langevin Diffusion
+# ----------------------------------------------------------------------------------------------------
+def split(z: Tensor) -> tuple[Tensor, Tensor]:
+    """A phase-space state (B, 2C, ...) → (x, m), each (B, C, ...): the first C channels are x."""
+    if z.dim() < 2 or z.shape[1] % 2:
+        raise ValueError(
+            f"a PSLD state has an even number of channels along dim 1 (C of x, then C of m), got shape {tuple(z.shape)}"
+        )
+    x, m = z.chunk(2, dim=1)
+    return x, m
+
+
+def join(x: Tensor, m: Tensor) -> Tensor:
+    """(x, m), each (B, C, ...) → the phase-space state (B, 2C, ...)."""
+    return torch.cat([x, m], dim=1)
+
+
+def mat2(a, b, c, d) -> Tensor:
+    """The 2×2 matrices [[a, b], [c, d]] from broadcastable entries: shape (..., 2, 2)."""
+    a, b, c, d = torch.broadcast_tensors(*(_as_tensor(v) for v in (a, b, c, d)))
+    return torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], -2)
+
+
+def _entry(A: Tensor, i: int, j: int, z: Tensor) -> Tensor:
+    """Entry (i, j) of A (shape (2, 2), (B, 2, 2) or (*x.shape, 2, 2)) as a factor broadcasting against z's halves."""
+    e = A[..., i, j].to(dtype=z.dtype, device=z.device)
+    return e.reshape(e.shape + (1,) * (z.dim() - 1)) if e.dim() == 1 else e
+
+
+def apply2(A: Tensor, z: Tensor) -> Tensor:
+    """A 2×2 matrix acting per coordinate on a phase-space state: (x, m) ↦ (A₀₀x + A₀₁m, A₁₀x + A₁₁m).
+
+    ``A`` is (2, 2) (one matrix for the batch), (B, 2, 2) (one per item) or (B, C, ..., 2, 2) (one per coordinate).
+    """
+    x, m = split(z)
+    a, b, c, d = (_entry(A, i, j, x) for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)))
+    return join(a * x + b * m, c * x + d * m)
+
+
+def cholesky2(S: Tensor) -> Tensor:
+    """Lower Cholesky factor of 2×2 covariances (..., 2, 2), in closed form."""
+    l00 = torch.sqrt(S[..., 0, 0])
+    l10 = S[..., 1, 0] / l00
+    l11 = torch.sqrt(S[..., 1, 1] - l10**2)
+    return mat2(l00, torch.zeros_like(l00), l10, l11)
+
+
+def inv_transpose2(L: Tensor) -> Tensor:
+    """L⁻ᵀ of lower-triangular 2×2 matrices: [[1/l₀₀, −l₁₀/(l₀₀l₁₁)], [0, 1/l₁₁]] (PSLD code ``get_inv_coeff``)."""
+    l00, l10, l11 = L[..., 0, 0], L[..., 1, 0], L[..., 1, 1]
+    return mat2(1 / l00, -l10 / (l00 * l11), torch.zeros_like(l00), 1 / l11)
+
+
+@dataclass(frozen=True)
+class PSLD(DiffusionProcess):
+    """Phase Space Langevin Diffusion (Pandey & Mandt, ICCV 2023, Eq. 6–7), the forward SDE
+    dz = F_t z dt + G_t dw on z = (x, m) with, per coordinate,
+
+        F_t = (β(t)/2) [[−Γ, M⁻¹], [−1, −ν]],    G_t G_tᵀ = β(t) diag(Γ, Mν),    M⁻¹ = (Γ − ν)²/4,
+
+    (critical damping), stationary law N(0, diag(1, M)), β(t) = β_min + t(β_max − β_min). Not an α/σ
+    schedule: use it with the PSLD solvers of ``solve`` (``available_solvers(PSLD())``), not the VP ones.
+
+    **State layout.** A state z is a tensor (B, 2C, ...): the first C channels are the data x, the last C
+    the momentum m (``split``/``join``). Every matrix here is 2×2 and acts on each coordinate's pair
+    (x_i, m_i) (``apply2``); functions of times map t of shape (...) to matrices of shape (..., 2, 2).
+
+    **Noise model (HSM, the paper's training mode).** m₀ ~ N(0, κM), so p(z_t | x₀) = N(Φ_t (x₀, 0), Σ_t)
+    with Σ_t = ``covariance(t)`` (xx₀ = 0, mm₀ = κM); z_t = μ_t + L_t ε with L_t the lower Cholesky factor
+    of Σ_t + numerical_eps·I, and a network predicts ε (2C channels). Defaults: the CIFAR-10 config.
+    """
+
+    name: ClassVar[str] = "psld"
+    beta_min: float = 8.0  # β(0); the CIFAR-10 config uses a constant β = 8
+    beta_max: float = 8.0  # β(1)
+    gamma: float = 0.01  # Γ: position-space friction/noise (Γ = 0 is CLD)
+    nu: float = 4.01  # ν: momentum-space friction/noise
+    kappa: float = 0.04  # HSM initial momentum variance κM
+    t_min: float = 1e-3  # sampling ends here (the code's eval eps)
+    t_max: float = 1.0  # sampling starts here (T)
+    numerical_eps: float = 1e-9  # jitter added to the covariance diagonal before the Cholesky (as the code)
+
+    def __post_init__(self):
+        if not (self.beta_min > 0 and self.beta_max > 0):
+            raise ValueError(f"PSLD needs beta_min, beta_max > 0, got {self.beta_min}, {self.beta_max}")
+        if self.gamma < 0 or self.nu < 0 or self.gamma == self.nu:
+            raise ValueError(f"PSLD needs gamma, nu >= 0 and gamma != nu (M⁻¹ = (Γ−ν)²/4 > 0), got {self.gamma}, {self.nu}")
+        if not self.kappa > 0:
+            raise ValueError(f"PSLD needs kappa > 0 (HSM momentum variance κM), got {self.kappa}")
+        if not 0 < self.t_min < self.t_max:
+            raise ValueError(f"PSLD needs 0 < t_min < t_max, got {self.t_min}, {self.t_max}")
+        if self.numerical_eps < 0:
+            raise ValueError(f"PSLD numerical_eps must be >= 0, got {self.numerical_eps}")
+
+    @property
+    def mass_inv(self) -> float:
+        """M⁻¹ = (Γ − ν)²/4: critical damping."""
+        return (self.gamma - self.nu) ** 2 / 4
+
+    @property
+    def mass(self) -> float:
+        return 1.0 / self.mass_inv
+
+    @property
+    def constant_beta(self) -> bool:
+        return self.beta_min == self.beta_max
+
+    def beta(self, t) -> Tensor:
+        return self.beta_min + _as_tensor(t) * (self.beta_max - self.beta_min)
+
+    def beta_integral(self, t) -> Tensor:
+        """B(t) = ∫₀ᵗ β = β_min t + ½t²(β_max − β_min)."""
+        t = _as_tensor(t)
+        return self.beta_min * t + 0.5 * t**2 * (self.beta_max - self.beta_min)
+
+    def drift(self, t) -> Tensor:
+        """F_t = (β/2) [[−Γ, M⁻¹], [−1, −ν]] (paper Eq. 6)."""
+        h = 0.5 * self.beta(t)
+        return mat2(-self.gamma * h, self.mass_inv * h, -h, -self.nu * h)
+
+    def diffusion(self, t) -> Tensor:
+        """G_t G_tᵀ = β diag(Γ, Mν)."""
+        b = self.beta(t)
+        return mat2(self.gamma * b, torch.zeros_like(b), torch.zeros_like(b), self.mass * self.nu * b)
+
+    def transition_from_integral(self, b) -> Tensor:
+        """exp((b/2) F̄) for F̄ = F/(β/2), b = ∫β over the interval (any sign): with critical damping F̄ has the
+        double eigenvalue −(Γ+ν)/2, so exp = e^{−(Γ+ν)b/4}·[[1 + (ν−Γ)b/4, M⁻¹b/2], [−b/2, 1 + (Γ−ν)b/4]]."""
+        b = _as_tensor(b)
+        c = torch.exp(-(self.gamma + self.nu) * b / 4)
+        d = (self.nu - self.gamma) * b / 4
+        return mat2(c * (1 + d), c * self.mass_inv * b / 2, -c * b / 2, c * (1 - d))
+
+    def transition(self, t, s=0.0) -> Tensor:
+        """Φ(t, s) = exp(∫_s^t F): the mean map z_s ↦ E[z_t | z_s] (psld.md §2). F_t = β(t)·const commutes
+        with itself, so Φ(t, s) = Φ(t, 0)Φ(s, 0)⁻¹ = the closed form at b = B(t) − B(s)."""
+        return self.transition_from_integral(self.beta_integral(t) - self.beta_integral(s))
+
+    def covariance_from_integral(self, b, xx0=0.0, mm0=0.0) -> Tensor:
+        """Cov[z_t] after ∫β = b ≥ 0 from Σ₀ = diag(xx₀, mm₀) (the PSLD code's ``_cov``, psld.md §2, without jitter)."""
+        b, xx0, mm0 = _as_tensor(b), _as_tensor(xx0), _as_tensor(mm0)
+        g, nu, mi, m = self.gamma, self.nu, self.mass_inv, self.mass
+        c2 = torch.exp(-(g + nu) * b / 2)
+        em1 = torch.expm1((g + nu) * b / 2)  # E − 1 without cancellation
+        b2 = b**2
+        xx = xx0 * (1 + (nu - g) * b / 2 + mi * b2 / 4) + mm0 * mi**2 * b2 / 4 - mi * b2 / 2 + (g - nu) * b / 2 + em1
+        xm = xx0 * ((g - nu) * b2 / 8 - b / 2) + mm0 * mi * ((g - nu) * b2 / 8 + b / 2) + (nu - g) * b2 / 4
+        mm = xx0 * b2 / 4 + mm0 * (1 + (g - nu) * b / 2 + mi * b2 / 4) - b2 / 2 + m * (nu - g) * b / 2 + m * em1
+        return mat2(c2 * xx, c2 * xm, c2 * xm, c2 * mm)
+
+    def covariance(self, t, xx0=0.0, mm0=None) -> Tensor:
+        """Σ_t of p(z_t | z₀) for Σ₀ = diag(xx₀, mm₀) (closed form, psld.md §2); mm₀ defaults to κM (HSM)."""
+        return self.covariance_from_integral(self.beta_integral(t), xx0, self.kappa * self.mass if mm0 is None else mm0)
+
+    def cholesky(self, t) -> Tensor:
+        """L_t: lower Cholesky factor of the HSM covariance Σ_t + numerical_eps·I (paper Eq. 9)."""
+        S = self.covariance(t)
+        return cholesky2(S + self.numerical_eps * torch.eye(2, dtype=S.dtype))
+
+    def eps_to_score(self, eps: Tensor, t) -> Tensor:
+        """s = −L_t⁻ᵀ ε (the PSLD code's ``get_score``)."""
+        return apply2(-inv_transpose2(self.cholesky(t)), eps)
+
+    def score_to_eps(self, score: Tensor, t) -> Tensor:
+        """ε = −L_tᵀ s."""
+        return apply2(-self.cholesky(t).transpose(-1, -2), score)
+
+    def perturb(self, x0: Tensor, t, eps: Tensor) -> Tensor:
+        """z_t = Φ_t (x₀, 0) + L_t ε (HSM: m₀ ~ N(0, κM) is part of the noise); ``eps`` has 2C channels."""
+        if eps.shape[1] != 2 * x0.shape[1] or eps.shape[2:] != x0.shape[2:]:
+            raise ValueError(f"eps must have twice the channels of x0 (x then m): got {tuple(eps.shape)} for x0 {tuple(x0.shape)}")
+        return apply2(self.transition(t), join(x0, torch.zeros_like(x0))) + apply2(self.cholesky(t), eps)
+
+    def prior(self, shape, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> Tensor:
+        """z_T ~ N(0, diag(1, M)) for data of ``shape`` (B, C, ...): returns (B, 2C, ...) (the code's ``prior_sampling``)."""
+        x = torch.randn(*shape, generator=generator, dtype=dtype, device=device)
+        m = torch.randn(*shape, generator=generator, dtype=dtype, device=device) * math.sqrt(self.mass)
+        return join(x, m)
+
+    def denoise(self, z: Tensor, eps: Tensor, t) -> Tensor:
+        """x̂₀ = E[x₀ | z_t] = (x_t − L₀₀ ε̂_x)/Φ₀₀: the x row of z_t = Φ_t (x₀, 0) + L_t ε, L_t lower triangular.
+        Returns C channels (the data)."""
+        x, _ = split(z)
+        eps_x, _ = split(eps)
+        L, phi = self.cholesky(t), self.transition(t)
+        l00, p00 = (_entry(A, 0, 0, x) for A in (L, phi))
+        return (x - l00 * eps_x) / p00
+
+    def pf_ode(self, z: Tensor, eps: Tensor, t) -> Tensor:
+        """dz/dt = F_t z − ½G_tG_tᵀ s = F_t z + ½G_tG_tᵀ L_t⁻ᵀ ε (the probability-flow ODE in forward time)."""
+        return apply2(self.drift(t), z) + apply2(self.eps_coefficient(t), eps)
+
+    def eps_coefficient(self, t) -> Tensor:
+        """P_t = ½G_tG_tᵀ L_t⁻ᵀ: the PF-ODE is dz/dt = F_t z + P_t ε."""
+        return 0.5 * self.diffusion(t) @ inv_transpose2(self.cholesky(t))
+
+
+_SCHEDULES: dict[str, type[DiffusionProcess]] = {c.name: c for c in (VPLinear, VPCosine, DiscreteVP, EDM, VE, PSLD)}
 
 
 def available_schedules() -> list[str]:
     return sorted(_SCHEDULES)
 
 
-def schedule_from_config(config: dict) -> Schedule:
+def schedule_from_config(config: dict) -> DiffusionProcess:
     """Inverse of ``Schedule.config()``."""
     config = dict(config)
     name = config.pop("name", None)
@@ -279,7 +494,7 @@ GRID_KINDS: tuple[str, ...] = ("uniform", "quadratic", "logsnr", "edm")
 
 
 def time_grid(
-    schedule: Schedule,
+    schedule: DiffusionProcess,
     n: int,
     kind: GridKind = "logsnr",
     t_start: float | None = None,
@@ -291,9 +506,12 @@ def time_grid(
 
     kinds: ``uniform`` in t; ``quadratic`` (uniform in √t, DEIS/DPM ``time_quadratic``); ``logsnr``
     (uniform in λ); ``edm`` (Karras et al. eq. 5: uniform in ρ^{1/rho}, ρ = σ/α, rho = 7).
+    ``logsnr`` and ``edm`` need an α/σ schedule; PSLD has no log-SNR, so it takes ``uniform`` or ``quadratic``.
     """
     if kind not in GRID_KINDS:
         raise ValueError(f"unknown grid kind {kind!r}; valid: {', '.join(GRID_KINDS)}")
+    if kind in ("logsnr", "edm") and not isinstance(schedule, Schedule):
+        raise ValueError(f"grid kind {kind!r} needs an α/σ schedule (a log-SNR); for the {schedule.name} schedule use: uniform, quadratic")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"number of steps must be a positive integer, got {n!r}")
     t0 = float(schedule.t_max if t_start is None else t_start)

@@ -276,7 +276,7 @@ def test_config_round_trip(sched):
 
 
 def test_available_schedules():
-    assert available_schedules() == sorted(["vp-linear", "vp-cosine", "discrete", "edm", "ve"])
+    assert available_schedules() == sorted(["vp-linear", "vp-cosine", "discrete", "edm", "ve", "psld"])
 
 
 @pytest.mark.parametrize("cfg", [{"name": "nope"}, {}, {"name": None}])

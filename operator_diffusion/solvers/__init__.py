@@ -9,6 +9,10 @@
 ``eps_fn(x, t, **extra_args)`` gets a batch of times of shape (B,) and returns ε̂ of x's shape.
 Class labels (and anything else the model needs) go in ``extra_args``; classifier-free guidance is
 ``operator_diffusion.prediction.classifier_free_guidance(eps_fn, scale, null_label)``.
+
+With a ``PSLD`` schedule the state is the phase-space z = (x, m) of shape (B, 2C, ...), ``eps_fn`` returns
+the 2C-channel HSM ε̂, and ``method`` names one of the PSLD solvers (``available_solvers(PSLD())``:
+deterministic and stochastic integrators of docs/psld.md); the α/σ solvers above do not apply to it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..schedules import Schedule
+from ..schedules import PSLD, DiffusionProcess, split
+from . import psld as _psld
+from . import psld_sde as _psld_sde
 from .base import EpsFn, Evaluator, Grid, NonFiniteError, SolverStep
 from .conjugate import lambda_ddim
 from .ddim import ddim
@@ -41,6 +47,7 @@ class SolverSpec:
     summary: str
     order: str
     nfe_per_step: int = 1
+    stochastic: bool = False  # takes generator / noise_sampler and samples the reverse SDE
 
     @property
     def options(self) -> dict[str, Any]:
@@ -64,14 +71,47 @@ _SOLVERS: dict[str, SolverSpec] = {
 }
 
 
-def available_solvers() -> list[str]:
-    return list(_SOLVERS)
+# PSLD (phase-space) solvers: a separate registry, chosen when the schedule is a PSLD. Orders are the
+# measured global orders on the exact Gaussian oracle (tests/test_psld.py; weak orders for the SDEs).
+_PSLD_SOLVERS: dict[str, SolverSpec] = {
+    s.name: s
+    for s in (
+        SolverSpec("euler", _psld.euler, "PF-ODE Euler", "1"),
+        SolverSpec("lambda-ddim", _psld.lambda_ddim, "λ-DDIM conjugate integrator, B = λI; λ=0: exponential Euler", "1"),
+        SolverSpec("lambda-ddim-block", _psld.lambda_ddim_block, "λ-DDIM-II conjugate integrator, B = λ·(2×2 ones)", "1"),
+        SolverSpec("nse", _psld.nse, "naive symplectic Euler (m then x, fresh ε̂ each)", "1", nfe_per_step=2),
+        SolverSpec("rse", _psld.rse, "reduced symplectic Euler (one ε̂ per step)", "1"),
+        SolverSpec("nvv", _psld.nvv, "naive velocity Verlet (explicit sub-steps)", "1", nfe_per_step=3),
+        SolverSpec("rvv", _psld.rvv, "reduced velocity Verlet (ε̂ reused, N+1 NFE)", "1"),
+        SolverSpec("csps-d", _psld.csps_d, "conjugate splitting: conjugate symplectic Euler ('se') / velocity Verlet ('vv')", "1"),
+        SolverSpec("em", _psld_sde.em, "Euler–Maruyama on the reverse SDE", "1 (weak)", stochastic=True),
+        SolverSpec("sscs", _psld_sde.sscs, "symmetric splitting CLD sampler (exact OU half-steps)", "1 (weak)", stochastic=True),
+        SolverSpec("noba", _psld_sde.noba, "naive OBA splitting (O exact, B, A; fresh score each)", "1 (weak)", nfe_per_step=2, stochastic=True),
+        SolverSpec("roba", _psld_sde.roba, "reduced OBA splitting (one score per step)", "1 (weak)", stochastic=True),
+        SolverSpec("csps-s", _psld_sde.csps_s, "conjugate splitting sampler, stochastic (O half-steps, conjugate B/A)", "1 (weak)", stochastic=True),
+    )
+}
 
 
-def solver_info(method: str) -> SolverSpec:
-    if method not in _SOLVERS:
-        raise ValueError(f"unknown solver {method!r}; valid: {', '.join(_SOLVERS)}")
-    return _SOLVERS[method]
+def _registry(schedule: DiffusionProcess | None) -> dict[str, SolverSpec]:
+    return _PSLD_SOLVERS if isinstance(schedule, PSLD) else _SOLVERS
+
+
+def available_solvers(schedule: DiffusionProcess | None = None) -> list[str]:
+    """The solvers for ``schedule``: the α/σ solvers (also when None), or the PSLD ones for a ``PSLD``."""
+    return list(_registry(schedule))
+
+
+def solver_info(method: str, schedule: DiffusionProcess | None = None) -> SolverSpec:
+    """The registered solver ``method`` for ``schedule`` (None: the α/σ solvers)."""
+    registry = _registry(schedule)
+    if method in registry:
+        return registry[method]
+    if registry is _PSLD_SOLVERS:
+        hint = f" ({method!r} is for α/σ schedules such as VP and EDM, not PSLD)" if method in _SOLVERS else ""
+        raise ValueError(f"unknown solver {method!r} for the psld schedule; valid: {', '.join(registry)}{hint}")
+    hint = f" ({method!r} is a PSLD solver: it needs a PSLD schedule)" if method in _PSLD_SOLVERS else ""
+    raise ValueError(f"unknown solver {method!r}; valid: {', '.join(registry)}{hint}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +128,7 @@ class SolveResult:
     denoised: Tensor | None = None
 
 
-def _check_grid(schedule: Schedule, ts) -> Tensor:
+def _check_grid(schedule: DiffusionProcess, ts) -> Tensor:
     ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
     if ts.dim() != 1 or len(ts) < 2:
         raise ValueError(f"ts must be a 1-D sequence of at least 2 times, got shape {tuple(ts.shape)}")
@@ -120,7 +160,7 @@ def _check_record(record, steps: int) -> list[int]:
 def solve(
     eps_fn: EpsFn,
     x: Tensor,
-    schedule: Schedule,
+    schedule: DiffusionProcess,
     ts,
     method: str = "dpmpp-2m",
     *,
@@ -132,7 +172,8 @@ def solve(
     check_finite: bool = True,
     **options,
 ) -> SolveResult:
-    """Integrate the probability-flow ODE from x at ts[0] down to ts[-1] with ``method``.
+    """Integrate the probability-flow ODE (or, for the stochastic PSLD methods, the reverse SDE) from x at
+    ts[0] down to ts[-1] with ``method``.
 
     ``options`` are the method's own (``order``, ``lower_order_final``, ``variant``, ``lam``, …; see
     ``solver_info(method).options``). ``record`` lists grid indices (0..N, negatives allowed) whose states
@@ -140,22 +181,32 @@ def solve(
     (counted), as does ``denoise_to_zero``, which returns x̂_0(x_N, t_N) as the sample.
     ``callback(SolverStep)`` runs once per grid index i < N (and at N when x̂_0 there was computed anyway)
     with the state and the denoised prediction; it never costs an evaluation.
+
+    PSLD: ``x`` is the state (B, 2C, ...); the denoised predictions are x̂_0 (C channels), and
+    ``denoise_to_zero`` is the PSLD code's final noise-free reverse-SDE Euler step from t_N to 0 (the full
+    state at t = 0, one NFE). Stochastic methods take ``generator`` or ``noise_sampler``.
     """
-    spec = solver_info(method)
+    spec = solver_info(method, schedule)
     unknown = set(options) - set(spec.options)
     if unknown:
         raise ValueError(
             f"solver {method!r} has no option {', '.join(sorted(unknown))}; its options: "
             f"{', '.join(f'{k}={v!r}' for k, v in spec.options.items()) or 'none'}"
         )
-    grid = Grid.build(schedule, _check_grid(schedule, ts))
-    ev = Evaluator(eps_fn, grid, extra_args, _check_record(record, grid.steps), record_denoised, callback, check_finite)
+    ts = _check_grid(schedule, ts)
+    if isinstance(schedule, PSLD):
+        split(x)  # raises unless x is (B, 2C, ...)
+        grid, evaluator = _psld.PSLDGrid(schedule, ts), _psld.PSLDEvaluator
+    else:
+        grid, evaluator = Grid.build(schedule, ts), Evaluator
+    ev = evaluator(eps_fn, grid, extra_args, _check_record(record, grid.steps), record_denoised, callback, check_finite)
     x_n = spec.fn(ev, x, grid, **options)
     n = grid.steps
     sample = x_n
     if denoise_to_zero or (n in ev.record and record_denoised):
-        d_n = ev.denoise(x_n, ev(x_n, n), n)
-        sample = d_n if denoise_to_zero else x_n
+        eps_n = ev(x_n, n)
+        d_n = ev.denoise(x_n, eps_n, n)
+        sample = ev.denoise_to_zero(x_n, eps_n, n) if denoise_to_zero else x_n
     else:
         d_n = None
     ev.visit(n, x_n, d_n)

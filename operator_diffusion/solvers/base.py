@@ -144,6 +144,10 @@ class Evaluator:
         """x̂_0 = (x − σ_i ε̂)/α_i at grid index i."""
         return (x - float(self.grid.sigma[i]) * eps) / float(self.grid.alpha[i])
 
+    def denoise_to_zero(self, x: Tensor, eps: Tensor, i: int) -> Tensor:
+        """The sample ``solve(..., denoise_to_zero=True)`` returns from x_N and ε̂_N: here x̂_0 (PSLD overrides it)."""
+        return self.denoise(x, eps, i)
+
     def visit(self, i: int, x: Tensor, denoised: Tensor | None) -> None:
         """Every solver calls this once per grid index i < N with the state x_i and the data prediction
         x̂_0 the solver used there; ``solve`` calls it for i = N."""
