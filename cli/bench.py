@@ -31,7 +31,7 @@ def bench(
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="A run trained with `--baseline one-step` on the same data."),
     num: Optional[int] = typer.Option(None, "--num", "-n", help=f"Held-out samples per method (default {DEFAULT_NUM}, or the number of --seeds)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds (default: --num seeds right after the training seeds)."),
-    solvers: str = typer.Option("ddim,deis,dpmpp-2m,unipc", "--solvers", help="Training-free solvers to compare (see `opdiff solvers`)."),
+    solvers: Optional[str] = typer.Option(None, "--solvers", help="Training-free solvers to compare (see `opdiff solvers`); default ddim,deis,dpmpp-2m,unipc (PSLD teachers: euler,lambda-ddim,rse,csps-d; `opdiff solvers --schedule psld`)."),
     nfe: str = typer.Option("1,2,3,5,10,20", "--nfe", help="NFE budgets of the solvers."),
     grid: Optional[str] = typer.Option(None, "--grid", help="Time grid of the solvers (default: the collection's)."),
     reference_solver: Optional[str] = typer.Option(None, "--reference-solver", help="Solver of the teacher's reference solution (default: the collection's)."),
@@ -50,12 +50,6 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """DSNO at 1 NFE vs the baseline and the solvers at k NFE: teacher-match error, FID, wall time."""
-    from operator_diffusion.solvers import available_solvers
-
-    solver_list = [s.strip() for s in solvers.split(",") if s.strip()]
-    unknown = [s for s in solver_list if s not in available_solvers()]
-    if unknown:
-        fail(f"unknown --solvers {', '.join(unknown)}; valid: {', '.join(available_solvers())}")
     nfes = _int_list(nfe, "--nfe")
     if batch_size < 1:
         fail(f"--batch-size must be at least 1 (got {batch_size})")
@@ -74,7 +68,7 @@ def bench(
     dev = _resolve_device(device)
 
     from operator_diffusion import sampling as sp
-    from operator_diffusion.bench import BenchSetup, run_bench
+    from operator_diffusion.bench import BenchSetup, default_solvers, run_bench
     from operator_diffusion.schedules import GRID_KINDS
 
     if grid is not None and grid not in GRID_KINDS:
@@ -98,6 +92,19 @@ def bench(
         reference.nfe(teacher.schedule)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
         fail(f"cannot set up the teacher: {e}")
+    from operator_diffusion.solvers import available_solvers
+
+    solver_list = list(default_solvers(teacher.schedule)) if solvers is None else [s.strip() for s in solvers.split(",") if s.strip()]
+    valid = available_solvers(teacher.schedule)  # a PSLD teacher has its own solvers
+    unknown = [s for s in solver_list if s not in valid]
+    if unknown:
+        fail(f"unknown --solvers {', '.join(unknown)} for the {teacher.schedule.name} teacher; valid: {', '.join(valid)}")
+    grid = grid or info["collection"]["grid"]
+    try:
+        for name in solver_list:  # deterministic, on a grid the schedule takes (PSLD: uniform or quadratic)
+            sp.TeacherSolver(name, 1, grid, reference.t_end, reference.target).nfe(teacher.schedule)
+    except ValueError as e:
+        fail(f"bad --solvers/--grid: {e}")
 
     fid_fn, fid_meta = None, None
     if ref is not None:
@@ -119,7 +126,7 @@ def bench(
             except ValueError as e:
                 fail(f"cannot compute FID: {e}")
 
-    setup = BenchSetup(teacher, reference, seed_list, label_mode, solver_list, nfes, grid or info["collection"]["grid"],
+    setup = BenchSetup(teacher, reference, seed_list, label_mode, solver_list, nfes, grid,
                        models, fid_fn, batch_size, dev, info["collection"].get("guidance"))
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn

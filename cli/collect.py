@@ -77,9 +77,9 @@ def collect(
     backbone: str = typer.Option(..., "--backbone", help="Teacher backbone name (see `opdiff backbones`)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Teacher weights (.safetensors)."),
     backbone_config: List[str] = typer.Option([], "--backbone-config", "--backbone-option", help="Backbone option key=value (e.g. preset=tiny) or a JSON object; repeatable."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="Teacher ODE solver (see `opdiff solvers`); default unipc (see docs/collect.md)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (the grid has steps+1 times); default 49."),
-    grid: Optional[str] = typer.Option(None, "--grid", help="Solver grid: uniform, quadratic, logsnr, edm; default quadratic."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="Teacher ODE solver (see `opdiff solvers`); default unipc (see docs/collect.md); PSLD teachers: csps-d with lam=-0.25 (`opdiff solvers --schedule psld`)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (the grid has steps+1 times; PSLD teachers: 99); default 49."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Solver grid: uniform, quadratic, logsnr, edm (PSLD teachers: uniform, quadratic); default quadratic."),
     times: int = typer.Option(4, "--times", help="Number M of output times on the grid."),
     time_kind: str = typer.Option("quadratic", "--time-kind", help="Output placement: quadratic (DSNO's CIFAR choice) or uniform."),
     time_list: Optional[str] = typer.Option(None, "--time-list", help="Explicit output times t1,t2,... (grid points); overrides --times."),
@@ -100,12 +100,10 @@ def collect(
     """Collect teacher PF-ODE trajectories at M grid times into a sharded, resumable Hugging Face dataset."""
     from operator_diffusion import trajectories as tr
 
-    config_kw = dict(solver=solver, steps=steps, grid=grid)
     config = tr.CollectConfig(
-        num=num, times=times, time_kind=time_kind, time_list=parse_times(time_list), target=target, dtype=dtype, precision=precision,
-        seed=seed, shard_size=shard_size, labels=parse_labels(labels), guidance=guidance, batch_size=batch_size,
-        solver_options=parse_options(solver_option, "--solver-option"),
-        **{k: v for k, v in config_kw.items() if v is not None},
+        num=num, solver=solver, steps=steps, grid=grid, times=times, time_kind=time_kind, time_list=parse_times(time_list),
+        target=target, dtype=dtype, precision=precision, seed=seed, shard_size=shard_size, labels=parse_labels(labels),
+        guidance=guidance, batch_size=batch_size, solver_options=parse_options(solver_option, "--solver-option"),
     )
     teacher = _load_teacher(backbone, parse_config(backbone_config, "--backbone-config"), checkpoint, seed)
     try:

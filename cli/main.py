@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from ._common import console, print_rows
+from ._common import console, fail, print_rows
 
 app = typer.Typer(
     help="opdiff: one-step sampling of pretrained diffusion models by operator learning (DSNO).",
@@ -27,16 +27,25 @@ def _root(
 
 
 @app.command()
-def solvers(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List the teacher ODE solvers, their orders and options."""
+def solvers(
+    schedule: str = typer.Option("vp", "--schedule", help="Whose solvers: vp (every α/σ schedule: VP, EDM, VE, discrete) or psld."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the teacher ODE solvers, their orders and options (--schedule psld: the PSLD integrators)."""
+    from operator_diffusion.schedules import PSLD
     from operator_diffusion.solvers import available_solvers, solver_info
 
+    if schedule not in ("vp", "psld"):
+        fail(f"unknown --schedule {schedule!r}; valid: vp, psld")
+    process = PSLD() if schedule == "psld" else None
     rows = [
-        {"name": s.name, "order": s.order, "nfe_per_step": s.nfe_per_step, "options": s.options, "summary": s.summary}
-        for s in (solver_info(name) for name in available_solvers())
+        {"name": s.name, "order": s.order, "nfe_per_step": s.nfe_per_step, "stochastic": s.stochastic,
+         "options": s.options, "summary": s.summary}
+        for s in (solver_info(name, process) for name in available_solvers(process))
     ]
-    columns = {"name": "name", "order": "global order", "nfe_per_step": "NFE/step", "options": "options", "summary": "what it is"}
-    print_rows(rows, columns, "opdiff solvers (use with solve(..., method=NAME, **options))", as_json)
+    columns = {"name": "name", "order": "global order", "nfe_per_step": "NFE/step",
+               **({"stochastic": "SDE"} if process is not None else {}), "options": "options", "summary": "what it is"}
+    print_rows(rows, columns, f"opdiff solvers for {schedule} (use with solve(..., method=NAME, **options))", as_json)
 
 
 @app.command()

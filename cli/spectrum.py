@@ -56,6 +56,8 @@ def _load_teacher(backbone: Optional[str], checkpoint: Optional[Path], options: 
                 model.load_weights(checkpoint)
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
         fail(f"cannot load the backbone: {e}")
+    if model.state_shape != model.image_shape:
+        fail(f"opdiff spectrum takes α/σ teachers; {model.name!r} is a {model.schedule.name} (phase-space) teacher")
     return model.to(device).eval()
 
 

@@ -16,6 +16,11 @@ reference implementation whose teacher predicted x directly. The teacher's own o
 at state x_{t_i}) cannot be converted — DSNO never sees x_{t_i}, only x_T — so the head is a warm start
 that training re-targets.
 
+PSLD teachers: DSNO maps the phase-space noise z_T (B, 2C, H, W) (the PSLD prior, ``trajectories.example_inputs``)
+to the data's trajectory. The network's output on item (b, i) has 2C channels (a PSLD network predicts the HSM ε
+of x and m); its x half (the first C channels) is the prediction of the target at t_i, and the m half is
+dropped — the collected targets (x̂_0, or the x half of the states) have C channels.
+
 ``baseline=True`` gives the one-step knowledge-distillation baseline (Luhman & Luhman, 2021): the same
 backbone, no temporal layers, one output at the last time.
 """
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import Backbone, load_backbone
+from .schedules import PSLD, split
 
 FORMAT_VERSION = 1
 CONFIG_KEY = "opdiff.dsno"  # safetensors metadata key holding DSNO.config()
@@ -120,7 +126,7 @@ def trace_outputs(backbone: Backbone, names: Sequence[str]) -> dict[str, tuple[i
         return hook
 
     handles = [modules[n].register_forward_hook(recorder(n)) for n in names]
-    x = torch.zeros(1, *backbone.image_shape, device=backbone.device, dtype=backbone.dtype)
+    x = torch.zeros(1, *backbone.state_shape, device=backbone.device, dtype=backbone.dtype)
     t = torch.full((1,), backbone.schedule.t_max, device=backbone.device)
     labels = None
     if backbone.num_classes:
@@ -193,6 +199,7 @@ class DSNO(nn.Module):
 
     ``forward(x_T, labels=None, times=None)`` → (B, M, C, H, W). ``times`` evaluates the operator on other
     query times (App. A.3): the temporal layers treat the times as equispaced samples in index, as in training.
+    With a PSLD backbone x_T is the state z_T (B, 2C, H, W) and the output the x half, still (B, M, C, H, W).
     """
 
     def __init__(
@@ -254,7 +261,8 @@ class DSNO(nn.Module):
         return len(self.times)
 
     def forward(self, x_T: Tensor, labels: Tensor | None = None, times: Sequence[float] | Tensor | None = None) -> Tensor:
-        """Predicted trajectory (B, M, C, H, W) at ``times`` (default: the training times) from noise x_T."""
+        """Predicted trajectory (B, M, C, H, W) at ``times`` (default: the training times) from noise x_T
+        (B, *backbone.state_shape)."""
         bb = self.backbone
         labels = bb.check_inputs(x_T, labels)
         if times is None:
@@ -274,11 +282,13 @@ class DSNO(nn.Module):
         lab = None if labels is None else labels.repeat_interleave(m)
         with self._frames(m):
             out = bb.forward(x, t_items, lab)
+        if isinstance(bb.schedule, PSLD):
+            out = split(out)[0]  # (B*M, 2C, H, W) -> the x half (B*M, C, H, W)
         return out.reshape(b, m, *out.shape[1:])
 
     @torch.no_grad()
     def sample(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
-        """One-NFE sample: the output at the last time t_M, (B, C, H, W)."""
+        """One-NFE sample: the output at the last time t_M, (B, C, H, W) (PSLD: the x half)."""
         return self.forward(x_T, labels)[:, -1]
 
     # ----------------------------------------------------------------------------------------------

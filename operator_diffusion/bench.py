@@ -10,6 +10,9 @@ that leaves no step, and the row is the teacher's one-shot denoiser x̂_0(x_T, T
 Teacher-match error (the paper's "teacher" comparison): on images clipped to [-1, 1],
 RMSE = √(mean over seeds, channels and pixels of (x − x_ref)²) and PSNR = 10 log10(2² / MSE) dB (peak-to-peak
 range 2). FID against a reference image set when one is given (``operator_diffusion.fid``).
+
+A PSLD teacher: x_T is the phase-space z_T, every method's image is the data (x) part, and the solvers are the
+deterministic PSLD integrators (``PSLD_DEFAULT_SOLVERS`` by default; a stochastic one is refused).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from torch import Tensor
 from .sampling import SampleBatch, TeacherSolver, collect_batches, dsno_batches, teacher_batches
 
 DEFAULT_SOLVERS = ("ddim", "deis", "dpmpp-2m", "unipc")
+# PSLD teachers: the deterministic PSLD integrators from the plain to the most accurate (docs/benchmarks.md, "psld")
+PSLD_DEFAULT_SOLVERS = ("euler", "lambda-ddim", "rse", "csps-d")
 DEFAULT_NFES = (1, 2, 3, 5, 10, 20)
 PSNR_RANGE = 2.0  # images in [-1, 1]
 
@@ -108,8 +113,15 @@ def steps_for_nfe(schedule, solver: str, nfe: int, grid: str, t_end: float, targ
     return None
 
 
+def default_solvers(schedule) -> tuple[str, ...]:
+    """The solvers a bench compares by default: ``DEFAULT_SOLVERS``, or ``PSLD_DEFAULT_SOLVERS`` for a PSLD teacher."""
+    from .schedules import PSLD
+
+    return PSLD_DEFAULT_SOLVERS if isinstance(schedule, PSLD) else DEFAULT_SOLVERS
+
+
 def denoiser_batches(backbone, seeds: Sequence[int], labels, batch_size: int, device, guidance: float | None = None) -> Any:
-    """The teacher's one-shot x̂_0(x_T, t_max) (1 NFE), as (B, 1, C, H, W) batches."""
+    """The teacher's one-shot x̂_0(x_T, t_max) (1 NFE), as (B, 1, C, H, W) batches (PSLD: from z_T, C channels)."""
     from .prediction import denoised_from_eps
     from .sampling import seed_inputs
     from .trajectories import Teacher
@@ -135,7 +147,7 @@ class BenchSetup:
     reference: TeacherSolver
     seeds: list[int]
     labels: Any = None
-    solvers: Sequence[str] = DEFAULT_SOLVERS
+    solvers: Sequence[str] | None = None   # None: default_solvers(teacher.schedule)
     nfes: Sequence[int] = DEFAULT_NFES
     grid: str = "quadratic"
     models: dict[str, Any] = field(default_factory=dict)   # name -> DSNO (1 forward pass each)
@@ -179,7 +191,7 @@ def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | Non
     if target == "denoised" and 1 in su.nfes:
         batch, s = run("denoiser", denoiser_batches(su.teacher, su.seeds, su.labels, su.batch_size, su.device, su.guidance))
         add("teacher x̂₀(x_T)", 1, batch, s, "the teacher's one-shot denoiser")
-    for solver in su.solvers:
+    for solver in default_solvers(su.teacher.schedule) if su.solvers is None else su.solvers:
         for nfe in su.nfes:
             steps = steps_for_nfe(su.teacher.schedule, solver, nfe, su.grid, t_end, target)
             if steps is None:

@@ -12,7 +12,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from .schedules import Schedule
+from .schedules import PSLD, DiffusionProcess, Schedule
 
 PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v")
 Prediction = Literal["eps", "x0", "v"]
@@ -36,8 +36,11 @@ def eps_from_prediction(pred: Tensor, x: Tensor, t: Tensor, schedule: Schedule, 
     raise ValueError(f"unknown prediction type {kind!r}; valid: {', '.join(PREDICTION_TYPES)}")
 
 
-def denoised_from_eps(eps: Tensor, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
-    """Tweedie / DDIM data prediction x̂_0 = (x_t − σ_t ε̂)/α_t."""
+def denoised_from_eps(eps: Tensor, x: Tensor, t: Tensor, schedule: DiffusionProcess) -> Tensor:
+    """Tweedie / DDIM data prediction x̂_0 = (x_t − σ_t ε̂)/α_t; for a PSLD state (B, 2C, ...) ``PSLD.denoise``'s
+    x̂_0 = (x_t − L₀₀ε̂_x)/Φ₀₀ (C channels)."""
+    if isinstance(schedule, PSLD):
+        return schedule.denoise(x, eps, t)
     return (x - _bcast(schedule.sigma(t), x) * eps) / _bcast(schedule.alpha(t), x)
 
 

@@ -1,6 +1,7 @@
 """Sampling: DSNO's one-NFE outputs and the teacher's solver outputs for the same seeds, and writing them.
 
-Every sample is a function of its seed alone: x_T and (for ``labels="random"``) the class label come from
+Every sample is a function of its seed alone: x_T (z_T for a PSLD teacher, whose samples are the x half) and
+(for ``labels="random"``) the class label come from
 ``trajectories.example_inputs`` — the noise rule of `opdiff collect` — so seed s gives the same image
 whatever the batch size, and DSNO's sample for seed s is comparable with the teacher's trajectory for s.
 (On CPU, convolutions round differently at different batch sizes: values agree to float round-off, not bit
@@ -110,14 +111,15 @@ class SampleBatch:
 
 def seed_inputs(seeds: Sequence[int], backbone, labels, batch_size: int,
                 device) -> Iterator[tuple[list[int], Tensor, Tensor | None]]:
-    """(seeds, x_T, labels) per batch of at most ``batch_size`` seeds, by the collection's noise rule, on ``device``."""
+    """(seeds, x_T, labels) per batch of at most ``batch_size`` seeds, by the collection's noise rule, on ``device``
+    (for a PSLD backbone x_T is the phase-space prior draw z_T, (B, 2C, H, W))."""
     from .trajectories import example_inputs
 
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     for i in range(0, len(seeds), batch_size):
         chunk = list(seeds[i:i + batch_size])
-        x, y = example_inputs(chunk, backbone.image_shape, labels, backbone.num_classes)
+        x, y = example_inputs(chunk, backbone.image_shape, labels, backbone.num_classes, backbone.schedule)
         yield chunk, x.to(device), None if y is None else y.to(device)
 
 
@@ -149,9 +151,11 @@ class TeacherSolver:
         return time_grid(schedule, self.steps, self.grid, t_end=self.t_end)
 
     def nfe(self, schedule) -> int:
-        """Network evaluations per sample (a dry run on a free ε: the solvers' own count)."""
-        from .trajectories import solver_nfe
+        """Network evaluations per sample (a dry run on a free ε: the solvers' own count); also validates the
+        solver, its options and the grid, and refuses a stochastic (PSLD reverse-SDE) solver."""
+        from .trajectories import check_deterministic, solver_nfe
 
+        check_deterministic(self.solver, schedule, "a sample must be a function of its seed")
         return solver_nfe(schedule, self.grid_times(schedule), self.solver, [self.steps], self.target, self.options)
 
     def describe(self) -> str:

@@ -426,7 +426,7 @@ class PSLD(DiffusionProcess):
     def cholesky(self, t) -> Tensor:
         """L_t: lower Cholesky factor of the HSM covariance Σ_t + numerical_eps·I (paper Eq. 9)."""
         S = self.covariance(t)
-        return cholesky2(S + self.numerical_eps * torch.eye(2, dtype=S.dtype))
+        return cholesky2(S + self.numerical_eps * torch.eye(2, dtype=S.dtype, device=S.device))
 
     def eps_to_score(self, eps: Tensor, t) -> Tensor:
         """s = −L_t⁻ᵀ ε (the PSLD code's ``get_score``)."""
@@ -456,6 +456,13 @@ class PSLD(DiffusionProcess):
         L, phi = self.cholesky(t), self.transition(t)
         l00, p00 = (_entry(A, 0, 0, x) for A in (L, phi))
         return (x - l00 * eps_x) / p00
+
+    def x_log_snr(self, t) -> Tensor:
+        """λ_x(t) = log(Φ₀₀(t)/L₀₀(t)): the α/σ log-SNR of the data channel. The x row of the HSM kernel is
+        x_t = Φ₀₀ x₀ + L₀₀ ε_x (what ``denoise`` inverts), with Φ₀₀ = ``transition(t)[0, 0]`` and
+        L₀₀ = ``cholesky(t)[0, 0]`` = √(Σxx(t) + numerical_eps), Σ = ``covariance(t)`` (xx₀ = 0, mm₀ = κM).
+        Decreasing in t; DSNO's sqrt-SNR loss weight of a PSLD teacher is e^{λ_x}."""
+        return torch.log(self.transition(t)[..., 0, 0]) - torch.log(self.cholesky(t)[..., 0, 0])
 
     def pf_ode(self, z: Tensor, eps: Tensor, t) -> Tensor:
         """dz/dt = F_t z − ½G_tG_tᵀ s = F_t z + ½G_tG_tᵀ L_t⁻ᵀ ε (the probability-flow ODE in forward time)."""

@@ -7,7 +7,12 @@ x_t = α_t x_0 + σ_t ε (VP-linear by default), the target of its prediction ty
     L = mean over items of  w · mean over (C, H, W) of (F(x_t, t, y) − target)²,   w = 1
     target = ε (``eps``), x_0 (``x0``) or v = α_t ε − σ_t x_0 (``v``, prediction.py's convention)
 
-(the "simple" loss of DDPM in each parametrisation). Class-conditional training (``num_classes`` K > 0)
+(the "simple" loss of DDPM in each parametrisation). A PSLD backbone (``--backbone-option schedule=psld``)
+learns the HSM ε of the phase-space state instead (``hsm_loss``, docs/psld.md):
+
+    t ~ U(1e-5, t_max),  ε ~ N(0, I) with 2C channels,  z_t = Φ_t (x_0, 0) + L_t ε,  L = mean ‖ε_θ(z_t, t) − ε‖²
+
+Class-conditional training (``num_classes`` K > 0)
 replaces each label by the backbone's null label with probability ``label_dropout``, so that the teacher
 also learns the unconditional model classifier-free guidance needs.
 
@@ -42,7 +47,7 @@ from . import __version__
 from .backbones import Backbone, backbone_class, load_backbone
 from .images import ImageSet, from_uint8, load_images
 from .prediction import PREDICTION_TYPES, Prediction, _bcast
-from .schedules import Schedule
+from .schedules import PSLD, DiffusionProcess, Schedule
 from .training import (
     EMA,
     PRECISIONS,
@@ -69,6 +74,7 @@ __all__ = [
     "TeacherResult",
     "prediction_target",
     "denoising_loss",
+    "hsm_loss",
     "sample_times",
     "drop_labels",
     "default_backbone_options",
@@ -85,6 +91,7 @@ RUN_KIND = "teacher"  # run.json's "kind": tells a teacher run from an `opdiff t
 # Fields that may change between a run and its resumption (they do not change what is trained).
 RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints")
 LOSS_AVG_DECAY = 0.99  # metrics' loss_avg: exponential average over ~100 steps (the per-step loss is noisy)
+HSM_T_MIN = 1e-5  # PSLD trains on t ~ U[1e-5, 1] (the PSLD code's CIFAR-10 config), below its sampling t_min 1e-3
 
 
 @dataclass(frozen=True)
@@ -148,22 +155,41 @@ def denoising_loss(
 ) -> Tensor:
     """Denoising score matching: mean over items of w_b · mean over (C, H, W) of (F(x_t, t, y) − target)²,
     with x_t = α_t x_0 + σ_t ε on ``backbone.schedule``, F the raw network output (``backbone.forward``) and the
-    target of ``backbone.prediction`` (``prediction_target``). ``weight`` (B,) defaults to 1. Float32 result."""
+    target of ``backbone.prediction`` (``prediction_target``). ``weight`` (B,) defaults to 1. Float32 result.
+    A PSLD backbone gets ``hsm_loss`` (``eps`` then has the state's 2C channels)."""
     schedule = backbone.schedule
+    if isinstance(schedule, PSLD):
+        return hsm_loss(backbone, x0, t, eps, labels, weight)
     alpha, sigma = schedule.alpha(t), schedule.sigma(t)
     x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
     out = backbone(x_t, t, labels)
     target = prediction_target(backbone.prediction, x0, eps, alpha, sigma)
+    return _weighted_mse(out, target, weight)
+
+
+def hsm_loss(
+    backbone: Backbone, x0: Tensor, t: Tensor, eps: Tensor, labels: Tensor | None = None, weight: Tensor | None = None
+) -> Tensor:
+    """PSLD's hybrid score matching (Pandey & Mandt 2023, Eq. 9–10; docs/psld.md): z_t = Φ_t (x_0, 0) + L_t ε
+    (``PSLD.perturb``: the HSM kernel, m_0 ~ N(0, κM) folded into L_t) for ε (B, 2C, H, W) ~ N(0, I), and the
+    mean over items of w_b · mean over (2C, H, W) of (ε_θ(z_t, t, y) − ε)². Coefficients in float64; float32 result."""
+    z_t = backbone.schedule.perturb(x0, t.double(), eps)
+    return _weighted_mse(backbone(z_t, t, labels), eps, weight)
+
+
+def _weighted_mse(out: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean over items of w_b · mean over the item's elements of (out − target)², in float32."""
     per_item = (out.float() - target.float()).square().flatten(1).mean(1)
     if weight is not None:
         per_item = weight.to(per_item) * per_item
     return per_item.mean()
 
 
-def sample_times(schedule: Schedule, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
-    """n float32 times uniform on [t_min, t_max] of ``schedule``."""
+def sample_times(schedule: DiffusionProcess, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+    """n float32 times uniform on [t_min, t_max] of ``schedule`` (PSLD: on [HSM_T_MIN, t_max], as its code trains)."""
+    t_min = HSM_T_MIN if isinstance(schedule, PSLD) else float(schedule.t_min)
     u = torch.rand(n, device=device, generator=generator)
-    return float(schedule.t_min) + (float(schedule.t_max) - float(schedule.t_min)) * u
+    return t_min + (float(schedule.t_max) - t_min) * u
 
 
 def drop_labels(labels: Tensor, rate: float, null_label: int, generator: torch.Generator | None = None) -> Tensor:
@@ -476,7 +502,7 @@ def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, 
         if y is not None and backbone.null_label is not None:  # plan_teacher refused dropout without a null label
             y = drop_labels(y, config.label_dropout, backbone.null_label)
         t = sample_times(schedule, x0.shape[0], device)
-        eps = torch.randn_like(x0)
+        eps = torch.randn((x0.shape[0], *backbone.state_shape), dtype=x0.dtype, device=x0.device)  # PSLD: 2C channels
         with accelerator.accumulate(objective):
             loss = objective(x0, t, eps, y)
             accelerator.backward(loss)

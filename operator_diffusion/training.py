@@ -5,7 +5,8 @@ Loss (paper eq. 10, reference code): for each output time t_i,
     L_i = mean |G(x_T)(t_i) − target_i|      (``loss="l1"``; ``"l2"`` squares instead)
     L   = (1/M) Σ_i w(t_i) L_i,   w = clamp(α/σ, w_min, w_max)  (``"sqrt-snr"``; ``"snr"``: α²/σ²; ``"uniform"``: 1)
 
-with the reference clamp [1, 1e4]. With it the last term carries ~99.9% of the loss on the reference grids; each
+with the reference clamp [1, 1e4] (a PSLD teacher: α/σ of its data channel, Φ₀₀/L₀₀ = e^{``PSLD.x_log_snr``}).
+With it the last term carries ~99.9% of the loss on the reference grids; each
 term and its share are logged so that this is visible. The one-step baseline (Luhman & Luhman, 2021) trains the
 same backbone on the last output only.
 
@@ -33,6 +34,7 @@ from torch import Tensor
 from . import __version__
 from .adapter import DSNO
 from .backbones import Backbone, load_backbone
+from .schedules import PSLD
 
 FORMAT_VERSION = 1
 RUN_INFO = "run.json"
@@ -89,13 +91,15 @@ class TrainConfig:
 # The loss (pure functions)
 # --------------------------------------------------------------------------------------------------
 def time_weights(schedule, times: Tensor, weighting: str, w_min: float = 1.0, w_max: float = 1e4) -> Tensor:
-    """w(t_i): clamp(α/σ) (``sqrt-snr``, the paper), clamp(α²/σ²) (``snr``) or 1 (``uniform``), float64."""
+    """w(t_i): clamp(α/σ) (``sqrt-snr``, the paper), clamp(α²/σ²) (``snr``) or 1 (``uniform``), float64.
+    For a PSLD schedule α/σ is that of the data channel, x_t = Φ₀₀x₀ + L₀₀ε_x: Φ₀₀/L₀₀ (``PSLD.x_log_snr``)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
     t = torch.as_tensor(times, dtype=torch.float64)
     if weighting == "uniform":
         return torch.ones_like(t)
-    ratio = torch.exp(schedule.log_snr(t))  # α/σ = e^λ (λ = log α/σ, schedules.py)
+    log_snr = schedule.x_log_snr(t) if isinstance(schedule, PSLD) else schedule.log_snr(t)
+    ratio = torch.exp(log_snr)  # α/σ = e^λ (λ = log α/σ, schedules.py)
     w = ratio if weighting == "sqrt-snr" else ratio**2
     return w.clamp(w_min, w_max)
 
@@ -207,6 +211,13 @@ def build_backbone(config: TrainConfig, collection: dict) -> Backbone:
         raise ValueError(
             f"backbone {bb.name!r} takes images of shape {tuple(shape)} but the dataset holds {tuple(collection['image_shape'])}; "
             "use the teacher's backbone configuration (the default) or collect data for this backbone"
+        )
+    psld = PSLD.name in (bb.schedule.name, collection["schedule"].get("name"))
+    if psld and bb.schedule.config() != collection["schedule"]:
+        raise ValueError(
+            f"the dataset was collected from a {collection['schedule'].get('name')} teacher but the backbone's schedule is "
+            f"{bb.schedule.config()}: DSNO on a PSLD teacher starts from its phase-space noise (x, m), so the student "
+            "needs the teacher's PSLD schedule; use the teacher's backbone configuration"
         )
     if bb.num_classes != collection["num_classes"]:
         raise ValueError(
@@ -377,9 +388,11 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
 
     weights = plan.weights.to(accelerator.device)
     image_shape = tuple(plan.collection["image_shape"])
+    schedule = plan.model.backbone.schedule  # a PSLD student has its teacher's PSLD (build_backbone)
     unwrapped = accelerator.unwrap_model(model)
     for batch in resumable_batches(accelerator, loader, state, config.max_steps):
-        x_T, _ = example_inputs(batch["seed"].tolist(), image_shape)  # the collection's noise rule
+        # the collection's noise rule (PSLD: the phase-space prior z_T)
+        x_T, _ = example_inputs(batch["seed"].tolist(), image_shape, schedule=schedule)
         x_T = x_T.to(accelerator.device)
         target = batch["trajectory"].to(torch.float32)
         with accelerator.accumulate(model):

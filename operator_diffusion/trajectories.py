@@ -13,6 +13,12 @@ and the data depend neither on the batch size nor on the number of processes. Ea
 ``target="denoised"``) or its states x(t_i) (``target="state"``) at the output times t_1 > … > t_M, all
 points of the solver grid (no interpolation) — plus ``seed`` and, for class-conditional teachers, ``label``.
 
+PSLD teachers (``schedules.PSLD``) solve in phase space: example k starts from the prior draw
+z_T = ``PSLD.prior((1, C, H, W), generator=torch.Generator().manual_seed(seed + k), dtype=torch.float32)[0]``
+of shape (2C, H, W) (``PSLD_NOISE_RULE``: x first, then m, so the x half is the α/σ rule's x_T), only the
+deterministic PSLD solvers collect, and what is stored still has the data's C channels: the x̂_0 predictions,
+or the x half of the states z(t_i).
+
 ``load_collection`` opens a collection (a folder or a Hub id) with ``datasets``; ``TrajectoryCache``
 converts it once into a memory-mapped ``tensordict.TensorDict`` for training (shuffled reads from Arrow
 are several times slower; see docs/benchmarks.md).
@@ -26,7 +32,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
@@ -35,8 +41,8 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .schedules import GRID_KINDS, Schedule, time_grid
-from .solvers import NonFiniteError, solve, solver_info
+from .schedules import GRID_KINDS, PSLD, DiffusionProcess, time_grid
+from .solvers import NonFiniteError, available_solvers, solve, solver_info
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import datasets
@@ -68,6 +74,10 @@ CARD_NAME = "README.md"
 DATA_DIR = "data"
 SHARD_GLOB = f"{DATA_DIR}/train-*.parquet"
 NOISE_RULE = "x_T = torch.randn(C, H, W, generator=torch.Generator().manual_seed(seed)) on CPU, float32; then label"
+# PSLD's prior N(0, diag(1, M)) by the same per-seed generator: z_T = (x, m), (2C, H, W); its x half is NOISE_RULE's x_T
+PSLD_NOISE_RULE = ("z_T = PSLD.prior((1, C, H, W), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)[0] "
+                   "on CPU: x = torch.randn(C, H, W, generator=g), then m = sqrt(M) * torch.randn(C, H, W, generator=g), "
+                   "z_T = cat([x, m]); then label")
 TIME_KINDS = ("uniform", "quadratic")
 TARGETS = ("denoised", "state")
 DTYPES = ("float16", "float32")
@@ -79,6 +89,12 @@ REFERENCE_STEPS_STORED = 17  # the reference DSNO code stored 16 x̂_0 and x_T p
 DEFAULT_SOLVER = "unipc"
 DEFAULT_STEPS = 49
 DEFAULT_GRID = "quadratic"
+# PSLD teachers: conjugate symplectic Euler, the most accurate deterministic PSLD integrator at every NFE of the
+# PSLD benchmark, with λ as tuned there at 50–100 NFE (docs/benchmarks.md, "psld"); 100 NFE with the final x̂_0.
+# All PSLD integrators are first order, hence twice the steps of the α/σ default. Its grid: DEFAULT_GRID.
+PSLD_DEFAULT_SOLVER = "csps-d"
+PSLD_DEFAULT_STEPS = 99
+PSLD_DEFAULT_OPTIONS = {"lam": -0.25}
 
 TimeKind = Literal["uniform", "quadratic"]
 Target = Literal["denoised", "state"]
@@ -110,9 +126,9 @@ class CollectConfig:
     (the batch size changes only float round-off: see ``_collect_shard``)."""
 
     num: int                                   # number of trajectories
-    solver: str = DEFAULT_SOLVER
-    steps: int = DEFAULT_STEPS                 # solver steps; the grid has steps+1 times
-    grid: str = DEFAULT_GRID                   # time_grid kind of the solver grid
+    solver: str | None = None                  # None: DEFAULT_SOLVER (PSLD: PSLD_DEFAULT_SOLVER and its options)
+    steps: int | None = None                   # solver steps (the grid has steps+1 times); None: DEFAULT_STEPS (PSLD: PSLD_DEFAULT_STEPS)
+    grid: str | None = None                    # time_grid kind of the solver grid; None: DEFAULT_GRID
     times: int = 4                             # M outputs (DSNO's reference: 4)
     time_kind: TimeKind = "quadratic"          # output placement; the reference's CIFAR choice
     time_list: tuple[float, ...] | None = None  # explicit output times (grid points); overrides times/time_kind
@@ -127,11 +143,23 @@ class CollectConfig:
     batch_size: int = 64                       # trajectories per solve; changes float round-off only
 
 
+def with_defaults(config: CollectConfig, schedule: DiffusionProcess) -> CollectConfig:
+    """``config`` with its unset solver, steps and grid filled in for the teacher's ``schedule`` (the PSLD
+    default solver brings its options too, under any options given)."""
+    psld = isinstance(schedule, PSLD)
+    solver, options = config.solver, dict(config.solver_options)
+    if solver is None:
+        solver = PSLD_DEFAULT_SOLVER if psld else DEFAULT_SOLVER
+        options = {**(PSLD_DEFAULT_OPTIONS if psld else {}), **options}
+    steps = config.steps if config.steps is not None else PSLD_DEFAULT_STEPS if psld else DEFAULT_STEPS
+    return replace(config, solver=solver, steps=steps, grid=config.grid or DEFAULT_GRID, solver_options=options)
+
+
 @dataclass(frozen=True)
 class CollectionPlan:
     """A validated collection: the solver grid, output indices and the identity recorded in the info."""
 
-    config: CollectConfig
+    config: CollectConfig       # with the defaults filled in (``with_defaults``)
     ts: Tensor                  # (steps+1,) float64 solver grid
     indices: tuple[int, ...]    # M grid indices of the outputs, increasing (times decreasing)
     identity: dict[str, Any]    # JSON-normalised; equal identities mean equal data
@@ -227,17 +255,32 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def solver_nfe(schedule: Schedule, ts: Tensor, solver: str, indices: Sequence[int], target: Target, options: dict) -> int:
+def solver_nfe(schedule: DiffusionProcess, ts: Tensor, solver: str, indices: Sequence[int], target: Target, options: dict) -> int:
     """Network evaluations per trajectory of ``solver`` on grid ``ts`` recording ``indices`` (a denoised
     target at the last index costs one more), by a dry run on a free ε; also validates the solver options."""
-    out = solve(lambda x, t, **kw: torch.zeros_like(x), torch.zeros(1, 1, dtype=torch.float64), schedule, ts,
+    # one item with two channels: a valid α/σ image and a valid PSLD state (x, m) alike
+    out = solve(lambda x, t, **kw: torch.zeros_like(x), torch.zeros(1, 2, dtype=torch.float64), schedule, ts,
                 solver, record=list(indices), record_denoised=target == "denoised", **options)
     return out.nfe
 
 
+def check_deterministic(solver: str, schedule: DiffusionProcess, use: str) -> None:
+    """Refuse a stochastic solver (PSLD's reverse-SDE samplers) for ``use``: its output is not a function of x_T."""
+    if solver_info(solver, schedule).stochastic:
+        deterministic = [n for n in available_solvers(schedule) if not solver_info(n, schedule).stochastic]
+        raise ValueError(
+            f"solver {solver!r} is stochastic: its trajectories are not a function of the seed's noise, and {use}; "
+            f"choose a deterministic one: {', '.join(deterministic)}")
+
+
+def noise_rule(schedule: DiffusionProcess) -> str:
+    """The per-seed noise rule of a teacher on ``schedule`` (recorded in the collection identity)."""
+    return PSLD_NOISE_RULE if isinstance(schedule, PSLD) else NOISE_RULE
+
+
 def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str | os.PathLike | None = None) -> CollectionPlan:
     """Validate ``config`` against the teacher and build the plan; raises ValueError on bad input."""
-    c = config
+    c = with_defaults(config, backbone.schedule)
     for name, v, lo in (("num", c.num, 1), ("shard_size", c.shard_size, 1), ("batch_size", c.batch_size, 1), ("steps", c.steps, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -245,7 +288,8 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
                            ("precision", c.precision, PRECISIONS)):
         if v not in valid:
             raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
-    spec = solver_info(c.solver)
+    spec = solver_info(c.solver, backbone.schedule)
+    check_deterministic(c.solver, backbone.schedule, "DSNO learns a deterministic map from it")
     ts = time_grid(backbone.schedule, c.steps, c.grid)
     if c.time_list is not None:
         indices = indices_of_times(ts, c.time_list)
@@ -273,7 +317,7 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
         "dtype": c.dtype,
         "precision": c.precision,
         "seed": c.seed,
-        "noise": NOISE_RULE,
+        "noise": noise_rule(backbone.schedule),
         "num": c.num,
         "shard_size": c.shard_size,
         "labels": labels,
@@ -285,14 +329,20 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
 # --------------------------------------------------------------------------------------------------
 # Teacher solves
 # --------------------------------------------------------------------------------------------------
-def example_inputs(seeds: Sequence[int], shape: Sequence[int], labels=None, num_classes: int = 0) -> tuple[Tensor, Tensor | None]:
+def example_inputs(seeds: Sequence[int], shape: Sequence[int], labels=None, num_classes: int = 0,
+                   schedule: DiffusionProcess | None = None) -> tuple[Tensor, Tensor | None]:
     """x_T (B, *shape) on CPU float32 and labels (B,) or None, from per-example generators (NOISE_RULE):
     example seed s draws its noise first and then, for labels="random", its label in [0, num_classes);
-    a fixed label list gives seed s the label list[s mod len]. An example depends on its seed alone."""
+    a fixed label list gives seed s the label list[s mod len]. An example depends on its seed alone.
+    For a ``PSLD`` schedule the noise is the prior's z_T (B, 2C, ...) for data of ``shape`` (C, ...)
+    (PSLD_NOISE_RULE)."""
     xs, ys = [], []
     for s in seeds:
         g = torch.Generator().manual_seed(int(s))
-        xs.append(torch.randn(tuple(shape), generator=g))
+        if isinstance(schedule, PSLD):
+            xs.append(schedule.prior((1, *shape), generator=g, dtype=torch.float32)[0])
+        else:
+            xs.append(torch.randn(tuple(shape), generator=g))
         if labels == "random":
             ys.append(int(torch.randint(num_classes, (), generator=g)))
     x = torch.stack(xs)
@@ -305,14 +355,19 @@ def example_inputs(seeds: Sequence[int], shape: Sequence[int], labels=None, num_
 
 
 def record_trajectories(
-    eps_fn, x: Tensor, schedule: Schedule, ts: Tensor, indices: Sequence[int], solver: str,
+    eps_fn, x: Tensor, schedule: DiffusionProcess, ts: Tensor, indices: Sequence[int], solver: str,
     target: Target = "denoised", extra_args: dict | None = None, **options,
 ) -> Tensor:
     """(B, M, ...) teacher outputs at grid ``indices``: x̂_0(x(t_i), t_i) (``denoised``; at the last grid
-    index this is denoise_to_zero's sample) or the states x(t_i) (``state``), from one ``solve``."""
+    index this is denoise_to_zero's sample) or the states x(t_i) (``state``), from one ``solve``.
+    PSLD: the data's C channels either way — x̂_0, or the x half of the states z(t_i)."""
     out = solve(eps_fn, x, schedule, ts, solver, extra_args=extra_args, record=list(indices),
                 record_denoised=target == "denoised", check_finite=True, **options)
-    return out.denoised if target == "denoised" else out.states
+    if target == "denoised":
+        return out.denoised
+    if isinstance(schedule, PSLD):
+        return out.states.chunk(2, dim=2)[0]  # (B, M, 2C, ...) -> the x half (B, M, C, ...)
+    return out.states
 
 
 @dataclass(frozen=True)
@@ -320,7 +375,7 @@ class Teacher:
     """The teacher's ε on a device, with classifier-free guidance applied when asked for."""
 
     eps_fn: Callable[..., Tensor]
-    schedule: Schedule
+    schedule: DiffusionProcess
     device: torch.device
 
     @classmethod
@@ -341,7 +396,7 @@ def solve_examples(teacher: Teacher, plan: CollectionPlan, examples: range) -> t
     """Stored trajectories (B, M, C, H, W) in the storage dtype and labels for a range of example indices."""
     cfg, ident = plan.config, plan.identity
     seeds = [cfg.seed + k for k in examples]
-    x, labels = example_inputs(seeds, ident["image_shape"], ident["labels"], ident["num_classes"])
+    x, labels = example_inputs(seeds, ident["image_shape"], ident["labels"], ident["num_classes"], teacher.schedule)
     extra = None if labels is None else {"labels": labels.to(teacher.device)}
     try:
         with torch.inference_mode():
@@ -456,7 +511,7 @@ opdiff {info['opdiff_version']} (`opdiff collect`).
   {ident['nfe_per_trajectory']} network evaluations per trajectory.
 - Stored per example: `trajectory` ({len(ident['output_times'])}, {', '.join(map(str, ident['image_shape']))}) in
   {ident['dtype']}, the {what} at the output times t = {times}; `seed` (int64){label}.
-- Noise: example k has seed {ident['seed']} + k and {NOISE_RULE}. x_T is not stored: regenerate it from the seed.
+- Noise: example k has seed {ident['seed']} + k and {ident['noise']}. x_T is not stored: regenerate it from the seed.
 - Weights: checkpoint sha256 `{ident['checkpoint_sha256']}`, state-dict sha256 `{ident['weights_sha256']}`.
 
 The full configuration is in `{INFO_NAME}`.

@@ -24,7 +24,7 @@ from operator_diffusion.backbones import (
     register_backbone,
 )
 from operator_diffusion.backbones.unet import UNET_PRESETS, OpdiffUNet, OpdiffUNetBackbone, Resample
-from operator_diffusion.schedules import EDM, DiscreteVP, VPLinear
+from operator_diffusion.schedules import EDM, PSLD, DiscreteVP, VPLinear
 
 C, S = 3, 8  # tiny preset image shape (C, S, S)
 
@@ -220,6 +220,32 @@ def test_time_and_input_scaling_per_schedule():
     xin, c = _network_inputs(tiny(schedule=EDM()), x, te)
     torch.testing.assert_close(c.double(), 0.25 * torch.log(te))
     torch.testing.assert_close(xin, x / torch.sqrt(te**2 + 0.25).float().view(-1, 1, 1, 1))
+
+
+def test_psld_backbone_takes_the_phase_space_state(tmp_path):
+    """A PSLD opdiff-unet: 2C channels in and out (x then m), the data's C in image_shape and config()."""
+    bb = tiny(schedule="psld")
+    assert bb.image_shape == (C, S, S) and bb.state_shape == (2 * C, S, S) and bb.schedule == PSLD()
+    assert bb.network.stem.in_channels == 2 * C and bb.network.out_conv.out_channels == 2 * C
+    z, t = torch.randn(3, 2 * C, S, S), torch.tensor([1e-5, 0.3, 1.0], dtype=torch.float64)
+    xin, c = _network_inputs(bb, z, t)  # c_noise = 1000 t as for the continuous VP, no input scaling
+    torch.testing.assert_close(c.double(), 1000 * t)
+    torch.testing.assert_close(xin, z, rtol=0, atol=0)
+    with torch.no_grad():
+        out = bb(z, t)
+        assert out.shape == z.shape
+        torch.testing.assert_close(bb.eps_fn(z, t), out, rtol=0, atol=0)  # the HSM ε̂ as it is
+        cfg = json.loads(json.dumps(bb.config()))
+        assert cfg["in_channels"] == C and cfg["schedule"]["name"] == "psld"
+        assert load_backbone(**cfg).config() == cfg and load_backbone(**cfg).state_shape == (2 * C, S, S)
+        bb.save_weights(tmp_path / "psld.safetensors")
+        again = backbone_from_checkpoint(tmp_path / "psld.safetensors").eval()
+        torch.testing.assert_close(again(z, t), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 6, 8, 8\) \(a PSLD state: x then m\)"):
+        bb(torch.randn(3, C, S, S), t)
+    for kind in ("x0", "v"):
+        with pytest.raises(ValueError, match=f"PSLD backbone predicts the HSM ε .*must be 'eps', got '{kind}'"):
+            load_backbone("opdiff-unet", preset="tiny", schedule="psld", prediction=kind)
 
 
 def test_scalar_time_broadcasts_and_float64_inputs():

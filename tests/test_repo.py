@@ -38,6 +38,13 @@ def test_cli_help_and_solvers_listing():
     from operator_diffusion.solvers import available_solvers
 
     assert names == available_solvers()
+    out = subprocess.run(run + ["solvers", "--schedule", "psld", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = __import__("json").loads(out.stdout)
+    from operator_diffusion.schedules import PSLD
+
+    assert [row["name"] for row in rows] == available_solvers(PSLD())
+    assert {row["name"] for row in rows if row["stochastic"]} == {"em", "sscs", "noba", "roba", "csps-s"}
     bad = subprocess.run(run + ["no-such-command"], capture_output=True, text=True)
     assert bad.returncode == 2 and "No such command" in bad.stderr
 

@@ -39,7 +39,7 @@ from operator_diffusion.trajectories import (
     read_shard,
 )
 
-CONFIG = CollectConfig(num=10, steps=10, grid="logsnr", times=4, time_kind="quadratic", shard_size=4, batch_size=3)
+CONFIG = CollectConfig(num=10, solver="unipc", steps=10, grid="logsnr", times=4, time_kind="quadratic", shard_size=4, batch_size=3)
 SHAPE = (3, 8, 8)  # the tiny preset
 
 

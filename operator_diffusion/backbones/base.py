@@ -2,7 +2,9 @@
 
 A backbone wraps one ``torch.nn.Module`` (``network``) together with everything needed to call it as a
 denoiser of a given noise schedule: the schedule, the network's prediction type, the image shape and the
-class conditioning. Solvers see it through ``eps_fn(x, t)``; the DSNO adapter additionally needs
+class conditioning. With a ``PSLD`` schedule the network works on the phase-space state z = (x, m): it takes
+and returns ``state_shape`` = (2C, H, W) tensors (the HSM ε̂ of all 2C channels; only ``prediction="eps"``),
+while ``image_shape`` stays the data's (C, H, W) — a sample is the x half of a state. Solvers see it through ``eps_fn(x, t)``; the DSNO adapter additionally needs
 ``network`` (to attach temporal layers by forward hooks after ``default_injection_points``, leaving the
 network's own ``state_dict`` keys untouched) and runs it on batches of B·M items.
 
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..prediction import PREDICTION_TYPES, Prediction, eps_from_prediction
-from ..schedules import Schedule
+from ..schedules import PSLD, DiffusionProcess
 
 __all__ = ["Backbone", "CHECKPOINT_CONFIG_KEY"]
 
@@ -36,15 +38,17 @@ _SHOW = 3  # how many offending keys a mismatch error names
 class Backbone(abc.ABC):
     """A pretrained (or trainable) diffusion network in opdiff's conventions.
 
-    Attributes set by ``__init__``: ``network`` (the ``nn.Module``), ``schedule``, ``prediction``
-    (one of ``"eps"``, ``"x0"``, ``"v"``), ``image_shape`` (C, H, W), ``num_classes`` (0 = unconditional;
+    Attributes set by ``__init__``: ``network`` (the ``nn.Module``), ``schedule`` (an α/σ ``Schedule`` or a
+    ``PSLD``), ``prediction`` (one of ``"eps"``, ``"x0"``, ``"v"``; ``"eps"`` only with PSLD), ``image_shape``
+    (C, H, W) of the data (``state_shape``: what the network takes), ``num_classes`` (0 = unconditional;
     otherwise labels are ints in ``[0, num_classes)``) and ``null_label`` (the label meaning "no class" for
     classifier-free guidance, or ``None`` if the network has none).
 
     Subclasses implement:
       * ``name`` (class attribute): the registry name;
-      * ``forward(x, t, labels=None)``: the raw network output in its prediction type, for continuous
-        schedule times ``t`` of shape (B,) (the backbone maps them to what the network embeds);
+      * ``forward(x, t, labels=None)``: the raw network output in its prediction type, for states ``x`` of
+        shape (B, *state_shape) and continuous schedule times ``t`` of shape (B,) (the backbone maps them to
+        what the network embeds);
       * ``config()``: a JSON-serialisable dict with ``name`` from which ``load_backbone(**config)``
         rebuilds the same architecture (weights excluded);
       * ``default_injection_points``: names of modules of ``network`` after whose output a temporal layer
@@ -57,7 +61,7 @@ class Backbone(abc.ABC):
     def __init__(
         self,
         network: nn.Module,
-        schedule: Schedule,
+        schedule: DiffusionProcess,
         prediction: Prediction,
         image_shape: tuple[int, int, int],
         num_classes: int = 0,
@@ -65,10 +69,14 @@ class Backbone(abc.ABC):
     ):
         if not isinstance(network, nn.Module):
             raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be an operator_diffusion.schedules.Schedule, got {type(schedule).__name__}")
+        if not isinstance(schedule, DiffusionProcess):
+            raise TypeError(
+                f"schedule must be an operator_diffusion.schedules Schedule or PSLD, got {type(schedule).__name__}")
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTION_TYPES)}")
+        if isinstance(schedule, PSLD) and prediction != "eps":
+            raise ValueError(
+                f"a PSLD backbone predicts the HSM ε of all 2C state channels: prediction must be 'eps', got {prediction!r}")
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
         if null_label is not None and not num_classes:
@@ -85,7 +93,7 @@ class Backbone(abc.ABC):
     # ----------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Raw network output (in ``self.prediction``) at states ``x`` (B, C, H, W) and times ``t`` (B,)."""
+        """Raw network output (in ``self.prediction``) at states ``x`` (B, *state_shape) and times ``t`` (B,)."""
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
@@ -100,6 +108,13 @@ class Backbone(abc.ABC):
         """The solvers' contract: ε̂(x, t) from the network output (``prediction.eps_from_prediction``)."""
         t = self.expand_times(t, x)
         return eps_from_prediction(self.forward(x, t, labels=labels), x, t, self.schedule, self.prediction)
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """Shape of the states the network takes and returns: ``image_shape``, or (2C, H, W) for a PSLD
+        schedule (the first C channels are x, the last C the momentum m; ``schedules.split``)."""
+        c, h, w = self.image_shape
+        return (2 * c, h, w) if isinstance(self.schedule, PSLD) else self.image_shape
 
     def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """A backbone is called like a module: ``bb(x, t, labels)`` is ``bb.forward(x, t, labels)``."""
@@ -120,13 +135,14 @@ class Backbone(abc.ABC):
         return t
 
     def check_inputs(self, x: Tensor, labels: Tensor | None) -> Tensor | None:
-        """Validate ``x`` (B, *image_shape) and return labels as a (B,) long tensor (or None).
+        """Validate ``x`` (B, *state_shape) and return labels as a (B,) long tensor (or None).
 
         For a class-conditional backbone with a ``null_label``, ``labels=None`` means unconditional and
         becomes the null label; label values are range-checked on CPU tensors (on accelerators the check
         would cost a host sync per call, and the embedding lookup fails loudly anyway)."""
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"{self.name}: x must have shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.state_shape:
+            what = " (a PSLD state: x then m)" if self.state_shape != self.image_shape else ""
+            raise ValueError(f"{self.name}: x must have shape (B, {', '.join(map(str, self.state_shape))}){what}, got {tuple(x.shape)}")
         if not self.num_classes:
             if labels is not None:
                 raise ValueError(f"{self.name} is unconditional (num_classes=0) but labels were given")

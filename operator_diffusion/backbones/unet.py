@@ -23,6 +23,7 @@ is after its attention) and ``mid``, in forward order; never a resample block.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..prediction import Prediction
-from ..schedules import DiscreteVP, Schedule, VPCosine, VPLinear, schedule_from_config
+from ..schedules import PSLD, DiffusionProcess, DiscreteVP, VPCosine, VPLinear, schedule_from_config
 from .base import Backbone
 
 __all__ = ["UNET_PRESETS", "OpdiffUNet", "OpdiffUNetBackbone", "ResBlock", "SelfAttention", "Resample"]
@@ -326,6 +327,17 @@ def unet_kwargs(preset: str | None = None, **overrides) -> dict[str, Any]:
     return {**UNET_PRESETS[preset], **overrides}
 
 
+def _schedule(schedule: DiffusionProcess | dict | str | None) -> DiffusionProcess:
+    """A schedule given as an object, its ``config()``, or a name with default parameters (``"psld"``)."""
+    if schedule is None:
+        return VPLinear()
+    if isinstance(schedule, str):
+        return schedule_from_config({"name": schedule})
+    if isinstance(schedule, dict):
+        return schedule_from_config(schedule)
+    return schedule
+
+
 class OpdiffUNetBackbone(Backbone):
     """``OpdiffUNet`` as a backbone of a given schedule and prediction type.
 
@@ -336,6 +348,11 @@ class OpdiffUNetBackbone(Backbone):
       * input scaling c_in(t) = 1/√(σ_data² α_t² + σ_t²) (EDM's c_in; σ_data = ``schedule.sigma_data`` for
         EDM/VE, else 1, which makes it exactly 1 on VP schedules where x_t already has unit scale).
     The output is the raw network output in ``prediction`` (no c_skip/c_out preconditioning).
+
+    PSLD: the network takes and returns the phase-space state, 2·``in_channels`` channels (x then m; the
+    HSM ε̂ of both halves, ``prediction="eps"``); ``in_channels`` (and ``config()``) stays the data's C.
+    c_noise = 1000·t as for the continuous VP schedules, and c_in = 1: z_t has unit scale throughout (its
+    prior N(0, diag(1, M)) has standard deviations 1 in x and √M = 0.5 in m for the CIFAR-10 config).
     """
 
     name = "opdiff-unet"
@@ -344,28 +361,28 @@ class OpdiffUNetBackbone(Backbone):
         self,
         preset: str | None = None,            # "tiny", "digits", "cifar10" (UNET_PRESETS); kwargs override it
         *,
-        schedule: Schedule | dict | None = None,  # a Schedule or its config(); default VPLinear()
+        schedule: DiffusionProcess | dict | str | None = None,  # a Schedule/PSLD, its config() or name; default VPLinear()
         prediction: Prediction = "eps",
         checkpoint: str | None = None,        # .safetensors weights to load
         **arch_kwargs,                        # OpdiffUNet kwargs
     ):
-        if schedule is None:
-            schedule = VPLinear()
-        elif isinstance(schedule, dict):
-            schedule = schedule_from_config(schedule)
-        network = OpdiffUNet(**unet_kwargs(preset, **arch_kwargs))
-        arch = network.config()
-        num_classes = arch["num_classes"]
+        schedule = _schedule(schedule)
+        arch = unet_kwargs(preset, **arch_kwargs)
+        channels = int(arch.get("in_channels", inspect.signature(OpdiffUNet).parameters["in_channels"].default))
+        if isinstance(schedule, PSLD):  # the network sees the state (x, m): twice the data's channels
+            arch["in_channels"] = 2 * channels
+        network = OpdiffUNet(**arch)
+        size, num_classes = network.config()["image_size"], network.config()["num_classes"]
         super().__init__(
-            network, schedule, prediction,
-            image_shape=(arch["in_channels"], arch["image_size"], arch["image_size"]),
+            network, schedule, prediction, image_shape=(channels, size, size),
             num_classes=num_classes, null_label=num_classes if num_classes else None,
         )
         if checkpoint is not None:
             self.load_weights(checkpoint)
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, **self.network.config(), "schedule": self.schedule.config(), "prediction": self.prediction}
+        arch = {**self.network.config(), "in_channels": self.image_shape[0]}  # the data's C (PSLD: the network has 2C)
+        return {"name": self.name, **arch, "schedule": self.schedule.config(), "prediction": self.prediction}
 
     @property
     def default_injection_points(self) -> list[str]:
@@ -376,13 +393,15 @@ class OpdiffUNetBackbone(Backbone):
         s = self.schedule
         if isinstance(s, DiscreteVP):
             return s.timestep(t)
-        if isinstance(s, (VPLinear, VPCosine)):
+        if isinstance(s, (VPLinear, VPCosine, PSLD)):
             return 1000.0 * t
         return -0.25 * s.log_snr(t)
 
     def input_scale(self, t: Tensor) -> Tensor:
-        """c_in(t) = 1/√(σ_data² α_t² + σ_t²)."""
+        """c_in(t) = 1/√(σ_data² α_t² + σ_t²) (1 for PSLD)."""
         s = self.schedule
+        if isinstance(s, PSLD):
+            return torch.ones_like(t)
         sigma_data = float(getattr(s, "sigma_data", 1.0))
         return torch.rsqrt(sigma_data**2 * s.alpha(t) ** 2 + s.sigma(t) ** 2)
 

@@ -368,6 +368,10 @@ class DiffusersUNet2DBackbone(Backbone):
     ):
         from diffusers import UNet2DModel
 
+        if "schedule" in unet_kwargs:
+            raise ValueError(
+                "diffusers-unet2d takes its noise schedule from the scheduler config (scheduler_config=...); other "
+                "schedules, PSLD included, are not supported: use the opdiff-unet backbone for a PSLD teacher")
         found_scheduler = None
         if pretrained is not None and config is not None:
             raise ValueError("pass either pretrained (a directory, Hub id or UNet2DModel) or config, not both")

@@ -414,6 +414,8 @@ def test_bad_input(tmp_path):
         DiffusersUNet2DBackbone(str(tmp_path), config=TINY_CFG)
     with pytest.raises(ValueError, match="unknown UNet2DModel config keys: channels"):
         DiffusersUNet2DBackbone(config=TINY_CFG, channels=3)
+    with pytest.raises(ValueError, match="PSLD included, are not supported"):
+        DiffusersUNet2DBackbone(config=TINY_CFG, schedule="psld")
     with pytest.raises(ValueError, match="Fourier"):
         DiffusersUNet2DBackbone(config={**TINY_CFG, "time_embedding_type": "fourier"})
     with pytest.raises(ValueError, match="prediction_type 'flow_prediction'"):
