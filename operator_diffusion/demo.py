@@ -22,20 +22,23 @@ from .fid import ASSETS, DIGITS_FEATURENET, DIGITS_STATS  # the digits feature n
 DIGITS_TEACHER = ASSETS / "digits_teacher.safetensors"    # `opdiff teacher train --data digits` (assets/README.md)
 
 Progress = Callable[[str, int, int], None]  # progress(stage, done, total)
+REFERENCE_SOLVER = "unipc"  # the bench's reference solution: UniPC with DemoConfig.reference_steps (quadratic grid)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of each stage. ``DEMO`` fits ≤ 10 minutes on 2 CPU cores, ``QUICK`` ≤ 2 minutes."""
 
-    num: int = 8192                 # trajectories collected
-    solver: str = "unipc"           # teacher solver of the collection
-    steps: int = 20                 # its steps (quadratic grid)
+    num: int = 32768                # trajectories collected: the main lever (docs/benchmarks.md, demo)
+    solver: str = "deis"            # teacher solver of the collection: DEIS-15 (16 NFE) is 0.020 RMSE from
+    steps: int = 15                 # UniPC-50, closer than UniPC-20 (0.032), at 3/4 of its cost
+    precision: str = "bf16"         # the teacher under bf16 autocast: ~1.6× faster, +0.002 RMSE
     times: int = 4                  # M output times
-    train_steps: int = 600          # DSNO optimizer steps (the baseline gets as many)
+    train_steps: int = 2000         # DSNO optimizer steps (the baseline gets as many)
     batch_size: int = 64
-    lr: float = 5e-4                # best of 2e-4 / 5e-4 / 1e-3 at 600 steps (RMSE 0.158 / 0.142 / 0.150)
-    baseline_lr: float = 1e-3       # the baseline's own best of 2e-4 / 5e-4 / 1e-3 (RMSE 0.242 / 0.205 / 0.195)
+    lr: float = 1e-3
+    lr_decay: str = "cosine"
+    baseline_lr: float = 1e-3       # the baseline's own best (docs/benchmarks.md, ablations)
     warmup: int = 50
     ema: float = 0.99
     modes: int = 2
@@ -108,7 +111,8 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
 
     start = time.perf_counter()
     collect(teacher, out / "data", CollectConfig(num=c.num, solver=c.solver, steps=c.steps, times=c.times,
-                                                 batch_size=c.collect_batch, shard_size=min(4096, c.num)),
+                                                 precision=c.precision, batch_size=c.collect_batch,
+                                                 shard_size=min(4096, c.num)),
             checkpoint=DIGITS_TEACHER, progress=_count(report("collect"), c.num))
     seconds["collect"] = time.perf_counter() - start
 
@@ -117,7 +121,8 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
         start = time.perf_counter()
         stage = report(f"train {name}")
         train(TrainConfig(data=str(out / "data"), out=str(path), init_from=str(DIGITS_TEACHER), modes=c.modes,
-                          batch_size=c.batch_size, lr=lr, warmup=c.warmup, ema=c.ema, max_steps=c.train_steps,
+                          batch_size=c.batch_size, lr=lr, lr_decay=c.lr_decay, warmup=c.warmup, ema=c.ema,
+                          max_steps=c.train_steps,
                           save_every=c.train_steps, log_every=10, baseline=baseline),
               progress=None if stage is None else (lambda step, total, m, s=stage: s(step, total)))
         reset_accelerate_state()
@@ -132,7 +137,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     for batch in dsno_batches(model, seeds):
         writer.add(batch)
     writer.close()
-    ref_solver = TeacherSolver(c.solver, c.reference_steps, "quadratic", float(model.times[-1]))
+    ref_solver = TeacherSolver(REFERENCE_SOLVER, c.reference_steps, "quadratic", float(model.times[-1]))
     twriter = SampleWriter(out / "samples" / "teacher", ("png", "grid"), {"source": "teacher"}, overwrite=True)
     for batch in teacher_batches(teacher, seeds, ref_solver):
         twriter.add(batch)
@@ -160,7 +165,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
             ref_stats = stats_of_images(load_images("digits"), extractor)
         fid_fn = lambda pixels: fid_of_pixels(pixels, ref_stats, extractor)  # noqa: E731
     bench_seeds = list(range(c.num + c.samples, c.num + c.samples + c.bench_num))
-    setup = BenchSetup(teacher, TeacherSolver(c.solver, c.reference_steps, "quadratic", float(model.times[-1])),
+    setup = BenchSetup(teacher, TeacherSolver(REFERENCE_SOLVER, c.reference_steps, "quadratic", float(model.times[-1])),
                        bench_seeds, None, c.bench_solvers, c.bench_nfes, "quadratic",
                        {"DSNO": model, "one-step baseline": base}, fid_fn, batch_size=256)
     result = run_bench(setup, None if progress is None else (lambda label, d, t: progress(f"bench: {label}", d, t)))
@@ -213,8 +218,10 @@ def _report(c: DemoConfig, result, spectrum: dict, seconds: dict, info: dict) ->
         "# opdiff demo: DSNO on the 8×8 digits",
         "",
         f"Teacher: the shipped digits `opdiff-unet` ({DIGITS_TEACHER.name}). Trajectories: {c.num} from {c.solver} "
-        f"with {c.steps} steps, M = {c.times} output times. DSNO and the one-step baseline: {c.train_steps} steps each at "
-        f"batch {c.batch_size}, initialised from the teacher.",
+        f"with {c.steps} steps (teacher in {c.precision}), M = {c.times} output times. DSNO and the one-step baseline: "
+        f"{c.train_steps} steps each at batch {c.batch_size} ({c.lr_decay} learning rate from {c.lr:g} and "
+        f"{c.baseline_lr:g}), initialised from the teacher. Reference solution of the table: {REFERENCE_SOLVER} with "
+        f"{c.reference_steps} steps.",
         "",
         "## Samples (same seeds): DSNO, 1 NFE | teacher",
         "",

@@ -98,8 +98,8 @@ HSM_T_MIN = 1e-5  # PSLD trains on t ~ U[1e-5, 1] (the PSLD code's CIFAR-10 conf
 class TeacherConfig:
     """What to train; everything except ``RESUMABLE_FIELDS`` (and ``out``) is the run's identity.
 
-    Defaults are tuned for the digits (``opdiff-unet`` preset ``digits``, 1.08M parameters, 0.15–0.19 s per step at
-    batch 128 on 2 CPU cores): ``max_steps=4000`` is a good teacher in 10–12 minutes there (docs/teacher.md)."""
+    Defaults are tuned for the digits (``opdiff-unet`` preset ``digits``, 272k parameters): ``max_steps=4000`` is a
+    good teacher in a few minutes on 2 CPU cores (docs/teacher.md)."""
 
     data: str                                  # images.load_images source: "digits", a folder, an .npz, a datasets folder or Hub id
     out: str                                   # run directory

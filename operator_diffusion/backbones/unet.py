@@ -37,14 +37,16 @@ from .base import Backbone
 
 __all__ = ["UNET_PRESETS", "OpdiffUNet", "OpdiffUNetBackbone", "ResBlock", "SelfAttention", "Resample"]
 
-# Architecture presets; explicit kwargs override them. Parameters (unconditional): tiny 191k, digits 1.08M,
+# Architecture presets; explicit kwargs override them. Parameters (unconditional): tiny 191k, digits 272k,
 # cifar10 58.0M.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: a forward on 8 items takes milliseconds on CPU
     "tiny": dict(image_size=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                  attn_resolutions=(4,), dropout=0.0),
     # scikit-learn's 8×8 grayscale digits: the embedded, download-free data set
-    "digits": dict(image_size=8, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
+    # (16 base channels: 11.6 MFLOP per image, 2.7× cheaper on CPU than 32 channels for FID 0.54 vs 0.32 at 512
+    # samples; every demo stage runs on it, so the cheaper teacher buys DSNO 2.5× the training steps)
+    "digits": dict(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=2,
                    attn_resolutions=(4,), dropout=0.1),
     # DDPM++ (cont.) CIFAR-10 of Song et al. 2021 / EDM: 128 channels, 4 blocks per level, attention at 16×16
     "cifar10": dict(image_size=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4,
