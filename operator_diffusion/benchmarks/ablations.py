@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EVAL_SEEDS = range(100_000, 100_256)
+LR = 1e-3  # the DSNO variants' learning rate (the demo now uses 2e-3: better FID, slightly worse RMSE)
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Variant:
 def variants(lr: float) -> list[Variant]:
     base = (("lr", lr),)
     return [
-        Variant("DSNO (M = 4, sqrt-SNR, quadratic times): the demo", train=base),
+        Variant("DSNO lr 1e-3 (M = 4, sqrt-SNR, quadratic times)", train=base),
         Variant("M = 2", times=2, train=base),
         Variant("M = 8", times=8, steps=40, train=base),
         Variant("uniform weighting", train=base + (("weighting", "uniform"),)),
@@ -51,13 +52,13 @@ def run_ablations(root: Path | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(root or tmp)
-        for k, v in enumerate(variants(c.lr)):
+        for k, v in enumerate(variants(LR)):
             data = root / f"data_m{v.times}_{v.time_kind}_{v.steps}"
             collect(teacher, data, CollectConfig(num=c.num, solver=c.solver, steps=v.steps, times=v.times,
                                                  time_kind=v.time_kind, precision=c.precision,
                                                  batch_size=c.collect_batch, shard_size=min(4096, c.num)),
                     checkpoint=DIGITS_TEACHER)
-            kw = {"modes": c.modes, "batch_size": c.batch_size, "lr": c.lr, "lr_decay": c.lr_decay, "warmup": c.warmup,
+            kw = {"modes": c.modes, "batch_size": c.batch_size, "lr": LR, "lr_decay": c.lr_decay, "warmup": c.warmup,
                   "ema": c.ema, "max_steps": c.train_steps, **dict(v.train)}
             start = time.perf_counter()
             train(TrainConfig(data=str(data), out=str(root / f"run{k}"), init_from=str(DIGITS_TEACHER),
