@@ -54,7 +54,6 @@ from .training import (
     RUN_INFO,
     TrainState,
     _check_in_sync,
-    _check_launch,
     _Indices,
     check_run_dir,
     end_of_step,
@@ -62,6 +61,7 @@ from .training import (
     learning_rate,
     resumable_batches,
     resume_from_checkpoint,
+    start_run,
 )
 
 __all__ = [
@@ -447,30 +447,18 @@ def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, 
     """Train (or resume) the teacher run described by ``config`` (or by a ``plan_teacher`` plan, which it consumes);
     ``progress(step, max_steps, metrics)`` is called after every optimizer step on the main process. Writes
     ``teacher.safetensors`` (EMA weights) and ``teacher.json`` at the end."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-
     plan = config if isinstance(config, TeacherPlan) else plan_teacher(config)
     config = plan.config
     out = Path(config.out)
     resume = check_out_dir(out, plan.run_info)
-    accelerator = Accelerator(
-        mixed_precision=plan.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=not torch.cuda.is_available(),
-        project_config=ProjectConfiguration(project_dir=str(out)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-    )
-    _check_launch(accelerator)
-    if len(plan.images) < config.batch_size * accelerator.num_processes:  # plan_teacher checked one process's batch
-        raise ValueError(f"{plan.images.source!r} holds {len(plan.images)} images, fewer than one batch of {config.batch_size} "
-                         f"for each of {accelerator.num_processes} processes; lower --batch-size")
-    set_seed(config.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (out / RUN_INFO).write_text(json.dumps(plan.run_info, indent=2) + "\n")
-    accelerator.wait_for_everyone()
+
+    def enough_images(accelerator) -> None:  # plan_teacher checked one process's batch
+        if len(plan.images) < config.batch_size * accelerator.num_processes:
+            raise ValueError(f"{plan.images.source!r} holds {len(plan.images)} images, fewer than one batch of "
+                             f"{config.batch_size} for each of {accelerator.num_processes} processes; lower --batch-size")
+
+    accelerator = start_run(out, plan.run_info, resume, mixed_precision=plan.mixed_precision,
+                            grad_accum=config.grad_accum, seed=config.seed, check=enough_images)
 
     backbone = plan.backbone
     backbone.train()

@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -346,29 +346,13 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
     """Train (or resume) the run described by ``config``; ``progress(step, max_steps, metrics)`` is called after
     every optimizer step on the main process. Writes ``model.safetensors`` (EMA weights) and ``config.json`` at
     the end."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-
     from .trajectories import example_inputs
 
     plan = plan_run(config)
     out = Path(config.out)
     resume = check_run_dir(out, plan.run_info)
-    accelerator = Accelerator(
-        mixed_precision=plan.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=not torch.cuda.is_available(),
-        log_with=list(config.trackers) or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-    )
-    _check_launch(accelerator)
-    set_seed(config.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (out / RUN_INFO).write_text(json.dumps(plan.run_info, indent=2) + "\n")
-    accelerator.wait_for_everyone()
+    accelerator = start_run(out, plan.run_info, resume, mixed_precision=plan.mixed_precision,
+                            grad_accum=config.grad_accum, seed=config.seed, trackers=config.trackers)
 
     model = plan.model
     model.train()
@@ -444,6 +428,34 @@ def reset_accelerate_state() -> None:
 
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+
+
+def start_run(out: Path, run_info: dict, resume: bool, *, mixed_precision: str, grad_accum: int, seed: int,
+              trackers: Sequence[str] = (), check: Callable[[Any], None] | None = None):
+    """The Accelerator of a resumable run (seedable sampler, CPU when there is no GPU, checkpoints under ``out``),
+    launch-checked; then ``check(accelerator)`` (checks that need the process count), the global seed, and on the
+    main process the run directory with its ``run.json`` unless resuming. Shared by the DSNO and teacher trainers."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        cpu=not torch.cuda.is_available(),
+        log_with=list(trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+    )
+    _check_launch(accelerator)
+    if check is not None:
+        check(accelerator)
+    set_seed(seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (out / RUN_INFO).write_text(json.dumps(run_info, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return accelerator
 
 
 def resume_from_checkpoint(accelerator, out: Path, resume: bool, state) -> int | None:

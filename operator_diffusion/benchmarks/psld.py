@@ -49,6 +49,12 @@ STOCHASTIC = [
 ]
 
 
+
+def best_lam(error) -> float:
+    """The λ of LAMS with the smallest finite ``error(λ)`` (on the tuning inputs)."""
+    errs = {lam: error(lam) for lam in LAMS}
+    return min(errs, key=lambda lam: errs[lam] if math.isfinite(errs[lam]) else math.inf)
+
 def mixture(dim: int = 4, components: int = 6, seed: int = 0) -> PSLDGaussianMixtureOracle:
     """The benchmark's data: ``components`` isotropic Gaussians in ``dim`` dimensions, stds 0.1–0.5."""
     g = torch.Generator().manual_seed(seed)
@@ -95,8 +101,7 @@ def benchmark_deterministic(oracle: PSLDGaussianMixtureOracle, batch: int = 256,
             steps = steps_for(method, options, nfe, s)
             lam = None
             if tune:
-                errs = {l: _rmse(_x_at_end(oracle, z_tune, method, {**options, "lam": l}, steps)[0], ref_tune) for l in LAMS}
-                lam = min(errs, key=lambda l: errs[l] if math.isfinite(errs[l]) else math.inf)
+                lam = best_lam(lambda l: _rmse(_x_at_end(oracle, z_tune, method, {**options, "lam": l}, steps)[0], ref_tune))
             opts = {**options, "lam": lam} if tune else options
             x, used = _x_at_end(oracle, z_eval, method, opts, steps)
             row[nfe] = (_rmse(x, ref_eval), lam, used)
@@ -157,9 +162,8 @@ def benchmark_stochastic(oracle: PSLDGaussianMixtureOracle, n: int = 20000, tune
             steps = steps_for(method, options, nfe, s)
             lam = None
             if tune:
-                errs = {l: sliced_w2(_x_at_end(oracle, z_tune, method, {**options, "lam": l}, steps, seed=seed + 3)[0], exact_tune, proj)
-                        for l in LAMS}
-                lam = min(errs, key=lambda l: errs[l] if math.isfinite(errs[l]) else math.inf)
+                lam = best_lam(lambda l: sliced_w2(_x_at_end(oracle, z_tune, method, {**options, "lam": l}, steps, seed=seed + 3)[0],
+                                                   exact_tune, proj))
             opts = {**options, "lam": lam} if tune else options
             x, used = _x_at_end(oracle, z_eval, method, opts, steps, seed=seed + 4)
             row[nfe] = (moment_error(x, mean, cov), sliced_w2(x, exact, proj), lam, used)
