@@ -25,7 +25,9 @@ def train(
     weighting: str = typer.Option("sqrt-snr", "--weighting", help="Per-time loss weight: sqrt-snr (paper), snr or uniform."),
     weight_min: float = typer.Option(1.0, "--weight-min", help="Lower clamp of the loss weight."),
     weight_max: float = typer.Option(1e4, "--weight-max", help="Upper clamp of the loss weight (reference 1e4; see metrics.jsonl share_tI for each time's share)."),
-    loss: str = typer.Option("l1", "--loss", help="l1 (paper) or l2."),
+    loss: str = typer.Option("l1", "--loss", help="l1 (paper), l2 or pseudo-huber (iCT: mean (√(‖Δ‖² + c²) − c)/√(C·H·W))."),
+    huber_c: Optional[float] = typer.Option(None, "--huber-c", help="c of --loss pseudo-huber (> 0); default iCT's 0.00054·√(C·H·W)."),
+    final_weight: Optional[float] = typer.Option(None, "--final-weight", help="Loss weight of the last output time t_M (> 0), replacing its w(t_M)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Trajectories per process and micro-step."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation micro-steps."),
     lr: float = typer.Option(2e-4, "--lr", help="Adam learning rate."),
@@ -51,7 +53,8 @@ def train(
     config = training.TrainConfig(
         data=data, out=str(out), init_from=None if init_from is None else str(init_from), backbone=backbone,
         backbone_options=parse_options(backbone_option), modes=modes, weighting=weighting, weight_min=weight_min,
-        weight_max=weight_max, loss=loss, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, lr_decay=lr_decay, ema=ema,
+        weight_max=weight_max, loss=loss, huber_c=huber_c, final_weight=final_weight, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, warmup=warmup, lr_decay=lr_decay, ema=ema,
         mixed_precision=mixed_precision, max_steps=max_steps, baseline=baseline == "one-step", seed=seed,
         save_every=save_every, log_every=log_every, trackers=tuple(tracker),
     )

@@ -2,13 +2,14 @@
 
 Loss (paper eq. 10, reference code): for each output time t_i,
 
-    L_i = mean |G(x_T)(t_i) − target_i|      (``loss="l1"``; ``"l2"`` squares instead)
+    L_i = mean |G(x_T)(t_i) − target_i|      (``loss="l1"``; ``"l2"`` squares instead; ``"pseudo-huber"``: iCT's
+                                              mean_b (√(‖Δ_b‖² + c²) − c)/√D, see ``per_time_losses``)
     L   = (1/M) Σ_i w(t_i) L_i,   w = clamp(α/σ, w_min, w_max)  (``"sqrt-snr"``; ``"snr"``: α²/σ²; ``"uniform"``: 1)
 
 with the reference clamp [1, 1e4] (a PSLD teacher: α/σ of its data channel, Φ₀₀/L₀₀ = e^{``PSLD.x_log_snr``}).
-With it the last term carries ~99.9% of the loss on the reference grids; each
-term and its share are logged so that this is visible. The one-step baseline (Luhman & Luhman, 2021) trains the
-same backbone on the last output only.
+With it the last term carries ~99.9% of the loss on the reference grids (~76% on opdiff's default grid;
+``final_weight``, when set, replaces w(t_M) to change that); each term and its share are logged so that this
+is visible. The one-step baseline (Luhman & Luhman, 2021) trains the same backbone on the last output only.
 
 Accelerate does devices, mixed precision (bf16 default on GPU; the temporal FFT always runs in float32),
 gradient accumulation, DDP (``accelerate launch`` / ``torchrun``) and checkpoints (``save_state`` with the EMA
@@ -43,11 +44,14 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 WEIGHTINGS = ("sqrt-snr", "snr", "uniform")
-LOSSES = ("l1", "l2")
+LOSSES = ("l1", "l2", "pseudo-huber")
+HUBER_C_PER_SQRT_DIM = 0.00054  # iCT (Song & Dhariwal, 2023): c = 0.00054·√D, D = C·H·W
 PRECISIONS = ("bf16", "fp16", "no")
 # Fields that may change between a run and its resumption (they do not change what is trained).
 LR_DECAYS = ("constant", "cosine", "linear")
 RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints", "trackers")
+# Fields added after runs were made: left out of the identity while None (their old behaviour), so those runs resume.
+LATER_FIELDS = ("huber_c", "final_weight")
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ class TrainConfig:
     weighting: Literal["sqrt-snr", "snr", "uniform"] = "sqrt-snr"
     weight_min: float = 1.0
     weight_max: float = 1e4
-    loss: Literal["l1", "l2"] = "l1"
+    loss: Literal["l1", "l2", "pseudo-huber"] = "l1"
+    huber_c: float | None = None               # pseudo-Huber c; None: iCT's 0.00054·√(C·H·W)
+    final_weight: float | None = None          # replaces w(t_M), the last output's loss weight; None: w(t_M)
     batch_size: int = 64                       # per process and micro-step
     grad_accum: int = 1
     lr: float = 2e-4
@@ -84,38 +90,69 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         for k in RESUMABLE_FIELDS + ("out",):
             d.pop(k)
+        for k in LATER_FIELDS:
+            if d[k] is None:
+                d.pop(k)
         return json.loads(json.dumps(d))
 
 
 # --------------------------------------------------------------------------------------------------
 # The loss (pure functions)
 # --------------------------------------------------------------------------------------------------
-def time_weights(schedule, times: Tensor, weighting: str, w_min: float = 1.0, w_max: float = 1e4) -> Tensor:
+def check_positive(name: str, value: float | None) -> None:
+    """Refuse an optional setting that is given but is not a finite number > 0 (None passes)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if value is not None and not ok:
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{name} ({flag}) must be a finite number > 0, got {value!r}; omit it for the default")
+
+
+def time_weights(schedule, times: Tensor, weighting: str, w_min: float = 1.0, w_max: float = 1e4,
+                 final_weight: float | None = None) -> Tensor:
     """w(t_i): clamp(α/σ) (``sqrt-snr``, the paper), clamp(α²/σ²) (``snr``) or 1 (``uniform``), float64.
-    For a PSLD schedule α/σ is that of the data channel, x_t = Φ₀₀x₀ + L₀₀ε_x: Φ₀₀/L₀₀ (``PSLD.x_log_snr``)."""
+    For a PSLD schedule α/σ is that of the data channel, x_t = Φ₀₀x₀ + L₀₀ε_x: Φ₀₀/L₀₀ (``PSLD.x_log_snr``).
+    ``final_weight`` (> 0) replaces the last entry, w(t_M), as an absolute weight (not clamped)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+    check_positive("final_weight", final_weight)
     t = torch.as_tensor(times, dtype=torch.float64)
     if weighting == "uniform":
-        return torch.ones_like(t)
-    log_snr = schedule.x_log_snr(t) if isinstance(schedule, PSLD) else schedule.log_snr(t)
-    ratio = torch.exp(log_snr)  # α/σ = e^λ (λ = log α/σ, schedules.py)
-    w = ratio if weighting == "sqrt-snr" else ratio**2
-    return w.clamp(w_min, w_max)
+        w = torch.ones_like(t)
+    else:
+        log_snr = schedule.x_log_snr(t) if isinstance(schedule, PSLD) else schedule.log_snr(t)
+        ratio = torch.exp(log_snr)  # α/σ = e^λ (λ = log α/σ, schedules.py)
+        w = (ratio if weighting == "sqrt-snr" else ratio**2).clamp(w_min, w_max)
+    if final_weight is not None:
+        w[-1] = final_weight
+    return w
 
 
-def per_time_losses(pred: Tensor, target: Tensor, loss: str = "l1") -> Tensor:
-    """L_i = mean over (B, C, H, W) of |pred − target| (or its square) for each time: (B, M, ...) → (M,)."""
+def per_time_losses(pred: Tensor, target: Tensor, loss: str = "l1", huber_c: float | None = None) -> Tensor:
+    """L_i for each time, (B, M, C, H, W) → (M,), with Δ = pred − target:
+
+    - ``l1``: mean over (B, C, H, W) of |Δ|; ``l2``: of Δ²;
+    - ``pseudo-huber`` (iCT, Song & Dhariwal 2023): mean over B of (√(‖Δ_b‖² + c²) − c) / √D, the norm over
+      (C, H, W) and D = C·H·W. The 1/√D makes it ‖Δ‖/√D (the RMS error, ≥ the L1 mean) for ‖Δ‖ ≫ c and
+      ‖Δ‖²/(2c√D) for ‖Δ‖ ≪ c. ``huber_c`` is c; None: iCT's 0.00054·√D.
+    """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
-    diff = pred.float() - target.float()
+    check_positive("huber_c", huber_c)
+    diff = (pred.float() - target.float()).transpose(0, 1).flatten(2)  # (M, B, D)
+    if loss == "pseudo-huber":
+        dim = diff.shape[-1]
+        c = HUBER_C_PER_SQRT_DIM * math.sqrt(dim) if huber_c is None else float(huber_c)
+        sq = diff.square().sum(-1)
+        # √(s + c²) − c = s / (√(s + c²) + c): no cancellation when s ≪ c²
+        return (sq / ((sq + c * c).sqrt() + c)).mean(1) / math.sqrt(dim)
     err = diff.abs() if loss == "l1" else diff.square()
-    return err.transpose(0, 1).flatten(1).mean(1)
+    return err.flatten(1).mean(1)
 
 
-def dsno_loss(pred: Tensor, target: Tensor, weights: Tensor, loss: str = "l1") -> tuple[Tensor, Tensor]:
+def dsno_loss(pred: Tensor, target: Tensor, weights: Tensor, loss: str = "l1",
+              huber_c: float | None = None) -> tuple[Tensor, Tensor]:
     """(L, (L_i)) with L = (1/M) Σ_i w_i L_i (paper eq. 10 with the reference's mean over times)."""
-    terms = per_time_losses(pred, target, loss)
+    terms = per_time_losses(pred, target, loss, huber_c)
     return (weights.to(terms) * terms).mean(), terms
 
 
@@ -242,6 +279,11 @@ def plan_run(config: TrainConfig) -> RunPlan:
         raise ValueError(f"ema must lie in [0, 1), got {config.ema}")
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; valid: {', '.join(LOSSES)}")
+    check_positive("huber_c", config.huber_c)
+    if config.huber_c is not None and config.loss != "pseudo-huber":
+        raise ValueError(f"huber_c (--huber-c) applies to the pseudo-huber loss only, not {config.loss!r}; "
+                         "drop it or pass --loss pseudo-huber")
+    check_positive("final_weight", config.final_weight)
     check_decay(config.lr_decay, config.warmup, config.max_steps)
     if config.mixed_precision not in (*PRECISIONS, None):
         raise ValueError(f"unknown mixed precision {config.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
@@ -260,7 +302,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
         )
     bb = build_backbone(config, collection)
     model = DSNO(bb, cache.times, modes=config.modes, init=config.init, baseline=config.baseline)
-    weights = time_weights(bb.schedule, model.times, config.weighting, config.weight_min, config.weight_max)
+    weights = time_weights(bb.schedule, model.times, config.weighting, config.weight_min, config.weight_max,
+                           config.final_weight)
     if config.mixed_precision is None:
         precision = "bf16" if torch.cuda.is_available() else "no"
     else:
@@ -381,7 +424,7 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
         target = batch["trajectory"].to(torch.float32)
         with accelerator.accumulate(model):
             pred = model(x_T, batch.get("label"))
-            loss, terms = dsno_loss(pred, target, weights, config.loss)
+            loss, terms = dsno_loss(pred, target, weights, config.loss, config.huber_c)
             accelerator.backward(loss)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state.step, config.lr, config.warmup, config.lr_decay, config.max_steps)

@@ -119,6 +119,67 @@ def test_loss_is_the_weighted_mean_of_per_time_l1_terms():
     torch.testing.assert_close(sq, (pred - target).square().mean(dim=(0, 2, 3, 4)), rtol=1e-6, atol=0)
 
 
+def _pseudo_huber_reference(pred, target, c):
+    """iCT's pseudo-Huber term per time by hand in float64: mean_b (√(Σ_chw Δ² + c²) − c) / √D."""
+    b, m = pred.shape[:2]
+    dim = pred[0, 0].numel()
+    out = []
+    for i in range(m):
+        total = 0.0
+        for k in range(b):
+            sq = sum((float(p) - float(q)) ** 2 for p, q in zip(pred[k, i].flatten().tolist(), target[k, i].flatten().tolist()))
+            total += (math.sqrt(sq + c * c) - c) / math.sqrt(dim)
+        out.append(total / b)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_pseudo_huber_loss_matches_a_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(3, 2, 2, 2, 3, generator=g), torch.randn(3, 2, 2, 2, 3, generator=g)
+    default_c = 0.00054 * math.sqrt(12)  # iCT: 0.00054·√D, D = C·H·W = 12
+    for c, got in [(default_c, per_time_losses(pred, target, "pseudo-huber")),
+                   (0.7, per_time_losses(pred, target, "pseudo-huber", huber_c=0.7))]:
+        torch.testing.assert_close(got.double(), _pseudo_huber_reference(pred, target, c), rtol=1e-6, atol=0)
+    w = torch.tensor([2.0, 5.0], dtype=torch.float64)
+    loss, terms = dsno_loss(pred, target, w, "pseudo-huber", 0.7)
+    assert float(loss) == pytest.approx(float((w * _pseudo_huber_reference(pred, target, 0.7)).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pseudo_huber_limits(seed):
+    g = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** (seed - 2)  # errors from 0.01 to 10
+    pred, target = scale * torch.randn(4, 3, 3, 4, 4, generator=g), torch.zeros(4, 3, 3, 4, 4)
+    norm = pred.double().flatten(2).norm(dim=2)  # (B, M): ‖Δ‖ over (C, H, W)
+    root_d = math.sqrt(48)
+    small = per_time_losses(pred, target, "pseudo-huber", huber_c=1e-9 * scale)  # c → 0: ‖Δ‖/√D
+    torch.testing.assert_close(small.double(), norm.mean(0) / root_d, rtol=1e-5, atol=0)
+    c = 1e4 * scale  # c ≫ ‖Δ‖: ‖Δ‖²/(2c√D)
+    large = per_time_losses(pred, target, "pseudo-huber", huber_c=c)
+    torch.testing.assert_close(large.double(), norm.square().mean(0) / (2 * c * root_d), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf"), True, "0.1"])
+def test_pseudo_huber_refuses_a_bad_c(bad):
+    x = torch.zeros(2, 1, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"huber_c \(--huber-c\) must be a finite number > 0"):
+        per_time_losses(x, x, "pseudo-huber", huber_c=bad)
+
+
+def test_final_weight_replaces_the_last_time_weight():
+    t = torch.tensor([0.9, 0.3, 0.05, 1e-3], dtype=torch.float64)
+    alpha, sigma = vp_linear_alpha_sigma(t)
+    expected = (alpha / sigma).clamp(1, 1e4)
+    assert float(expected[-1]) == pytest.approx(95.37, rel=1e-3)  # the default last weight it replaces
+    expected[-1] = 7.5
+    torch.testing.assert_close(time_weights(VPLinear(), t, "sqrt-snr", final_weight=7.5), expected, rtol=1e-12, atol=0)
+    assert time_weights(VPLinear(), t, "uniform", final_weight=1e4).tolist() == [1.0, 1.0, 1.0, 1e4]
+    assert time_weights(VPLinear(), t[-1:], "sqrt-snr", final_weight=3.0).tolist() == [3.0]  # the baseline's one time
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"final_weight \(--final-weight\) must be a finite number > 0"):
+            time_weights(VPLinear(), t, "sqrt-snr", final_weight=bad)
+
+
 def test_learning_rate_warmup():
     assert learning_rate(0, 2e-4, 1000) == pytest.approx(2e-7)
     assert learning_rate(500, 2e-4, 1000) == pytest.approx(2e-4 * (1e-3 + 0.999 * 0.5))
@@ -219,6 +280,16 @@ def test_one_step_baseline_trains_on_the_last_time_only(dataset, tmp_path):
     assert model.baseline and len(model.temporal) == 0 and info["parameters"]["temporal_parameters"] == 0
 
 
+def test_pseudo_huber_with_a_final_weight_trains(dataset, tmp_path):
+    out = tmp_path / "huber"
+    train(config(dataset, out, loss="pseudo-huber", huber_c=0.05, final_weight=5.0, max_steps=2))
+    for m in metrics(out):  # L = (1/M) Σ w_i L_i, so w_M = share_M · M · L / L_M
+        assert m["share_t4"] * 4 * m["loss"] / m["loss_t4"] == pytest.approx(5.0, rel=1e-4)
+    identity = json.loads((out / "run.json").read_text())["train"]
+    assert identity["huber_c"] == 0.05 and identity["final_weight"] == 5.0
+    assert "huber_c" not in config(dataset, out).identity()  # unset: as before the option existed, so old runs resume
+
+
 def test_bf16_autocast_trains_on_cpu(dataset, tmp_path):
     out = tmp_path / "bf16"
     train(config(dataset, out, mixed_precision="bf16", max_steps=3))
@@ -269,6 +340,9 @@ def test_bad_input_is_refused_without_writing(dataset, tmp_path):
         (dict(batch_size=200), "holds 96 trajectories, fewer than one batch of 200"),
         (dict(init_from=str(tmp_path / "missing.safetensors")), "does not exist"),
         (dict(data=str(tmp_path / "nowhere")), "neither a folder nor a Hub dataset id"),
+        (dict(loss="pseudo-huber", huber_c=-1.0), "huber_c \\(--huber-c\\) must be a finite number > 0"),
+        (dict(huber_c=0.1), "applies to the pseudo-huber loss only, not 'l1'"),
+        (dict(final_weight=0.0), "final_weight \\(--final-weight\\) must be a finite number > 0"),
     ]
     for i, (kw, match) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -293,6 +367,11 @@ def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
     resolved = json.loads(dry.output)
     assert resolved["times"] == json.loads((dataset / "opdiff_collection.json").read_text())["collection"]["output_times"]
     assert not (tmp_path / "dry").exists()
+    dry = runner.invoke(app, [*args, "--out", str(tmp_path / "dry"), "--dry-run", "--loss", "pseudo-huber",
+                              "--huber-c", "0.01", "--final-weight", "12.5"])
+    assert dry.exit_code == 0, dry.output
+    resolved = json.loads(dry.output)
+    assert resolved["loss_weights"][-1] == 12.5 and resolved["config"]["huber_c"] == 0.01
     ok = runner.invoke(app, [*args, "--out", str(tmp_path / "cli")])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "cli" / "model.safetensors").is_file()
@@ -300,4 +379,8 @@ def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
     assert bad.exit_code == 2 and "unknown --weighting 'lpips'" in bad.output
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "-o", "preset=digits"])
     assert bad.exit_code == 2 and "takes images of shape" in bad.output
+    for flags, message in [(["--loss", "pseudo-huber", "--huber-c", "-0.5"], "huber_c (--huber-c) must be a finite number > 0"),
+                           (["--final-weight", "0"], "final_weight (--final-weight) must be a finite number > 0")]:
+        bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), *flags])
+        assert bad.exit_code == 2 and message in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
     assert not (tmp_path / "bad").exists()
