@@ -26,6 +26,32 @@ def _int_list(spec: str, flag: str) -> list[int]:
     return sorted(set(values))
 
 
+def parse_solver_grids(items: list[str], solvers: list[str], kinds) -> dict[str, str]:
+    """``["unipc=logsnr"]`` → ``{"unipc": "logsnr"}``; unknown solvers or grids are usage errors."""
+    out = {}
+    for item in items:
+        name, sep, g = item.partition("=")
+        if not sep or name.strip() not in solvers or g.strip() not in kinds:
+            fail(f"bad --solver-grid {item!r}: give SOLVER=GRID with SOLVER among --solvers ({', '.join(solvers)}) "
+                 f"and GRID among {', '.join(kinds)}")
+        out[name.strip()] = g.strip()
+    return out
+
+
+def parse_solver_options(items: list[str], solvers: list[str]) -> dict[str, dict]:
+    """``["unipc:order=2,variant=bh1"]`` → ``{"unipc": {"order": 2, "variant": "bh1"}}`` (values parsed as JSON)."""
+    from ._common import parse_options
+
+    out: dict[str, dict] = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or name.strip() not in solvers:
+            fail(f"bad --solver-options {item!r}: give SOLVER:KEY=VALUE[,KEY=VALUE] with SOLVER among --solvers "
+                 f"({', '.join(solvers)}), e.g. unipc:order=2")
+        out.setdefault(name.strip(), {}).update(parse_options(rest.split(","), "--solver-options"))
+    return out
+
+
 def bench(
     run: Path = typer.Argument(..., help="The `opdiff train` run folder of the DSNO model."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="A run trained with `--baseline one-step` on the same data."),
@@ -33,7 +59,11 @@ def bench(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds (default: --num seeds right after the training seeds)."),
     solvers: Optional[str] = typer.Option(None, "--solvers", help="Training-free solvers to compare (see `opdiff solvers`); default ddim,deis,dpmpp-2m,unipc (PSLD teachers: euler,lambda-ddim,rse,csps-d; `opdiff solvers --schedule psld`)."),
     nfe: str = typer.Option("1,2,3,5,10,20", "--nfe", help="NFE budgets of the solvers."),
-    grid: Optional[str] = typer.Option(None, "--grid", help="Time grid of the solvers (default: the collection's)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="One time grid for every solver (default: each solver's own, docs/bench.md; PSLD teachers: the collection's)."),
+    solver_grid: list[str] = typer.Option([], "--solver-grid", help="A solver's grid, SOLVER=GRID (e.g. unipc=logsnr); repeatable."),
+    solver_options: list[str] = typer.Option([], "--solver-options", help="A solver's options, SOLVER:KEY=VALUE[,KEY=VALUE] (e.g. unipc:order=2,variant=bh1); repeatable."),
+    tune: bool = typer.Option(False, "--tune", help="Pick each solver's grid and options per NFE by RMSE on tuning seeds disjoint from the reported ones."),
+    tune_seeds: Optional[str] = typer.Option(None, "--tune-seeds", help="The tuning seeds of --tune (default: 128 seeds after the reported ones)."),
     reference_solver: Optional[str] = typer.Option(None, "--reference-solver", help="Solver of the teacher's reference solution (default: the collection's)."),
     reference_steps: Optional[int] = typer.Option(None, "--reference-steps", help="Its steps (default: the collection's)."),
     teacher_checkpoint: Optional[Path] = typer.Option(None, "--teacher-checkpoint", help="The teacher's weights (default: the run's --init-from file)."),
@@ -84,7 +114,19 @@ def bench(
         if binfo.get("data_content_sha256") != info.get("data_content_sha256"):
             err_console.print("[yellow]warning:[/] the baseline was trained on other data than the DSNO run")
         models["one-step baseline" if base.baseline else "second model"] = base
-    seed_list = resolve_seeds(seeds, num if num is not None or seeds is not None else DEFAULT_NUM, info)
+    infos = (info,) if baseline is None else (info, binfo)
+    seed_list = resolve_seeds(seeds, num if num is not None or seeds is not None else DEFAULT_NUM, info, infos)
+    if tune_seeds is not None and not tune:
+        fail("--tune-seeds only applies with --tune")
+    from operator_diffusion.bench import check_tune_seeds, default_tune_seeds, training_seeds
+
+    tune_list = None
+    if tune:
+        try:
+            tune_list = sp.parse_seeds(tune_seeds) if tune_seeds is not None else default_tune_seeds(seed_list)
+            check_tune_seeds(tune_list, seed_list, [training_seeds(i) for i in infos])
+        except ValueError as e:
+            fail(str(e))
     try:
         label_mode = sp.parse_labels(labels, model.backbone.num_classes)
         reference = sp.run_solver(info, reference_solver, reference_steps)
@@ -99,12 +141,16 @@ def bench(
     unknown = [s for s in solver_list if s not in valid]
     if unknown:
         fail(f"unknown --solvers {', '.join(unknown)} for the {teacher.schedule.name} teacher; valid: {', '.join(valid)}")
-    grid = grid or info["collection"]["grid"]
+    grids = parse_solver_grids(solver_grid, solver_list, GRID_KINDS)
+    options = parse_solver_options(solver_options, solver_list)
+    from operator_diffusion.bench import solver_choice
+
     try:
         for name in solver_list:  # deterministic, on a grid the schedule takes (PSLD: uniform or quadratic)
-            sp.TeacherSolver(name, 1, grid, reference.t_end, reference.target).nfe(teacher.schedule)
-    except ValueError as e:
-        fail(f"bad --solvers/--grid: {e}")
+            choice = solver_choice(name, teacher.schedule, grid or grids.get(name), options.get(name), info["collection"]["grid"])
+            sp.TeacherSolver(name, 1, choice.grid, reference.t_end, "state", choice.options).nfe(teacher.schedule)
+    except (ValueError, TypeError) as e:
+        fail(f"bad --solvers/--grid/--solver-grid/--solver-options: {e}")
 
     fid_fn, fid_meta = None, None
     if ref is not None:
@@ -127,7 +173,8 @@ def bench(
                 fail(f"cannot compute FID: {e}")
 
     setup = BenchSetup(teacher, reference, seed_list, label_mode, solver_list, nfes, grid,
-                       models, fid_fn, batch_size, dev, info["collection"].get("guidance"))
+                       models, fid_fn, batch_size, dev, info["collection"].get("guidance"), grids, options, tune_list,
+                       tuple(training_seeds(i) for i in infos), info["collection"]["grid"])
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 

@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from ._common import console, fail, parse_options, print_rows
+from ._common import console, err_console, fail, parse_options, print_rows
 
 data_app = typer.Typer(help="Inspect trajectory datasets written by `opdiff collect`.", no_args_is_help=True)
 
@@ -92,7 +92,7 @@ def collect(
     batch_size: int = typer.Option(64, "--batch-size", help="Trajectories per solve (changes only float round-off; keep it to resume bit-exactly)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Examples per parquet shard."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 or float32."),
-    precision: str = typer.Option("fp32", "--precision", help="Teacher network arithmetic: fp32, or bf16 (autocast; ~2× faster on GPUs and AVX-512 BF16 CPUs)."),
+    precision: str = typer.Option("fp32", "--precision", help="Teacher network arithmetic: fp32, bf16 (autocast; faster on GPUs and AVX-512 BF16 CPUs, ~10× slower on AVX2-only CPUs), or auto (time both here at --batch-size, bf16 only if ≥10% faster; a resumed folder keeps its recorded precision)."),
     solver_option: List[str] = typer.Option([], "--solver-option", help="Solver option key=value (e.g. order=2); repeatable."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device; default cuda when available, else cpu."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the finished folder as this Hub dataset repo."),
@@ -107,10 +107,12 @@ def collect(
     )
     teacher = _load_teacher(backbone, parse_config(backbone_config, "--backbone-config"), checkpoint, seed)
     try:
-        plan = tr.plan_collection(teacher, config, checkpoint)
+        plan = tr.plan_collection(teacher, config, checkpoint, out_dir=out, device=device)
         tr.check_output_dir(out, plan)
     except ValueError as e:
         fail(str(e))
+    if plan.precision_choice is not None:
+        err_console.print(_precision_line(plan.precision_choice, out), highlight=False, soft_wrap=True)
     started = time.perf_counter()
     try:
         result = _collect_with_progress(teacher, out, plan, device)
@@ -134,6 +136,16 @@ def _collect_with_progress(teacher, out: Path, plan, device):
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("collect", total=plan.config.num)
         return run(teacher, out, plan, device=device, progress=lambda n: bar.advance(task, n))
+
+
+def _precision_line(choice: dict, out: Path) -> str:
+    """One line on how --precision auto was resolved: the two measured timings, or the resumed folder's precision."""
+    if choice["source"] == "collection":
+        return f"precision auto: {choice['precision']}, as recorded in the collection in {str(out)} (not measured again)"
+    sec = choice["seconds_per_eval"]
+    return (f"precision auto: {choice['precision']} (per network evaluation at batch {choice['batch_size']} on "
+            f"{choice['device']}, CPU capability {choice['cpu_capability']}: fp32 {sec['fp32'] * 1e3:.3g} ms, "
+            f"bf16 {sec['bf16'] * 1e3:.3g} ms)")
 
 
 def _report(result, plan, seconds: float) -> None:

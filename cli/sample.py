@@ -51,8 +51,11 @@ def select_times(spec: str, times: list[float]) -> list[int]:
     return sorted(set(idx))
 
 
-def resolve_seeds(seeds: Optional[str], num: Optional[int], info: dict) -> list[int]:
-    """Explicit --seeds, else --num seeds held out from training: starting after the collection's seeds."""
+def resolve_seeds(seeds: Optional[str], num: Optional[int], info: dict, held_out_of: tuple[dict, ...] = ()) -> list[int]:
+    """Explicit --seeds, else --num seeds held out from training: starting after the collection's seeds. Explicit
+    seeds that overlap the training seeds of any run in ``held_out_of`` (those whose numbers are reported) are a
+    usage error."""
+    from operator_diffusion.bench import check_held_out, training_seeds
     from operator_diffusion.sampling import parse_seeds
 
     if num is not None and num < 1:
@@ -64,9 +67,12 @@ def resolve_seeds(seeds: Optional[str], num: Optional[int], info: dict) -> list[
             fail(str(e))
         if num is not None and num != len(out):
             fail(f"--num {num} but --seeds lists {len(out)} seeds; give one of them or make them agree")
+        try:
+            check_held_out(out, [training_seeds(i) for i in held_out_of], "--seeds")
+        except ValueError as e:
+            fail(str(e))
         return out
-    coll = info.get("collection", {})
-    start = int(coll.get("seed", 0)) + int(coll.get("num", 0))
+    start = max([training_seeds(info).stop] + [training_seeds(i).stop for i in held_out_of])
     return list(range(start, start + (num or DEFAULT_NUM)))
 
 

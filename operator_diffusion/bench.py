@@ -32,10 +32,55 @@ DEFAULT_SOLVERS = ("ddim", "deis", "dpmpp-2m", "unipc")
 PSLD_DEFAULT_SOLVERS = ("euler", "lambda-ddim", "rse", "csps-d")
 DEFAULT_NFES = (1, 2, 3, 5, 10, 20)
 PSNR_RANGE = 2.0  # images in [-1, 1]
+TUNE_NUM = 128    # tuning seeds of `--tune` (disjoint from the reported ones)
+
+
+@dataclass(frozen=True)
+class SolverChoice:
+    """The grid and options a solver runs with in a bench row."""
+
+    grid: str
+    options: dict = field(default_factory=dict)
+    to_zero: bool = False  # diffusers' last step to σ = 0 (returns x̂_0 at the last evaluation) instead of x(t_end)
+
+    def describe(self) -> str:
+        return ", ".join([f"{self.grid} grid"] + [f"{k}={v}" for k, v in self.options.items()]
+                         + (["last step to σ = 0"] if self.to_zero else []))
+
+
+# Each solver's own default grid and options in a bench (α/σ teachers): the best single choice over 2–10 NFE,
+# measured on the shipped digits teacher on tuning seeds (docs/benchmarks.md, "solver grids"; reproduce with
+# `python -m operator_diffusion.benchmarks solver-grids`). Multistep solvers take lower-order final steps below
+# 15 steps by their own default (``lower_order_final=None``, as diffusers). A solver not listed runs on logsnr.
+SOLVER_DEFAULTS: dict[str, SolverChoice] = {
+    "ddim": SolverChoice("logsnr"),
+    "deis": SolverChoice("logsnr"),
+    "ipndm": SolverChoice("logsnr"),
+    "dpmpp-2m": SolverChoice("logsnr"),
+    "dpmpp-3m": SolverChoice("logsnr"),
+    "unipc": SolverChoice("logsnr"),
+    "heun": SolverChoice("edm"),
+    "lambda-ddim": SolverChoice("logsnr"),
+}
+# The option variants `--tune` tries for each solver (crossed with every grid the schedule takes).
+TUNE_OPTIONS: dict[str, tuple[dict, ...]] = {
+    "deis": tuple({"order": o, "lower_order_final": f} for o in (1, 2, 3) for f in (None, False)),
+    "ipndm": tuple({"order": o, "lower_order_final": f} for o in (2, 3, 4) for f in (None, False)),
+    "dpmpp-2m": ({"lower_order_final": None}, {"lower_order_final": False}),
+    "dpmpp-3m": tuple({"exact_third_order": e, "lower_order_final": f} for e in (False, True) for f in (None, False)),
+    "unipc": tuple({"order": o, "variant": v, "lower_order_final": f}
+                   for o in (1, 2, 3) for v in ("bh1", "bh2") for f in (None, False)),
+    "heun": ({"final_euler": False}, {"final_euler": True}),
+    "lambda-ddim": tuple({"lam": lam} for lam in (-0.5, 0.0, 0.5, 1.0)),
+}
 
 
 @dataclass
 class BenchRow:
+    """One method at one budget. ``nfe``: network evaluations per sample; ``depth``: sequential network passes
+    (DSNO: 1, on B·M items); ``compute``: measured seconds per image over one teacher evaluation's seconds per
+    image at the same batch (about M for DSNO, about ``nfe`` for a solver)."""
+
     method: str
     nfe: int
     rmse: float
@@ -44,6 +89,10 @@ class BenchRow:
     images_per_s: float
     fid: float | None = None
     detail: str = ""
+    depth: int = 0
+    compute: float = float("nan")
+    seconds_per_image: float = float("nan")
+    kind: str = ""  # reference | model | denoiser | solver
 
 
 @dataclass
@@ -60,32 +109,44 @@ class BenchResult:
     def to_json(self) -> str:
         return json.dumps({"meta": self.meta, "rows": [asdict(r) for r in self.rows]}, indent=2)
 
-    def report(self) -> str:
-        """The table with a header saying what was compared, on which machine, and how to reproduce it."""
+    def report(self, with_verdict: bool = True) -> str:
+        """The table with a header saying what was compared, on which machine, and how to reproduce it, then
+        (``with_verdict``) each model's ``verdict``."""
         m = self.meta
+        grids = "each solver on its own grid and options (the detail column)" if m.get("grid") is None \
+            else f"solvers on the `{m['grid']}` grid"
+        tuned = f"; grids and options tuned per NFE on {m['tune']['num']} other seeds ({m['tune']['seeds']})" \
+            if m.get("tune") else ""
         lines = [
             f"Teacher-match error on {m['num']} held-out seeds ({m.get('seeds', '?')}) against the teacher's reference "
-            f"solution ({m['reference']}, {m['reference_nfe']} NFE); each method estimates the collection's "
-            f"`{m['target']}` target at t = {m['t_end']:.4g}; solvers on the `{m['grid']}` grid. RMSE on images in "
-            "[-1, 1]; PSNR with peak-to-peak 2.",
+            f"solution ({m['reference']}, {m['reference_nfe']} NFE) of the collection's `{m['target']}` target at "
+            f"t = {m['t_end']:.4g}; {grids}{tuned}. Every solver evaluation advances the solution: a solver ends "
+            f"at x(t = {m['t_end']:.4g}), or, with its last step to σ = 0 (as diffusers), returns x̂₀ at its last evaluation. RMSE on images in [-1, 1]; PSNR with peak-to-peak 2.",
         ]
+        if m.get("eval_seconds_per_image"):
+            lines.append(f"Compute: seconds per image at batch {m['batch_size']} and its ratio to one teacher evaluation "
+                         f"({1e6 * m['eval_seconds_per_image']:.1f} µs per image at that batch, measured in this run). "
+                         "Depth: sequential network passes.")
         if m.get("fid"):
             lines.append(f"FID against {m['fid']['reference']} ({m['fid']['n_reference']} images, features {m['fid']['extractor']}).")
         if m.get("command"):
             lines.append(f"Command: `{m['command']}`")
         if m.get("machine"):
             lines.append(f"Machine: {m['machine']}; device {m['device']}.")
-        return "\n\n".join(lines) + "\n\n" + self.to_markdown()
+        text = "\n\n".join(lines) + "\n\n" + self.to_markdown()
+        said = [line for r in self.rows if r.kind == "model" and with_verdict for line in verdict(self, r.method)]
+        return text + ("\n\n" + "\n".join(f"- {line}" for line in said) if said else "")
 
     def to_markdown(self) -> str:
         has_fid = any(r.fid is not None for r in self.rows)
-        head = "| method | NFE | RMSE ↓ | PSNR (dB) ↑ |" + (" FID ↓ |" if has_fid else "") + " seconds | images/s | detail |"
-        sep = "|---|---:|---:|---:|" + ("---:|" if has_fid else "") + "---:|---:|---|"
+        head = "| method | NFE | depth | compute (× 1 eval) | s/image | RMSE ↓ | PSNR (dB) ↑ |" + (" FID ↓ |" if has_fid else "") + " detail |"
+        sep = "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_fid else "") + "---|"
         lines = [head, sep]
         for r in self.rows:
             fid = (f" {r.fid:.3f} |" if r.fid is not None else " – |") if has_fid else ""
             psnr = "∞" if math.isinf(r.psnr) else f"{r.psnr:.2f}"
-            lines.append(f"| {r.method} | {r.nfe} | {r.rmse:.5f} | {psnr} |{fid} {r.seconds:.2f} | {r.images_per_s:.1f} | {r.detail} |")
+            lines.append(f"| {r.method} | {r.nfe} | {r.depth} | {r.compute:.2f} | {r.seconds_per_image:.2e} | {r.rmse:.5f} | "
+                         f"{psnr} |{fid} {r.detail} |")
         return "\n".join(lines)
 
 
@@ -102,10 +163,11 @@ def teacher_match(x: Tensor, reference: Tensor) -> tuple[float, float]:
     return math.sqrt(mse), psnr
 
 
-def steps_for_nfe(schedule, solver: str, nfe: int, grid: str, t_end: float, target: str, options: dict | None = None) -> int | None:
-    """The number of steps at which ``solver`` spends exactly ``nfe`` evaluations (None if no count does)."""
-    for steps in range(1, nfe + 1):
-        spend = TeacherSolver(solver, steps, grid, t_end, target, dict(options or {})).nfe(schedule)
+def steps_for_nfe(schedule, solver: str, nfe: int, grid: str, t_end: float, target: str, options: dict | None = None,
+                  to_zero: bool = False) -> int | None:
+    """The number of grid steps at which ``solver`` spends exactly ``nfe`` evaluations (None if no count does)."""
+    for steps in range(2 if to_zero else 1, nfe + 2):
+        spend = TeacherSolver(solver, steps, grid, t_end, target, dict(options or {}), to_zero).nfe(schedule)
         if spend == nfe:
             return steps
         if spend > nfe:
@@ -136,12 +198,147 @@ def denoiser_batches(backbone, seeds: Sequence[int], labels, batch_size: int, de
         yield SampleBatch(chunk, None if y is None else y.cpu(), x0[:, None].float().cpu(), [float(t)])
 
 
+def solver_choice(solver: str, schedule, grid: str | None = None, options: dict | None = None,
+                  fallback_grid: str = "quadratic") -> SolverChoice:
+    """The grid and options ``solver`` runs with: ``SOLVER_DEFAULTS`` (α/σ teachers) or ``fallback_grid`` (PSLD
+    teachers, whose integrators take uniform or quadratic grids), with ``grid`` and ``options`` overriding."""
+    from .schedules import PSLD
+
+    base = SOLVER_DEFAULTS.get(solver, SolverChoice("logsnr"))
+    if isinstance(schedule, PSLD):
+        base = SolverChoice(fallback_grid)
+    options = dict(options or {})
+    to_zero = bool(options.pop("to_zero", base.to_zero))  # not a solve() option: how the run ends
+    return SolverChoice(grid or base.grid, {**base.options, **options}, to_zero)
+
+
+def tune_candidates(solver: str, schedule, grid: str | None = None, options: dict | None = None) -> list[SolverChoice]:
+    """What ``--tune`` tries for ``solver``: every grid the schedule takes (or just ``grid``) crossed with the
+    option variants of ``TUNE_OPTIONS`` and both endings (x(t_end), or the last step to σ = 0); ``options`` given
+    by the user are kept fixed (``to_zero`` among them fixes the ending)."""
+    from .schedules import GRID_KINDS, PSLD
+
+    grids = [grid] if grid else [g for g in GRID_KINDS if not (isinstance(schedule, PSLD) and g in ("logsnr", "edm"))]
+    variants = TUNE_OPTIONS.get(solver, ({},)) if not isinstance(schedule, PSLD) else ({},)
+    out: list[SolverChoice] = []
+    for g in grids:
+        for v in variants:
+            for to_zero in (False, True):
+                fixed = {**v, "to_zero": to_zero, **(options or {})}
+                to_zero = bool(fixed.pop("to_zero"))
+                choice = SolverChoice(g, fixed, to_zero)
+                if choice not in out:
+                    out.append(choice)
+    return out
+
+
+def training_seeds(info: dict) -> range:
+    """The seeds a run's trajectories were collected from (its training seeds), from its ``info``."""
+    coll = info.get("collection", {})
+    start = int(coll.get("seed", 0))
+    return range(start, start + int(coll.get("num", 0)))
+
+
+def check_held_out(seeds: Sequence[int], training: Sequence[range], what: str = "the bench seeds") -> None:
+    """Refuse ``seeds`` that a run was trained on (ValueError naming the overlap): reported numbers are held out."""
+    for r in training:
+        hits = [s for s in seeds if s in r]
+        if hits:
+            raise ValueError(f"{what} overlap the training seeds {r.start}-{r.stop - 1} ({_seed_list(hits)}); "
+                             f"numbers are reported on held-out seeds only: choose seeds outside that range")
+
+
+def check_tune_seeds(tune: Sequence[int], reported: Sequence[int], training: Sequence[range] = ()) -> None:
+    """Tuning must never see a reported seed (nor a training seed): raise ValueError naming the overlap."""
+    overlap = sorted(set(tune) & set(reported))
+    if overlap:
+        raise ValueError(f"the tuning seeds overlap the reported seeds ({_seed_list(overlap)}); tuning on the "
+                         "seeds it is reported on does not count: choose disjoint --tune-seeds")
+    check_held_out(tune, training, "the tuning seeds")
+
+
+def _seed_list(seeds: Sequence[int]) -> str:
+    return ", ".join(map(str, seeds[:5])) + (f" … ({len(seeds)} seeds)" if len(seeds) > 5 else "")
+
+
+def default_tune_seeds(reported: Sequence[int], num: int = TUNE_NUM) -> list[int]:
+    """The tuning seeds of ``--tune`` when none are given: the ``num`` seeds right after the reported ones."""
+    start = max(reported) + 1
+    return list(range(start, start + num))
+
+
+def verdict(result: "BenchResult", model: str = "DSNO") -> list[str]:
+    """Plain sentences comparing ``model`` (one pass) with the solvers at equal sequential depth and at equal
+    compute, saying where it loses. Compute is the rows' measured ratio to one teacher evaluation."""
+    try:
+        m = result.row(model)
+    except KeyError:
+        return []
+    solvers = [r for r in result.rows if r.kind == "solver"]
+    if not solvers:
+        return []
+    lines = []
+    best_at: dict[int, BenchRow] = {}
+    for r in solvers:
+        if r.nfe not in best_at or r.rmse < best_at[r.nfe].rmse:
+            best_at[r.nfe] = r
+    nfes = sorted(best_at)
+    beaten = [k for k in nfes if best_at[k].rmse > m.rmse]
+    loses = [k for k in nfes if best_at[k].rmse <= m.rmse]
+    if not loses:
+        lines.append(f"Equal depth: {model} (1 pass, RMSE {m.rmse:.4f}) beats the best solver at every benched NFE "
+                     f"(up to {nfes[-1]}: {best_at[nfes[-1]].method} {best_at[nfes[-1]].rmse:.4f}).")
+    else:
+        k = loses[0]
+        won = f"beats the best solver up to {max(x for x in beaten if x < k)} NFE" if any(x < k for x in beaten) \
+            else "beats no solver"
+        lines.append(f"Equal depth: {model} (1 pass, RMSE {m.rmse:.4f}) {won}; it loses from {k} NFE on, where "
+                     f"{best_at[k].method} reaches {best_at[k].rmse:.4f}"
+                     + (f" (at {nfes[-1]} NFE: {best_at[nfes[-1]].method} {best_at[nfes[-1]].rmse:.4f})" if nfes[-1] != k else "")
+                     + ".")
+    if math.isfinite(m.compute):
+        affordable = [r for r in solvers if math.isfinite(r.compute) and r.compute <= m.compute * 1.0001]
+        if affordable:
+            b = min(affordable, key=lambda r: r.rmse)
+            word = "beats" if m.rmse < b.rmse else "loses to"
+            lines.append(f"Equal compute: one {model} pass costs {m.compute:.2f}× a teacher evaluation; within that compute "
+                         f"the best solver is {b.method} at {b.nfe} NFE ({b.compute:.2f}×, RMSE {b.rmse:.4f}): {model} "
+                         f"{word} it ({m.rmse / b.rmse:.2f}× its error).")
+        else:
+            lines.append(f"Equal compute: one {model} pass costs {m.compute:.2f}× a teacher evaluation, less than any "
+                         "benched solver row.")
+    for k in (5, 10):
+        if k in best_at:
+            lines.append(f"Against the best solver at {k} NFE ({best_at[k].method}, {best_at[k].detail}): "
+                         f"{m.rmse / best_at[k].rmse:.2f}× its error.")
+    return lines
+
+
+def teacher_eval_seconds(backbone, batch: int, device, guidance: float | None = None, repeats: int = 5) -> float:
+    """Seconds per image of one teacher evaluation ε̂(x, t) at ``batch`` images (median of ``repeats`` after a
+    warm-up, ``trajectories.time_calls``): the unit of the bench's compute column."""
+    from .trajectories import Teacher, time_calls
+
+    teacher = Teacher.from_backbone(backbone, guidance, device)
+    x = torch.randn(batch, *backbone.state_shape, device=device)
+    t = torch.full((batch,), 0.5 * (teacher.schedule.t_max + teacher.schedule.t_min), dtype=torch.float32, device=device)
+    extra = {} if not backbone.num_classes else {"labels": torch.zeros(batch, dtype=torch.long, device=device)}
+    with torch.inference_mode():
+        seconds = time_calls({"eval": lambda: teacher.eps_fn(x, t, **extra)}, repeats, _sync(device))
+    return seconds["eval"] / batch
+
+
 # --------------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class BenchSetup:
-    """What `run_bench` compares; ``fid`` is a callable pixels → FID (None: no FID column)."""
+    """What `run_bench` compares; ``fid`` is a callable pixels → FID (None: no FID column).
+
+    Solvers run on their own ``SOLVER_DEFAULTS`` grid and options unless ``grid`` (all solvers) or
+    ``solver_grids`` / ``solver_options`` (per solver) say otherwise; with ``tune_seeds`` each solver's grid and
+    options are chosen per NFE among ``tune_candidates`` by RMSE on those seeds, which must be disjoint from
+    ``seeds`` (and from ``training_seeds``)."""
 
     teacher: Any                          # Backbone
     reference: TeacherSolver
@@ -149,16 +346,68 @@ class BenchSetup:
     labels: Any = None
     solvers: Sequence[str] | None = None   # None: default_solvers(teacher.schedule)
     nfes: Sequence[int] = DEFAULT_NFES
-    grid: str = "quadratic"
+    grid: str | None = None                # one grid for every solver (None: each solver's own)
     models: dict[str, Any] = field(default_factory=dict)   # name -> DSNO (1 forward pass each)
     fid: Callable[[Any], float] | None = None
     batch_size: int = 256
     device: str = "cpu"
     guidance: float | None = None
+    solver_grids: dict[str, str] = field(default_factory=dict)
+    solver_options: dict[str, dict] = field(default_factory=dict)
+    tune_seeds: list[int] | None = None
+    training_seeds: tuple[range, ...] = ()
+    fallback_grid: str = "quadratic"       # PSLD teachers' solver grid (the collection's)
 
 
 def _sync(device: str) -> Callable[[], None] | None:
     return torch.cuda.synchronize if str(device).startswith("cuda") else None
+
+
+def _row_solver(su: BenchSetup, solver: str, nfe: int, choice: SolverChoice) -> TeacherSolver | None:
+    """The solver run that spends exactly ``nfe`` evaluations, all of them advancing the solution: ending at the
+    state x(t_end), or (``to_zero``) with diffusers' last step to σ = 0."""
+    t_end = su.reference.t_end
+    steps = steps_for_nfe(su.teacher.schedule, solver, nfe, choice.grid, t_end, "state", choice.options, choice.to_zero)
+    return None if steps is None else TeacherSolver(solver, steps, choice.grid, t_end, "state", dict(choice.options),
+                                                    choice.to_zero)
+
+
+def tune_solvers(su: BenchSetup, solvers: Sequence[str], progress: Callable[[str, int, int], None] | None = None
+                 ) -> tuple[dict[tuple[str, int], SolverChoice], list[dict]]:
+    """Each (solver, NFE)'s best ``tune_candidates`` by RMSE against the reference on ``su.tune_seeds`` only;
+    returns the choices and every candidate's tuning RMSE (for the record)."""
+    from .solvers import NonFiniteError
+
+    seeds = list(su.tune_seeds or [])
+    check_tune_seeds(seeds, su.seeds, su.training_seeds)
+    ref, _ = collect_batches(teacher_batches(su.teacher, seeds, su.reference, su.labels, su.batch_size, su.device,
+                                             su.guidance), len(seeds))
+    choices: dict[tuple[str, int], SolverChoice] = {}
+    table: list[dict] = []
+    for solver in solvers:
+        cands = tune_candidates(solver, su.teacher.schedule, su.grid or su.solver_grids.get(solver),
+                                su.solver_options.get(solver))
+        for nfe in su.nfes:
+            best = None
+            for k, choice in enumerate(cands):
+                run = _row_solver(su, solver, nfe, choice)
+                if run is None:
+                    continue
+                try:
+                    out, _ = collect_batches(teacher_batches(su.teacher, seeds, run, su.labels, su.batch_size, su.device,
+                                                             su.guidance), len(seeds))
+                except NonFiniteError:
+                    continue
+                rmse = teacher_match(out.outputs[:, -1], ref.outputs[:, -1])[0]
+                table.append({"solver": solver, "nfe": nfe, "grid": choice.grid, "options": choice.options,
+                              "to_zero": choice.to_zero, "rmse": rmse})
+                if best is None or rmse < best[0]:
+                    best = (rmse, choice)
+                if progress is not None:
+                    progress(f"tune {solver} {nfe} NFE", k + 1, len(cands))
+            if best is not None:
+                choices[(solver, nfe)] = best[1]
+    return choices, table
 
 
 def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | None = None) -> BenchResult:
@@ -168,36 +417,47 @@ def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | Non
     su, n = setup, len(setup.seeds)
     sync = _sync(su.device)
     target, t_end = su.reference.target, su.reference.t_end
+    solvers = list(default_solvers(su.teacher.schedule) if su.solvers is None else su.solvers)
+    check_held_out(su.seeds, su.training_seeds)
+    tuned, tune_table = tune_solvers(su, solvers, progress) if su.tune_seeds is not None else ({}, [])
+    eval_s = teacher_eval_seconds(su.teacher, min(su.batch_size, n), su.device, su.guidance)
 
     def run(label: str, batches) -> tuple[SampleBatch, float]:
         return collect_batches(batches, n, None if progress is None else (lambda d, t: progress(label, d, t)), sync)
 
-    def add(method: str, nfe: int, batch: SampleBatch, seconds: float, detail: str) -> None:
+    def add(method: str, nfe: int, depth: int, batch: SampleBatch, seconds: float, detail: str, kind: str) -> None:
         x = batch.outputs[:, -1]
         rmse, psnr = teacher_match(x, ref.outputs[:, -1])
         fid = None if su.fid is None else float(su.fid(to_uint8(x)))
-        rows.append(BenchRow(method, nfe, rmse, psnr, seconds, n / seconds, fid, detail))
+        rows.append(BenchRow(method, nfe, rmse, psnr, seconds, n / seconds, fid, detail, depth,
+                             seconds / n / eval_s, seconds / n, kind))
 
     rows: list[BenchRow] = []
     ref_nfe = su.reference.nfe(su.teacher.schedule)
     ref, ref_s = run("reference", teacher_batches(su.teacher, su.seeds, su.reference, su.labels, su.batch_size, su.device, su.guidance))
-    add("teacher reference", ref_nfe, ref, ref_s, su.reference.describe())
+    add("teacher reference", ref_nfe, ref_nfe, ref, ref_s, su.reference.describe(), "reference")
     for name, model in su.models.items():
         times = [float(t) for t in model.times]
         if abs(times[-1] - t_end) > 1e-9 * max(1.0, t_end):
             raise ValueError(f"{name}'s last output time {times[-1]:g} differs from the reference's {t_end:g}")
         batch, s = run(name, dsno_batches(model, su.seeds, su.labels, None, su.batch_size, su.device))
-        add(name, 1, batch, s, f"one forward pass on {len(times)} frames" if len(times) > 1 else "one forward pass")
+        add(name, 1, 1, batch, s, f"one forward pass on {len(times)} frames" if len(times) > 1 else "one forward pass", "model")
     if target == "denoised" and 1 in su.nfes:
         batch, s = run("denoiser", denoiser_batches(su.teacher, su.seeds, su.labels, su.batch_size, su.device, su.guidance))
-        add("teacher x̂₀(x_T)", 1, batch, s, "the teacher's one-shot denoiser")
-    for solver in default_solvers(su.teacher.schedule) if su.solvers is None else su.solvers:
+        add("teacher x̂₀(x_T)", 1, 1, batch, s, "the teacher's one-shot denoiser", "denoiser")
+    for solver in solvers:
+        fixed = solver_choice(solver, su.teacher.schedule, su.grid or su.solver_grids.get(solver),
+                              su.solver_options.get(solver), su.fallback_grid)
         for nfe in su.nfes:
-            steps = steps_for_nfe(su.teacher.schedule, solver, nfe, su.grid, t_end, target)
-            if steps is None:
+            ts = _row_solver(su, solver, nfe, tuned.get((solver, nfe), fixed))
+            if ts is None:
                 continue
-            ts = TeacherSolver(solver, steps, su.grid, t_end, target)
             batch, s = run(f"{solver} {nfe} NFE", teacher_batches(su.teacher, su.seeds, ts, su.labels, su.batch_size, su.device, su.guidance))
-            add(solver, nfe, batch, s, ts.describe())
-    return BenchResult(rows, {"num": n, "target": target, "t_end": t_end, "reference": su.reference.describe(),
-                              "reference_nfe": ref_nfe, "grid": su.grid, "device": str(su.device)})
+            add(solver, nfe, nfe, batch, s, ts.describe(), "solver")
+    meta = {"num": n, "target": target, "t_end": t_end, "reference": su.reference.describe(),
+            "reference_nfe": ref_nfe, "grid": su.grid, "device": str(su.device), "batch_size": min(su.batch_size, n),
+            "eval_seconds_per_image": eval_s}
+    if su.tune_seeds is not None:
+        meta["tune"] = {"num": len(su.tune_seeds), "seeds": f"{min(su.tune_seeds)}-{max(su.tune_seeds)}",
+                        "candidates": tune_table}
+    return BenchResult(rows, meta)

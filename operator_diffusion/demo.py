@@ -20,6 +20,7 @@ import torch
 from .fid import ASSETS, DIGITS_FEATURENET, DIGITS_STATS  # the digits feature network and its reference statistics
 
 DIGITS_TEACHER = ASSETS / "digits_teacher.safetensors"    # `opdiff teacher train --data digits` (assets/README.md)
+DIGITS_TEACHER_X0 = ASSETS / "digits_teacher_x0.safetensors"  # the same recipe with --prediction x0 (levers study)
 
 Progress = Callable[[str, int, int], None]  # progress(stage, done, total)
 REFERENCE_SOLVER = "unipc"  # the bench's reference solution: UniPC with DemoConfig.reference_steps (quadratic grid)
@@ -32,7 +33,7 @@ class DemoConfig:
     num: int = 32768                # trajectories collected: the main lever (docs/benchmarks.md, demo)
     solver: str = "deis"            # teacher solver of the collection: DEIS-15 (16 NFE) is 0.020 RMSE from
     steps: int = 15                 # UniPC-50, closer than UniPC-20 (0.032), at 3/4 of its cost
-    precision: str = "bf16"         # the teacher under bf16 autocast: ~1.6× faster, +0.002 RMSE
+    precision: str = "auto"         # measured on the machine: bf16 autocast only where it is faster (docs/collect.md)
     times: int = 4                  # M output times
     train_steps: int = 2000         # DSNO optimizer steps (the baseline gets as many)
     batch_size: int = 64
@@ -110,11 +111,12 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     teacher = digits_teacher()
 
     start = time.perf_counter()
-    collect(teacher, out / "data", CollectConfig(num=c.num, solver=c.solver, steps=c.steps, times=c.times,
+    collected = collect(teacher, out / "data", CollectConfig(num=c.num, solver=c.solver, steps=c.steps, times=c.times,
                                                  precision=c.precision, batch_size=c.collect_batch,
                                                  shard_size=min(4096, c.num)),
             checkpoint=DIGITS_TEACHER, progress=_count(report("collect"), c.num))
     seconds["collect"] = time.perf_counter() - start
+    precision = collected.info.get("precision", c.precision)  # "auto" resolved by measuring on this machine
 
     runs = {"DSNO": (out / "run", False, c.lr), "one-step baseline": (out / "baseline", True, c.baseline_lr)}
     for name, (path, baseline, lr) in runs.items():
@@ -166,8 +168,9 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
         fid_fn = lambda pixels: fid_of_pixels(pixels, ref_stats, extractor)  # noqa: E731
     bench_seeds = list(range(c.num + c.samples, c.num + c.samples + c.bench_num))
     setup = BenchSetup(teacher, TeacherSolver(REFERENCE_SOLVER, c.reference_steps, "quadratic", float(model.times[-1])),
-                       bench_seeds, None, c.bench_solvers, c.bench_nfes, "quadratic",
-                       {"DSNO": model, "one-step baseline": base}, fid_fn, batch_size=256)
+                       bench_seeds, None, c.bench_solvers, c.bench_nfes, None,
+                       {"DSNO": model, "one-step baseline": base}, fid_fn, batch_size=256,
+                       training_seeds=(range(0, c.num),))
     result = run_bench(setup, None if progress is None else (lambda label, d, t: progress(f"bench: {label}", d, t)))
     seconds["bench"] = time.perf_counter() - start
     result.meta.update({"seeds": f"{bench_seeds[0]}-{bench_seeds[-1]}", "fid": None if fid_fn is None else
@@ -175,7 +178,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
                         "command": "opdiff demo" + ("" if c == DEMO else " --quick"), "machine": _machine()})
     (out / "bench.json").write_text(result.to_json() + "\n")
     path = out / "report.md"
-    path.write_text(_report(c, result, spectrum, seconds, info))
+    path.write_text(_report(replace(c, precision=precision), result, spectrum, seconds, info))
     return DemoResult(out, path, seconds, result)
 
 
@@ -238,18 +241,16 @@ def _report(c: DemoConfig, result, spectrum: dict, seconds: dict, info: dict) ->
         "",
         "## Table 1 on held-out seeds",
         "",
-        result.report(),
+        result.report(with_verdict=False),
         "",
         "## Verdict",
         "",
     ]
-    for solver in ("ddim", "deis", "dpmpp-2m", "unipc"):
-        rows = [r for r in result.rows if r.method == solver]
-        worse = [r.nfe for r in rows if r.rmse > dsno.rmse]
-        if rows:
-            lines.append(f"- {solver}: DSNO (1 NFE, RMSE {dsno.rmse:.4f}) beats it up to {max(worse) if worse else 'no'} NFE"
-                         + (f"; at 10 NFE its RMSE is {result.row(solver, 10).rmse:.4f}" if any(r.nfe == 10 for r in rows) else ""))
-    lines.append(f"- one-step baseline: RMSE {base.rmse:.4f} ({base.rmse / dsno.rmse:.2f}× DSNO's)"
+    from .bench import verdict
+
+    lines += [f"- {line}" for line in verdict(result, "DSNO")]
+    lines.append(f"- one-step baseline (same data, steps and network, its own learning rate): RMSE {base.rmse:.4f} "
+                 f"(DSNO's error is {dsno.rmse / base.rmse:.2f}× the baseline's)"
                  + (f", FID {base.fid:.3f} vs DSNO {dsno.fid:.3f}" if dsno.fid is not None else ""))
     ref = result.row("teacher reference")
     if dsno.fid is not None:

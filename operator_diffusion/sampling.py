@@ -138,7 +138,11 @@ def dsno_batches(model, seeds: Sequence[int], labels=None, times: Sequence[float
 @dataclass(frozen=True)
 class TeacherSolver:
     """How the teacher samples: ``solver`` with ``steps`` steps on a ``grid`` from t_max to ``t_end``; the
-    output is the collection ``target`` at t_end (the denoised x̂_0 costs one more evaluation)."""
+    output is the collection ``target`` at t_end (the denoised x̂_0 costs one more evaluation).
+
+    ``to_zero``: diffusers' final step to σ = 0 instead — the solve stops one grid point early, at t_{N−1}, and
+    returns x̂_0 there (what a first-order step from t_{N−1} to σ = 0 lands on), so N evaluations are N − 1 steps
+    and that final x̂_0, all of them advancing the solution (the output is then always the denoised x̂_0)."""
 
     solver: str
     steps: int
@@ -146,9 +150,19 @@ class TeacherSolver:
     t_end: float
     target: str = "denoised"
     options: dict = field(default_factory=dict)
+    to_zero: bool = False
 
     def grid_times(self, schedule) -> Tensor:
-        return time_grid(schedule, self.steps, self.grid, t_end=self.t_end)
+        ts = time_grid(schedule, self.steps, self.grid, t_end=self.t_end)
+        if self.to_zero:
+            if self.steps < 2:
+                raise ValueError("a final step to σ = 0 needs at least 2 grid steps (1 is the one-shot denoiser)")
+            return ts[:-1]
+        return ts
+
+    @property
+    def output_target(self) -> str:
+        return "denoised" if self.to_zero else self.target
 
     def nfe(self, schedule) -> int:
         """Network evaluations per sample (a dry run on a free ε: the solvers' own count); also validates the
@@ -156,11 +170,13 @@ class TeacherSolver:
         from .trajectories import check_deterministic, solver_nfe
 
         check_deterministic(self.solver, schedule, "a sample must be a function of its seed")
-        return solver_nfe(schedule, self.grid_times(schedule), self.solver, [self.steps], self.target, self.options)
+        ts = self.grid_times(schedule)
+        return solver_nfe(schedule, ts, self.solver, [len(ts) - 1], self.output_target, self.options)
 
     def describe(self) -> str:
         opts = "".join(f", {k}={v}" for k, v in self.options.items())
-        return f"{self.solver} ({self.steps} step{'s' if self.steps > 1 else ''}, {self.grid} grid{opts})"
+        zero = ", last step to σ = 0" if self.to_zero else ""
+        return f"{self.solver} ({self.steps} step{'s' if self.steps > 1 else ''}, {self.grid} grid{opts}{zero})"
 
 
 def teacher_batches(backbone, seeds: Sequence[int], solver: TeacherSolver, labels=None, batch_size: int = 256,
@@ -173,8 +189,8 @@ def teacher_batches(backbone, seeds: Sequence[int], solver: TeacherSolver, label
     for chunk, x, y in seed_inputs(seeds, backbone, labels, batch_size, device):
         extra = None if y is None else {"labels": y}
         with torch.inference_mode():
-            out = record_trajectories(teacher.eps_fn, x, teacher.schedule, ts, [solver.steps], solver.solver,
-                                      solver.target, extra, **solver.options)
+            out = record_trajectories(teacher.eps_fn, x, teacher.schedule, ts, [len(ts) - 1], solver.solver,
+                                      solver.output_target, extra, **solver.options)
         yield SampleBatch(chunk, None if y is None else y.cpu(), out.float().cpu(), [float(ts[-1])])
 
 

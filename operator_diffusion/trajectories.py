@@ -32,6 +32,8 @@ import json
 import math
 import os
 import shutil
+import statistics
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
@@ -57,6 +59,7 @@ __all__ = [
     "CollectionMismatchError",
     "NonFiniteTrajectoryError",
     "TrajectoryCache",
+    "choose_precision",
     "collect",
     "collection_status",
     "content_hash",
@@ -66,6 +69,8 @@ __all__ = [
     "push_to_hub",
     "read_info",
     "record_trajectories",
+    "resolve_precision",
+    "time_calls",
 ]
 
 FORMAT_VERSION = 1
@@ -81,7 +86,9 @@ PSLD_NOISE_RULE = ("z_T = PSLD.prior((1, C, H, W), generator=torch.Generator().m
 TIME_KINDS = ("uniform", "quadratic")
 TARGETS = ("denoised", "state")
 DTYPES = ("float16", "float32")
-PRECISIONS = ("fp32", "bf16")  # the teacher network's arithmetic during collection
+PRECISIONS = ("fp32", "bf16")  # the teacher network's arithmetic during collection (what the identity records)
+AUTO_PRECISION = "auto"  # measure both on this machine (choose_precision); resolved before the identity is built
+BF16_MARGIN = 0.10  # "auto" takes bf16 only when it needs at most (1 - margin) of fp32's time per evaluation
 REFERENCE_STEPS_STORED = 17  # the reference DSNO code stored 16 x̂_0 and x_T per CIFAR trajectory, in float32
 
 # CLI and library defaults: the cheapest teacher setting with RMSE < 1e-3 at the recorded outputs on both
@@ -118,7 +125,7 @@ class NonFiniteTrajectoryError(NonFiniteError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration and plan (validation only: nothing here touches the output folder)
+# Configuration and plan (validation only: nothing here writes; precision "auto" reads the output folder's info)
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CollectConfig:
@@ -134,7 +141,8 @@ class CollectConfig:
     time_list: tuple[float, ...] | None = None  # explicit output times (grid points); overrides times/time_kind
     target: Target = "denoised"                # DSNO trains on the teacher's x̂_0 predictions
     dtype: Literal["float16", "float32"] = "float16"  # fp16 halves the reference's fp32 storage
-    precision: Literal["fp32", "bf16"] = "fp32"  # the teacher network's arithmetic (bf16: autocast; solver stays fp32)
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # the teacher network's arithmetic (bf16: autocast; solver
+                                               # stays fp32); auto: measured (``resolve_precision``)
     seed: int = 0                              # example k uses seed + k
     shard_size: int = 1000                     # examples per parquet shard (~25 MB at 4×3×32×32 fp16)
     labels: str | int | tuple[int, ...] | None = None  # "random", one class, or a list: seed s gets list[s % len]
@@ -163,6 +171,7 @@ class CollectionPlan:
     ts: Tensor                  # (steps+1,) float64 solver grid
     indices: tuple[int, ...]    # M grid indices of the outputs, increasing (times decreasing)
     identity: dict[str, Any]    # JSON-normalised; equal identities mean equal data
+    precision_choice: dict | None = None  # how precision "auto" was resolved (``resolve_precision``); not identity
 
     @property
     def num_shards(self) -> int:
@@ -278,14 +287,18 @@ def noise_rule(schedule: DiffusionProcess) -> str:
     return PSLD_NOISE_RULE if isinstance(schedule, PSLD) else NOISE_RULE
 
 
-def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str | os.PathLike | None = None) -> CollectionPlan:
-    """Validate ``config`` against the teacher and build the plan; raises ValueError on bad input."""
+def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str | os.PathLike | None = None, *,
+                    out_dir: str | os.PathLike | None = None, device: str | torch.device | None = None) -> CollectionPlan:
+    """Validate ``config`` against the teacher and build the plan; raises ValueError on bad input.
+    Precision "auto" is resolved after the validation and before the identity is built (``resolve_precision``:
+    the precision recorded in ``out_dir``'s collection, else a measurement on ``device``), so the identity
+    always holds "fp32" or "bf16"; the plan's ``precision_choice`` says how."""
     c = with_defaults(config, backbone.schedule)
     for name, v, lo in (("num", c.num, 1), ("shard_size", c.shard_size, 1), ("batch_size", c.batch_size, 1), ("steps", c.steps, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     for name, v, valid in (("target", c.target, TARGETS), ("dtype", c.dtype, DTYPES), ("grid", c.grid, GRID_KINDS),
-                           ("precision", c.precision, PRECISIONS)):
+                           ("precision", c.precision, (*PRECISIONS, AUTO_PRECISION))):
         if v not in valid:
             raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
     spec = solver_info(c.solver, backbone.schedule)
@@ -298,6 +311,8 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
     options = {**spec.options, **c.solver_options}
     nfe = solver_nfe(backbone.schedule, ts, c.solver, indices, c.target, c.solver_options)
     labels = _label_mode(c.labels, backbone.num_classes, c.guidance, backbone.null_label)
+    precision, choice = resolve_precision(backbone, c, out_dir, device)
+    c = replace(c, precision=precision)
     identity = {
         "backbone": backbone.config(),
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint is not None else None,
@@ -323,7 +338,7 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
         "labels": labels,
         "guidance": None if c.guidance is None else float(c.guidance),
     }
-    return CollectionPlan(c, ts, tuple(indices), json.loads(json.dumps(identity)))
+    return CollectionPlan(c, ts, tuple(indices), json.loads(json.dumps(identity)), choice)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,6 +405,84 @@ class Teacher:
         if guidance is not None:
             eps_fn = classifier_free_guidance(eps_fn, float(guidance), backbone.null_label)
         return cls(eps_fn, backbone.schedule, device)
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU: where the teacher runs unless told otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def time_calls(calls: dict[str, Callable[[], Any]], repeats: int = 3, sync: Callable[[], Any] | None = None,
+               timer: Callable[[], float] = time.perf_counter,
+               settled: Callable[[dict[str, float]], bool] | None = None) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``: one warm-up call each, then up to ``repeats`` rounds that
+    call each once in turn (interleaved, so that load from other work falls on all alike), fewer when
+    ``settled(medians so far)`` says so after a round; ``sync`` (e.g. ``torch.cuda.synchronize``) runs
+    before each clock reading."""
+    sync = sync or (lambda: None)
+    for fn in calls.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            sync()
+            start = timer()
+            fn()
+            sync()
+            samples[name].append(timer() - start)
+        medians = {name: statistics.median(v) for name, v in samples.items()}
+        if settled is not None and settled(medians):
+            break
+    return medians
+
+
+def choose_precision(backbone: "Backbone", device: str | torch.device | None = None, batch_size: int = 64, *,
+                     guidance: float | None = None, repeats: int = 3, margin: float = BF16_MARGIN,
+                     measure: Callable[[dict[str, Callable[[], Any]]], dict[str, float]] | None = None) -> tuple[str, dict]:
+    """Time the teacher's ε (as collection runs it: ``Teacher.from_backbone``, guidance included) on one batch
+    of the collection's shape in fp32 and under bf16 autocast, on ``device`` (default: ``default_device()``),
+    and pick "bf16" only when it takes at most (1 − ``margin``) of fp32's time per evaluation: bf16 can be
+    ~1.6× faster on CPUs with AVX-512 BF16 and on GPUs (not always: docs/collect.md) and is ~10× slower on
+    AVX2-only CPUs, so measure, never assume.
+    ``measure`` (default ``time_calls`` with ``repeats``) maps the two zero-argument calls to seconds each;
+    the default stops after the first round when bf16 takes twice fp32's time (AVX2 CPUs: no need to time
+    a 10× slower call again), so it costs 2 warm-up calls and 2–6 timed ones.
+    Returns (precision, record): the record holds the choice, the seconds per evaluation of each precision,
+    the batch size, device, CPU capability and margin (what the collection's info keeps)."""
+    device = torch.device(device) if device is not None else default_device()
+    labels = "random" if backbone.num_classes else None
+    x, y = example_inputs(range(batch_size), backbone.image_shape, labels, backbone.num_classes, backbone.schedule)
+    x = x.to(device)
+    t = torch.full((batch_size,), 0.5 * (backbone.schedule.t_min + backbone.schedule.t_max), device=device)
+    extra = {} if y is None else {"labels": y.to(device)}
+    eps = {p: Teacher.from_backbone(backbone, guidance, device, p).eps_fn for p in PRECISIONS}
+    calls = {p: (lambda f=f: f(x, t, **extra)) for p, f in eps.items()}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    with torch.inference_mode():
+        seconds = measure(calls) if measure is not None else time_calls(
+            calls, repeats, sync, settled=lambda m: m["bf16"] >= 2 * m["fp32"])
+    seconds = {p: float(seconds[p]) for p in PRECISIONS}
+    chosen = "bf16" if seconds["bf16"] <= (1 - margin) * seconds["fp32"] else "fp32"
+    record = {"precision": chosen, "source": "measured", "seconds_per_eval": seconds, "batch_size": batch_size,
+              "device": str(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "margin": margin}
+    if device.type == "cuda":
+        record["cuda_device"] = torch.cuda.get_device_name(device)
+    return chosen, record
+
+
+def resolve_precision(backbone: "Backbone", config: CollectConfig, out_dir: str | os.PathLike | None = None,
+                      device: str | torch.device | None = None) -> tuple[str, dict | None]:
+    """The concrete precision ("fp32"/"bf16") of ``config`` and how it was found: its own when it is not
+    "auto" (record None); for "auto", the precision recorded in ``out_dir``'s collection when the folder holds
+    one (so that resuming, on this machine or another that would measure otherwise, matches; record
+    ``{"precision", "source": "collection"}``), else ``choose_precision`` at ``config``'s batch size."""
+    if config.precision != AUTO_PRECISION:
+        return config.precision, None
+    info = read_info(out_dir) if out_dir is not None else None
+    recorded = (info or {}).get("collection", {}).get("precision")
+    if recorded in PRECISIONS:
+        return recorded, {"precision": recorded, "source": "collection"}
+    return choose_precision(backbone, device, config.batch_size, guidance=config.guidance)
 
 
 def solve_examples(teacher: Teacher, plan: CollectionPlan, examples: range) -> tuple[np.ndarray, np.ndarray | None]:
@@ -501,6 +594,13 @@ def _card_text(info: dict) -> str:
     label = "" if ident["labels"] is None else f" and `label` (int64; labels: {ident['labels']}, guidance: {ident['guidance']})"
     options = ", ".join(f"{k}={v!r}" for k, v in ident["solver_options"].items()) or "no options"
     what = "x̂_0 predictions of the teacher" if ident["target"] == "denoised" else "states x(t_i) of the teacher's ODE"
+    arithmetic = {"fp32": "float32", "bf16": "bf16 autocast (ε̂ cast back to float32 for the solver)"}[ident.get("precision", "fp32")]
+    choice = info.get("precision_choice")
+    if choice is not None:
+        sec = choice["seconds_per_eval"]
+        arithmetic += (f", chosen by `--precision auto`: {sec['fp32'] * 1e3:.3g} ms in fp32 vs {sec['bf16'] * 1e3:.3g} ms"
+                       f" in bf16 per network evaluation at batch {choice['batch_size']} on {choice['device']}"
+                       f" (CPU capability {choice['cpu_capability']})")
     return f"""# Teacher trajectories for operator learning (DSNO)
 
 {ident['num']:,} probability-flow ODE trajectories of the diffusion model `{bb.get('name')}` (image shape
@@ -508,7 +608,7 @@ def _card_text(info: dict) -> str:
 opdiff {info['opdiff_version']} (`opdiff collect`).
 
 - Solver: `{ident['solver']}` ({options}), {ident['steps']} steps on a `{ident['grid']}` grid,
-  {ident['nfe_per_trajectory']} network evaluations per trajectory.
+  {ident['nfe_per_trajectory']} network evaluations per trajectory; teacher network in {arithmetic}.
 - Stored per example: `trajectory` ({len(ident['output_times'])}, {', '.join(map(str, ident['image_shape']))}) in
   {ident['dtype']}, the {what} at the output times t = {times}; `seed` (int64){label}.
 - Noise: example k has seed {ident['seed']} + k and {ident['noise']}. x_T is not stored: regenerate it from the seed.
@@ -535,6 +635,8 @@ def write_metadata(out_dir: Path, plan: CollectionPlan) -> dict:
         "opdiff_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if old is None and plan.precision_choice is not None and plan.precision_choice["source"] == "measured":
+        info["precision_choice"] = plan.precision_choice  # provenance of "auto", outside the identity
     out_dir.mkdir(parents=True, exist_ok=True)
     if old is None:
         _atomic_write_text(out_dir / INFO_NAME, json.dumps(info, indent=2) + "\n")
@@ -607,13 +709,15 @@ def shard_complete(path: Path, rows: int) -> bool:
 @dataclass(frozen=True)
 class CollectResult:
     """``written``/``skipped``: shards this process wrote or found complete; ``missing``: shards still
-    absent when it finished (other processes' share, in independent-jobs mode)."""
+    absent when it finished (other processes' share, in independent-jobs mode); ``precision_choice``: how
+    precision "auto" was resolved (``resolve_precision``; None for a concrete precision)."""
 
     out_dir: Path
     info: dict
     written: tuple[int, ...]
     skipped: tuple[int, ...]
     missing: tuple[int, ...]
+    precision_choice: dict | None = None
 
     @property
     def complete(self) -> bool:
@@ -652,23 +756,30 @@ def collect(
     The backbone is moved to ``device`` (default: CUDA when available) and put in eval mode.
     ``checkpoint`` (the file the weights came from) is hashed into the identity; ``progress(n)`` is
     called with the number of trajectories done (or found done) after each batch. ``config`` may be a
-    plan already made by ``plan_collection`` for this backbone.
+    plan already made by ``plan_collection`` for this backbone. Precision "auto" adopts the precision of
+    the collection already in ``out_dir``, else is measured on ``device`` (``resolve_precision``); under
+    accelerate the main process decides and the others adopt what it recorded.
     Bad input raises ValueError before anything is written.
     """
     out = Path(out_dir)
-    plan = config if isinstance(config, CollectionPlan) else plan_collection(backbone, config, checkpoint)
-    config = plan.config
     p, n, state = _process_layout(process_index, num_processes)
+    if device is None:
+        device = state.device if state is not None else default_device()
     writes_metadata = state is None or state.is_main_process
+    make_plan = lambda: config if isinstance(config, CollectionPlan) else plan_collection(  # noqa: E731
+        backbone, config, checkpoint, out_dir=out, device=device)
+    # other processes resolve "auto" after the barrier, from the info the main process wrote
+    deferred = not writes_metadata and not isinstance(config, CollectionPlan) and config.precision == AUTO_PRECISION
+    plan = None if deferred else make_plan()
     if writes_metadata:
         check_output_dir(out, plan)
         write_metadata(out, plan)
     if state is not None:
         state.wait_for_everyone()
     if not writes_metadata:  # after the barrier: the main process has written the info
+        plan = make_plan() if deferred else plan
         check_output_dir(out, plan)
-    if device is None:
-        device = state.device if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    config = plan.config
     teacher = Teacher.from_backbone(backbone, config.guidance, device, plan.identity["precision"])
     feats = features(plan.identity)
     written, skipped = [], []
@@ -686,7 +797,7 @@ def collect(
     missing = [k for k in range(plan.num_shards) if not shard_complete(plan.shard_path(out, k), len(plan.shard_range(k)))]
     if state is not None and missing:
         raise RuntimeError(f"collection {str(out)!r} is incomplete after all processes finished: shards {missing[:10]} missing")
-    return CollectResult(out, read_info(out), tuple(written), tuple(skipped), tuple(missing))
+    return CollectResult(out, read_info(out), tuple(written), tuple(skipped), tuple(missing), plan.precision_choice)
 
 
 def _collect_shard(teacher: Teacher, plan: CollectionPlan, feats, path: Path, rows: range, progress: Progress | None) -> None:

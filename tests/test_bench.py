@@ -17,7 +17,7 @@ from operator_diffusion.adapter import DSNO
 from operator_diffusion.backbones import register_backbone
 from operator_diffusion.bench import BenchSetup, run_bench, steps_for_nfe, teacher_match
 from operator_diffusion.images import to_uint8
-from operator_diffusion.sampling import TeacherSolver, run_solver
+from operator_diffusion.sampling import TeacherSolver, run_solver, teacher_batches
 from operator_diffusion.schedules import VPLinear, time_grid
 from operator_diffusion.solvers import solve
 from operator_diffusion.training import TrainConfig, load_run, train
@@ -80,23 +80,25 @@ def test_rows_equal_direct_solves_and_error_falls_with_nfe(mixture_run):
     teacher = MixtureTeacher()
     reference = run_solver(info, "dpmpp-2m", 200)  # a much finer reference than the collection's 24 steps
     setup = BenchSetup(teacher, reference, SEEDS, None, ("ddim", "unipc"), (1, 2, 5, 10, 20), "quadratic",
-                       {"DSNO": model}, None, batch_size=5)
+                       {"DSNO": model}, None, batch_size=5, solver_options={"unipc": {"to_zero": True}})
     result = run_bench(setup)
     x = noise(SEEDS).double()
     s = teacher.schedule
 
-    def direct(solver, steps):
-        out = solve(teacher.eps_fn, x, s, time_grid(s, steps, "quadratic"), solver, record=[steps], record_denoised=True)
-        return out.denoised[:, 0]
-
-    ref = direct("dpmpp-2m", 200)
-    for solver, nfe in (("ddim", 5), ("unipc", 10)):
-        row = result.row(solver, nfe)
-        rmse, _ = teacher_match(direct(solver, nfe - 1), ref)  # nfe−1 steps + the final x̂_0
-        assert row.rmse == pytest.approx(rmse, rel=1e-4, abs=1e-6)
+    ref = solve(teacher.eps_fn, x, s, time_grid(s, 200, "quadratic"), "dpmpp-2m", record=[200]).denoised[:, 0]
+    for nfe in (5, 20):
+        # DDIM: every one of the k evaluations is a step: k steps ending at the state x(t_min), no final x̂_0
+        direct = solve(teacher.eps_fn, x, s, time_grid(s, nfe, "quadratic"), "ddim").sample
+        assert result.row("ddim", nfe).rmse == pytest.approx(teacher_match(direct, ref)[0], rel=1e-4, abs=1e-6)
+        # UniPC with diffusers' last step to σ = 0: k − 1 steps of a k-step grid, then x̂_0 at the last evaluation
+        ts = time_grid(s, nfe, "quadratic")[:-1]
+        direct = solve(teacher.eps_fn, x, s, ts, "unipc", record=[nfe - 1]).denoised[:, 0]
+        assert result.row("unipc", nfe).rmse == pytest.approx(teacher_match(direct, ref)[0], rel=1e-4, abs=1e-6)
+        assert result.row("unipc", nfe).depth == nfe and result.row("unipc", nfe).kind == "solver"
     with torch.no_grad():
         dsno = model(noise(SEEDS))[:, -1]
     assert result.row("DSNO").rmse == pytest.approx(teacher_match(dsno, ref)[0], rel=1e-4)
+    assert result.row("DSNO").depth == 1
     x0 = (x - s.sigma(torch.tensor(1.0, dtype=torch.float64)) * teacher.eps_fn(x, torch.ones(len(SEEDS), dtype=torch.float64))) \
         / s.alpha(torch.tensor(1.0, dtype=torch.float64))
     assert result.row("teacher x̂₀(x_T)").rmse == pytest.approx(teacher_match(x0, ref)[0], rel=1e-4)
@@ -106,8 +108,162 @@ def test_rows_equal_direct_solves_and_error_falls_with_nfe(mixture_run):
         assert all(a > b for a, b in zip(errs, errs[1:])), (solver, errs)  # converges to the reference
     assert result.row("unipc", 20).rmse < result.row("ddim", 20).rmse  # higher order wins at equal NFE
     assert all(r.images_per_s > 0 and r.seconds > 0 for r in result.rows)
+    # compute: seconds per image over one evaluation's; a solver at 20 NFE costs more than at 2
+    assert result.row("ddim", 20).compute > result.row("ddim", 2).compute > 0
+    assert result.row("ddim", 2).seconds_per_image == pytest.approx(result.row("ddim", 2).seconds / len(SEEDS))
 
 
+class CountingTeacher(MixtureTeacher):
+    """The exact mixture teacher that records every network call: its times and its first item's input."""
+
+    name = "test-counting-teacher"
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[float, torch.Tensor]] = []
+
+    def forward(self, x, t, labels=None):
+        t = self.expand_times(t, x)
+        self.calls.append((float(t[0]), x.detach().clone()))
+        return super().forward(x, t, labels)
+
+
+class PoisonedTeacher(MixtureTeacher):
+    """The mixture teacher whose call number ``k`` (0-based) returns ε̂ + 1."""
+
+    name = "test-poisoned-teacher"
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k, self.count = k, 0
+
+    def forward(self, x, t, labels=None):
+        out = super().forward(x, t, labels)
+        self.count += 1
+        return out + 1.0 if self.count - 1 == self.k else out
+
+
+@pytest.mark.parametrize("solver, nfe", [("ddim", 3), ("deis", 5), ("dpmpp-2m", 4), ("dpmpp-3m", 6), ("unipc", 5),
+                                         ("ipndm", 5), ("heun", 4), ("heun", 5)])
+@pytest.mark.parametrize("to_zero", [False, True])
+def test_a_solver_row_spends_its_nfe_on_steps_counted_by_the_network(solver, nfe, to_zero):
+    """k NFE = k network calls during the row, none of them at t_end (every evaluation advances the solution)."""
+    reference = TeacherSolver("ddim", 3, "quadratic", 1e-3, "denoised")
+    heun_odd = (nfe % 2 == 1) != to_zero  # Heun spends an odd count with a final Euler step (or a last step to σ = 0)
+    options = {solver: {"to_zero": to_zero, **({"final_euler": True} if solver == "heun" and heun_odd else {})}}
+
+    def calls_of(solvers):
+        teacher = CountingTeacher()
+        run_bench(BenchSetup(teacher, reference, SEEDS[:4], None, solvers, (nfe,), None, {}, None, batch_size=4,
+                             solver_options=options))
+        return teacher.calls
+
+    base, with_row = calls_of(()), calls_of((solver,))
+    row_calls = with_row[len(base):] if len(with_row) > len(base) else []
+    assert len(with_row) - len(base) == nfe
+    if solver != "heun":  # Heun's corrector stage at t_end is part of its last step; the others never evaluate there
+        assert all(t > 1e-3 * (1 + 1e-6) for t, _ in row_calls), [t for t, _ in row_calls]
+    # the last evaluation changes the output: nothing is spent after the solution stopped moving
+    from operator_diffusion.bench import _row_solver, solver_choice
+
+    setup = BenchSetup(CountingTeacher(), reference, SEEDS[:4], None, (solver,), (nfe,), solver_options=options)
+    run = _row_solver(setup, solver, nfe, solver_choice(solver, setup.teacher.schedule, None, options[solver]))
+    clean = next(teacher_batches(setup.teacher, SEEDS[:4], run)).outputs
+    poisoned = PoisonedTeacher(nfe - 1)
+    assert not torch.allclose(next(teacher_batches(poisoned, SEEDS[:4], run)).outputs, clean)
+    assert poisoned.count == nfe
+
+
+@pytest.mark.parametrize("solver", ["deis", "ipndm", "dpmpp-2m", "dpmpp-3m", "unipc"])
+def test_multistep_solvers_default_to_lower_order_final_below_15_steps(solver):
+    from operator_diffusion.oracles import GaussianMixtureOracle
+
+    s = VPLinear()
+    oracle = GaussianMixtureOracle(s, torch.ones(2), torch.tensor([[1.0, 0.0], [-1.0, 0.5]]), torch.tensor([0.2, 0.4]))
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for steps, expected in ((6, True), (14, True), (15, False), (20, False)):
+        ts = time_grid(s, steps, "quadratic")
+        default = solve(oracle.eps, x, s, ts, solver).sample
+        same = solve(oracle.eps, x, s, ts, solver, lower_order_final=expected).sample
+        other = solve(oracle.eps, x, s, ts, solver, lower_order_final=not expected).sample
+        assert torch.equal(default, same), (solver, steps)
+        assert not torch.allclose(default, other), (solver, steps)  # the option matters here: the test can fail
+
+
+def test_heun_final_euler_is_heun_then_one_euler_step():
+    from operator_diffusion.oracles import GaussianMixtureOracle
+
+    s = VPLinear()
+    oracle = GaussianMixtureOracle(s, torch.ones(2), torch.tensor([[1.0, 0.0], [-1.0, 0.5]]), torch.tensor([0.2, 0.4]))
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ts = time_grid(s, 5, "edm")
+    out = solve(oracle.eps, x, s, ts, "heun", final_euler=True)
+    head = solve(oracle.eps, x, s, ts[:-1], "heun").sample
+    tail = solve(oracle.eps, head, s, ts[-2:], "ddim").sample  # DDIM is the Euler step in x/α against ρ
+    assert out.nfe == 2 * 5 - 1
+    assert torch.allclose(out.sample, tail, rtol=1e-12, atol=1e-12)
+
+
+def test_tuning_never_sees_the_reported_seeds_and_picks_the_best_candidate():
+    from operator_diffusion.bench import SolverChoice, tune_solvers
+    from operator_diffusion.trajectories import example_inputs
+
+    teacher = CountingTeacher()
+    reported, tune = list(range(40, 44)), list(range(60, 66))
+    reference = TeacherSolver("dpmpp-2m", 40, "logsnr", 1e-3, "denoised")
+    setup = BenchSetup(teacher, reference, reported, None, ("unipc",), (3,), None, {}, None, batch_size=8,
+                       tune_seeds=tune, solver_grids={"unipc": "logsnr"})
+    choices, table = tune_solvers(setup, ["unipc"])
+    seen = torch.cat([x for _, x in teacher.calls])
+    for seed in reported:
+        x_T = example_inputs([seed], teacher.image_shape)[0][0].double()
+        assert not any(torch.allclose(x_T, row.double()) for row in seen), seed
+    # independent: every UniPC variant at 3 steps on the logsnr grid, scored by direct solves on the tuning seeds
+    s, x = teacher.schedule, example_inputs(tune, teacher.image_shape)[0].double()
+    ref = solve(teacher.eps_fn, x, s, time_grid(s, 40, "logsnr"), "dpmpp-2m", record=[40]).denoised[:, 0]
+    scores = []
+    grid = time_grid(s, 3, "logsnr")
+    for order in (1, 2, 3):
+        for variant in ("bh1", "bh2"):
+            for lof in (None, False):
+                opts = {"order": order, "variant": variant, "lower_order_final": lof}
+                out = solve(teacher.eps_fn, x, s, grid, "unipc", **opts).sample  # ends at x(t_min)
+                scores.append((teacher_match(out, ref)[0], SolverChoice("logsnr", opts)))
+                zero = solve(teacher.eps_fn, x, s, grid[:-1], "unipc", record=[2], **opts)  # 2 steps + x̂_0 = 3 NFE
+                scores.append((teacher_match(zero.denoised[:, 0], ref)[0], SolverChoice("logsnr", opts, True)))
+    assert choices[("unipc", 3)] == min(scores, key=lambda sc: sc[0])[1]
+    assert len(table) == len(scores)
+
+
+def test_tuning_on_reported_or_training_seeds_is_refused():
+    from operator_diffusion.bench import check_tune_seeds, default_tune_seeds
+
+    with pytest.raises(ValueError, match="overlap the reported seeds"):
+        check_tune_seeds([5, 6, 7], [7, 8])
+    with pytest.raises(ValueError, match="overlap the training seeds 0-31"):
+        check_tune_seeds([30, 31, 99], [100], [range(0, 32)])
+    assert set(default_tune_seeds([100, 101, 105], 4)) == {106, 107, 108, 109}
+
+
+def _row(method, nfe, rmse, compute, kind="solver"):
+    from operator_diffusion.bench import BenchRow
+
+    return BenchRow(method, nfe, rmse, 20.0, 1.0, 1.0, None, f"{method} grid", nfe if kind == "solver" else 1,
+                    compute, compute * 1e-4, kind)
+
+
+def test_verdict_compares_at_equal_depth_and_at_equal_compute_and_says_where_dsno_loses():
+    from operator_diffusion.bench import BenchResult, verdict
+
+    rows = [_row("DSNO", 1, 0.10, 4.2, "model"), _row("ddim", 2, 0.30, 2.0), _row("unipc", 3, 0.12, 3.1),
+            _row("ddim", 5, 0.20, 5.0), _row("unipc", 5, 0.08, 5.2), _row("unipc", 10, 0.03, 10.1)]
+    text = " ".join(verdict(BenchResult(rows), "DSNO"))
+    assert "beats the best solver up to 3 NFE" in text and "loses from 5 NFE on, where unipc reaches 0.0800" in text
+    assert "the best solver is unipc at 3 NFE (3.10×, RMSE 0.1200): DSNO beats it" in text
+    assert "at 5 NFE (unipc, unipc grid): 1.25× its error" in text
+    rows[0] = _row("DSNO", 1, 0.15, 4.2, "model")  # now worse than UniPC at 3 NFE, which costs less
+    text = " ".join(verdict(BenchResult(rows), "DSNO"))
+    assert "DSNO loses to it" in text and "loses from 3 NFE on" in text
 def test_fid_column_and_cli_outputs(mixture_run, tmp_path):
     from operator_diffusion.fid import FeatureNet
 
@@ -138,6 +294,13 @@ def test_fid_column_and_cli_outputs(mixture_run, tmp_path):
     (["--grid", "cubic"], "unknown --grid"),
     (["--ref-num", "10"], "only apply with --ref"),
     (["--reference-steps", "0"], "--reference-steps must be at least 1"),
+    (["--seeds", "0-3", "--num", "4"], "overlap the training seeds 0-31"),
+    (["--tune", "--tune-seeds", "5-8"], "overlap the training seeds 0-31"),
+    (["--tune-seeds", "500-510"], "--tune-seeds only applies with --tune"),
+    (["--solver-grid", "ddim=cubic"], "bad --solver-grid"),
+    (["--solver-grid", "rk4=logsnr"], "bad --solver-grid"),
+    (["--solver-options", "ddim"], "bad --solver-options"),
+    (["--solver-options", "unipc:order=9"], "unipc order must be"),
     (["--ref", "digits", "--feature-extractor", "nowhere.safetensors"], "cannot set up FID"),
 ])
 def test_bad_input_is_a_usage_error(mixture_run, tmp_path, args, message):

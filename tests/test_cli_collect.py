@@ -61,6 +61,23 @@ def test_collect_options_reach_the_library(tmp_path):
     assert (c["target"], c["dtype"], c["labels"], c["guidance"], c["seed"], c["num_classes"]) == ("state", "float32", [1, 2], 1.5, 7, 3)
 
 
+def test_precision_auto_prints_the_measured_choice_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    """With a fake timing bf16 is twice as fast: chosen, recorded, and both timings printed on one stderr line;
+    resumed where the timing says fp32 is faster, the folder's bf16 is kept without measuring."""
+    out = tmp_path / "auto"
+    monkeypatch.setattr(trajectories, "time_calls", lambda calls, *a, **k: {"fp32": 0.2, "bf16": 0.1})
+    res = runner.invoke(app, ["collect", *RUN, "--precision", "auto", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    cap = torch.backends.cpu.get_cpu_capability()
+    assert res.stderr == f"precision auto: bf16 (per network evaluation at batch 3 on cpu, CPU capability {cap}: fp32 200 ms, bf16 100 ms)\n"
+    assert trajectories.read_info(out)["collection"]["precision"] == "bf16"
+    monkeypatch.setattr(trajectories, "time_calls", lambda *a, **k: pytest.fail("measured again on resume"))
+    again = runner.invoke(app, ["collect", *RUN, "--precision", "auto", "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert again.stderr == f"precision auto: bf16, as recorded in the collection in {out} (not measured again)\n"
+    assert "2 already complete" in again.stdout
+
+
 def test_help_states_the_library_defaults():
     import typer
 
@@ -99,6 +116,7 @@ def _checkpoint_of_another_architecture(tmp_path: Path) -> Path:
         (["--backbone-config", "{not json"], "not a JSON object"),
         (["--labels", "cats"], "--labels takes"),
         (["--labels", "3"], "unconditional"),
+        (["--precision", "fp16"], "unknown precision 'fp16'; valid: fp32, bf16, auto"),
         (["--steps", "12"], "holds a different collection (nfe_per_trajectory: 11 → 13; output_indices"),
         (["--checkpoint", "CKPT"], "does not match backbone 'opdiff-unet'"),
         (["--checkpoint", "missing.safetensors"], "does not exist"),

@@ -38,6 +38,8 @@ from operator_diffusion.trajectories import (
     push_to_hub,
     read_shard,
 )
+from operator_diffusion import trajectories
+from operator_diffusion.trajectories import choose_precision, plan_collection, time_calls
 
 CONFIG = CollectConfig(num=10, solver="unipc", steps=10, grid="logsnr", times=4, time_kind="quadratic", shard_size=4, batch_size=3)
 SHAPE = (3, 8, 8)  # the tiny preset
@@ -307,6 +309,33 @@ def test_accelerate_layout_main_writes_metadata_and_verifies(bb, done, tmp_path,
     assert content_hash(out) == content_hash(done)
 
 
+def test_accelerate_auto_precision_other_processes_adopt_the_main_processes_choice(bb, tmp_path, monkeypatch):
+    """Under accelerate a non-main process resolves "auto" only after the barrier, from the info the main
+    process wrote meanwhile (simulated by the barrier itself): it never measures, so all processes agree."""
+    import accelerate
+
+    cfg = replace(CONFIG, precision="auto")
+    main_out, out = tmp_path / "main", tmp_path / "b"
+    fake_timing(monkeypatch, {"fp32": 0.2, "bf16": 0.1})
+    collect(bb, main_out, cfg, process_index=0, num_processes=2)  # what the main process writes: bf16, measured
+    monkeypatch.setattr(trajectories, "time_calls", lambda *a, **k: pytest.fail("a non-main process measured"))
+    other = FakeState(1)
+
+    def barrier():
+        if other.barriers == 0:  # the main process has written the card and info, no shards yet
+            shutil.copytree(main_out, out, ignore=shutil.ignore_patterns("*.parquet"))
+        other.barriers += 1
+
+    other.wait_for_everyone = barrier
+    monkeypatch.setattr(accelerate, "PartialState", lambda: other)
+    with pytest.raises(RuntimeError, match=r"incomplete after all processes finished: shards \[0, 2\]"):
+        collect(bb, out, cfg)
+    for p in (main_out / "data").glob("*.parquet"):
+        shutil.copy(p, out / "data")
+    collect(bb, tmp_path / "u", replace(CONFIG, precision="bf16"), process_index=0, num_processes=1)
+    assert content_hash(out) == content_hash(tmp_path / "u")
+
+
 def test_content_hash_refuses_an_incomplete_collection(bb, tmp_path):
     collect(bb, tmp_path / "i", CONFIG, process_index=1, num_processes=2)
     with pytest.raises(ValueError, match="incomplete"):
@@ -334,6 +363,90 @@ def test_bf16_precision_runs_the_network_under_autocast_and_the_solver_in_float3
     assert 0 < gap < 2**-5  # bf16 keeps 8 significant bits; the ODE may amplify them a few times, not more
     with pytest.raises(ValueError, match="precision: \"bf16\" → \"fp32\""):
         collect(bb, tmp_path / "b", replace(cfg, precision="fp32"))
+
+
+def test_time_calls_takes_the_median_of_interleaved_rounds_after_a_warm_up():
+    """On a fake clock each call advances by a scripted amount: the warm-up (first call) is excluded, the
+    rounds alternate between the calls, and the result is the median of each call's own durations; a
+    ``settled`` test ends the rounds early."""
+    clock, order = [0.0], []
+    script = {"a": iter([100.0, 1.0, 7.0, 3.0]), "b": iter([50.0, 0.5, 0.25, 9.0])}
+
+    def call(name):
+        order.append(name)
+        clock[0] += next(script[name])
+
+    got = time_calls({"a": lambda: call("a"), "b": lambda: call("b")}, repeats=3, timer=lambda: clock[0])
+    assert got == {"a": 3.0, "b": 0.5}
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    clock[0], order[:] = 0.0, []
+    script = {"a": iter([1.0, 1.0, 5.0]), "b": iter([1.0, 3.0, 0.1])}
+    got = time_calls({"a": lambda: call("a"), "b": lambda: call("b")}, repeats=3, timer=lambda: clock[0],
+                     settled=lambda m: m["b"] >= 2 * m["a"])
+    assert got == {"a": 1.0, "b": 3.0} and order == ["a", "b", "a", "b"]  # settled after the first round
+
+
+@pytest.mark.parametrize("fp32, bf16, expected", [(1.0, 0.5, "bf16"), (1.0, 0.89, "bf16"), (1.0, 0.92, "fp32"),
+                                                  (1.0, 1.0, "fp32"), (0.1, 1.0, "fp32")])
+def test_choose_precision_takes_bf16_only_when_clearly_faster(bb, fp32, bf16, expected):
+    """bf16 needs at most 90% of fp32's time per evaluation; the timed calls are the teacher's ε on a batch of
+    the collection's shape, in fp32 and under bf16 autocast (which rounds, so the two differ slightly)."""
+    seen = {}
+
+    def measure(calls):
+        seen.update({p: f() for p, f in calls.items()})
+        return {"fp32": fp32, "bf16": bf16}
+
+    chosen, record = choose_precision(bb, "cpu", batch_size=5, measure=measure)
+    assert chosen == expected and record["precision"] == expected
+    assert record["seconds_per_eval"] == {"fp32": fp32, "bf16": bf16} and record["batch_size"] == 5
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and record["device"] == "cpu"
+    assert seen["fp32"].shape == seen["bf16"].shape == (5, *SHAPE) and seen["bf16"].dtype == torch.float32
+    gap = (seen["bf16"] - seen["fp32"]).abs().max() / seen["fp32"].abs().max()
+    assert 0 < gap < 2**-5
+
+
+def fake_timing(monkeypatch, seconds):
+    """Replace the clock-based measurement of ``choose_precision``; returns the list of measured call sets."""
+    measured = []
+    monkeypatch.setattr(trajectories, "time_calls", lambda calls, *a, **k: measured.append(sorted(calls)) or dict(seconds))
+    return measured
+
+
+@pytest.mark.parametrize("expected, seconds", [("bf16", {"fp32": 0.2, "bf16": 0.1}), ("fp32", {"fp32": 0.1, "bf16": 1.0})])
+def test_auto_precision_is_resolved_before_the_identity(bb, tmp_path, monkeypatch, expected, seconds):
+    """The identity records the measured choice, never "auto": the collection equals one made with that
+    precision given explicitly, and the measurement is kept in the info outside the identity."""
+    cfg = replace(CONFIG, num=4, shard_size=4, batch_size=4)
+    measured = fake_timing(monkeypatch, seconds)
+    result = collect(bb, tmp_path / "auto", replace(cfg, precision="auto"))
+    assert measured == [["bf16", "fp32"]]
+    ident = result.info["collection"]
+    assert ident["precision"] == expected and "auto" not in json.dumps(ident)
+    assert result.info["precision_choice"]["seconds_per_eval"] == seconds
+    assert result.precision_choice["precision"] == expected and result.precision_choice["source"] == "measured"
+    explicit = collect(bb, tmp_path / "explicit", replace(cfg, precision=expected))
+    assert explicit.info["collection"] == ident and "precision_choice" not in explicit.info
+    assert content_hash(tmp_path / "auto") == content_hash(tmp_path / "explicit")
+    assert plan_collection(bb, replace(cfg, precision="auto")).identity["precision"] == expected
+
+
+def test_auto_precision_adopts_the_precision_of_the_collection_it_resumes(bb, tmp_path, monkeypatch):
+    """A bf16 collection, half written, is finished by "auto" in bf16 without measuring, even where the
+    measurement would pick fp32; the result equals an uninterrupted bf16 run."""
+    cfg = replace(CONFIG, precision="bf16")
+    out = tmp_path / "r"
+    collect(bb, out, cfg, process_index=0, num_processes=2)
+    measured = fake_timing(monkeypatch, {"fp32": 0.1, "bf16": 1.0})
+    result = collect(bb, out, replace(cfg, precision="auto"))
+    assert measured == [] and result.precision_choice == {"precision": "bf16", "source": "collection"}
+    assert result.written == (1,) and result.skipped == (0, 2) and result.info["collection"]["precision"] == "bf16"
+    collect(bb, tmp_path / "u", cfg)
+    assert content_hash(out) == content_hash(tmp_path / "u")
+    # without the folder, this machine's (fake) measurement decides, and the folder refuses that collection
+    assert plan_collection(bb, replace(cfg, precision="auto")).identity["precision"] == "fp32" and len(measured) == 1
+    with pytest.raises(CollectionMismatchError, match="precision"):
+        trajectories.check_output_dir(out, plan_collection(bb, replace(cfg, precision="fp32")))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class Variant:
     time_kind: str = "quadratic"     # placement of the output times
     steps: int = 15                  # collection solver steps (M = 8 needs a finer grid: 40)
     train: tuple = ()                # TrainConfig overrides
+    teacher: str | None = None       # a teacher checkpoint other than the shipped one (its own collection)
 
 
 def variants(lr: float) -> list[Variant]:
@@ -40,36 +41,83 @@ def variants(lr: float) -> list[Variant]:
     ]
 
 
-def run_ablations(root: Path | None = None) -> list[dict]:
+def run_ablations(root: Path | None = None, chosen: list[Variant] | None = None, lr: float = LR,
+                  train_steps: int | None = None, eval_seeds=EVAL_SEEDS,
+                  scale: tuple[tuple[str, ...], tuple[int, ...]] = (("ddim",), (10,))) -> list[dict]:
+    """Train and score each variant (default: ``variants(LR)``); the first row of each teacher also scores the
+    ``scale`` solvers at their NFEs (each on its own grid, ``bench.SOLVER_DEFAULTS``) on the same seeds."""
     from ..bench import BenchSetup, run_bench
     from ..demo import DEMO, DIGITS_TEACHER, REFERENCE_SOLVER, digits_teacher
     from ..sampling import TeacherSolver
     from ..training import TrainConfig, load_run, reset_accelerate_state, train
     from ..trajectories import CollectConfig, collect
 
+    from ..backbones import backbone_from_checkpoint
+
     c = DEMO
-    teacher = digits_teacher()
+    max_steps = train_steps or c.train_steps
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(root or tmp)
-        for k, v in enumerate(variants(LR)):
-            data = root / f"data_m{v.times}_{v.time_kind}_{v.steps}"
+        for k, v in enumerate(chosen or variants(lr)):
+            ckpt = Path(v.teacher or DIGITS_TEACHER)
+            teacher = digits_teacher() if v.teacher is None else backbone_from_checkpoint(ckpt).eval()
+            data = root / f"data_m{v.times}_{v.time_kind}_{v.steps}_{ckpt.stem}"
             collect(teacher, data, CollectConfig(num=c.num, solver=c.solver, steps=v.steps, times=v.times,
                                                  time_kind=v.time_kind, precision=c.precision,
                                                  batch_size=c.collect_batch, shard_size=min(4096, c.num)),
-                    checkpoint=DIGITS_TEACHER)
-            kw = {"modes": c.modes, "batch_size": c.batch_size, "lr": LR, "lr_decay": c.lr_decay, "warmup": c.warmup,
-                  "ema": c.ema, "max_steps": c.train_steps, **dict(v.train)}
+                    checkpoint=ckpt)
+            kw = {"modes": c.modes, "batch_size": c.batch_size, "lr": lr, "lr_decay": c.lr_decay, "warmup": c.warmup,
+                  "ema": c.ema, "max_steps": max_steps, **dict(v.train)}
             start = time.perf_counter()
-            train(TrainConfig(data=str(data), out=str(root / f"run{k}"), init_from=str(DIGITS_TEACHER),
-                              save_every=c.train_steps, log_every=50, **kw))
+            train(TrainConfig(data=str(data), out=str(root / f"run{k}"), init_from=str(ckpt),
+                              save_every=max_steps, log_every=50, **kw))
             reset_accelerate_state()
             seconds = time.perf_counter() - start
             model, _ = load_run(root / f"run{k}")
             ref = TeacherSolver(REFERENCE_SOLVER, c.reference_steps, "quadratic", float(model.times[-1]))
-            solvers, nfes = (("ddim",), (10,)) if k == 0 else ((), ())  # DDIM-10 on the same seeds, once, for scale
-            result = run_bench(BenchSetup(teacher, ref, list(EVAL_SEEDS), None, solvers, nfes, "quadratic", {"m": model}, None))
+            first = all(r["teacher"] != str(ckpt) for r in rows)
+            solvers, nfes = scale if first else ((), ())
+            result = run_bench(BenchSetup(teacher, ref, list(eval_seeds), None, solvers, nfes, None, {"m": model}, None))
+            solver_rows = {f"{r.method}{r.nfe}": r.rmse for r in result.rows if r.kind == "solver"}
             rows.append({"variant": v.name, "rmse": result.row("m").rmse, "train_s": seconds, **kw,
-                         "times": v.times, "time_kind": v.time_kind,
-                         "ddim10": result.row("ddim", 10).rmse if k == 0 else None})
+                         "times": v.times, "time_kind": v.time_kind, "teacher": str(ckpt), "solvers": solver_rows,
+                         "ddim10": solver_rows.get("ddim10")})
     return rows
+
+
+def x0_teacher(root: Path) -> Path:
+    """The x₀-prediction digits teacher of the levers study: the shipped one if present, else trained here with
+    the shipped ε teacher's recipe (`opdiff teacher train --data digits --max-steps 4000 --lr-decay cosine
+    --prediction x0`, about 8 minutes on 2 CPU cores)."""
+    from ..demo import DIGITS_TEACHER_X0
+    from ..teacher import TeacherConfig, train_teacher
+    from ..training import reset_accelerate_state
+
+    if DIGITS_TEACHER_X0.is_file():
+        return DIGITS_TEACHER_X0
+    out = root / "x0-teacher"
+    result = train_teacher(TeacherConfig(data="digits", out=str(out), max_steps=4000, lr_decay="cosine", prediction="x0"))
+    reset_accelerate_state()
+    return Path(result.checkpoint)
+
+
+def lever_variants(x0_checkpoint: Path, lr: float) -> list[Variant]:
+    """The one-step quality levers of issue 14, each against the demo's own settings."""
+    base = (("lr", lr),)
+    return [
+        Variant("demo settings (L1, sqrt-SNR weights, ε teacher)", train=base),
+        Variant("last frame weight 1e4 (the reference's ~99.9% share)", train=base + (("final_weight", 1e4),)),
+        Variant("pseudo-Huber loss (iCT c)", train=base + (("loss", "pseudo-huber"),)),
+        Variant("L2 loss", train=base + (("loss", "l2"),)),
+        Variant("x₀-prediction teacher (its own trajectories and reference)", train=base, teacher=str(x0_checkpoint)),
+    ]
+
+
+def run_levers(root: Path | None = None) -> list[dict]:
+    from ..demo import DEMO
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(root or tmp)
+        chosen = lever_variants(x0_teacher(root), DEMO.lr)
+        return run_ablations(root, chosen, DEMO.lr, scale=(("ddim", "dpmpp-2m", "unipc"), (5, 10)))

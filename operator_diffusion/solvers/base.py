@@ -171,11 +171,22 @@ class SolverStep:
     nfe: int
 
 
-def multistep_order(order: int, i: int, steps: int, lower_order_final: bool) -> int:
+LOWER_ORDER_FINAL_BELOW = 15  # diffusers' rule: lower-order final steps when a schedule has fewer steps
+
+
+def lower_order_final_default(lower_order_final: bool | None, steps: int) -> bool:
+    """``lower_order_final=None`` (every multistep solver's default) means on below
+    ``LOWER_ORDER_FINAL_BELOW`` steps, as diffusers' DPM-Solver++ and UniPC schedulers do; it stabilises
+    the short schedules where the last log-SNR step is the longest (docs/solvers.md)."""
+    return steps < LOWER_ORDER_FINAL_BELOW if lower_order_final is None else bool(lower_order_final)
+
+
+def multistep_order(order: int, i: int, steps: int, lower_order_final: bool | None) -> int:
     """Order used at step i (0-based) of a multistep method that keeps ``order`` evaluations:
     warm-up with what is available (i+1 evaluations), and with ``lower_order_final`` the last steps
-    drop to orders N−i (as DPM-Solver / UniPC), which stabilises very short schedules."""
+    drop to orders N−i (as DPM-Solver / UniPC), which stabilises very short schedules. None: on below
+    ``LOWER_ORDER_FINAL_BELOW`` steps (``lower_order_final_default``)."""
     p = min(order, i + 1)
-    if lower_order_final:
+    if lower_order_final_default(lower_order_final, steps):
         p = min(p, steps - i)
     return p

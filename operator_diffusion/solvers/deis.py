@@ -29,7 +29,7 @@ def deis_coefficients(grid: Grid, steps: Tensor, r: int, variant: str = "tab") -
     return grid.alpha[steps + 1, None] * integral
 
 
-def _deis_table(grid: Grid, order: int, variant: str, lower_order_final: bool) -> list[list[float]]:
+def _deis_table(grid: Grid, order: int, variant: str, lower_order_final: bool | None) -> list[list[float]]:
     """Every step's coefficients, computed up front in one vectorised pass per order."""
     rs = torch.tensor([multistep_order(order + 1, i, grid.steps, lower_order_final) - 1 for i in range(grid.steps)])
     table: list[list[float]] = [[] for _ in range(grid.steps)]
@@ -47,7 +47,7 @@ def deis(
     *,
     order: int = 3,
     variant: Literal["tab", "rho"] = "tab",
-    lower_order_final: bool = False,
+    lower_order_final: bool | None = None,
 ) -> Tensor:
     if order not in (0, 1, 2, 3):
         raise ValueError(f"deis order must be 0, 1, 2 or 3 (number of past ε̂ used), got {order!r}")
@@ -67,7 +67,7 @@ def deis(
 IPNDM_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-def ipndm(ev: Evaluator, x: Tensor, grid: Grid, *, order: int = 4, lower_order_final: bool = False) -> Tensor:
+def ipndm(ev: Evaluator, x: Tensor, grid: Grid, *, order: int = 4, lower_order_final: bool | None = None) -> Tensor:
     """iPNDM: x_t = (α_t/α_s) x_s + α_t(ρ_t − ρ_s) ε̄ with ε̄ the fixed-weight AB combination.
     Equals ρAB-DEIS on a grid uniform in ρ; globally order 2 on non-uniform grids."""
     if order not in IPNDM_WEIGHTS:

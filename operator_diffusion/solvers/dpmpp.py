@@ -20,7 +20,7 @@ from .base import Evaluator, Grid, multistep_order
 
 
 def _dpmpp_multistep(
-    ev: Evaluator, x: Tensor, grid: Grid, order: int, lower_order_final: bool, d2_factor: float = 1.0
+    ev: Evaluator, x: Tensor, grid: Grid, order: int, lower_order_final: bool | None, d2_factor: float = 1.0
 ) -> Tensor:
     ms: list[Tensor] = []  # denoised predictions m_i, m_{i−1}, … (most recent first)
     for i in range(grid.steps):
@@ -49,13 +49,13 @@ def _dpmpp_multistep(
     return x
 
 
-def dpmpp_2m(ev: Evaluator, x: Tensor, grid: Grid, *, lower_order_final: bool = False) -> Tensor:
+def dpmpp_2m(ev: Evaluator, x: Tensor, grid: Grid, *, lower_order_final: bool | None = None) -> Tensor:
     """DPM-Solver++(2M): global order 2."""
     return _dpmpp_multistep(ev, x, grid, 2, lower_order_final)
 
 
 def dpmpp_3m(
-    ev: Evaluator, x: Tensor, grid: Grid, *, lower_order_final: bool = False, exact_third_order: bool = False
+    ev: Evaluator, x: Tensor, grid: Grid, *, lower_order_final: bool | None = None, exact_third_order: bool = False
 ) -> Tensor:
     """DPM-Solver++(3M) as published (global order 2), or with the corrected D2 term (order 3)."""
     return _dpmpp_multistep(ev, x, grid, 3, lower_order_final, d2_factor=2.0 if exact_third_order else 1.0)

@@ -48,7 +48,7 @@ def unipc(
     order: int = 3,
     variant: Literal["bh1", "bh2"] = "bh2",
     corrector: bool = True,
-    lower_order_final: bool = False,
+    lower_order_final: bool | None = None,
 ) -> Tensor:
     if order not in (1, 2, 3, 4):
         raise ValueError(f"unipc order must be 1, 2, 3 or 4, got {order!r}")
