@@ -24,23 +24,35 @@ DIGITS_TEACHER_X0 = ASSETS / "digits_teacher_x0.safetensors"  # the same recipe 
 
 Progress = Callable[[str, int, int], None]  # progress(stage, done, total)
 REFERENCE_SOLVER = "unipc"  # the bench's reference solution: UniPC with DemoConfig.reference_steps (quadratic grid)
+REFERENCE_OPTIONS = {"order": 3}  # at 50 steps order 3 is the more accurate (below 15 steps order 2 wins)
+
+
+def reference_solver(steps: int, t_end: float):
+    """The teacher's reference solution of the demo, the ablations and the solver-grid study."""
+    from .sampling import TeacherSolver
+
+    return TeacherSolver(REFERENCE_SOLVER, steps, "quadratic", t_end, "denoised", dict(REFERENCE_OPTIONS))
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of each stage. ``DEMO`` fits ≤ 10 minutes on 2 CPU cores, ``QUICK`` ≤ 2 minutes."""
+    """Sizes of each stage. ``DEMO`` fits ≤ 10 minutes on 2 CPU cores of the slower, AVX2-only kind (measured
+    there: a DSNO step 0.27 s, a baseline step 0.095 s, collection 4.3 ms per trajectory in fp32), ``QUICK`` ≤ 2
+    minutes."""
 
-    num: int = 32768                # trajectories collected: the main lever (docs/benchmarks.md, demo)
+    num: int = 16384                # trajectories collected (docs/benchmarks.md, demo; sized for AVX2-only CPUs)
     solver: str = "deis"            # teacher solver of the collection: DEIS-15 (16 NFE) is 0.020 RMSE from
     steps: int = 15                 # UniPC-50, closer than UniPC-20 (0.032), at 3/4 of its cost
     precision: str = "auto"         # measured on the machine: bf16 autocast only where it is faster (docs/collect.md)
     times: int = 4                  # M output times
-    train_steps: int = 2000         # DSNO optimizer steps (the baseline gets as many)
+    train_steps: int = 1200         # DSNO optimizer steps (the baseline gets as many); 0.27 s each on AVX2 CPUs
     batch_size: int = 64
     lr: float = 2e-3                # 2e-3: RMSE 0.132 / FID 0.534; 1e-3: 0.125 / 0.648 (docs/demo.md)
     lr_decay: str = "cosine"
-    baseline_lr: float = 4e-3       # the baseline's own best of 5e-4 … 8e-3 (docs/benchmarks.md, ablations)
+    baseline_lr: float = 2e-3       # the baseline's own best of 1e-3 … 8e-3 at this budget (docs/benchmarks.md, baseline-lr)
     warmup: int = 50
+    loss: str = "l1"                # DSNO's and the baseline's loss (docs/benchmarks.md, levers)
+    final_weight: float | None = None  # DSNO's weight of the last output time (None: sqrt-SNR, ~77% of the loss)
     ema: float = 0.99
     modes: int = 2
     samples: int = 64               # images in the sample grids
@@ -99,7 +111,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     from .bench import BenchSetup, run_bench
     from .fid import FeatureStats, load_extractor, fid_of_pixels
     from .images import load_images
-    from .sampling import SampleWriter, TeacherSolver, dsno_batches, side_by_side, teacher_batches
+    from .sampling import SampleWriter, dsno_batches, side_by_side, teacher_batches
     from .training import TrainConfig, load_run, reset_accelerate_state, train
     from .trajectories import CollectConfig, collect
 
@@ -116,7 +128,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
                                                  shard_size=min(4096, c.num)),
             checkpoint=DIGITS_TEACHER, progress=_count(report("collect"), c.num))
     seconds["collect"] = time.perf_counter() - start
-    precision = collected.info.get("precision", c.precision)  # "auto" resolved by measuring on this machine
+    precision = collected.info["collection"]["precision"]  # "auto" resolved by measuring on this machine
 
     runs = {"DSNO": (out / "run", False, c.lr), "one-step baseline": (out / "baseline", True, c.baseline_lr)}
     for name, (path, baseline, lr) in runs.items():
@@ -124,6 +136,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
         stage = report(f"train {name}")
         train(TrainConfig(data=str(out / "data"), out=str(path), init_from=str(DIGITS_TEACHER), modes=c.modes,
                           batch_size=c.batch_size, lr=lr, lr_decay=c.lr_decay, warmup=c.warmup, ema=c.ema,
+                          loss=c.loss, final_weight=None if baseline else c.final_weight,
                           max_steps=c.train_steps,
                           save_every=c.train_steps, log_every=10, baseline=baseline),
               progress=None if stage is None else (lambda step, total, m, s=stage: s(step, total)))
@@ -139,7 +152,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     for batch in dsno_batches(model, seeds):
         writer.add(batch)
     writer.close()
-    ref_solver = TeacherSolver(REFERENCE_SOLVER, c.reference_steps, "quadratic", float(model.times[-1]))
+    ref_solver = reference_solver(c.reference_steps, float(model.times[-1]))
     twriter = SampleWriter(out / "samples" / "teacher", ("png", "grid"), {"source": "teacher"}, overwrite=True)
     for batch in teacher_batches(teacher, seeds, ref_solver):
         twriter.add(batch)
@@ -167,7 +180,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
             ref_stats = stats_of_images(load_images("digits"), extractor)
         fid_fn = lambda pixels: fid_of_pixels(pixels, ref_stats, extractor)  # noqa: E731
     bench_seeds = list(range(c.num + c.samples, c.num + c.samples + c.bench_num))
-    setup = BenchSetup(teacher, TeacherSolver(REFERENCE_SOLVER, c.reference_steps, "quadratic", float(model.times[-1])),
+    setup = BenchSetup(teacher, ref_solver,
                        bench_seeds, None, c.bench_solvers, c.bench_nfes, None,
                        {"DSNO": model, "one-step baseline": base}, fid_fn, batch_size=256,
                        training_seeds=(range(0, c.num),))

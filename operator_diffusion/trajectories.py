@@ -44,6 +44,7 @@ from torch import Tensor
 
 from . import __version__
 from .schedules import GRID_KINDS, PSLD, DiffusionProcess, time_grid
+from .solvers.base import lower_order_final_default
 from .solvers import NonFiniteError, available_solvers, solve, solver_info
 
 if TYPE_CHECKING:  # heavy imports stay lazy
@@ -309,6 +310,8 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
     else:
         indices = output_indices(c.steps, c.times, c.time_kind)
     options = {**spec.options, **c.solver_options}
+    if "lower_order_final" in options:  # the identity records what ran: None (on below 15 steps) resolved
+        options["lower_order_final"] = lower_order_final_default(options["lower_order_final"], c.steps)
     nfe = solver_nfe(backbone.schedule, ts, c.solver, indices, c.target, c.solver_options)
     labels = _label_mode(c.labels, backbone.num_classes, c.guidance, backbone.null_label)
     precision, choice = resolve_precision(backbone, c, out_dir, device)

@@ -23,6 +23,7 @@ class Variant:
     steps: int = 15                  # collection solver steps (M = 8 needs a finer grid: 40)
     train: tuple = ()                # TrainConfig overrides
     teacher: str | None = None       # a teacher checkpoint other than the shipped one (its own collection)
+    num: int | None = None           # trajectories (default: the demo's)
 
 
 def variants(lr: float) -> list[Variant]:
@@ -47,8 +48,7 @@ def run_ablations(root: Path | None = None, chosen: list[Variant] | None = None,
     """Train and score each variant (default: ``variants(LR)``); the first row of each teacher also scores the
     ``scale`` solvers at their NFEs (each on its own grid, ``bench.SOLVER_DEFAULTS``) on the same seeds."""
     from ..bench import BenchSetup, run_bench
-    from ..demo import DEMO, DIGITS_TEACHER, REFERENCE_SOLVER, digits_teacher
-    from ..sampling import TeacherSolver
+    from ..demo import DEMO, DIGITS_TEACHER, digits_teacher, reference_solver
     from ..training import TrainConfig, load_run, reset_accelerate_state, train
     from ..trajectories import CollectConfig, collect
 
@@ -62,27 +62,29 @@ def run_ablations(root: Path | None = None, chosen: list[Variant] | None = None,
         for k, v in enumerate(chosen or variants(lr)):
             ckpt = Path(v.teacher or DIGITS_TEACHER)
             teacher = digits_teacher() if v.teacher is None else backbone_from_checkpoint(ckpt).eval()
-            data = root / f"data_m{v.times}_{v.time_kind}_{v.steps}_{ckpt.stem}"
-            collect(teacher, data, CollectConfig(num=c.num, solver=c.solver, steps=v.steps, times=v.times,
+            num = v.num or c.num
+            data = root / f"data_m{v.times}_{v.time_kind}_{v.steps}_{ckpt.stem}_{num}"
+            collect(teacher, data, CollectConfig(num=num, solver=c.solver, steps=v.steps, times=v.times,
                                                  time_kind=v.time_kind, precision=c.precision,
-                                                 batch_size=c.collect_batch, shard_size=min(4096, c.num)),
+                                                 batch_size=c.collect_batch, shard_size=min(4096, num)),
                     checkpoint=ckpt)
             kw = {"modes": c.modes, "batch_size": c.batch_size, "lr": lr, "lr_decay": c.lr_decay, "warmup": c.warmup,
                   "ema": c.ema, "max_steps": max_steps, **dict(v.train)}
             start = time.perf_counter()
             train(TrainConfig(data=str(data), out=str(root / f"run{k}"), init_from=str(ckpt),
-                              save_every=max_steps, log_every=50, **kw))
+                              save_every=kw["max_steps"], log_every=50, **kw))
             reset_accelerate_state()
             seconds = time.perf_counter() - start
             model, _ = load_run(root / f"run{k}")
-            ref = TeacherSolver(REFERENCE_SOLVER, c.reference_steps, "quadratic", float(model.times[-1]))
+            ref = reference_solver(c.reference_steps, float(model.times[-1]))
             first = all(r["teacher"] != str(ckpt) for r in rows)
             solvers, nfes = scale if first else ((), ())
             result = run_bench(BenchSetup(teacher, ref, list(eval_seeds), None, solvers, nfes, None, {"m": model}, None))
-            solver_rows = {f"{r.method}{r.nfe}": r.rmse for r in result.rows if r.kind == "solver"}
+            solver_rows = {f"{r.method}@{r.nfe}": r.rmse for r in result.rows if r.kind == "solver"}
             rows.append({"variant": v.name, "rmse": result.row("m").rmse, "train_s": seconds, **kw,
                          "times": v.times, "time_kind": v.time_kind, "teacher": str(ckpt), "solvers": solver_rows,
-                         "ddim10": solver_rows.get("ddim10")})
+                         "num": num,
+                         "ddim10": solver_rows.get("ddim@10")})
     return rows
 
 

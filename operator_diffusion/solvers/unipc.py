@@ -5,7 +5,9 @@ R[k, m] = r_m^{k−1}, b_k = k!·hφ_{k+1}/B(h) (B = hh for bh1, e^{hh} − 1 fo
   predictor UniP-p:  x̂_t = (σ_t/σ_s) x_s − α_t hφ_1 m_i − α_t B Σ_k ρ^p_k D1_k,  ρ^p = R[:−1,:−1]⁻¹ b[:−1]
   corrector UniC-p:  x_t = (σ_t/σ_s) x_s − α_t hφ_1 m_i − α_t B (Σ_k ρ^c_k D1_k + ρ^c_p (m_t − m_i)),  ρ^c = R⁻¹ b
 where m_t = D(x̂_t, t) is then reused as the next step's history, so the corrector costs no extra NFE.
-No corrector on the final step. Global order p + 1 (p with ``corrector=False``).
+No corrector on the final step. Global order p + 1 (p with ``corrector=False``). The default order is 2
+(diffusers' default too): on the shipped digits teacher at 3–10 NFE order 2 beat order 3, with or without
+lower-order final steps (docs/benchmarks.md, "solver-grids").
 The recorded denoised prediction at t_i is m_i = D(x̂_i, t_i), the one the method uses.
 """
 
@@ -45,7 +47,7 @@ def unipc(
     x: Tensor,
     grid: Grid,
     *,
-    order: int = 3,
+    order: int = 2,
     variant: Literal["bh1", "bh2"] = "bh2",
     corrector: bool = True,
     lower_order_final: bool | None = None,
