@@ -3,9 +3,10 @@ and the training-free solvers at k NFE come to the teacher's reference solution 
 
 Every method estimates the same quantity for each seed: the collection's training target at DSNO's last
 time t_M (the teacher's x̂_0(x(t_M), t_M) for ``target=denoised``, the state x(t_M) for ``target=state``),
-x_T drawn by the collection's noise rule. A solver's NFE count is the solvers' own (``SolveResult.nfe``), so
-with a denoised target it includes the final x̂_0 evaluation (DPM-Solver's ``denoise_to_zero``); at 1 NFE
-that leaves no step, and the row is the teacher's one-shot denoiser x̂_0(x_T, T).
+x_T drawn by the collection's noise rule. A solver charged k NFE makes k network evaluations that all advance
+the solution: k steps ending at the state x(t_M), or (``SolverChoice.to_zero``, diffusers' last step to σ = 0)
+k − 1 steps of a k-step grid and x̂_0 at the last evaluation. Each solver runs on its own grid and options
+(``SOLVER_DEFAULTS``, or tuned per NFE on disjoint seeds), and every row reports its compute beside its NFE.
 
 Teacher-match error (the paper's "teacher" comparison): on images clipped to [-1, 1],
 RMSE = √(mean over seeds, channels and pixels of (x − x_ref)²) and PSNR = 10 log10(2² / MSE) dB (peak-to-peak
@@ -47,6 +48,14 @@ class SolverChoice:
         return ", ".join([f"{self.grid} grid"] + [f"{k}={v}" for k, v in self.options.items()]
                          + (["last step to σ = 0"] if self.to_zero else []))
 
+    def __hash__(self) -> int:  # options is a dict: hash its items (choices key the tuning tables)
+        return hash((self.grid, tuple(sorted(self.options.items())), self.to_zero))
+
+    @classmethod
+    def of(cls, record: dict) -> "SolverChoice":
+        """The choice a ``tune_solvers`` table record was scored with (its grid, options and ending)."""
+        return cls(record["grid"], dict(record["options"]), bool(record["to_zero"]))
+
 
 # Each solver's own default grid and options in a bench (α/σ teachers): the best single choice over 3–15 NFE,
 # measured on the shipped digits teacher on tuning seeds (docs/benchmarks.md, "solver-grids"; reproduce with
@@ -56,10 +65,10 @@ SOLVER_DEFAULTS: dict[str, SolverChoice] = {
     "ddim": SolverChoice("uniform"),
     "deis": SolverChoice("quadratic", {"order": 3, "lower_order_final": False}),
     "ipndm": SolverChoice("quadratic", {"order": 3}),
-    "dpmpp-2m": SolverChoice("quadratic", {"lower_order_final": False}),
-    "dpmpp-3m": SolverChoice("quadratic"),
-    "unipc": SolverChoice("quadratic", {"order": 2}),      # = its own default order (measured: 2 beats 3 below 15 NFE)
-    "heun": SolverChoice("edm", {"final_euler": True}),
+    "dpmpp-2m": SolverChoice("quadratic", {"lower_order_final": False}, to_zero=True),
+    "dpmpp-3m": SolverChoice("quadratic", {"lower_order_final": False}, to_zero=True),
+    "unipc": SolverChoice("quadratic", {"order": 2, "lower_order_final": False}, to_zero=True),  # order 2 beats 3 here
+    "heun": SolverChoice("edm", {}, to_zero=True),
     "lambda-ddim": SolverChoice("uniform"),               # not measured: DDIM's (λ = 0 is DDIM)
 }
 # The option variants `--tune` tries for each solver (crossed with every grid the schedule takes).
@@ -223,10 +232,9 @@ def tune_candidates(solver: str, schedule, grid: str | None = None, options: dic
     out: list[SolverChoice] = []
     for g in grids:
         for v in variants:
-            for to_zero in (False, True):
-                fixed = {**v, "to_zero": to_zero, **(options or {})}
-                to_zero = bool(fixed.pop("to_zero"))
-                choice = SolverChoice(g, fixed, to_zero)
+            for ending in (False, True):
+                fixed = {**v, "to_zero": ending, **(options or {})}  # a user's to_zero fixes the ending
+                choice = SolverChoice(g, fixed, bool(fixed.pop("to_zero")))
                 if choice not in out:
                     out.append(choice)
     return out

@@ -20,7 +20,6 @@ import torch
 from .fid import ASSETS, DIGITS_FEATURENET, DIGITS_STATS  # the digits feature network and its reference statistics
 
 DIGITS_TEACHER = ASSETS / "digits_teacher.safetensors"    # `opdiff teacher train --data digits` (assets/README.md)
-DIGITS_TEACHER_X0 = ASSETS / "digits_teacher_x0.safetensors"  # the same recipe with --prediction x0 (levers study)
 
 Progress = Callable[[str, int, int], None]  # progress(stage, done, total)
 REFERENCE_SOLVER = "unipc"  # the bench's reference solution: UniPC with DemoConfig.reference_steps (quadratic grid)
@@ -108,7 +107,7 @@ class DemoResult:
 
 def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | None = None) -> DemoResult:
     """Run every stage into ``out`` and write ``out/report.md``."""
-    from .bench import BenchSetup, run_bench
+    from .bench import BenchSetup, run_bench, training_seeds
     from .fid import FeatureStats, load_extractor, fid_of_pixels
     from .images import load_images
     from .sampling import SampleWriter, dsno_batches, side_by_side, teacher_batches
@@ -183,7 +182,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     setup = BenchSetup(teacher, ref_solver,
                        bench_seeds, None, c.bench_solvers, c.bench_nfes, None,
                        {"DSNO": model, "one-step baseline": base}, fid_fn, batch_size=256,
-                       training_seeds=(range(0, c.num),))
+                       training_seeds=(training_seeds(info),))
     result = run_bench(setup, None if progress is None else (lambda label, d, t: progress(f"bench: {label}", d, t)))
     seconds["bench"] = time.perf_counter() - start
     result.meta.update({"seeds": f"{bench_seeds[0]}-{bench_seeds[-1]}", "fid": None if fid_fn is None else

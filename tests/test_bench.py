@@ -80,7 +80,8 @@ def test_rows_equal_direct_solves_and_error_falls_with_nfe(mixture_run):
     teacher = MixtureTeacher()
     reference = run_solver(info, "dpmpp-2m", 200)  # a much finer reference than the collection's 24 steps
     setup = BenchSetup(teacher, reference, SEEDS, None, ("ddim", "unipc"), (1, 2, 5, 10, 20), "quadratic",
-                       {"DSNO": model}, None, batch_size=5, solver_options={"unipc": {"to_zero": True}})
+                       {"DSNO": model}, None, batch_size=5,
+                       solver_options={"unipc": {"to_zero": True, "order": 2, "lower_order_final": False}})
     result = run_bench(setup)
     x = noise(SEEDS).double()
     s = teacher.schedule
@@ -92,7 +93,7 @@ def test_rows_equal_direct_solves_and_error_falls_with_nfe(mixture_run):
         assert result.row("ddim", nfe).rmse == pytest.approx(teacher_match(direct, ref)[0], rel=1e-4, abs=1e-6)
         # UniPC with diffusers' last step to σ = 0: k − 1 steps of a k-step grid, then x̂_0 at the last evaluation
         ts = time_grid(s, nfe, "quadratic")[:-1]
-        direct = solve(teacher.eps_fn, x, s, ts, "unipc", record=[nfe - 1]).denoised[:, 0]
+        direct = solve(teacher.eps_fn, x, s, ts, "unipc", record=[nfe - 1], order=2, lower_order_final=False).denoised[:, 0]
         assert result.row("unipc", nfe).rmse == pytest.approx(teacher_match(direct, ref)[0], rel=1e-4, abs=1e-6)
         assert result.row("unipc", nfe).depth == nfe and result.row("unipc", nfe).kind == "solver"
     with torch.no_grad():

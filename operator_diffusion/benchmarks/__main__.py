@@ -277,6 +277,7 @@ def psld_section() -> str:
 
 
 def solver_grids_section() -> str:
+    from ..bench import SolverChoice
     from .solver_grids import NFES, SEEDS, SOLVERS, run
 
     table, best = run()
@@ -299,13 +300,11 @@ def solver_grids_section() -> str:
         cells = []
         for n in NFES:
             c = best["per_nfe"].get((solver, n))
-            hit = [r for r in table if r["solver"] == solver and r["nfe"] == n and c is not None
-                   and r["grid"] == c.grid and r["options"] == c.options]
+            hit = [r for r in table if r["solver"] == solver and r["nfe"] == n and SolverChoice.of(r) == c]
             cells.append("–" if not hit else f"{c.describe()} ({hit[0]['rmse']:.4f})")
         own = []
         for n in NFES:
-            hit = [r for r in table if r["solver"] == solver and r["nfe"] == n and r["grid"] == single.grid
-                   and r["options"] == single.options]
+            hit = [r for r in table if r["solver"] == solver and r["nfe"] == n and SolverChoice.of(r) == single]
             own.append(f"{hit[0]['rmse']:.4f}" if hit else "–")
         lines.append(f"| {solver} | {single.describe()} | " + " | ".join(cells) + f" | {' / '.join(own)} |")
     lines.append("")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EVAL_SEEDS = range(100_000, 100_256)
+X0_TEACHER_FILE = "digits_teacher_x0.safetensors"  # in the package assets, if ever shipped (it is not: levers)
 LR = 1e-3  # the DSNO variants' learning rate (the demo now uses 2e-3: better FID, slightly worse RMSE)
 
 
@@ -47,12 +48,11 @@ def run_ablations(root: Path | None = None, chosen: list[Variant] | None = None,
                   scale: tuple[tuple[str, ...], tuple[int, ...]] = (("ddim",), (10,))) -> list[dict]:
     """Train and score each variant (default: ``variants(LR)``); the first row of each teacher also scores the
     ``scale`` solvers at their NFEs (each on its own grid, ``bench.SOLVER_DEFAULTS``) on the same seeds."""
+    from ..backbones import backbone_from_checkpoint
     from ..bench import BenchSetup, run_bench
     from ..demo import DEMO, DIGITS_TEACHER, digits_teacher, reference_solver
     from ..training import TrainConfig, load_run, reset_accelerate_state, train
     from ..trajectories import CollectConfig, collect
-
-    from ..backbones import backbone_from_checkpoint
 
     c = DEMO
     max_steps = train_steps or c.train_steps
@@ -92,12 +92,12 @@ def x0_teacher(root: Path) -> Path:
     """The x₀-prediction digits teacher of the levers study: the shipped one if present, else trained here with
     the shipped ε teacher's recipe (`opdiff teacher train --data digits --max-steps 4000 --lr-decay cosine
     --prediction x0`, about 8 minutes on 2 CPU cores)."""
-    from ..demo import DIGITS_TEACHER_X0
+    from ..fid import ASSETS
     from ..teacher import TeacherConfig, train_teacher
     from ..training import reset_accelerate_state
 
-    if DIGITS_TEACHER_X0.is_file():
-        return DIGITS_TEACHER_X0
+    if (ASSETS / X0_TEACHER_FILE).is_file():
+        return ASSETS / X0_TEACHER_FILE
     out = root / "x0-teacher"
     result = train_teacher(TeacherConfig(data="digits", out=str(out), max_steps=4000, lr_decay="cosine", prediction="x0"))
     reset_accelerate_state()

@@ -25,12 +25,12 @@ def run() -> tuple[list[dict], dict]:
     choices, table = tune_solvers(setup, SOLVERS)
     best_single: dict[str, tuple[float, SolverChoice]] = {}
     for solver in SOLVERS:
-        keyed: dict[str, list[float]] = {}
+        logs: dict[SolverChoice, list[float]] = {}
         for r in table:
             if r["solver"] == solver:
-                keyed.setdefault(repr(SolverChoice(r["grid"], r["options"])), []).append(math.log(r["rmse"]))
-        full = {k: sum(v) / len(v) for k, v in keyed.items() if len(v) == max(len(x) for x in keyed.values())}
-        k = min(full, key=full.get)
-        best_single[solver] = (full[k], next(SolverChoice(r["grid"], r["options"]) for r in table
-                                             if r["solver"] == solver and repr(SolverChoice(r["grid"], r["options"])) == k))
+                logs.setdefault(SolverChoice.of(r), []).append(math.log(r["rmse"]))
+        most = max(len(v) for v in logs.values())  # Heun's endings each spend only odd or only even NFE counts
+        complete = {c: sum(v) / len(v) for c, v in logs.items() if len(v) == most}  # scored at the most NFEs
+        choice = min(complete, key=complete.get)
+        best_single[solver] = (complete[choice], choice)
     return table, {"per_nfe": choices, "single": best_single}
