@@ -39,7 +39,6 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import Backbone, load_backbone
-from .schedules import PSLD, split
 
 FORMAT_VERSION = 1
 CONFIG_KEY = "opdiff.dsno"  # safetensors metadata key holding DSNO.config()
@@ -282,8 +281,7 @@ class DSNO(nn.Module):
         lab = None if labels is None else labels.repeat_interleave(m)
         with self._frames(m):
             out = bb.forward(x, t_items, lab)
-        if isinstance(bb.schedule, PSLD):
-            out = split(out)[0]  # (B*M, 2C, H, W) -> the x half (B*M, C, H, W)
+        out = bb.schedule.data_part(out)  # PSLD: (B*M, 2C, H, W) -> the x half (B*M, C, H, W)
         return out.reshape(b, m, *out.shape[1:])
 
     @torch.no_grad()

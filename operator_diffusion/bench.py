@@ -27,10 +27,12 @@ import torch
 from torch import Tensor
 
 from .sampling import SampleBatch, TeacherSolver, collect_batches, dsno_batches, teacher_batches
+from .schedules import GRID_KINDS, PSLD, Schedule
 
-DEFAULT_SOLVERS = ("ddim", "deis", "dpmpp-2m", "unipc")
-# PSLD teachers: the deterministic PSLD integrators from the plain to the most accurate (docs/benchmarks.md, "psld")
-PSLD_DEFAULT_SOLVERS = ("euler", "lambda-ddim", "rse", "csps-d")
+# The solvers a bench compares by default are the process's (``DiffusionProcess.bench_solvers``); for PSLD the
+# deterministic integrators from the plain to the most accurate (docs/benchmarks.md, "psld").
+DEFAULT_SOLVERS = Schedule.bench_solvers
+PSLD_DEFAULT_SOLVERS = PSLD.bench_solvers
 DEFAULT_NFES = (1, 2, 3, 5, 10, 20)
 PSNR_RANGE = 2.0  # images in [-1, 1]
 TUNE_NUM = 128    # tuning seeds of `--tune` (disjoint from the reported ones)
@@ -57,7 +59,8 @@ class SolverChoice:
         return cls(record["grid"], dict(record["options"]), bool(record["to_zero"]))
 
 
-# Each solver's own default grid and options in a bench (α/σ teachers): the best single choice over 3–15 NFE,
+# Each solver's own default grid and options in a bench of an α/σ teacher (``FAMILY_DEFAULTS``): the best single
+# choice over 3–15 NFE,
 # measured on the shipped digits teacher on tuning seeds (docs/benchmarks.md, "solver-grids"; reproduce with
 # `python -m operator_diffusion.benchmarks solver-grids`). Multistep solvers take lower-order final steps below
 # 15 steps by their own default (``lower_order_final=None``, as diffusers). A solver not listed runs on logsnr.
@@ -81,6 +84,12 @@ TUNE_OPTIONS: dict[str, tuple[dict, ...]] = {
                    for o in (1, 2, 3) for v in ("bh1", "bh2") for f in (None, False)),
     "heun": ({"final_euler": False}, {"final_euler": True}),
     "lambda-ddim": tuple({"lam": lam} for lam in (-0.5, 0.0, 0.5, 1.0)),
+}
+# Per solver family (``DiffusionProcess.solver_family``): the per-solver defaults and tuning variants, and the grid of
+# a solver not listed. PSLD integrators were not tuned per solver: they run on the caller's ``fallback_grid``.
+FAMILY_DEFAULTS: dict[str, tuple[dict[str, SolverChoice], dict[str, tuple[dict, ...]], str | None]] = {
+    "alpha-sigma": (SOLVER_DEFAULTS, TUNE_OPTIONS, "logsnr"),
+    "psld": ({}, {}, None),
 }
 
 
@@ -185,10 +194,8 @@ def steps_for_nfe(schedule, solver: str, nfe: int, grid: str, t_end: float, targ
 
 
 def default_solvers(schedule) -> tuple[str, ...]:
-    """The solvers a bench compares by default: ``DEFAULT_SOLVERS``, or ``PSLD_DEFAULT_SOLVERS`` for a PSLD teacher."""
-    from .schedules import PSLD
-
-    return PSLD_DEFAULT_SOLVERS if isinstance(schedule, PSLD) else DEFAULT_SOLVERS
+    """The solvers a bench compares by default: the teacher process's ``bench_solvers``."""
+    return schedule.bench_solvers
 
 
 def denoiser_batches(backbone, seeds: Sequence[int], labels, batch_size: int, device, guidance: float | None = None) -> Any:
@@ -209,13 +216,11 @@ def denoiser_batches(backbone, seeds: Sequence[int], labels, batch_size: int, de
 
 def solver_choice(solver: str, schedule, grid: str | None = None, options: dict | None = None,
                   fallback_grid: str = "quadratic") -> SolverChoice:
-    """The grid and options ``solver`` runs with: ``SOLVER_DEFAULTS`` (α/σ teachers) or ``fallback_grid`` (PSLD
-    teachers, whose integrators take uniform or quadratic grids), with ``grid`` and ``options`` overriding."""
-    from .schedules import PSLD
-
-    base = SOLVER_DEFAULTS.get(solver, SolverChoice("logsnr"))
-    if isinstance(schedule, PSLD):
-        base = SolverChoice(fallback_grid)
+    """The grid and options ``solver`` runs with: its family's defaults (``FAMILY_DEFAULTS``: ``SOLVER_DEFAULTS``
+    for α/σ teachers), else ``fallback_grid`` (PSLD teachers, whose integrators take uniform or quadratic grids),
+    with ``grid`` and ``options`` overriding."""
+    defaults, _, unlisted = FAMILY_DEFAULTS[schedule.solver_family]
+    base = defaults.get(solver, SolverChoice(unlisted or fallback_grid))
     options = dict(options or {})
     to_zero = bool(options.pop("to_zero", base.to_zero))  # not a solve() option: how the run ends
     return SolverChoice(grid or base.grid, {**base.options, **options}, to_zero)
@@ -225,10 +230,8 @@ def tune_candidates(solver: str, schedule, grid: str | None = None, options: dic
     """What ``--tune`` tries for ``solver``: every grid the schedule takes (or just ``grid``) crossed with the
     option variants of ``TUNE_OPTIONS`` and both endings (x(t_end), or the last step to σ = 0); ``options`` given
     by the user are kept fixed (``to_zero`` among them fixes the ending)."""
-    from .schedules import GRID_KINDS, PSLD
-
-    grids = [grid] if grid else [g for g in GRID_KINDS if not (isinstance(schedule, PSLD) and g in ("logsnr", "edm"))]
-    variants = TUNE_OPTIONS.get(solver, ({},)) if not isinstance(schedule, PSLD) else ({},)
+    grids = [grid] if grid else [g for g in GRID_KINDS if g in schedule.grid_kinds]
+    variants = FAMILY_DEFAULTS[schedule.solver_family][1].get(solver, ({},))
     out: list[SolverChoice] = []
     for g in grids:
         for v in variants:

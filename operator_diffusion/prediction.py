@@ -12,23 +12,17 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from .schedules import PSLD, DiffusionProcess, Schedule
+from .schedules import DiffusionProcess, Schedule, per_item
 
 PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v")
 Prediction = Literal["eps", "x0", "v"]
-
-
-def _bcast(c: Tensor, x: Tensor) -> Tensor:
-    """Per-item coefficient of shape (B,) or () broadcast against x of shape (B, ...)."""
-    c = c.to(device=x.device, dtype=x.dtype)
-    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
 
 
 def eps_from_prediction(pred: Tensor, x: Tensor, t: Tensor, schedule: Schedule, kind: Prediction) -> Tensor:
     """ε̂ from a network output ``pred`` of type ``kind`` at state ``x`` and times ``t`` (shape (B,))."""
     if kind == "eps":
         return pred
-    a, s = _bcast(schedule.alpha(t), x), _bcast(schedule.sigma(t), x)
+    a, s = per_item(schedule.alpha(t), x), per_item(schedule.sigma(t), x)
     if kind == "x0":
         return (x - a * pred) / s
     if kind == "v":
@@ -39,9 +33,7 @@ def eps_from_prediction(pred: Tensor, x: Tensor, t: Tensor, schedule: Schedule, 
 def denoised_from_eps(eps: Tensor, x: Tensor, t: Tensor, schedule: DiffusionProcess) -> Tensor:
     """Tweedie / DDIM data prediction x̂_0 = (x_t − σ_t ε̂)/α_t; for a PSLD state (B, 2C, ...) ``PSLD.denoise``'s
     x̂_0 = (x_t − L₀₀ε̂_x)/Φ₀₀ (C channels)."""
-    if isinstance(schedule, PSLD):
-        return schedule.denoise(x, eps, t)
-    return (x - _bcast(schedule.sigma(t), x) * eps) / _bcast(schedule.alpha(t), x)
+    return schedule.denoise(x, eps, t)
 
 
 def eps_fn_from_model(

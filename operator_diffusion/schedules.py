@@ -7,13 +7,19 @@ Solvers only ever see these functions, so any schedule with α, σ > 0 works wit
 ``PSLD`` (Phase Space Langevin Diffusion) is the one process here that is not an α/σ schedule: a
 linear SDE on (data, momentum) with 2×2 closed forms for its mean map and covariance. It shares the
 time range, ``config()`` and ``check_times`` (``DiffusionProcess``) and has its own solvers.
+
+Every process answers the questions the pipeline asks of it, so no caller checks its type: its prior draw
+x_T (``prior``, with the per-seed ``noise_rule`` recorded in collections), its state channels and data part,
+the data channel's log-SNR (loss weights), the solver family and defaults its trajectories are solved with,
+the grids it takes, the training-time distribution of its teacher (``training_times``), and the U-Net
+conditioning c_in and c_noise (EDM's preconditioning, Karras et al. 2022, Table 1).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -30,6 +36,7 @@ __all__ = [
     "split",
     "join",
     "apply2",
+    "per_item",
     "GRID_KINDS",
     "time_grid",
     "schedule_from_config",
@@ -46,12 +53,53 @@ def _as_tensor(t) -> Tensor:
 
 class DiffusionProcess:
     """What every forward process shares: a registered ``name``, the sampling time range
-    ``[t_min, t_max]`` (``t_max`` is where sampling starts), ``config()`` and ``check_times``.
+    ``[t_min, t_max]`` (``t_max`` is where sampling starts), ``config()`` and ``check_times``, and the
+    questions callers ask instead of checking the type (the module docstring).
     ``Schedule`` (x_t = α_t x_0 + σ_t ε) and ``PSLD`` (phase space, not an α/σ process) derive from it."""
 
     name: ClassVar[str] = "process"
     t_min: float
     t_max: float
+    # The solver registry its trajectories are solved with (``solvers.available_solvers``) and the grids it takes.
+    solver_family: ClassVar[str] = "alpha-sigma"
+    grid_kinds: ClassVar[tuple[str, ...]] = ("uniform", "quadratic", "logsnr", "edm")
+    predictions: ClassVar[tuple[str, ...]] = ("eps", "x0", "v")  # what a network on it may predict
+    predictions_why: ClassVar[str] = ""  # why only those (in the refusal of another)
+    # Collection defaults (docs/collect.md) and the solvers a bench compares by default (docs/bench.md).
+    default_solver: ClassVar[str] = "unipc"
+    default_steps: ClassVar[int] = 49
+    default_solver_options: ClassVar[tuple[tuple[str, Any], ...]] = ()
+    bench_solvers: ClassVar[tuple[str, ...]] = ("ddim", "deis", "dpmpp-2m", "unipc")
+
+    def state_channels(self, channels: int) -> int:
+        """Channels of the state the network sees for data of ``channels`` channels."""
+        return channels
+
+    def data_part(self, z: Tensor, dim: int = 1) -> Tensor:
+        """The data channels of states ``z`` (channels along ``dim``): the state itself for an α/σ process."""
+        return z
+
+    def prior(self, shape, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> Tensor:
+        """A draw x_T of the prior for data of ``shape`` (B, C, ...), returned in the state's shape."""
+        raise NotImplementedError
+
+    def noise_rule(self) -> str:
+        """How ``prior`` draws example seed s's x_T (recorded in every collection's identity)."""
+        raise NotImplementedError
+
+    def prior_config(self) -> dict:
+        """What the prior draw depends on: two processes with equal ``prior_config`` draw the same x_T per seed
+        (a DSNO student draws its x_T by its own process, so it must equal its teacher's)."""
+        raise NotImplementedError
+
+    def data_log_snr(self, t) -> Tensor:
+        """λ(t) = log α/σ of the data channel (DSNO's sqrt-SNR loss weight is e^λ)."""
+        raise NotImplementedError
+
+    def training_times(self, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+        """n float32 training times of a denoising teacher on this process: uniform on [t_min, t_max]."""
+        u = torch.rand(n, device=device, generator=generator)
+        return float(self.t_min) + (float(self.t_max) - float(self.t_min)) * u
 
     def config(self) -> dict:
         """A JSON-serialisable description; ``schedule_from_config`` rebuilds the schedule from it."""
@@ -76,6 +124,7 @@ class Schedule(DiffusionProcess):
     public functions) and the valid time range ``[t_min, t_max]`` (``t_max`` is where sampling starts)."""
 
     name: ClassVar[str] = "schedule"
+    sigma_data: ClassVar[float] = 1.0  # the data std c_in assumes (EDM and VE set 0.5)
 
     def log_alpha(self, t) -> Tensor:
         raise NotImplementedError
@@ -99,6 +148,53 @@ class Schedule(DiffusionProcess):
 
     def t_from_log_snr(self, log_snr) -> Tensor:
         raise NotImplementedError
+
+    # ---- what callers ask (DiffusionProcess) -------------------------------------------------------
+    @property
+    def prior_std(self) -> float:
+        """The standard deviation of the prior draw x_T: 1 for VP (α² + σ² = 1, the marginal at t_max of
+        unit-variance data), σ_max for VE/EDM (Karras et al. 2022, Alg. 1; score-SDE's VE sampler)."""
+        return 1.0
+
+    def prior(self, shape, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> Tensor:
+        """x_T = ``prior_std`` · N(0, I) of ``shape`` (B, C, ...)."""
+        x = torch.randn(*shape, generator=generator, dtype=dtype, device=device)
+        return x if self.prior_std == 1.0 else x * self.prior_std
+
+    def prior_config(self) -> dict:
+        return {"prior": "gaussian", "std": self.prior_std}
+
+    def noise_rule(self) -> str:
+        draw = "torch.randn(C, H, W, generator=torch.Generator().manual_seed(seed))"
+        scale = "" if self.prior_std == 1.0 else f"{self.prior_std!r} * "
+        return f"x_T = {scale}{draw} on CPU, float32; then label"
+
+    def data_log_snr(self, t) -> Tensor:
+        return self.log_snr(t)
+
+    def denoise(self, x: Tensor, eps: Tensor, t) -> Tensor:
+        """Tweedie / DDIM data prediction x̂_0 = (x_t − σ_t ε̂)/α_t (``t`` broadcast over x's trailing dims)."""
+        a, s = (per_item(f(t), x) for f in (self.alpha, self.sigma))
+        return (x - s * eps) / a
+
+    def perturb(self, x0: Tensor, t, eps: Tensor) -> Tensor:
+        """x_t = α_t x_0 + σ_t ε (the forward marginal's reparameterisation)."""
+        a, s = (per_item(f(t), x0) for f in (self.alpha, self.sigma))
+        return a * x0 + s * eps
+
+    def c_in(self, t) -> Tensor:
+        """The network input scale c_in(t) = 1/√(σ_data² α_t² + σ_t²) (EDM's, for data of std ``sigma_data``)."""
+        return torch.rsqrt(self.sigma_data**2 * self.alpha(t) ** 2 + self.sigma(t) ** 2)
+
+    def c_noise(self, t) -> Tensor:
+        """The time embedding's input c_noise(t): EDM's ¼ log ρ_t = −¼ λ_t (VP schedules override it)."""
+        return -0.25 * self.log_snr(t)
+
+
+def per_item(v: Tensor, x: Tensor) -> Tensor:
+    """A per-item coefficient (B,) or scalar, shaped to broadcast over ``x`` (B, ...) in x's dtype."""
+    v = _as_tensor(v).to(device=x.device, dtype=x.dtype)
+    return v.reshape(v.shape + (1,) * (x.dim() - v.dim())) if v.dim() else v
 
 
 def _vp_log_sigma(log_alpha: Tensor) -> Tensor:
@@ -131,6 +227,10 @@ class VPLinear(Schedule):
     def beta(self, t) -> Tensor:
         return self.beta_min + _as_tensor(t) * (self.beta_max - self.beta_min)
 
+    def c_noise(self, t) -> Tensor:
+        """1000 t, the score-SDE / DDPM++ time conditioning of continuous VP models."""
+        return 1000.0 * _as_tensor(t)
+
     def t_from_log_snr(self, log_snr) -> Tensor:
         """Closed-form inverse (DPM-Solver's ``inverse_lambda``): solve the quadratic in t."""
         lam = _as_tensor(log_snr)
@@ -157,6 +257,10 @@ class VPCosine(Schedule):
 
     def log_sigma(self, t) -> Tensor:
         return _vp_log_sigma(self.log_alpha(t))
+
+    def c_noise(self, t) -> Tensor:
+        """1000 t, as ``VPLinear``."""
+        return 1000.0 * _as_tensor(t)
 
     def t_from_log_snr(self, log_snr) -> Tensor:
         log_alpha = _vp_log_alpha_from_log_snr(_as_tensor(log_snr))
@@ -217,6 +321,10 @@ class DiscreteVP(Schedule):
         """Continuous t → the (fractional) discrete step index n = tN − 1 the network was trained on."""
         return _as_tensor(t) * self.num_steps - 1
 
+    def c_noise(self, t) -> Tensor:
+        """The discrete step index (``timestep``), what DDPM networks are conditioned on."""
+        return self.timestep(t)
+
     def log_alpha(self, t) -> Tensor:
         return _interp(_as_tensor(t), self._t, self._la)
 
@@ -258,6 +366,20 @@ class EDM(Schedule):
     def t_from_log_snr(self, log_snr) -> Tensor:
         return torch.exp(-_as_tensor(log_snr))
 
+    @property
+    def prior_std(self) -> float:
+        return float(self.sigma_max)
+
+    # EDM's training distribution: ln σ ~ N(P_mean, P_std²) (Karras et al. 2022, Table 1)
+    p_mean: ClassVar[float] = -1.2
+    p_std: ClassVar[float] = 1.2
+
+    def training_times(self, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+        """σ = exp(P_mean + P_std·n), n ~ N(0, 1) (EDM's log-normal), clamped to [σ_min, σ_max] (the clamp
+        moves about 1.7e-5 of the draws onto the ends with EDM's defaults)."""
+        z = torch.randn(n, device=device, generator=generator)
+        return torch.exp(self.p_mean + self.p_std * z).clamp(float(self.sigma_min), float(self.sigma_max))
+
 
 @dataclass(frozen=True)
 class VE(EDM):
@@ -266,6 +388,12 @@ class VE(EDM):
     name: ClassVar[str] = "ve"
     sigma_min: float = 0.01
     sigma_max: float = 50.0
+
+    def training_times(self, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+        """σ log-uniform on [σ_min, σ_max]: σ = σ_min (σ_max/σ_min)^u, u ~ U(0, 1) (NCSN's geometric noise
+        levels, score-SDE's VE training)."""
+        u = torch.rand(n, device=device, generator=generator)
+        return float(self.sigma_min) * (float(self.sigma_max) / float(self.sigma_min)) ** u
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,6 +478,20 @@ class PSLD(DiffusionProcess):
     t_min: float = 1e-3  # sampling ends here (the code's eval eps)
     t_max: float = 1.0  # sampling starts here (T)
     numerical_eps: float = 1e-9  # jitter added to the covariance diagonal before the Cholesky (as the code)
+
+    # What callers ask (DiffusionProcess): PSLD's own integrators on uniform or quadratic grids (no log-SNR),
+    # an ε network on all 2C state channels, HSM training below the sampling range (the PSLD code's
+    # CIFAR-10 config trains on t ~ U[1e-5, 1]), and conjugate symplectic Euler with λ = −0.25 as the
+    # collection default (docs/benchmarks.md, "psld"; first order, hence twice the α/σ default's steps).
+    solver_family: ClassVar[str] = "psld"
+    grid_kinds: ClassVar[tuple[str, ...]] = ("uniform", "quadratic")
+    predictions: ClassVar[tuple[str, ...]] = ("eps",)
+    predictions_why: ClassVar[str] = "a PSLD backbone predicts the HSM ε of all 2C state channels"
+    default_solver: ClassVar[str] = "csps-d"
+    default_steps: ClassVar[int] = 99
+    default_solver_options: ClassVar[tuple[tuple[str, Any], ...]] = (("lam", -0.25),)
+    bench_solvers: ClassVar[tuple[str, ...]] = ("euler", "lambda-ddim", "rse", "csps-d")
+    train_t_min: ClassVar[float] = 1e-5
 
     def __post_init__(self):
         if not (self.beta_min > 0 and self.beta_max > 0):
@@ -448,6 +590,38 @@ class PSLD(DiffusionProcess):
         m = torch.randn(*shape, generator=generator, dtype=dtype, device=device) * math.sqrt(self.mass)
         return join(x, m)
 
+    def noise_rule(self) -> str:
+        """The prior N(0, diag(1, M)) by the per-seed generator: z_T = (x, m); its x half is the VP rule's x_T."""
+        return ("z_T = PSLD.prior((1, C, H, W), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)[0] "
+                "on CPU: x = torch.randn(C, H, W, generator=g), then m = sqrt(M) * torch.randn(C, H, W, generator=g), "
+                "z_T = cat([x, m]); then label")
+
+    def prior_config(self) -> dict:
+        return self.config()  # the phase-space prior and its state layout depend on the whole process
+
+    def state_channels(self, channels: int) -> int:
+        return 2 * channels
+
+    def data_part(self, z: Tensor, dim: int = 1) -> Tensor:
+        """The x half of phase-space states (the first half of the channels along ``dim``)."""
+        return z.chunk(2, dim=dim)[0]
+
+    def data_log_snr(self, t) -> Tensor:
+        return self.x_log_snr(t)
+
+    def training_times(self, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+        """n float32 times uniform on [``train_t_min``, t_max] (HSM training, as the PSLD code)."""
+        u = torch.rand(n, device=device, generator=generator)
+        return self.train_t_min + (float(self.t_max) - self.train_t_min) * u
+
+    def c_in(self, t) -> Tensor:
+        """1: PSLD networks see the state unscaled."""
+        return torch.ones_like(_as_tensor(t))
+
+    def c_noise(self, t) -> Tensor:
+        """1000 t, the PSLD code's time conditioning."""
+        return 1000.0 * _as_tensor(t)
+
     def denoise(self, z: Tensor, eps: Tensor, t) -> Tensor:
         """x̂₀ = E[x₀ | z_t] = (x_t − L₀₀ ε̂_x)/Φ₀₀: the x row of z_t = Φ_t (x₀, 0) + L_t ε, L_t lower triangular.
         Returns C channels (the data)."""
@@ -517,8 +691,9 @@ def time_grid(
     """
     if kind not in GRID_KINDS:
         raise ValueError(f"unknown grid kind {kind!r}; valid: {', '.join(GRID_KINDS)}")
-    if kind in ("logsnr", "edm") and not isinstance(schedule, Schedule):
-        raise ValueError(f"grid kind {kind!r} needs an α/σ schedule (a log-SNR); for the {schedule.name} schedule use: uniform, quadratic")
+    if kind not in schedule.grid_kinds:
+        raise ValueError(f"grid kind {kind!r} needs an α/σ schedule (a log-SNR); for the {schedule.name} schedule "
+                         f"use: {', '.join(schedule.grid_kinds)}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"number of steps must be a positive integer, got {n!r}")
     t0 = float(schedule.t_max if t_start is None else t_start)

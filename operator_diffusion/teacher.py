@@ -46,8 +46,8 @@ from torch import Tensor, nn
 from . import __version__
 from .backbones import Backbone, backbone_class, load_backbone
 from .images import ImageSet, from_uint8, load_images
-from .prediction import PREDICTION_TYPES, Prediction, _bcast
-from .schedules import PSLD, DiffusionProcess, Schedule
+from .prediction import PREDICTION_TYPES, Prediction
+from .schedules import PSLD, DiffusionProcess, Schedule, per_item
 from .training import (
     EMA,
     PRECISIONS,
@@ -91,7 +91,6 @@ RUN_KIND = "teacher"  # run.json's "kind": tells a teacher run from an `opdiff t
 # Fields that may change between a run and its resumption (they do not change what is trained).
 RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints")
 LOSS_AVG_DECAY = 0.99  # metrics' loss_avg: exponential average over ~100 steps (the per-step loss is noisy)
-HSM_T_MIN = 1e-5  # PSLD trains on t ~ U[1e-5, 1] (the PSLD code's CIFAR-10 config), below its sampling t_min 1e-3
 
 
 @dataclass(frozen=True)
@@ -146,25 +145,24 @@ def prediction_target(kind: Prediction, x0: Tensor, eps: Tensor, alpha: Tensor, 
     if kind == "x0":
         return x0
     if kind == "v":
-        return _bcast(alpha, x0) * eps - _bcast(sigma, x0) * x0
+        return per_item(alpha, x0) * eps - per_item(sigma, x0) * x0
     raise ValueError(f"unknown prediction type {kind!r}; valid: {', '.join(PREDICTION_TYPES)}")
 
 
 def denoising_loss(
     backbone: Backbone, x0: Tensor, t: Tensor, eps: Tensor, labels: Tensor | None = None, weight: Tensor | None = None
 ) -> Tensor:
-    """Denoising score matching: mean over items of w_b · mean over (C, H, W) of (F(x_t, t, y) − target)²,
-    with x_t = α_t x_0 + σ_t ε on ``backbone.schedule``, F the raw network output (``backbone.forward``) and the
-    target of ``backbone.prediction`` (``prediction_target``). ``weight`` (B,) defaults to 1. Float32 result.
-    A PSLD backbone gets ``hsm_loss`` (``eps`` then has the state's 2C channels)."""
+    """Denoising score matching: mean over items of w_b · mean over the state's elements of (F(x_t, t, y) − target)²,
+    with x_t = ``schedule.perturb(x_0, t, ε)`` (α_t x_0 + σ_t ε; PSLD's HSM kernel, ``hsm_loss``), F the raw network
+    output (``backbone.forward``) and the target of ``backbone.prediction`` (``prediction_target``). ``eps`` has the
+    state's channels (``backbone.state_shape``). ``weight`` (B,) defaults to 1. Coefficients in float64; float32 result."""
     schedule = backbone.schedule
-    if isinstance(schedule, PSLD):
-        return hsm_loss(backbone, x0, t, eps, labels, weight)
-    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-    x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
-    out = backbone(x_t, t, labels)
-    target = prediction_target(backbone.prediction, x0, eps, alpha, sigma)
-    return _weighted_mse(out, target, weight)
+    x_t = schedule.perturb(x0, t.double(), eps).to(x0.dtype)
+    if backbone.prediction == "eps":  # every process's ε target (PSLD networks predict only ε)
+        target = eps
+    else:
+        target = prediction_target(backbone.prediction, x0, eps, schedule.alpha(t), schedule.sigma(t))
+    return _weighted_mse(backbone(x_t, t, labels), target, weight)
 
 
 def hsm_loss(
@@ -172,9 +170,10 @@ def hsm_loss(
 ) -> Tensor:
     """PSLD's hybrid score matching (Pandey & Mandt 2023, Eq. 9–10; docs/psld.md): z_t = Φ_t (x_0, 0) + L_t ε
     (``PSLD.perturb``: the HSM kernel, m_0 ~ N(0, κM) folded into L_t) for ε (B, 2C, H, W) ~ N(0, I), and the
-    mean over items of w_b · mean over (2C, H, W) of (ε_θ(z_t, t, y) − ε)². Coefficients in float64; float32 result."""
-    z_t = backbone.schedule.perturb(x0, t.double(), eps)
-    return _weighted_mse(backbone(z_t, t, labels), eps, weight)
+    mean over items of w_b · mean over (2C, H, W) of (ε_θ(z_t, t, y) − ε)². ``denoising_loss`` of a PSLD backbone."""
+    if not isinstance(backbone.schedule, PSLD):
+        raise ValueError(f"hsm_loss needs a PSLD backbone, got the {backbone.schedule.name} schedule; use denoising_loss")
+    return denoising_loss(backbone, x0, t, eps, labels, weight)
 
 
 def _weighted_mse(out: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
@@ -186,10 +185,9 @@ def _weighted_mse(out: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
 
 
 def sample_times(schedule: DiffusionProcess, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
-    """n float32 times uniform on [t_min, t_max] of ``schedule`` (PSLD: on [HSM_T_MIN, t_max], as its code trains)."""
-    t_min = HSM_T_MIN if isinstance(schedule, PSLD) else float(schedule.t_min)
-    u = torch.rand(n, device=device, generator=generator)
-    return t_min + (float(schedule.t_max) - t_min) * u
+    """n float32 training times of ``schedule``'s teacher (``DiffusionProcess.training_times``: uniform on
+    [t_min, t_max] for VP, log-uniform σ for VE, EDM's log-normal σ, PSLD's HSM range)."""
+    return schedule.training_times(n, device=device, generator=generator)
 
 
 def drop_labels(labels: Tensor, rate: float, null_label: int, generator: torch.Generator | None = None) -> Tensor:

@@ -35,7 +35,7 @@ from torch import Tensor
 from . import __version__
 from .adapter import DSNO
 from .backbones import Backbone, load_backbone
-from .schedules import PSLD
+from .schedules import schedule_from_config
 
 FORMAT_VERSION = 1
 RUN_INFO = "run.json"
@@ -119,7 +119,7 @@ def time_weights(schedule, times: Tensor, weighting: str, w_min: float = 1.0, w_
     if weighting == "uniform":
         w = torch.ones_like(t)
     else:
-        log_snr = schedule.x_log_snr(t) if isinstance(schedule, PSLD) else schedule.log_snr(t)
+        log_snr = schedule.data_log_snr(t)
         ratio = torch.exp(log_snr)  # α/σ = e^λ (λ = log α/σ, schedules.py)
         w = (ratio if weighting == "sqrt-snr" else ratio**2).clamp(w_min, w_max)
     if final_weight is not None:
@@ -249,12 +249,13 @@ def build_backbone(config: TrainConfig, collection: dict) -> Backbone:
             f"backbone {bb.name!r} takes images of shape {tuple(shape)} but the dataset holds {tuple(collection['image_shape'])}; "
             "use the teacher's backbone configuration (the default) or collect data for this backbone"
         )
-    psld = PSLD.name in (bb.schedule.name, collection["schedule"].get("name"))
-    if psld and bb.schedule.config() != collection["schedule"]:
+    teacher_process = schedule_from_config(collection["schedule"])
+    if bb.schedule.prior_config() != teacher_process.prior_config():
         raise ValueError(
-            f"the dataset was collected from a {collection['schedule'].get('name')} teacher but the backbone's schedule is "
-            f"{bb.schedule.config()}: DSNO on a PSLD teacher starts from its phase-space noise (x, m), so the student "
-            "needs the teacher's PSLD schedule; use the teacher's backbone configuration"
+            f"the dataset was collected from a {teacher_process.name} teacher but the backbone's schedule is "
+            f"{bb.schedule.config()}: DSNO starts from the teacher's prior draw x_T, which this schedule does not "
+            f"draw, so the student needs the teacher's {type(teacher_process).__name__} schedule; use the teacher's "
+            "backbone configuration"
         )
     if bb.num_classes != collection["num_classes"]:
         raise ValueError(
@@ -415,10 +416,10 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
 
     weights = plan.weights.to(accelerator.device)
     image_shape = tuple(plan.collection["image_shape"])
-    schedule = plan.model.backbone.schedule  # a PSLD student has its teacher's PSLD (build_backbone)
+    schedule = plan.model.backbone.schedule  # draws the teacher's prior (build_backbone checks it)
     unwrapped = accelerator.unwrap_model(model)
     for batch in resumable_batches(accelerator, loader, state, config.max_steps):
-        # the collection's noise rule (PSLD: the phase-space prior z_T)
+        # the collection's noise rule (the process's prior draw)
         x_T, _ = example_inputs(batch["seed"].tolist(), image_shape, schedule=schedule)
         x_T = x_T.to(accelerator.device)
         target = batch["trajectory"].to(torch.float32)

@@ -6,8 +6,10 @@ A collection is a folder in the Hub layout, written by ``collect``::
     opdiff_collection.json             format version, the collection's identity config, provenance
     data/train-00000-of-00025.parquet  shard k holds examples [k·S, min((k+1)·S, num))
 
-Example k starts from x_T = ``torch.randn(C, H, W, generator=torch.Generator().manual_seed(seed + k))``
-(CPU, float32; a random label is drawn from the same generator after the noise), so x_T is never stored
+Example k starts from the teacher process's prior draw (``DiffusionProcess.prior``, its ``noise_rule``
+recorded in the identity): for VP x_T = ``torch.randn(C, H, W, generator=torch.Generator().manual_seed(seed + k))``,
+σ_max times that for VE/EDM (CPU, float32; a random label is drawn from the same generator after the noise),
+so x_T is never stored
 and the data depend neither on the batch size nor on the number of processes. Each row holds
 ``trajectory`` (M, C, H, W) in float16 (or float32) — the teacher's x̂_0 predictions (DSNO's targets,
 ``target="denoised"``) or its states x(t_i) (``target="state"``) at the output times t_1 > … > t_M, all
@@ -15,7 +17,7 @@ points of the solver grid (no interpolation) — plus ``seed`` and, for class-co
 
 PSLD teachers (``schedules.PSLD``) solve in phase space: example k starts from the prior draw
 z_T = ``PSLD.prior((1, C, H, W), generator=torch.Generator().manual_seed(seed + k), dtype=torch.float32)[0]``
-of shape (2C, H, W) (``PSLD_NOISE_RULE``: x first, then m, so the x half is the α/σ rule's x_T), only the
+of shape (2C, H, W) (``PSLD.noise_rule``: x first, then m, so the x half is the VP rule's x_T), only the
 deterministic PSLD solvers collect, and what is stored still has the data's C channels: the x̂_0 predictions,
 or the x half of the states z(t_i).
 
@@ -43,7 +45,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .schedules import GRID_KINDS, PSLD, DiffusionProcess, time_grid
+from .schedules import GRID_KINDS, PSLD, DiffusionProcess, Schedule, VPLinear, time_grid
 from .solvers.base import lower_order_final_default
 from .solvers import NonFiniteError, available_solvers, solve, solver_info
 
@@ -79,11 +81,8 @@ INFO_NAME = "opdiff_collection.json"
 CARD_NAME = "README.md"
 DATA_DIR = "data"
 SHARD_GLOB = f"{DATA_DIR}/train-*.parquet"
-NOISE_RULE = "x_T = torch.randn(C, H, W, generator=torch.Generator().manual_seed(seed)) on CPU, float32; then label"
-# PSLD's prior N(0, diag(1, M)) by the same per-seed generator: z_T = (x, m), (2C, H, W); its x half is NOISE_RULE's x_T
-PSLD_NOISE_RULE = ("z_T = PSLD.prior((1, C, H, W), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)[0] "
-                   "on CPU: x = torch.randn(C, H, W, generator=g), then m = sqrt(M) * torch.randn(C, H, W, generator=g), "
-                   "z_T = cat([x, m]); then label")
+NOISE_RULE = VPLinear().noise_rule()  # the VP teachers' rule (each process states its own: ``noise_rule``)
+PSLD_NOISE_RULE = PSLD().noise_rule()
 TIME_KINDS = ("uniform", "quadratic")
 TARGETS = ("denoised", "state")
 DTYPES = ("float16", "float32")
@@ -92,17 +91,14 @@ AUTO_PRECISION = "auto"  # measure both on this machine (choose_precision); reso
 BF16_MARGIN = 0.10  # "auto" takes bf16 only when it needs at most (1 - margin) of fp32's time per evaluation
 REFERENCE_STEPS_STORED = 17  # the reference DSNO code stored 16 x̂_0 and x_T per CIFAR trajectory, in float32
 
-# CLI and library defaults: the cheapest teacher setting with RMSE < 1e-3 at the recorded outputs on both
-# exact mixture flows of the collect benchmark (50 NFE with the final x̂_0; docs/benchmarks.md, "collect").
-DEFAULT_SOLVER = "unipc"
-DEFAULT_STEPS = 49
+# CLI and library defaults: each process's own (``DiffusionProcess.default_solver``, ``default_steps`` and
+# ``default_solver_options``; how they were chosen: docs/collect.md), on the DEFAULT_GRID.
+DEFAULT_SOLVER = Schedule.default_solver
+DEFAULT_STEPS = Schedule.default_steps
 DEFAULT_GRID = "quadratic"
-# PSLD teachers: conjugate symplectic Euler, the most accurate deterministic PSLD integrator at every NFE of the
-# PSLD benchmark, with λ as tuned there at 50–100 NFE (docs/benchmarks.md, "psld"); 100 NFE with the final x̂_0.
-# All PSLD integrators are first order, hence twice the steps of the α/σ default. Its grid: DEFAULT_GRID.
-PSLD_DEFAULT_SOLVER = "csps-d"
-PSLD_DEFAULT_STEPS = 99
-PSLD_DEFAULT_OPTIONS = {"lam": -0.25}
+PSLD_DEFAULT_SOLVER = PSLD.default_solver
+PSLD_DEFAULT_STEPS = PSLD.default_steps
+PSLD_DEFAULT_OPTIONS = dict(PSLD.default_solver_options)
 
 TimeKind = Literal["uniform", "quadratic"]
 Target = Literal["denoised", "state"]
@@ -134,8 +130,8 @@ class CollectConfig:
     (the batch size changes only float round-off: see ``_collect_shard``)."""
 
     num: int                                   # number of trajectories
-    solver: str | None = None                  # None: DEFAULT_SOLVER (PSLD: PSLD_DEFAULT_SOLVER and its options)
-    steps: int | None = None                   # solver steps (the grid has steps+1 times); None: DEFAULT_STEPS (PSLD: PSLD_DEFAULT_STEPS)
+    solver: str | None = None                  # None: the process's default_solver and its options
+    steps: int | None = None                   # solver steps (the grid has steps+1 times); None: its default_steps
     grid: str | None = None                    # time_grid kind of the solver grid; None: DEFAULT_GRID
     times: int = 4                             # M outputs (DSNO's reference: 4)
     time_kind: TimeKind = "quadratic"          # output placement; the reference's CIFAR choice
@@ -155,12 +151,11 @@ class CollectConfig:
 def with_defaults(config: CollectConfig, schedule: DiffusionProcess) -> CollectConfig:
     """``config`` with its unset solver, steps and grid filled in for the teacher's ``schedule`` (the PSLD
     default solver brings its options too, under any options given)."""
-    psld = isinstance(schedule, PSLD)
     solver, options = config.solver, dict(config.solver_options)
     if solver is None:
-        solver = PSLD_DEFAULT_SOLVER if psld else DEFAULT_SOLVER
-        options = {**(PSLD_DEFAULT_OPTIONS if psld else {}), **options}
-    steps = config.steps if config.steps is not None else PSLD_DEFAULT_STEPS if psld else DEFAULT_STEPS
+        solver = schedule.default_solver
+        options = {**dict(schedule.default_solver_options), **options}
+    steps = config.steps if config.steps is not None else schedule.default_steps
     return replace(config, solver=solver, steps=steps, grid=config.grid or DEFAULT_GRID, solver_options=options)
 
 
@@ -285,7 +280,7 @@ def check_deterministic(solver: str, schedule: DiffusionProcess, use: str) -> No
 
 def noise_rule(schedule: DiffusionProcess) -> str:
     """The per-seed noise rule of a teacher on ``schedule`` (recorded in the collection identity)."""
-    return PSLD_NOISE_RULE if isinstance(schedule, PSLD) else NOISE_RULE
+    return schedule.noise_rule()
 
 
 def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str | os.PathLike | None = None, *,
@@ -349,18 +344,16 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
 # --------------------------------------------------------------------------------------------------
 def example_inputs(seeds: Sequence[int], shape: Sequence[int], labels=None, num_classes: int = 0,
                    schedule: DiffusionProcess | None = None) -> tuple[Tensor, Tensor | None]:
-    """x_T (B, *shape) on CPU float32 and labels (B,) or None, from per-example generators (NOISE_RULE):
-    example seed s draws its noise first and then, for labels="random", its label in [0, num_classes);
-    a fixed label list gives seed s the label list[s mod len]. An example depends on its seed alone.
-    For a ``PSLD`` schedule the noise is the prior's z_T (B, 2C, ...) for data of ``shape`` (C, ...)
-    (PSLD_NOISE_RULE)."""
+    """x_T (B, *state shape) on CPU float32 and labels (B,) or None, from per-example generators (the process's
+    ``noise_rule``): example seed s draws its prior noise first (``schedule.prior`` for data of ``shape`` (C, ...);
+    no schedule: N(0, I)) and then, for labels="random", its label in [0, num_classes); a fixed label list gives
+    seed s the label list[s mod len]. An example depends on its seed alone. A ``PSLD`` prior draw is the
+    phase-space z_T (B, 2C, ...)."""
+    process = VPLinear() if schedule is None else schedule
     xs, ys = [], []
     for s in seeds:
         g = torch.Generator().manual_seed(int(s))
-        if isinstance(schedule, PSLD):
-            xs.append(schedule.prior((1, *shape), generator=g, dtype=torch.float32)[0])
-        else:
-            xs.append(torch.randn(tuple(shape), generator=g))
+        xs.append(process.prior((1, *shape), generator=g, dtype=torch.float32)[0])
         if labels == "random":
             ys.append(int(torch.randint(num_classes, (), generator=g)))
     x = torch.stack(xs)
@@ -383,9 +376,7 @@ def record_trajectories(
                 record_denoised=target == "denoised", check_finite=True, **options)
     if target == "denoised":
         return out.denoised
-    if isinstance(schedule, PSLD):
-        return out.states.chunk(2, dim=2)[0]  # (B, M, 2C, ...) -> the x half (B, M, C, ...)
-    return out.states
+    return schedule.data_part(out.states, dim=2)  # (B, M, state channels, ...) -> the data's (B, M, C, ...)
 
 
 @dataclass(frozen=True)

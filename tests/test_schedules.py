@@ -17,6 +17,7 @@ from scipy.integrate import quad
 from operator_diffusion.schedules import (
     EDM,
     GRID_KINDS,
+    PSLD,
     VE,
     DiscreteVP,
     VPCosine,
@@ -411,3 +412,33 @@ def test_check_times_multidimensional_reports_offending_value():
     s = VPLinear()
     with pytest.raises(ValueError, match=r"-0\.1 .*outside the range"):
         s.check_times(torch.tensor([[0.5, 0.2], [0.3, -0.1]], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------------
+# The process answers its own questions: the prior draw
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("s", [VPLinear(), VPCosine(), DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 1000)), EDM(), VE()],
+                         ids=lambda s: s.name)
+def test_prior_has_the_scale_of_the_closed_form_marginal_at_t_max(s):
+    """x_T = α x_0 + σ ε for unit-variance data has std √(α² + σ²) at t_max (VP: 1; VE/EDM: √(1 + σ_max²)); the
+    prior's draw matches it within sampling error (and, for VE/EDM, the 1/(2σ_max²) a unit-data term contributes)."""
+    n = 400_000
+    x = s.prior((n, 1), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(s.t_max, dtype=torch.float64)
+    marginal = math.sqrt(float(s.alpha(t)) ** 2 + float(s.sigma(t)) ** 2)
+    assert x.shape == (n, 1) and x.dtype == torch.float64
+    assert float(x.std()) / marginal == pytest.approx(1.0, abs=5 / math.sqrt(2 * n) + 1 / (2 * float(s.sigma(t)) ** 2))
+    assert abs(float(x.mean())) < 5 * marginal / math.sqrt(n)
+
+
+def test_psld_prior_is_the_stationary_law_of_its_sde():
+    """PSLD's prior N(0, diag(1, M)) against the closed-form covariance long after the start (the SDE's stationary
+    law), per channel: x first, then m."""
+    s = PSLD()
+    n = 400_000
+    z = s.prior((n, 1), generator=torch.Generator().manual_seed(0))
+    stationary = s.covariance_from_integral(torch.tensor(200.0, dtype=torch.float64), xx0=1.0, mm0=s.kappa)
+    assert z.shape == (n, 2)
+    for i in range(2):
+        assert float(z[:, i].var()) / float(stationary[i, i]) == pytest.approx(1.0, abs=5 * math.sqrt(2 / n))
+    assert abs(float(torch.corrcoef(z.T)[0, 1])) < 5 / math.sqrt(n)

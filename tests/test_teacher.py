@@ -9,6 +9,7 @@ digits, or small synthetic .npz files and PNG folders.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import socket
@@ -27,7 +28,7 @@ from operator_diffusion import teacher as tt
 from operator_diffusion.backbones import backbone_from_checkpoint, load_backbone
 from operator_diffusion.images import save_png
 from operator_diffusion.prediction import eps_from_prediction
-from operator_diffusion.schedules import VPLinear
+from operator_diffusion.schedules import EDM, VE, VPLinear
 from operator_diffusion.teacher import (
     TeacherConfig,
     denoising_loss,
@@ -370,3 +371,28 @@ def test_cli_dry_run_run_resume_collect_and_usage_errors(tmp_path):
         assert res.exit_code == 2, (extra, res.output)
         assert message in " ".join(res.output.split()), (extra, res.output)
         assert not (tmp_path / "bad").exists()
+
+
+def test_edm_teacher_times_are_edm_log_normal():
+    """EDM trains on ln σ ~ N(P_mean = −1.2, P_std = 1.2) (Karras et al. 2022, Table 1): about 84% of the draws
+    have σ < 1 (Φ(1)), where a uniform σ on [0.002, 80] puts 1.2%."""
+    from scipy.stats import norm
+
+    s = EDM()
+    n = 200_000
+    t = sample_times(s, n, generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.float32 and float(t.min()) >= s.t_min and float(t.max()) <= s.t_max
+    log = t.double().log()
+    assert float(log.mean()) == pytest.approx(-1.2, abs=5 * 1.2 / n**0.5)
+    assert float(log.std()) == pytest.approx(1.2, abs=5 * 1.2 / (2 * n) ** 0.5)
+    assert float((t < 1).double().mean()) == pytest.approx(norm.cdf(1.0), abs=0.005)
+
+
+def test_ve_teacher_times_are_log_uniform_in_sigma():
+    """VE (NCSN++) trains on σ log-uniform on [σ_min, σ_max]: ln σ uniform, each tenth of the log range holds a tenth."""
+    s = VE()
+    t = sample_times(s, 200_000, generator=torch.Generator().manual_seed(0))
+    assert float(t.min()) >= s.t_min * (1 - 1e-6) and float(t.max()) <= s.t_max * (1 + 1e-6)
+    lo, hi = math.log(s.sigma_min), math.log(s.sigma_max)
+    hist = torch.histc(t.double().log(), bins=10, min=lo, max=hi) / len(t)
+    assert float((hist - 0.1).abs().max()) < 0.005

@@ -164,6 +164,28 @@ def test_state_target_in_float32_stores_the_ode_states(bb, tmp_path):
     torch.testing.assert_close(got[:, -1], torch.cat([r.sample for r in ref]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("schedule", ["edm", "ve"])
+def test_a_ve_or_edm_teacher_collects_from_its_prior_sigma_max_times_the_noise(tmp_path, schedule):
+    """A VE/EDM trajectory starts at x_T = σ_max·randn(seed) (``DiffusionProcess.prior``): the stored states equal a
+    direct solve from that x_T, and the identity records the rule."""
+    bb = teacher(schedule=schedule)
+    cfg = replace(CONFIG, target="state", dtype="float32", time_kind="uniform", num=5)
+    collect(bb, tmp_path / "s", cfg)
+    sigma_max = bb.schedule.sigma_max
+    ts = time_grid(bb.schedule, cfg.steps, cfg.grid)
+    got = torch.from_numpy(stored(tmp_path / "s")["trajectory"])
+    for s0 in range(0, cfg.num, cfg.shard_size):  # batches composed within shards, as documented
+        stop = min(s0 + cfg.shard_size, cfg.num)
+        for b0 in range(s0, stop, cfg.batch_size):
+            seeds = list(range(b0, min(b0 + cfg.batch_size, stop)))
+            with torch.no_grad():
+                ref = solve(bb.eps_fn, sigma_max * noise(seeds), bb.schedule, ts, cfg.solver, record=[3, 5, 8, 10],
+                            record_denoised=False, **cfg.solver_options)
+            torch.testing.assert_close(got[seeds], ref.states, rtol=0, atol=0)
+    info = json.loads((tmp_path / "s" / INFO_NAME).read_text())["collection"]
+    assert info["noise"].startswith(f"x_T = {sigma_max!r} * torch.randn(C, H, W")
+
+
 def test_time_list_selects_grid_points_and_off_grid_times_are_refused(bb, tmp_path):
     ts = time_grid(bb.schedule, 10, "logsnr")
     cfg = replace(CONFIG, num=3, time_list=(float(ts[10]), float(ts[2]), float(ts[6])))

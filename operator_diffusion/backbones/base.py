@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..prediction import PREDICTION_TYPES, Prediction, eps_from_prediction
-from ..schedules import PSLD, DiffusionProcess
+from ..schedules import DiffusionProcess
 
 __all__ = ["Backbone", "CHECKPOINT_CONFIG_KEY"]
 
@@ -74,9 +74,10 @@ class Backbone(abc.ABC):
                 f"schedule must be an operator_diffusion.schedules Schedule or PSLD, got {type(schedule).__name__}")
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTION_TYPES)}")
-        if isinstance(schedule, PSLD) and prediction != "eps":
-            raise ValueError(
-                f"a PSLD backbone predicts the HSM ε of all 2C state channels: prediction must be 'eps', got {prediction!r}")
+        if prediction not in schedule.predictions:
+            why = schedule.predictions_why or f"a network on the {schedule.name} schedule predicts {' or '.join(schedule.predictions)}"
+            allowed = " or ".join(repr(k) for k in schedule.predictions)
+            raise ValueError(f"{why}: prediction must be {allowed}, got {prediction!r}")
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
         if null_label is not None and not num_classes:
@@ -114,7 +115,7 @@ class Backbone(abc.ABC):
         """Shape of the states the network takes and returns: ``image_shape``, or (2C, H, W) for a PSLD
         schedule (the first C channels are x, the last C the momentum m; ``schedules.split``)."""
         c, h, w = self.image_shape
-        return (2 * c, h, w) if isinstance(self.schedule, PSLD) else self.image_shape
+        return (self.schedule.state_channels(c), h, w)
 
     def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """A backbone is called like a module: ``bb(x, t, labels)`` is ``bb.forward(x, t, labels)``."""

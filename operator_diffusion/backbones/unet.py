@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..prediction import Prediction
-from ..schedules import PSLD, DiffusionProcess, DiscreteVP, VPCosine, VPLinear, schedule_from_config
+from ..schedules import DiffusionProcess, VPLinear, schedule_from_config
 from .base import Backbone
 
 __all__ = ["UNET_PRESETS", "OpdiffUNet", "OpdiffUNetBackbone", "ResBlock", "SelfAttention", "Resample"]
@@ -371,8 +371,7 @@ class OpdiffUNetBackbone(Backbone):
         schedule = _schedule(schedule)
         arch = unet_kwargs(preset, **arch_kwargs)
         channels = int(arch.get("in_channels", inspect.signature(OpdiffUNet).parameters["in_channels"].default))
-        if isinstance(schedule, PSLD):  # the network sees the state (x, m): twice the data's channels
-            arch["in_channels"] = 2 * channels
+        arch["in_channels"] = schedule.state_channels(channels)  # PSLD: the state (x, m), twice the data's
         network = OpdiffUNet(**arch)
         size, num_classes = network.config()["image_size"], network.config()["num_classes"]
         super().__init__(
@@ -391,21 +390,12 @@ class OpdiffUNetBackbone(Backbone):
         return self.network.injection_points()
 
     def noise_conditioning(self, t: Tensor) -> Tensor:
-        """c_noise(t), what the network's time embedding sees (see the class docstring)."""
-        s = self.schedule
-        if isinstance(s, DiscreteVP):
-            return s.timestep(t)
-        if isinstance(s, (VPLinear, VPCosine, PSLD)):
-            return 1000.0 * t
-        return -0.25 * s.log_snr(t)
+        """c_noise(t), what the network's time embedding sees: the schedule's (``DiffusionProcess.c_noise``)."""
+        return self.schedule.c_noise(t)
 
     def input_scale(self, t: Tensor) -> Tensor:
-        """c_in(t) = 1/√(σ_data² α_t² + σ_t²) (1 for PSLD)."""
-        s = self.schedule
-        if isinstance(s, PSLD):
-            return torch.ones_like(t)
-        sigma_data = float(getattr(s, "sigma_data", 1.0))
-        return torch.rsqrt(sigma_data**2 * s.alpha(t) ** 2 + s.sigma(t) ** 2)
+        """c_in(t) = 1/√(σ_data² α_t² + σ_t²) (1 for PSLD): the schedule's ``c_in``."""
+        return self.schedule.c_in(t)
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         labels = self.check_inputs(x, labels)

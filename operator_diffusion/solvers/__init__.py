@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..schedules import PSLD, DiffusionProcess, split
+from ..schedules import DiffusionProcess, split
 from . import psld as _psld
 from . import psld_sde as _psld_sde
 from .base import EpsFn, Evaluator, Grid, NonFiniteError, SolverStep
@@ -93,8 +93,29 @@ _PSLD_SOLVERS: dict[str, SolverSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class SolverFamily:
+    """The solvers of one kind of process (``DiffusionProcess.solver_family``): its registry, how a grid is
+    built on the process, the evaluator the solvers call, and the check of the state they take."""
+
+    solvers: dict[str, SolverSpec]
+    grid: Callable[[DiffusionProcess, Tensor], Any]
+    evaluator: type
+    check_state: Callable[[Tensor], Any]
+
+
+FAMILIES: dict[str, SolverFamily] = {
+    "alpha-sigma": SolverFamily(_SOLVERS, Grid.build, Evaluator, lambda x: None),
+    "psld": SolverFamily(_PSLD_SOLVERS, _psld.PSLDGrid, _psld.PSLDEvaluator, split),  # split: x is (B, 2C, ...)
+}
+
+
+def _family(schedule: DiffusionProcess | None) -> SolverFamily:
+    return FAMILIES["alpha-sigma" if schedule is None else schedule.solver_family]
+
+
 def _registry(schedule: DiffusionProcess | None) -> dict[str, SolverSpec]:
-    return _PSLD_SOLVERS if isinstance(schedule, PSLD) else _SOLVERS
+    return _family(schedule).solvers
 
 
 def available_solvers(schedule: DiffusionProcess | None = None) -> list[str]:
@@ -194,11 +215,9 @@ def solve(
             f"{', '.join(f'{k}={v!r}' for k, v in spec.options.items()) or 'none'}"
         )
     ts = _check_grid(schedule, ts)
-    if isinstance(schedule, PSLD):
-        split(x)  # raises unless x is (B, 2C, ...)
-        grid, evaluator = _psld.PSLDGrid(schedule, ts), _psld.PSLDEvaluator
-    else:
-        grid, evaluator = Grid.build(schedule, ts), Evaluator
+    family = _family(schedule)
+    family.check_state(x)
+    grid, evaluator = family.grid(schedule, ts), family.evaluator
     ev = evaluator(eps_fn, grid, extra_args, _check_record(record, grid.steps), record_denoised, callback, check_finite)
     x_n = spec.fn(ev, x, grid, **options)
     n = grid.steps
