@@ -55,3 +55,18 @@ def parse_options(items: Sequence[str] | None, flag: str = "--backbone-option") 
         except json.JSONDecodeError:
             options[key.strip()] = value
     return options
+
+
+def resolve_device(device: str) -> str:
+    """``--device``: "auto" (CUDA when available, else the CPU) or a torch device that exists here (exit 2 otherwise)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        fail(f"bad --device {device!r}: {e}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+    return device

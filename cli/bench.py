@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, resolve_device
 from .sample import load_run_or_fail, resolve_seeds
 
 DEFAULT_NUM = 1000
@@ -72,7 +72,7 @@ def bench(
     feature_extractor: str = typer.Option("inception", "--feature-extractor", help="FID features: inception | digits | PATH to a FeatureNet."),
     inception_path: Optional[Path] = typer.Option(None, "--inception-path", help="Local InceptionV3 torchscript weights."),
     ref_num: Optional[int] = typer.Option(None, "--ref-num", help="Use the first N reference images."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where reference statistics are cached (default $OPDIFF_CACHE_DIR or ~/.cache/opdiff/fid)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where reference statistics are cached (default fid/ under $OPDIFF_CACHE, else ~/.cache/opdiff/fid)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Samples per batch (does not change the results)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write bench.md and bench.json into this folder."),
@@ -93,9 +93,7 @@ def bench(
             fail(f"--out {str(out)!r} is a file, not a folder")
         if existing and not overwrite:
             fail(f"{', '.join(existing)} already exist(s); pass --overwrite or choose another --out")
-    from .spectrum import _resolve_device
-
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
 
     from operator_diffusion import sampling as sp
     from operator_diffusion.bench import BenchSetup, default_solvers, run_bench
@@ -191,7 +189,7 @@ def bench(
         except (ValueError, RuntimeError) as e:
             fail(f"bench failed: {e}", code=1)
 
-    from operator_diffusion.benchmarks.__main__ import machine
+    from operator_diffusion.provenance import machine
 
     command = "opdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "opdiff" in sys.argv[0] else None
     result.meta.update({"run": str(run), "seeds": f"{seed_list[0]}-{seed_list[-1]}" if seeds is None else seeds,

@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from ._common import console, err_console, fail, parse_options, print_rows
+from ._common import console, err_console, fail, parse_options, print_rows, resolve_device
 
 data_app = typer.Typer(help="Inspect trajectory datasets written by `opdiff collect`.", no_args_is_help=True)
 
@@ -94,7 +94,7 @@ def collect(
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 or float32."),
     precision: str = typer.Option("fp32", "--precision", help="Teacher network arithmetic: fp32, bf16 (autocast; faster on GPUs and AVX-512 BF16 CPUs, ~10× slower on AVX2-only CPUs), or auto (time both here at --batch-size, bf16 only if ≥10% faster; a resumed folder keeps its recorded precision)."),
     solver_option: List[str] = typer.Option([], "--solver-option", help="Solver option key=value (e.g. order=2); repeatable."),
-    device: Optional[str] = typer.Option(None, "--device", help="Torch device; default cuda when available, else cpu."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the finished folder as this Hub dataset repo."),
 ) -> None:
     """Collect teacher PF-ODE trajectories at M grid times into a sharded, resumable Hugging Face dataset."""
@@ -105,6 +105,7 @@ def collect(
         target=target, dtype=dtype, precision=precision, seed=seed, shard_size=shard_size, labels=parse_labels(labels),
         guidance=guidance, batch_size=batch_size, solver_options=parse_options(solver_option, "--solver-option"),
     )
+    device = resolve_device(device)
     teacher = _load_teacher(backbone, parse_config(backbone_config, "--backbone-config"), checkpoint, seed)
     try:
         plan = tr.plan_collection(teacher, config, checkpoint, out_dir=out, device=device)

@@ -9,8 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import console, err_console, fail, print_rows
-from .spectrum import _resolve_device
+from ._common import console, err_console, fail, print_rows, resolve_device
 
 CLEANFID_PREFIX = "cleanfid:"
 
@@ -101,13 +100,13 @@ def fid(
     column: Optional[str] = typer.Option(None, "--column", help="Image column of a datasets source (default: the first image column)."),
     device: str = typer.Option("auto", "--device", help="Device of the feature network: auto | cpu | cuda | cuda:N."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per feature batch."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Reference statistics cache (default $OPDIFF_CACHE_DIR or ~/.cache/opdiff/fid)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Reference statistics cache (default fid/ under $OPDIFF_CACHE, else ~/.cache/opdiff/fid)."),
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write SOURCE's statistics to this .npz (usable later as SOURCE or --ref)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """FID of SOURCE against --ref (clean-fid's Fréchet distance; reference statistics are cached)."""
     _check_inputs(num, ref_num, batch_size, save_stats, ref, source)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
 
     from operator_diffusion import fid as F
     from operator_diffusion.images import ImageSet

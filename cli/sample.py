@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, resolve_device
 
 DEFAULT_NUM = 64
 
@@ -128,9 +128,7 @@ def sample(
         fail("--teacher samples the final time only; drop --query-times (or run twice)")
     if steps is not None and steps < 1:
         fail(f"--steps must be at least 1 (got {steps})")
-    from .spectrum import _resolve_device
-
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
 
     from operator_diffusion import sampling as sp
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import console, err_console, fail, parse_options, print_rows
+from ._common import console, err_console, fail, parse_options, print_rows, resolve_device
 
 MIN_POINTS = 16  # below this the spectrum has fewer than 9 modes: too coarse to choose --modes from
 SHOWN_MODES = 8  # rows of the energy table
@@ -59,20 +59,6 @@ def _load_teacher(backbone: Optional[str], checkpoint: Optional[Path], options: 
     if model.state_shape != model.image_shape:
         fail(f"opdiff spectrum takes α/σ teachers; {model.name!r} is a {model.schedule.name} (phase-space) teacher")
     return model.to(device).eval()
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        fail(f"bad --device {device!r}: {e}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
-    return device
 
 
 def _per_trajectory_spectra(make_batch, num: int, batch: int) -> tuple[list, int, float]:
@@ -141,7 +127,7 @@ def spectrum(
         def make_batch(start: int, size: int):
             return sp.exact_trajectories(teacher, x_all[start:start + size], points, what)
     else:
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         model = _load_teacher(backbone, checkpoint, options, dev)
         s = model.schedule
         x_all = torch.randn((num, *model.image_shape), generator=generator) * float(s.sigma(torch.tensor(s.t_max, dtype=torch.float64)))

@@ -12,7 +12,14 @@ from typing import List, Optional
 
 import typer
 
+from operator_diffusion.configs import TrainConfig, field_default
+
 from ._common import console, fail, parse_options
+
+
+def _default(name: str):
+    return field_default(TrainConfig, name)
+
 
 
 def train(
@@ -21,25 +28,25 @@ def train(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Teacher weights (.safetensors) to start from (the paper does)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone to train; default: the dataset's teacher architecture."),
     backbone_option: List[str] = typer.Option([], "--backbone-option", "-o", help="Backbone option KEY=VALUE (repeatable), e.g. dropout=0.1."),
-    modes: int = typer.Option(2, "--modes", help="Fourier modes per temporal layer (see `opdiff spectrum`)."),
-    weighting: str = typer.Option("sqrt-snr", "--weighting", help="Per-time loss weight: sqrt-snr (paper), snr or uniform."),
-    weight_min: float = typer.Option(1.0, "--weight-min", help="Lower clamp of the loss weight."),
-    weight_max: float = typer.Option(1e4, "--weight-max", help="Upper clamp of the loss weight (reference 1e4; see metrics.jsonl share_tI for each time's share)."),
-    loss: str = typer.Option("l1", "--loss", help="l1 (paper), l2 or pseudo-huber (iCT: mean (√(‖Δ‖² + c²) − c)/√(C·H·W))."),
+    modes: int = typer.Option(_default("modes"), "--modes", help="Fourier modes per temporal layer (see `opdiff spectrum`)."),
+    weighting: str = typer.Option(_default("weighting"), "--weighting", help="Per-time loss weight: sqrt-snr (paper), snr or uniform."),
+    weight_min: float = typer.Option(_default("weight_min"), "--weight-min", help="Lower clamp of the loss weight."),
+    weight_max: float = typer.Option(_default("weight_max"), "--weight-max", help="Upper clamp of the loss weight (reference 1e4; see metrics.jsonl share_tI for each time's share)."),
+    loss: str = typer.Option(_default("loss"), "--loss", help="l1 (paper), l2 or pseudo-huber (iCT: mean (√(‖Δ‖² + c²) − c)/√(C·H·W))."),
     huber_c: Optional[float] = typer.Option(None, "--huber-c", help="c of --loss pseudo-huber (> 0); default iCT's 0.00054·√(C·H·W)."),
     final_weight: Optional[float] = typer.Option(None, "--final-weight", help="Loss weight of the last output time t_M (> 0), replacing its w(t_M)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Trajectories per process and micro-step."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation micro-steps."),
-    lr: float = typer.Option(2e-4, "--lr", help="Adam learning rate."),
-    warmup: int = typer.Option(1000, "--warmup", help="Linear learning-rate warm-up steps."),
-    lr_decay: str = typer.Option("constant", "--lr-decay", help="Learning rate after warm-up: constant, cosine or linear (to 0 at --max-steps)."),
-    ema: float = typer.Option(0.9999, "--ema", help="EMA decay of the exported weights."),
+    batch_size: int = typer.Option(_default("batch_size"), "--batch-size", help="Trajectories per process and micro-step."),
+    grad_accum: int = typer.Option(_default("grad_accum"), "--grad-accum", help="Gradient accumulation micro-steps."),
+    lr: float = typer.Option(_default("lr"), "--lr", help="Adam learning rate."),
+    warmup: int = typer.Option(_default("warmup"), "--warmup", help="Linear learning-rate warm-up steps."),
+    lr_decay: str = typer.Option(_default("lr_decay"), "--lr-decay", help="Learning rate after warm-up: constant, cosine or linear (to 0 at --max-steps)."),
+    ema: float = typer.Option(_default("ema"), "--ema", help="EMA decay of the exported weights."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="bf16, fp16 or no (default: bf16 on GPU, no on CPU)."),
-    max_steps: int = typer.Option(10_000, "--max-steps", help="Optimizer steps."),
+    max_steps: int = typer.Option(_default("max_steps"), "--max-steps", help="Optimizer steps."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'one-step': the knowledge-distillation baseline (no temporal layers, last time only)."),
-    seed: int = typer.Option(0, "--seed"),
-    save_every: int = typer.Option(1000, "--save-every", help="Checkpoint every N steps (resume point)."),
-    log_every: int = typer.Option(10, "--log-every", help="Append to metrics.jsonl every N steps."),
+    seed: int = typer.Option(_default("seed"), "--seed"),
+    save_every: int = typer.Option(_default("save_every"), "--save-every", help="Checkpoint every N steps (resume point)."),
+    log_every: int = typer.Option(_default("log_every"), "--log-every", help="Append to metrics.jsonl every N steps."),
     tracker: List[str] = typer.Option([], "--tracker", help="Accelerate tracker (tensorboard, wandb, ...), repeatable."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved configuration and the model size, then exit."),
 ) -> None:

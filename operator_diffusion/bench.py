@@ -202,9 +202,9 @@ def denoiser_batches(backbone, seeds: Sequence[int], labels, batch_size: int, de
     """The teacher's one-shot x̂_0(x_T, t_max) (1 NFE), as (B, 1, C, H, W) batches (PSLD: from z_T, C channels)."""
     from .prediction import denoised_from_eps
     from .sampling import seed_inputs
-    from .trajectories import Teacher
+    from .trajectories import EpsFunction
 
-    teacher = Teacher.from_backbone(backbone, guidance, device)
+    teacher = EpsFunction.from_backbone(backbone, guidance, device)
     t = torch.tensor(teacher.schedule.t_max, dtype=torch.float64)
     for chunk, x, y in seed_inputs(seeds, backbone, labels, batch_size, device):
         tt = t.to(device).expand(len(chunk))
@@ -330,9 +330,9 @@ def verdict(result: "BenchResult", model: str = "DSNO") -> list[str]:
 def teacher_eval_seconds(backbone, batch: int, device, guidance: float | None = None, repeats: int = 5) -> float:
     """Seconds per image of one teacher evaluation ε̂(x, t) at ``batch`` images (median of ``repeats`` after a
     warm-up, ``trajectories.time_calls``): the unit of the bench's compute column."""
-    from .trajectories import Teacher, time_calls
+    from .trajectories import EpsFunction, time_calls
 
-    teacher = Teacher.from_backbone(backbone, guidance, device)
+    teacher = EpsFunction.from_backbone(backbone, guidance, device)
     x = torch.randn(batch, *backbone.state_shape, device=device)
     t = torch.full((batch,), 0.5 * (teacher.schedule.t_max + teacher.schedule.t_min), dtype=torch.float32, device=device)
     extra = {} if not backbone.num_classes else {"labels": torch.zeros(batch, dtype=torch.long, device=device)}

@@ -9,15 +9,15 @@ resume: collection shards and training checkpoints already in ``out`` are reused
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .fid import ASSETS, DIGITS_FEATURENET, DIGITS_STATS  # the digits feature network and its reference statistics
+from .provenance import machine
 
 DIGITS_TEACHER = ASSETS / "digits_teacher.safetensors"    # `opdiff teacher train --data digits` (assets/README.md)
 
@@ -187,7 +187,7 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     seconds["bench"] = time.perf_counter() - start
     result.meta.update({"seeds": f"{bench_seeds[0]}-{bench_seeds[-1]}", "fid": None if fid_fn is None else
                         {"reference": "the digits", "n_reference": 1797, "extractor": extractor.id},
-                        "command": "opdiff demo" + ("" if c == DEMO else " --quick"), "machine": _machine()})
+                        "command": "opdiff demo" + ("" if c == DEMO else " --quick"), "machine": machine()})
     (out / "bench.json").write_text(result.to_json() + "\n")
     path = out / "report.md"
     path.write_text(_report(replace(c, precision=precision), result, spectrum, seconds, info))
@@ -205,12 +205,6 @@ def _count(stage: Callable[[int, int], None] | None, total: int):
         stage(done[0], total)
 
     return advance
-
-
-def _machine() -> str:
-    from .benchmarks.__main__ import machine
-
-    return machine()
 
 
 def _spectrum(teacher, folder: Path, c: DemoConfig) -> dict[str, Any]:

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .images import ImageSet, _check_pixels, as_rgb, from_uint8, load_images
+from .images import ImageSet, as_rgb, check_pixels, from_uint8, load_images
+from .settings import CACHE_ENV, cache_root  # noqa: F401  (CACHE_ENV: the cache root variable, for callers)
 
 __all__ = [
     "FeatureStats", "FeatureExtractor", "InceptionExtractor", "FeatureNet", "FeatureNetExtractor", "FIDInputError",
@@ -63,7 +64,6 @@ CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats"  # cleanfid/featu
 ASSETS = Path(__file__).resolve().parent / "assets"  # shipped with the package (operator_diffusion/assets/README.md)
 DIGITS_FEATURENET = ASSETS / "digits_featurenet.safetensors"
 DIGITS_STATS = ASSETS / "digits_fid_stats.npz"  # FeatureStats of the 1,797 digits under DIGITS_FEATURENET
-CACHE_ENV = "OPDIFF_CACHE_DIR"
 
 Progress = Callable[[int, int], None]  # progress(images_done, images_total), called after every batch
 Source = Union[str, os.PathLike, np.ndarray, ImageSet]
@@ -127,7 +127,7 @@ class FeatureStats:
                 raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}{extra}; {hint}")
             try:
                 mu, sigma, n, meta = z["mu"], z["sigma"], z["n"], z["meta"]
-            except ValueError as e:  # object arrays need pickle: refused
+            except ValueError:  # object arrays need pickle: refused
                 raise ValueError(f"{str(path)!r} holds pickled object arrays, which are never loaded; {hint}") from None
         if mu.ndim != 1 or mu.dtype.kind != "f" or sigma.shape != (mu.shape[0], mu.shape[0]) or sigma.dtype.kind != "f":
             raise ValueError(f"{str(path)!r} has mu {mu.dtype}{mu.shape} and sigma {sigma.dtype}{sigma.shape}; "
@@ -201,7 +201,7 @@ class FeatureExtractor:
 
     def check(self, pixels: np.ndarray) -> None:
         """Raise ``FIDInputError`` when the images cannot go through this extractor."""
-        _check_pixels(pixels)
+        check_pixels(pixels)
 
     def features(self, pixels: np.ndarray, batch_size: int = 64, device: Optional[str] = None,
                  progress: Optional[Progress] = None) -> np.ndarray:
@@ -209,7 +209,7 @@ class FeatureExtractor:
 
     def _run(self, pixels: np.ndarray, batch_size: int, progress: Optional[Progress],
              fn: Callable[[np.ndarray], Tensor]) -> np.ndarray:
-        pixels = _check_pixels(pixels)
+        pixels = check_pixels(pixels)
         if pixels.ndim != 4:
             raise FIDInputError(f"images must be an (N, H, W, C) array, got shape {pixels.shape}")
         if batch_size < 1:
@@ -268,7 +268,7 @@ class InceptionExtractor(FeatureExtractor):
                 f"the Inception weights {str(self.path)!r} are missing (opdiff never downloads): fetch {INCEPTION_URL} "
                 f"on a machine with network and copy it to {INCEPTION_FILE} or pass --inception-path PATH"
             )
-        from .trajectories import file_sha256
+        from .provenance import file_sha256
 
         self.sha256 = file_sha256(self.path)
         self.id = f"inception_v3:clean:{self.sha256[:12]}"
@@ -532,13 +532,12 @@ def train_feature_net(images: ImageSet, epochs: int = 10, batch_size: int = 64, 
 # Statistics of image sources, with a cache for references
 # --------------------------------------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    """``$OPDIFF_CACHE_DIR`` if set, else ``~/.cache/opdiff/fid``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "opdiff" / "fid"
+    """``fid/`` under the cache root (``$OPDIFF_CACHE``, else ``~/.cache/opdiff``)."""
+    return cache_root() / "fid"
 
 
 def _array_set(pixels: np.ndarray, num: Optional[int]) -> ImageSet:
-    pixels = _check_pixels(pixels, "pixels")
+    pixels = check_pixels(pixels, "pixels")
     if pixels.ndim != 4:
         raise FIDInputError(f"pixels must be an (N, H, W, C) array, got shape {pixels.shape}")
     if num is not None:

@@ -45,7 +45,7 @@ def from_uint8(images: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3).float() / 127.5 - 1.0
 
 
-def _check_pixels(images: np.ndarray, what: str = "images") -> np.ndarray:
+def check_pixels(images: np.ndarray, what: str = "images") -> np.ndarray:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim < 3 or images.shape[-1] not in (1, 3):
         shape = getattr(images, "shape", None)
         dtype = getattr(images, "dtype", type(images).__name__)
@@ -55,7 +55,7 @@ def _check_pixels(images: np.ndarray, what: str = "images") -> np.ndarray:
 
 def as_rgb(images: np.ndarray) -> np.ndarray:
     """Grayscale pixels (…, H, W, 1) repeated to RGB (…, H, W, 3); RGB returned as is."""
-    images = _check_pixels(images)
+    images = check_pixels(images)
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
@@ -70,13 +70,13 @@ def _pil(image: np.ndarray):
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
     """Write one (H, W, C) uint8 image losslessly (grayscale for C = 1)."""
-    _pil(_check_pixels(image, "image")).save(str(path), format="PNG")
+    _pil(check_pixels(image, "image")).save(str(path), format="PNG")
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1, pad_value: int = 255) -> np.ndarray:
     """Tile (N, H, W, C) pixels into one (rows·(H+pad)+pad, nrow·(W+pad)+pad, C) image, row-major
     (``nrow`` images per row; default ⌈√N⌉), ``pad`` pixels of ``pad_value`` between and around tiles."""
-    images = _check_pixels(images)
+    images = check_pixels(images)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"image_grid needs a non-empty (N, H, W, C) array, got shape {images.shape}")
     n, h, w, c = images.shape
@@ -180,7 +180,7 @@ def read_image_folder(folder: str | os.PathLike, num: int | None = None) -> Imag
 
 def read_npz(path: str | os.PathLike, num: int | None = None) -> ImageSet:
     """Images from an .npz (``images`` or ``arr_0``; uint8 (N, H, W, C)); ``labels`` when present. No pickle."""
-    from .trajectories import file_sha256
+    from .provenance import file_sha256
 
     with np.load(str(path), allow_pickle=False) as z:
         key = "images" if "images" in z.files else "arr_0" if "arr_0" in z.files else None
@@ -190,7 +190,7 @@ def read_npz(path: str | os.PathLike, num: int | None = None) -> ImageSet:
         labels = z["labels"] if "labels" in z.files else None
     if images.ndim == 5:  # an `opdiff sample --times all` file: (N, M, H, W, C); the last time is the sample
         images = images[:, -1]
-    images = _check_pixels(np.ascontiguousarray(images), f"{path}:{key}")
+    images = check_pixels(np.ascontiguousarray(images), f"{path}:{key}")
     if num is not None:
         images = images[:num]
         labels = None if labels is None else labels[:num]
@@ -229,7 +229,7 @@ def read_hf_dataset(name: str, split: str = "train", column: str | None = None, 
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise ValueError(f"the images of dataset {name!r} differ in size ({sorted(shapes)[:3]}); resize them to one size first")
-    images = _check_pixels(np.stack(images).astype(np.uint8) if images and images[0].dtype != np.uint8 else np.stack(images),
+    images = check_pixels(np.stack(images).astype(np.uint8) if images and images[0].dtype != np.uint8 else np.stack(images),
                            f"dataset {name!r} column {column!r}")
     label_col = next((k for k in ("label", "labels") if k in ds.column_names), None)
     labels = np.asarray(ds[label_col], dtype=np.int64) if label_col else None

@@ -182,9 +182,9 @@ class TeacherSolver:
 def teacher_batches(backbone, seeds: Sequence[int], solver: TeacherSolver, labels=None, batch_size: int = 256,
                     device: str | torch.device = "cpu", guidance: float | None = None) -> Iterator[SampleBatch]:
     """The teacher's outputs (B, 1, C, H, W) at ``solver.t_end`` for the same seeds (same noise rule)."""
-    from .trajectories import Teacher, record_trajectories
+    from .trajectories import EpsFunction, record_trajectories
 
-    teacher = Teacher.from_backbone(backbone, guidance, device)
+    teacher = EpsFunction.from_backbone(backbone, guidance, device)
     ts = solver.grid_times(backbone.schedule)
     for chunk, x, y in seed_inputs(seeds, backbone, labels, batch_size, device):
         extra = None if y is None else {"labels": y}
@@ -223,7 +223,7 @@ def run_teacher(info: dict, checkpoint: str | os.PathLike | None = None):
     diffusers model path). The loaded weights must hash to the collection's ``weights_sha256``: samples of
     another network would be no comparison."""
     from .backbones import load_backbone
-    from .trajectories import file_sha256, weights_sha256
+    from .provenance import file_sha256, weights_sha256
 
     coll = info.get("collection", {})
     if "backbone" not in coll:

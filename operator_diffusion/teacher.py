@@ -47,14 +47,14 @@ from . import __version__
 from .backbones import Backbone, backbone_class, load_backbone
 from .images import ImageSet, from_uint8, load_images
 from .prediction import PREDICTION_TYPES, Prediction
-from .schedules import PSLD, DiffusionProcess, Schedule, per_item
-from .training import (
+from .provenance import versions
+from .runs import (
     EMA,
     PRECISIONS,
     RUN_INFO,
     TrainState,
-    _check_in_sync,
-    _Indices,
+    Indices,
+    check_in_sync,
     check_run_dir,
     end_of_step,
     check_decay,
@@ -63,6 +63,7 @@ from .training import (
     resume_from_checkpoint,
     start_run,
 )
+from .schedules import PSLD, DiffusionProcess, Schedule, per_item
 
 __all__ = [
     "FORMAT_VERSION",
@@ -464,7 +465,7 @@ def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, 
     optimizer = torch.optim.AdamW(backbone.network.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
     labels = plan.images.labels if config.num_classes else None
     loader = torch.utils.data.DataLoader(
-        _Indices(len(plan.images)), batch_size=config.batch_size, shuffle=True, drop_last=True,
+        Indices(len(plan.images)), batch_size=config.batch_size, shuffle=True, drop_last=True,
         collate_fn=_Pixels(plan.images.images, labels),
     )
     objective, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
@@ -512,7 +513,7 @@ def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, 
 
     path = None
     accelerator.wait_for_everyone()
-    _check_in_sync(accelerator, network)
+    check_in_sync(accelerator, network)
     if accelerator.is_main_process:
         path = _export(backbone, ema, state, out, plan, accelerator.num_processes)
     accelerator.wait_for_everyone()
@@ -521,8 +522,6 @@ def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, 
 
 def _export(backbone: Backbone, ema: EMA, state: TeacherState, out: Path, plan: TeacherPlan, num_processes: int) -> Path:
     """EMA weights → ``teacher.safetensors`` (``Backbone.save_weights``, float32) and ``teacher.json``."""
-    import accelerate
-
     final = copy.deepcopy(backbone)
     final.network.to(device="cpu", dtype=torch.float32)
     final.eval()
@@ -545,7 +544,7 @@ def _export(backbone: Backbone, ema: EMA, state: TeacherState, out: Path, plan: 
         "num_processes": num_processes,
         "mixed_precision": plan.mixed_precision,
         "parameters": final.num_parameters(),
-        "versions": {"opdiff": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__},
+        "versions": versions("accelerate"),
         "collect": collect_command(plan, path),
     }
     (out / TEACHER_INFO).write_text(json.dumps(info, indent=2) + "\n")

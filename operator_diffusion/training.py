@@ -23,11 +23,9 @@ import copy
 import dataclasses
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -35,65 +33,39 @@ from torch import Tensor
 from . import __version__
 from .adapter import DSNO
 from .backbones import Backbone, load_backbone
+from .runs import (  # noqa: F401  (re-exported: the trainers' shared run plumbing, formerly defined here)
+    CHECKPOINTS,
+    EMA,
+    LR_DECAYS,
+    METRICS_FILE,
+    PRECISIONS,
+    RUN_INFO,
+    Indices,
+    TrainState,
+    check_decay,
+    check_in_sync,
+    check_run_dir,
+    end_of_step,
+    latest_checkpoint,
+    learning_rate,
+    reset_accelerate_state,
+    resumable_batches,
+    resume_from_checkpoint,
+    start_run,
+)
 from .schedules import schedule_from_config
 
 FORMAT_VERSION = 1
-RUN_INFO = "run.json"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINTS = "checkpoints"
-WEIGHTINGS = ("sqrt-snr", "snr", "uniform")
-LOSSES = ("l1", "l2", "pseudo-huber")
-HUBER_C_PER_SQRT_DIM = 0.00054  # iCT (Song & Dhariwal, 2023): c = 0.00054·√D, D = C·H·W
-PRECISIONS = ("bf16", "fp16", "no")
-# Fields that may change between a run and its resumption (they do not change what is trained).
-LR_DECAYS = ("constant", "cosine", "linear")
-RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints", "trackers")
-# Fields added after runs were made: left out of the identity while None (their old behaviour), so those runs resume.
-LATER_FIELDS = ("huber_c", "final_weight")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What to train; everything except ``RESUMABLE_FIELDS`` is the run's identity."""
-
-    data: str                                  # collection directory or Hub id (``opdiff collect``)
-    out: str                                   # run directory
-    init_from: str | None = None               # teacher weights (.safetensors); None = the backbone's own init
-    backbone: str | None = None                # default: the backbone recorded in the collection
-    backbone_options: dict[str, Any] = field(default_factory=dict)
-    modes: int = 2
-    weighting: Literal["sqrt-snr", "snr", "uniform"] = "sqrt-snr"
-    weight_min: float = 1.0
-    weight_max: float = 1e4
-    loss: Literal["l1", "l2", "pseudo-huber"] = "l1"
-    huber_c: float | None = None               # pseudo-Huber c; None: iCT's 0.00054·√(C·H·W)
-    final_weight: float | None = None          # replaces w(t_M), the last output's loss weight; None: w(t_M)
-    batch_size: int = 64                       # per process and micro-step
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup: int = 1000                         # linear LR warm-up from lr·1e-3 (reference: 10k)
-    lr_decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up (reference: constant); to 0 at max_steps
-    ema: float = 0.9999
-    mixed_precision: Literal["bf16", "fp16", "no"] | None = None  # None: bf16 on GPU, no on CPU
-    max_steps: int = 10_000                    # optimizer steps
-    baseline: bool = False                     # one-step distillation baseline
-    init: Literal["zero", "small"] = "zero"    # temporal layer init ("zero": starts as the teacher)
-    seed: int = 0
-    save_every: int = 1000
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    trackers: tuple[str, ...] = ()             # accelerate trackers, e.g. ("tensorboard",) or ("wandb",)
-
-    def identity(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k in RESUMABLE_FIELDS + ("out",):
-            d.pop(k)
-        for k in LATER_FIELDS:
-            if d[k] is None:
-                d.pop(k)
-        return json.loads(json.dumps(d))
+from .configs import (  # noqa: E402, F401  (the config lives in the torch-free configs module; re-exported)
+    HUBER_C_PER_SQRT_DIM,
+    LATER_FIELDS,
+    LOSSES,
+    RESUMABLE_FIELDS,
+    WEIGHTINGS,
+    TrainConfig,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,72 +128,6 @@ def dsno_loss(pred: Tensor, target: Tensor, weights: Tensor, loss: str = "l1",
     return (weights.to(terms) * terms).mean(), terms
 
 
-def check_decay(decay: str, warmup: int, max_steps: int | None) -> None:
-    """Refuse an unknown decay, or a decaying one without decay steps (max_steps must exceed warmup)."""
-    if decay not in LR_DECAYS:
-        raise ValueError(f"unknown learning-rate decay {decay!r}; valid: {', '.join(LR_DECAYS)}")
-    if decay != "constant" and (max_steps is None or max_steps <= warmup):
-        raise ValueError(f"a {decay} learning-rate decay needs max_steps > warmup ({warmup}), got {max_steps}; "
-                         "raise --max-steps or lower --warmup")
-
-
-def learning_rate(step: int, lr: float, warmup: int, decay: str = "constant", max_steps: int | None = None) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): a linear warm-up from lr·1e-3 to lr over
-    ``warmup`` steps (the reference's LinearLR(0.001 → 1)), then ``constant`` (the reference), or a
-    ``cosine`` / ``linear`` decay that would reach 0 at step ``max_steps`` (diffusers' get_scheduler shapes)."""
-    check_decay(decay, warmup, max_steps)
-    if step < warmup:
-        return lr * (1e-3 + (1 - 1e-3) * step / warmup)
-    if decay == "constant":
-        return lr
-    p = min(1.0, (step - warmup) / (max_steps - warmup))
-    return lr * (0.5 * (1 + math.cos(math.pi * p)) if decay == "cosine" else 1 - p)
-
-
-class EMA:
-    """Exponential moving average of a model's parameters, checkpointed with ``accelerator.save_state``.
-    Decay min(decay, (1+n)/(10+n)) after n updates (the usual warm-up, so short runs are not dominated by the
-    initialisation; it reaches 0.9999 after ~10^5 updates like the reference's constant decay)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = float(decay)
-        self.updates = 0
-        self.shadow = [p.detach().float().clone() for p in model.parameters()]
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        params = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(self.shadow, params, 1 - d)
-
-    @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        for s, p in zip(self.shadow, model.parameters()):
-            p.copy_(s.to(p.dtype))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates, **{f"shadow.{i}": s for i, s in enumerate(self.shadow)}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay, self.updates = float(state["decay"]), int(state["updates"])
-        self.shadow = [state[f"shadow.{i}"].to(self.shadow[i].device) for i in range(len(self.shadow))]
-
-
-@dataclass
-class TrainState:
-    """Counters saved with each checkpoint: optimizer steps and micro-batches consumed."""
-
-    step: int = 0
-    micro: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "micro": self.micro}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.micro = int(state["step"]), int(state["micro"])
-
-
 # --------------------------------------------------------------------------------------------------
 # Set-up: validation before anything is written
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +175,8 @@ def build_backbone(config: TrainConfig, collection: dict) -> Backbone:
 
 def plan_run(config: TrainConfig) -> RunPlan:
     """Validate the configuration, open the data (building its training cache once) and build the model."""
-    from .trajectories import TrajectoryCache, file_sha256
+    from .provenance import file_sha256
+    from .trajectories import TrajectoryCache
 
     checks = (("batch_size", config.batch_size), ("grad_accum", config.grad_accum), ("max_steps", config.max_steps),
               ("save_every", config.save_every), ("log_every", config.log_every), ("keep_checkpoints", config.keep_checkpoints))
@@ -321,49 +228,10 @@ def plan_run(config: TrainConfig) -> RunPlan:
     return RunPlan(config, cache, collection, cache.content_sha256, model, weights, precision, run_info)
 
 
-def check_run_dir(out: Path, run_info: dict) -> bool:
-    """True when ``out`` holds this run (resume), False when it is new or empty; ValueError for another run."""
-    info_path = out / RUN_INFO
-    if not info_path.is_file():
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(f"--out {str(out)!r} exists and is not an opdiff run directory; choose a new --out")
-        return False
-    old = json.loads(info_path.read_text())
-    keys = ("format_version", "train", "data_content_sha256", "init_from_sha256")
-    diff = [k for k in keys if old.get(k) != run_info.get(k)]
-    if diff:
-        fields = diff
-        if "train" in diff:
-            fields = [f"train.{k}" for k in run_info["train"] if old.get("train", {}).get(k) != run_info["train"][k]]
-            fields += [k for k in diff if k != "train"]
-        raise ValueError(
-            f"--out {str(out)!r} holds another run (differs in {', '.join(fields)}); choose a new --out "
-            "or repeat that run's arguments to resume it"
-        )
-    return True
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (marked by a COMPLETE file, written after ``save_state``)."""
-    done = sorted(p.parent for p in (out / CHECKPOINTS).glob("step_*/COMPLETE"))
-    return done[-1] if done else None
-
-
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
-class _Indices(torch.utils.data.Dataset):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-class _Gather:
+class GatherBatch:
     """Collate: one fancy-indexed read of the memory-mapped cache per batch (not per example)."""
 
     def __init__(self, cache, baseline: bool):
@@ -402,8 +270,8 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999))
     loader = torch.utils.data.DataLoader(
-        _Indices(len(plan.cache)), batch_size=config.batch_size, shuffle=True, drop_last=True,
-        collate_fn=_Gather(plan.cache, config.baseline),
+        Indices(len(plan.cache)), batch_size=config.batch_size, shuffle=True, drop_last=True,
+        collate_fn=GatherBatch(plan.cache, config.baseline),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ema = EMA(accelerator.unwrap_model(model), config.ema)
@@ -443,7 +311,7 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
 
     model_path = None
     accelerator.wait_for_everyone()
-    _check_in_sync(accelerator, unwrapped)
+    check_in_sync(accelerator, unwrapped)
     if accelerator.is_main_process:
         model_path = _export(unwrapped, ema, out, plan, accelerator.num_processes)
     accelerator.wait_for_everyone()
@@ -463,132 +331,6 @@ def _metrics(accelerator, loss: Tensor, terms: Tensor, weights: Tensor, optimize
         m[f"loss_t{i + 1}"] = term
         m[f"share_t{i + 1}"] = s
     return m
-
-
-def reset_accelerate_state() -> None:
-    """Forget Accelerate's process-wide state, so that the next ``Accelerator`` in this process starts afresh
-    (one process running several trainings: the demo, benchmarks, tests)."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-
-
-def start_run(out: Path, run_info: dict, resume: bool, *, mixed_precision: str, grad_accum: int, seed: int,
-              trackers: Sequence[str] = (), check: Callable[[Any], None] | None = None):
-    """The Accelerator of a resumable run (seedable sampler, CPU when there is no GPU, checkpoints under ``out``),
-    launch-checked; then ``check(accelerator)`` (checks that need the process count), the global seed, and on the
-    main process the run directory with its ``run.json`` unless resuming. Shared by the DSNO and teacher trainers."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=grad_accum,
-        cpu=not torch.cuda.is_available(),
-        log_with=list(trackers) or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
-    )
-    _check_launch(accelerator)
-    if check is not None:
-        check(accelerator)
-    set_seed(seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (out / RUN_INFO).write_text(json.dumps(run_info, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    return accelerator
-
-
-def resume_from_checkpoint(accelerator, out: Path, resume: bool, state) -> int | None:
-    """Load the latest complete checkpoint of ``out`` (when resuming) into everything registered with
-    ``accelerator`` and cut metrics.jsonl back to it; returns the step resumed from (None: a fresh start)."""
-    resumed_from = None
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        resumed_from = state.step
-    if accelerator.is_main_process:
-        _truncate_metrics(out / METRICS_FILE, state.step)
-    return resumed_from
-
-
-def resumable_batches(accelerator, loader, state, max_steps: int):
-    """The loader's batches from micro-step ``state.micro`` on, epoch after epoch, until the caller's
-    ``state.step`` reaches ``max_steps``: with the seedable sampler, epoch e is the same permutation in every
-    run and ``skip_first_batches`` lands on the batch the interrupted run would have drawn next."""
-    per_epoch = len(loader)
-    while state.step < max_steps:
-        epoch, skip = divmod(state.micro, per_epoch)
-        loader.set_epoch(epoch)
-        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
-            yield batch
-            if state.step >= max_steps:
-                return
-
-
-def end_of_step(accelerator, out: Path, state, config, metrics: dict, progress) -> None:
-    """After an optimizer step: log every ``config.log_every`` steps (and the last), report progress (main
-    process) and checkpoint every ``config.save_every`` steps (and the last)."""
-    last = state.step == config.max_steps
-    if accelerator.is_main_process:
-        if state.step % config.log_every == 0 or last:
-            _append_metrics(out / METRICS_FILE, state.step, metrics)
-        if progress is not None:
-            progress(state.step, config.max_steps, metrics)
-    if state.step % config.save_every == 0 or last:
-        _save_checkpoint(accelerator, out, state.step, config.keep_checkpoints)
-
-
-def _append_metrics(path: Path, step: int, metrics: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint being resumed (they will be logged again, identically)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
-
-
-def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
-    path = out / CHECKPOINTS / f"step_{step:08d}"
-    accelerator.save_state(str(path))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (path / "COMPLETE").write_text(f"{step}\n")
-        done = sorted(p.parent for p in (out / CHECKPOINTS).glob("step_*/COMPLETE"))
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _check_launch(accelerator) -> None:
-    """Refuse to start when the launcher started more processes than Accelerate joined (each would train alone)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise RuntimeError(
-            f"launched as {launched} processes but Accelerate joined {accelerator.num_processes}: each process would "
-            "train alone; on CPU launch with ACCELERATE_USE_CPU=1"
-        )
-
-
-def _check_in_sync(accelerator, model: DSNO) -> None:
-    """All processes must end with the same weights (DDP averages gradients); a silent failure to synchronise
-    (e.g. ``torchrun`` on CPU without ACCELERATE_USE_CPU=1) would otherwise export one rank's private model."""
-    if accelerator.num_processes == 1:
-        return
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    sums = accelerator.gather(checksum.to(accelerator.device))
-    if not bool((sums == sums[0]).all()):
-        raise RuntimeError(
-            f"the {accelerator.num_processes} processes ended with different weights (checksums {sums.tolist()}): "
-            "gradients were not synchronised; on CPU launch with ACCELERATE_USE_CPU=1"
-        )
 
 
 def _export(model: DSNO, ema: EMA, out: Path, plan: RunPlan, num_processes: int = 1) -> Path:

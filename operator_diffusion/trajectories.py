@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
+from .provenance import file_sha256, versions, weights_sha256
 from .schedules import GRID_KINDS, PSLD, DiffusionProcess, Schedule, VPLinear, time_grid
 from .solvers.base import lower_order_final_default
 from .solvers import NonFiniteError, available_solvers, solve, solver_info
@@ -242,24 +243,6 @@ def _label_mode(labels, num_classes: int, guidance: float | None, null_label: in
     return values[0] if isinstance(labels, int) else values
 
 
-def weights_sha256(backbone: "Backbone") -> str:
-    """sha256 over the network's state_dict (key, dtype, shape, bytes) in key order: the weights that ran."""
-    h = hashlib.sha256()
-    for k, v in backbone.network.state_dict().items():
-        t = v.detach().to("cpu").contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def solver_nfe(schedule: DiffusionProcess, ts: Tensor, solver: str, indices: Sequence[int], target: Target, options: dict) -> int:
     """Network evaluations per trajectory of ``solver`` on grid ``ts`` recording ``indices`` (a denoised
     target at the last index costs one more), by a dry run on a free ε; also validates the solver options."""
@@ -380,7 +363,7 @@ def record_trajectories(
 
 
 @dataclass(frozen=True)
-class Teacher:
+class EpsFunction:
     """The teacher's ε on a device, with classifier-free guidance applied when asked for."""
 
     eps_fn: Callable[..., Tensor]
@@ -388,7 +371,7 @@ class Teacher:
     device: torch.device
 
     @classmethod
-    def from_backbone(cls, backbone: "Backbone", guidance: float | None, device, precision: str = "fp32") -> "Teacher":
+    def from_backbone(cls, backbone: "Backbone", guidance: float | None, device, precision: str = "fp32") -> "EpsFunction":
         from .prediction import autocast_eps, classifier_free_guidance
 
         backbone.to(device).eval()
@@ -433,7 +416,7 @@ def time_calls(calls: dict[str, Callable[[], Any]], repeats: int = 3, sync: Call
 def choose_precision(backbone: "Backbone", device: str | torch.device | None = None, batch_size: int = 64, *,
                      guidance: float | None = None, repeats: int = 3, margin: float = BF16_MARGIN,
                      measure: Callable[[dict[str, Callable[[], Any]]], dict[str, float]] | None = None) -> tuple[str, dict]:
-    """Time the teacher's ε (as collection runs it: ``Teacher.from_backbone``, guidance included) on one batch
+    """Time the teacher's ε (as collection runs it: ``EpsFunction.from_backbone``, guidance included) on one batch
     of the collection's shape in fp32 and under bf16 autocast, on ``device`` (default: ``default_device()``),
     and pick "bf16" only when it takes at most (1 − ``margin``) of fp32's time per evaluation: bf16 can be
     ~1.6× faster on CPUs with AVX-512 BF16 and on GPUs (not always: docs/collect.md) and is ~10× slower on
@@ -449,7 +432,7 @@ def choose_precision(backbone: "Backbone", device: str | torch.device | None = N
     x = x.to(device)
     t = torch.full((batch_size,), 0.5 * (backbone.schedule.t_min + backbone.schedule.t_max), device=device)
     extra = {} if y is None else {"labels": y.to(device)}
-    eps = {p: Teacher.from_backbone(backbone, guidance, device, p).eps_fn for p in PRECISIONS}
+    eps = {p: EpsFunction.from_backbone(backbone, guidance, device, p).eps_fn for p in PRECISIONS}
     calls = {p: (lambda f=f: f(x, t, **extra)) for p, f in eps.items()}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     with torch.inference_mode():
@@ -479,7 +462,7 @@ def resolve_precision(backbone: "Backbone", config: CollectConfig, out_dir: str 
     return choose_precision(backbone, device, config.batch_size, guidance=config.guidance)
 
 
-def solve_examples(teacher: Teacher, plan: CollectionPlan, examples: range) -> tuple[np.ndarray, np.ndarray | None]:
+def solve_examples(teacher: EpsFunction, plan: CollectionPlan, examples: range) -> tuple[np.ndarray, np.ndarray | None]:
     """Stored trajectories (B, M, C, H, W) in the storage dtype and labels for a range of example indices."""
     cfg, ident = plan.config, plan.identity
     seeds = [cfg.seed + k for k in examples]
@@ -774,7 +757,7 @@ def collect(
         plan = make_plan() if deferred else plan
         check_output_dir(out, plan)
     config = plan.config
-    teacher = Teacher.from_backbone(backbone, config.guidance, device, plan.identity["precision"])
+    teacher = EpsFunction.from_backbone(backbone, config.guidance, device, plan.identity["precision"])
     feats = features(plan.identity)
     written, skipped = [], []
     for k in range(p, plan.num_shards, n):
@@ -794,7 +777,7 @@ def collect(
     return CollectResult(out, read_info(out), tuple(written), tuple(skipped), tuple(missing), plan.precision_choice)
 
 
-def _collect_shard(teacher: Teacher, plan: CollectionPlan, feats, path: Path, rows: range, progress: Progress | None) -> None:
+def _collect_shard(teacher: EpsFunction, plan: CollectionPlan, feats, path: Path, rows: range, progress: Progress | None) -> None:
     """Solve a shard's examples in batches composed within the shard ([start, start+B), …) and write it.
 
     The composition fixes the float round-off: CPU GEMM/conv kernels (and cuDNN) give results that differ
@@ -810,7 +793,7 @@ def _collect_shard(teacher: Teacher, plan: CollectionPlan, feats, path: Path, ro
         if progress is not None:
             progress(len(batch))
     seeds = np.arange(rows.start, rows.stop, dtype=np.int64) + plan.config.seed
-    provenance = {"batch_size": bs, "device": str(teacher.device), "torch": torch.__version__, "opdiff": __version__}
+    provenance = {"batch_size": bs, "device": str(teacher.device), **versions()}
     write_shard(path, feats, np.concatenate(trajs), seeds, None if labels[0] is None else np.concatenate(labels), provenance)
 
 
@@ -933,11 +916,13 @@ CACHE_FORMAT = "opdiff-trajectory-cache/1"
 
 
 def default_cache_dir(dataset_dir: Path, from_hub: bool, name: str) -> Path:
-    """``DIR/.opdiff-cache`` for a local collection; ``$OPDIFF_CACHE`` (~/.cache/opdiff)/trajectories/… for the Hub."""
+    """``DIR/.opdiff-cache`` for a local collection; ``trajectories/…`` under the cache root (``$OPDIFF_CACHE``,
+    else ~/.cache/opdiff) for the Hub."""
+    from .settings import cache_root
+
     if not from_hub:
         return dataset_dir / ".opdiff-cache"
-    root = Path(os.environ.get("OPDIFF_CACHE", Path.home() / ".cache" / "opdiff"))
-    return root / "trajectories" / name.replace("/", "--")
+    return cache_root() / "trajectories" / name.replace("/", "--")
 
 
 @dataclass(frozen=True)

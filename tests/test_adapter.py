@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_backbones import tiny
+from conftest import tiny
 
 from operator_diffusion.adapter import DSNO, check_times
 from operator_diffusion.backbones.unet import ResBlock

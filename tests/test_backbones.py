@@ -12,6 +12,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 import pytest
 import torch
+from conftest import tiny, vp_linear_alpha_sigma
 from torch import nn
 
 import operator_diffusion.backbones as backbones
@@ -27,26 +28,6 @@ from operator_diffusion.backbones.unet import UNET_PRESETS, OpdiffUNet, OpdiffUN
 from operator_diffusion.schedules import EDM, PSLD, DiscreteVP, VPLinear
 
 C, S = 3, 8  # tiny preset image shape (C, S, S)
-
-
-def tiny(seed: int = 0, **kw) -> OpdiffUNetBackbone:
-    """A tiny backbone with every parameter perturbed: the zero-initialised output conv would make any
-    comparison of outputs trivial."""
-    torch.manual_seed(seed)
-    bb = load_backbone("opdiff-unet", preset="tiny", **kw)
-    with torch.no_grad():
-        for p in bb.network.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return bb.eval()
-
-
-def vp_linear_alpha_sigma(t: torch.Tensor, beta_min=0.1, beta_max=20.0):
-    """Score-SDE linear VP in closed form: log α = −¼t²(β_max−β_min) − ½tβ_min, σ = √(1−α²)."""
-    t = t.double()
-    alpha = torch.exp(-0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min)
-    return alpha, torch.sqrt(1 - alpha**2)
-
-
 
 
 @pytest.fixture

@@ -6,17 +6,13 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate
-from test_training import MixtureTeacher
+from conftest import MixtureTeacher, reset_accelerate
 from typer.testing import CliRunner
 
-from operator_diffusion.adapter import DSNO
 from operator_diffusion.backbones import register_backbone
 from operator_diffusion.bench import BenchSetup, run_bench, steps_for_nfe, teacher_match
-from operator_diffusion.images import to_uint8
 from operator_diffusion.sampling import TeacherSolver, run_solver, teacher_batches
 from operator_diffusion.schedules import VPLinear, time_grid
 from operator_diffusion.solvers import solve

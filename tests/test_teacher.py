@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_backbones import vp_linear_alpha_sigma
+from conftest import vp_linear_alpha_sigma
 from typer.testing import CliRunner
 
 from operator_diffusion import teacher as tt

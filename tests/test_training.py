@@ -18,16 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_backbones import vp_linear_alpha_sigma
+from conftest import MixtureTeacher, vp_linear_alpha_sigma
+from conftest import train_config as config
 from torch import nn
 from typer.testing import CliRunner
 
-from operator_diffusion.backbones import Backbone, load_backbone, register_backbone
-from operator_diffusion.oracles import GaussianMixtureOracle
+from operator_diffusion.backbones import load_backbone, register_backbone
 from operator_diffusion.schedules import VPLinear
 from operator_diffusion.training import (
     EMA,
-    TrainConfig,
     dsno_loss,
     learning_rate,
     load_run,
@@ -39,48 +38,12 @@ from operator_diffusion.training import (
 from operator_diffusion.trajectories import CollectConfig, collect
 from opdiff_cli.main import app
 
-SHAPE = (3, 8, 8)
-
-
-class MixtureTeacher(Backbone):
-    """A backbone whose ε is the exact ε of a 3-component Gaussian mixture on 3×8×8 images."""
-
-    name = "test-mixture-teacher"
-
-    def __init__(self, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        means = 0.8 * torch.randn(3, *SHAPE, generator=g, dtype=torch.float64)
-        self.oracle = GaussianMixtureOracle(VPLinear(), torch.ones(3), means, torch.tensor([0.2, 0.3, 0.25]))
-        self.seed = seed
-        net = nn.Module()
-        net.register_parameter("unused", nn.Parameter(torch.zeros(1)))  # device/dtype anchor
-        super().__init__(net, VPLinear(), "eps", SHAPE)
-
-    def forward(self, x, t, labels=None):
-        self.check_inputs(x, labels)
-        t = self.expand_times(t, x)
-        return self.oracle.eps(x.double(), t.double()).to(x.dtype)
-
-    def config(self):
-        return {"name": self.name, "seed": self.seed}
-
-    @property
-    def default_injection_points(self):
-        return []
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     register_backbone(MixtureTeacher.name, MixtureTeacher)
     out = tmp_path_factory.mktemp("mixture") / "data"
     collect(MixtureTeacher(), out, CollectConfig(num=96, steps=24, solver="dpmpp-2m", shard_size=48, batch_size=48))
     return out
-
-
-def config(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), backbone="opdiff-unet", backbone_options={"preset": "tiny", "dropout": 0.0},
-                batch_size=8, max_steps=20, save_every=10, log_every=1, warmup=5, lr=1e-3, ema=0.99, init="small")
-    return TrainConfig(**{**base, **kw})
 
 
 def metrics(out: Path) -> list[dict]:
@@ -308,7 +271,7 @@ def test_two_processes_with_torchrun_train_one_synchronized_model(dataset, tmp_p
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, json\n"
-        "from test_training import MixtureTeacher, config\n"
+        "from conftest import MixtureTeacher, train_config as config\n"
         "from operator_diffusion.backbones import register_backbone\n"
         "from operator_diffusion.training import train\n"
         "register_backbone(MixtureTeacher.name, MixtureTeacher)\n"

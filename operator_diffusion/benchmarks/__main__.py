@@ -6,32 +6,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from .. import __version__
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, {gpu}; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, opdiff {__version__}"
-    )
+from ..provenance import machine
 
 
 def solvers_section() -> str:

@@ -28,7 +28,8 @@ def _step_seconds(config, steps: int) -> float:
 
 def benchmark_training(batch: int = 64, num: int = 1024, steps: int = 20) -> dict:
     from ..backbones import load_backbone
-    from ..training import TrainConfig, _Gather, _Indices
+    from ..runs import Indices
+    from ..training import TrainConfig, GatherBatch
     from ..trajectories import CollectConfig, TrajectoryCache, collect
 
     torch.manual_seed(0)
@@ -36,8 +37,8 @@ def benchmark_training(batch: int = 64, num: int = 1024, steps: int = 20) -> dic
     teacher = load_backbone("opdiff-unet", preset="digits")
     collect(teacher, root / "data", CollectConfig(num=num, steps=16, solver="ddim", shard_size=512, batch_size=256))
     cache = TrajectoryCache.build(root / "data")
-    loader = torch.utils.data.DataLoader(_Indices(len(cache)), batch_size=batch, shuffle=True, drop_last=True,
-                                         collate_fn=_Gather(cache, False))
+    loader = torch.utils.data.DataLoader(Indices(len(cache)), batch_size=batch, shuffle=True, drop_last=True,
+                                         collate_fn=GatherBatch(cache, False))
     t0 = time.perf_counter()
     n = 0
     for _ in range(4):

@@ -11,7 +11,7 @@ available: the splitting and hybrid updates below are derived from their descrip
 checked against the exact Gaussian oracle, not transcribed. h = t_{n+1} − t_n < 0 throughout.
 
 Every update is affine in (z, ε̂) with 2×2 per-coordinate matrices; a sub-step is a pair (K, J) acting as
-z ← K z + J ε̂ (``_affine``). Integrals over a step are Gauss–Legendre in v = √u, in which the integrands
+z ← K z + J ε̂ (``affine_step``). Integrals over a step are Gauss–Legendre in v = √u, in which the integrands
 (∝ L_u⁻ᵀ ~ u^{−1/2} near 0) are analytic.
 """
 
@@ -64,13 +64,13 @@ class PSLDEvaluator(Evaluator):
 # ----------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------
-def _affine(KJ: tuple[Tensor, Tensor], z: Tensor, eps: Tensor) -> Tensor:
+def affine_step(KJ: tuple[Tensor, Tensor], z: Tensor, eps: Tensor) -> Tensor:
     """z ← K z + J ε̂."""
     K, J = KJ
     return apply2(K, z) + apply2(J, eps)
 
 
-def _rows(A: Tensor, row: int | None) -> Tensor:
+def coefficient_rows(A: Tensor, row: int | None) -> Tensor:
     """A with only row ``row`` kept (None: all of A)."""
     if row is None:
         return A
@@ -91,7 +91,7 @@ def quadrature(t_from: float, t_to: float) -> tuple[Tensor, Tensor]:
 def euler_part(sched: PSLD, t: float, h: float, row: int | None = None) -> tuple[Tensor, Tensor]:
     """Explicit Euler sub-step of length h of the PF-ODE rows ``row`` (0: x, 1: m, None: both) at time t:
     K = I + h·F_t[row], J = h·P_t[row]."""
-    return _I + h * _rows(sched.drift(t), row), h * _rows(sched.eps_coefficient(t), row)
+    return _I + h * coefficient_rows(sched.drift(t), row), h * coefficient_rows(sched.eps_coefficient(t), row)
 
 
 def conjugate_part(sched: PSLD, t_from: float, t_to: float, lam: float, block: bool = False) -> tuple[Tensor, Tensor]:
@@ -145,7 +145,7 @@ def conjugate_split_part(sched: PSLD, t_from: float, t_to: float, row: int | Non
     the PF-ODE is close to the rotation (β/2)[[0, M⁻¹], [−1, 0]], which the splitting handles.)"""
     h = t_to - t_from
     u, w = quadrature(t_from, t_to)
-    J = _rows(((w * torch.exp(-lam * (t_to - u)))[:, None, None] * sched.eps_coefficient(u)).sum(0), row)
+    J = coefficient_rows(((w * torch.exp(-lam * (t_to - u)))[:, None, None] * sched.eps_coefficient(u)).sum(0), row)
     K = math.exp(-lam * h) * (_I + h * (sched.drift(t_from) + lam * _I))
     if row is not None:
         keep = torch.zeros(2, 1, dtype=torch.float64)
@@ -162,7 +162,7 @@ def euler(ev: Evaluator, z: Tensor, grid: PSLDGrid) -> Tensor:
     for i in range(grid.steps):
         eps = ev(z, i)
         ev.visit(i, z, ev.denoise(z, eps, i))
-        z = _affine(euler_part(grid.schedule, grid[i], grid[i + 1] - grid[i]), z, eps)
+        z = affine_step(euler_part(grid.schedule, grid[i], grid[i + 1] - grid[i]), z, eps)
     return z
 
 
@@ -182,7 +182,7 @@ def _conjugate(ev: Evaluator, z: Tensor, grid: PSLDGrid, lam: float, block: bool
     for i in range(grid.steps):
         eps = ev(z, i)
         ev.visit(i, z, ev.denoise(z, eps, i))
-        z = _affine(conjugate_part(grid.schedule, grid[i], grid[i + 1], lam, block), z, eps)
+        z = affine_step(conjugate_part(grid.schedule, grid[i], grid[i + 1], lam, block), z, eps)
     return z
 
 
@@ -204,10 +204,10 @@ def _symplectic_euler(ev: Evaluator, z: Tensor, grid: PSLDGrid, reuse: bool) -> 
         t, h = grid[i], grid[i + 1] - grid[i]
         eps = ev(z, i)
         ev.visit(i, z, ev.denoise(z, eps, i))
-        z = _affine(euler_part(sched, t, h, row=1), z, eps)
+        z = affine_step(euler_part(sched, t, h, row=1), z, eps)
         if not reuse:
             eps = ev.at(z, t)
-        z = _affine(euler_part(sched, t, h, row=0), z, eps)
+        z = affine_step(euler_part(sched, t, h, row=0), z, eps)
     return z
 
 
@@ -222,9 +222,9 @@ def nvv(ev: Evaluator, z: Tensor, grid: PSLDGrid) -> Tensor:
         h, tm = t1 - t0, 0.5 * (t0 + t1)
         eps = ev(z, i)
         ev.visit(i, z, ev.denoise(z, eps, i))
-        z = _affine(euler_part(sched, t0, h / 2, row=1), z, eps)
-        z = _affine(euler_part(sched, tm, h, row=0), z, ev.at(z, tm))
-        z = _affine(euler_part(sched, t1, h / 2, row=1), z, ev.at(z, t1))
+        z = affine_step(euler_part(sched, t0, h / 2, row=1), z, eps)
+        z = affine_step(euler_part(sched, tm, h, row=0), z, ev.at(z, tm))
+        z = affine_step(euler_part(sched, t1, h / 2, row=1), z, ev.at(z, t1))
     return z
 
 
@@ -239,10 +239,10 @@ def rvv(ev: Evaluator, z: Tensor, grid: PSLDGrid) -> Tensor:
         t0, t1 = grid[i], grid[i + 1]
         h, tm = t1 - t0, 0.5 * (t0 + t1)
         ev.visit(i, z, ev.denoise(z, eps, i))
-        z = _affine(euler_part(sched, t0, h / 2, row=1), z, eps)
-        z = _affine(euler_part(sched, tm, h, row=0), z, eps)
+        z = affine_step(euler_part(sched, t0, h / 2, row=1), z, eps)
+        z = affine_step(euler_part(sched, tm, h, row=0), z, eps)
         eps = ev(z, i + 1)
-        z = _affine(euler_part(sched, t1, h / 2, row=1), z, eps)
+        z = affine_step(euler_part(sched, t1, h / 2, row=1), z, eps)
     return z
 
 
@@ -265,15 +265,15 @@ def csps_d(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, lam: float = 0.0, varian
         if variant == "se":
             eps = ev(z, i)
             ev.visit(i, z, ev.denoise(z, eps, i))
-            z = _affine(conjugate_split_part(sched, t0, t1, 1, lam), z, eps)
-            z = _affine(conjugate_split_part(sched, t0, t1, 0, lam), z, eps)
+            z = affine_step(conjugate_split_part(sched, t0, t1, 1, lam), z, eps)
+            z = affine_step(conjugate_split_part(sched, t0, t1, 0, lam), z, eps)
         else:
             tm = 0.5 * (t0 + t1)
             ev.visit(i, z, ev.denoise(z, eps, i))
-            z = _affine(conjugate_split_part(sched, t0, tm, 1, lam), z, eps)
-            z = _affine(conjugate_split_part(sched, t0, t1, 0, lam), z, eps)
+            z = affine_step(conjugate_split_part(sched, t0, tm, 1, lam), z, eps)
+            z = affine_step(conjugate_split_part(sched, t0, t1, 0, lam), z, eps)
             eps = ev(z, i + 1)
-            z = _affine(conjugate_split_part(sched, tm, t1, 1, lam), z, eps)
+            z = affine_step(conjugate_split_part(sched, tm, t1, 1, lam), z, eps)
     return z
 
 

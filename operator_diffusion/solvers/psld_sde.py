@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..schedules import PSLD, apply2, inv_transpose2, mat2
 from .base import Evaluator
-from .psld import PSLDGrid, _affine, _rows, quadrature
+from .psld import PSLDGrid, affine_step, coefficient_rows, quadrature
 
 _I = torch.eye(2, dtype=torch.float64)
 NoiseSampler = Callable[[Tensor], Tensor]
@@ -85,8 +85,8 @@ def score_euler_part(sched: PSLD, t: float, delta: float, lam_s: float = 1.0, ro
     rx, rm = _score_rates(sched, lam_s)
     beta = float(sched.beta(t))
     Dh = mat2(rx * beta, 0.0, 0.0, rm * beta)
-    K = _I + _rows(delta * Dh @ torch.diag(torch.tensor([1.0, sched.mass_inv], dtype=torch.float64)), row)
-    J = _rows(-delta * Dh @ inv_transpose2(sched.cholesky(t)), row)
+    K = _I + coefficient_rows(delta * Dh @ torch.diag(torch.tensor([1.0, sched.mass_inv], dtype=torch.float64)), row)
+    J = coefficient_rows(-delta * Dh @ inv_transpose2(sched.cholesky(t)), row)
     return K, J
 
 
@@ -145,7 +145,7 @@ def sscs(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, generator: torch.Generator
         z = _ou(z, ou_part(sched, t0, tm), draw)
         eps = ev(z, i)
         ev.visit(i, z_i, ev.denoise(z, eps, i))
-        z = _affine(score_euler_part(sched, t0, t0 - t1), z, eps)
+        z = affine_step(score_euler_part(sched, t0, t0 - t1), z, eps)
         z = _ou(z, ou_part(sched, tm, t1), draw)
     return z
 
@@ -174,10 +174,10 @@ def _oba(ev: Evaluator, z: Tensor, grid: PSLDGrid, lam_s: float, draw: NoiseSamp
         z = _ou(z, ou_part(sched, t0, t1, lam_s), draw)
         eps = ev(z, i)
         ev.visit(i, z_i, ev.denoise(z, eps, i))
-        z = _affine(score_euler_part(sched, t0, t0 - t1, lam_s, row=1), z, eps)
+        z = affine_step(score_euler_part(sched, t0, t0 - t1, lam_s, row=1), z, eps)
         if not reuse:
             eps = ev.at(z, t0)
-        z = _affine(score_euler_part(sched, t0, t0 - t1, lam_s, row=0), z, eps)
+        z = affine_step(score_euler_part(sched, t0, t0 - t1, lam_s, row=0), z, eps)
     return z
 
 
@@ -198,7 +198,7 @@ def csps_s(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, lam: float = 0.0, lam_s:
         z = _ou(z, ou_part(sched, t0, tm, lam_s), draw)
         eps = ev(z, i)
         ev.visit(i, z_i, ev.denoise(z, eps, i))
-        z = _affine(score_conjugate_part(sched, t0, t1, lam_s, lam), z, eps)
+        z = affine_step(score_conjugate_part(sched, t0, t1, lam_s, lam), z, eps)
         z = _ou(z, ou_part(sched, tm, t1, lam_s), draw)
     return z
 

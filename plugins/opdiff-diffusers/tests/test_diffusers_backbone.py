@@ -23,6 +23,7 @@ from operator_diffusion.backbones import (
     backbone_from_checkpoint,
     load_backbone,
 )
+from diffusers_doubles import DDPM_CIFAR10_CFG, TINY_CFG, TINY_POINTS, tiny_unet
 from opdiff_diffusers.backbone import (
     DiffusersUNet2DBackbone,
     alphas_cumprod_from_scheduler_config,
@@ -31,38 +32,6 @@ from opdiff_diffusers.backbone import (
 )
 
 N_STEPS = 1000
-TINY_CFG = dict(
-    sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-)
-TINY_POINTS = [
-    "down_blocks.0.resnets.0", "down_blocks.1.attentions.0", "mid_block",
-    "up_blocks.0.attentions.0", "up_blocks.0.attentions.1", "up_blocks.1.resnets.0", "up_blocks.1.resnets.1",
-]
-
-# config.json of google/ddpm-cifar10-32 (Ho et al. 2020's CIFAR-10 model, converted to diffusers)
-DDPM_CIFAR10_CFG = {
-    "_class_name": "UNet2DModel",
-    "act_fn": "silu",
-    "attention_head_dim": None,
-    "block_out_channels": [128, 256, 256, 256],
-    "center_input_sample": False,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    "downsample_padding": 0,
-    "flip_sin_to_cos": False,
-    "freq_shift": 1,
-    "in_channels": 3,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-06,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 32,
-    "time_embedding_type": "positional",
-    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-}
 DDPM_CIFAR10_SCHEDULER = {
     "_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
     "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_small",
@@ -76,11 +45,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_unet(seed: int = 0, **overrides) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(**{**TINY_CFG, **overrides}).eval()
 
 
 def inputs(batch: int = 2, seed: int = 1, shape=(3, 16, 16)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DModel
-from test_diffusers_backbone import DDPM_CIFAR10_CFG, TINY_POINTS, tiny_unet
+from diffusers_doubles import DDPM_CIFAR10_CFG, TINY_POINTS, tiny_unet
 
 from operator_diffusion.adapter import DSNO
 from opdiff_diffusers.backbone import DiffusersUNet2DBackbone
