@@ -58,7 +58,7 @@ def parse_options(items: Sequence[str] | None, flag: str = "--backbone-option") 
 
 
 def resolve_device(device: str) -> str:
-    """``--device``: "auto" (CUDA when available, else the CPU) or a torch device that exists here (exit 2 otherwise)."""
+    """``--device``: "auto" (CUDA when available, else the CPU) or a torch device that exists here (else exit 2)."""
     import torch
 
     if device == "auto":

@@ -32,8 +32,10 @@ def parse_solver_grids(items: list[str], solvers: list[str], kinds) -> dict[str,
     for item in items:
         name, sep, g = item.partition("=")
         if not sep or name.strip() not in solvers or g.strip() not in kinds:
-            fail(f"bad --solver-grid {item!r}: give SOLVER=GRID with SOLVER among --solvers ({', '.join(solvers)}) "
-                 f"and GRID among {', '.join(kinds)}")
+            fail(
+                f"bad --solver-grid {item!r}: give SOLVER=GRID with SOLVER among --solvers ({', '.join(solvers)}) "
+                f"and GRID among {', '.join(kinds)}"
+            )
         out[name.strip()] = g.strip()
     return out
 
@@ -46,33 +48,84 @@ def parse_solver_options(items: list[str], solvers: list[str]) -> dict[str, dict
     for item in items:
         name, sep, rest = item.partition(":")
         if not sep or name.strip() not in solvers:
-            fail(f"bad --solver-options {item!r}: give SOLVER:KEY=VALUE[,KEY=VALUE] with SOLVER among --solvers "
-                 f"({', '.join(solvers)}), e.g. unipc:order=2")
+            fail(
+                f"bad --solver-options {item!r}: give SOLVER:KEY=VALUE[,KEY=VALUE] with SOLVER among --solvers "
+                f"({', '.join(solvers)}), e.g. unipc:order=2"
+            )
         out.setdefault(name.strip(), {}).update(parse_options(rest.split(","), "--solver-options"))
     return out
 
 
 def bench(
     run: Path = typer.Argument(..., help="The `opdiff train` run folder of the DSNO model."),
-    baseline: Optional[Path] = typer.Option(None, "--baseline", help="A run trained with `--baseline one-step` on the same data."),
-    num: Optional[int] = typer.Option(None, "--num", "-n", help=f"Held-out samples per method (default {DEFAULT_NUM}, or the number of --seeds)."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds (default: --num seeds right after the training seeds)."),
-    solvers: Optional[str] = typer.Option(None, "--solvers", help="Training-free solvers to compare (see `opdiff solvers`); default ddim,deis,dpmpp-2m,unipc (PSLD teachers: euler,lambda-ddim,rse,csps-d; `opdiff solvers --schedule psld`)."),
+    baseline: Optional[Path] = typer.Option(
+        None, "--baseline", help="A run trained with `--baseline one-step` on the same data."
+    ),
+    num: Optional[int] = typer.Option(
+        None, "--num", "-n", help=f"Held-out samples per method (default {DEFAULT_NUM}, or the number of --seeds)."
+    ),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", help="Seeds (default: --num seeds right after the training seeds)."
+    ),
+    solvers: Optional[str] = typer.Option(
+        None,
+        "--solvers",
+        help="Training-free solvers to compare (see `opdiff solvers`); default ddim,deis,dpmpp-2m,unipc (PSLD "
+        "teachers: euler,lambda-ddim,rse,csps-d; `opdiff solvers --schedule psld`).",
+    ),
     nfe: str = typer.Option("1,2,3,5,10,20", "--nfe", help="NFE budgets of the solvers."),
-    grid: Optional[str] = typer.Option(None, "--grid", help="One time grid for every solver (default: each solver's own, docs/bench.md; PSLD teachers: the collection's)."),
-    solver_grid: list[str] = typer.Option([], "--solver-grid", help="A solver's grid, SOLVER=GRID (e.g. unipc=logsnr); repeatable."),
-    solver_options: list[str] = typer.Option([], "--solver-options", help="A solver's options, SOLVER:KEY=VALUE[,KEY=VALUE] (e.g. unipc:order=2,variant=bh1); repeatable."),
-    tune: bool = typer.Option(False, "--tune", help="Pick each solver's grid and options per NFE by RMSE on tuning seeds disjoint from the reported ones."),
-    tune_seeds: Optional[str] = typer.Option(None, "--tune-seeds", help="The tuning seeds of --tune (default: 128 seeds after the reported ones)."),
-    reference_solver: Optional[str] = typer.Option(None, "--reference-solver", help="Solver of the teacher's reference solution (default: the collection's)."),
-    reference_steps: Optional[int] = typer.Option(None, "--reference-steps", help="Its steps (default: the collection's)."),
-    teacher_checkpoint: Optional[Path] = typer.Option(None, "--teacher-checkpoint", help="The teacher's weights (default: the run's --init-from file)."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Class-conditional teachers: random (default), one class or a list."),
-    ref: Optional[str] = typer.Option(None, "--ref", help="FID reference (image folder, digits, .npz, statistics .npz, datasets id, cleanfid:NAME/RES/SPLIT); adds an FID column."),
-    feature_extractor: str = typer.Option("inception", "--feature-extractor", help="FID features: inception | digits | PATH to a FeatureNet."),
-    inception_path: Optional[Path] = typer.Option(None, "--inception-path", help="Local InceptionV3 torchscript weights."),
+    grid: Optional[str] = typer.Option(
+        None,
+        "--grid",
+        help="One time grid for every solver (default: each solver's own, docs/bench.md; PSLD teachers: the "
+        "collection's).",
+    ),
+    solver_grid: list[str] = typer.Option(
+        [], "--solver-grid", help="A solver's grid, SOLVER=GRID (e.g. unipc=logsnr); repeatable."
+    ),
+    solver_options: list[str] = typer.Option(
+        [],
+        "--solver-options",
+        help="A solver's options, SOLVER:KEY=VALUE[,KEY=VALUE] (e.g. unipc:order=2,variant=bh1); repeatable.",
+    ),
+    tune: bool = typer.Option(
+        False,
+        "--tune",
+        help="Pick each solver's grid and options per NFE by RMSE on tuning seeds disjoint from the reported ones.",
+    ),
+    tune_seeds: Optional[str] = typer.Option(
+        None, "--tune-seeds", help="The tuning seeds of --tune (default: 128 seeds after the reported ones)."
+    ),
+    reference_solver: Optional[str] = typer.Option(
+        None, "--reference-solver", help="Solver of the teacher's reference solution (default: the collection's)."
+    ),
+    reference_steps: Optional[int] = typer.Option(
+        None, "--reference-steps", help="Its steps (default: the collection's)."
+    ),
+    teacher_checkpoint: Optional[Path] = typer.Option(
+        None, "--teacher-checkpoint", help="The teacher's weights (default: the run's --init-from file)."
+    ),
+    labels: Optional[str] = typer.Option(
+        None, "--labels", help="Class-conditional teachers: random (default), one class or a list."
+    ),
+    ref: Optional[str] = typer.Option(
+        None,
+        "--ref",
+        help="FID reference (image folder, digits, .npz, statistics .npz, datasets id, cleanfid:NAME/RES/SPLIT); adds "
+        "an FID column.",
+    ),
+    feature_extractor: str = typer.Option(
+        "inception", "--feature-extractor", help="FID features: inception | digits | PATH to a FeatureNet."
+    ),
+    inception_path: Optional[Path] = typer.Option(
+        None, "--inception-path", help="Local InceptionV3 torchscript weights."
+    ),
     ref_num: Optional[int] = typer.Option(None, "--ref-num", help="Use the first N reference images."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where reference statistics are cached (default fid/ under $OPDIFF_CACHE, else ~/.cache/opdiff/fid)."),
+    cache_dir: Optional[Path] = typer.Option(
+        None,
+        "--cache-dir",
+        help="Where reference statistics are cached (default fid/ under $OPDIFF_CACHE, else ~/.cache/opdiff/fid).",
+    ),
     batch_size: int = typer.Option(256, "--batch-size", help="Samples per batch (does not change the results)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write bench.md and bench.json into this folder."),
@@ -108,7 +161,10 @@ def bench(
     if baseline is not None:
         base, binfo = load_run_or_fail(baseline, dev, "the baseline run")
         if tuple(base.backbone.image_shape) != tuple(model.backbone.image_shape):
-            fail(f"the baseline makes images of shape {base.backbone.image_shape}, the DSNO run {model.backbone.image_shape}")
+            fail(
+                f"the baseline makes images of shape {base.backbone.image_shape}, the DSNO run "
+                f"{model.backbone.image_shape}"
+            )
         if binfo.get("data_content_sha256") != info.get("data_content_sha256"):
             err_console.print("[yellow]warning:[/] the baseline was trained on other data than the DSNO run")
         models["one-step baseline" if base.baseline else "second model"] = base
@@ -134,18 +190,26 @@ def bench(
         fail(f"cannot set up the teacher: {e}")
     from operator_diffusion.solvers import available_solvers
 
-    solver_list = list(default_solvers(teacher.schedule)) if solvers is None else [s.strip() for s in solvers.split(",") if s.strip()]
+    solver_list = (
+        list(default_solvers(teacher.schedule))
+        if solvers is None
+        else [s.strip() for s in solvers.split(",") if s.strip()]
+    )
     valid = available_solvers(teacher.schedule)  # a PSLD teacher has its own solvers
     unknown = [s for s in solver_list if s not in valid]
     if unknown:
-        fail(f"unknown --solvers {', '.join(unknown)} for the {teacher.schedule.name} teacher; valid: {', '.join(valid)}")
+        fail(
+            f"unknown --solvers {', '.join(unknown)} for the {teacher.schedule.name} teacher; valid: {', '.join(valid)}"
+        )
     grids = parse_solver_grids(solver_grid, solver_list, GRID_KINDS)
     options = parse_solver_options(solver_options, solver_list)
     from operator_diffusion.bench import solver_choice
 
     try:
         for name in solver_list:  # deterministic, on a grid the schedule takes (PSLD: uniform or quadratic)
-            choice = solver_choice(name, teacher.schedule, grid or grids.get(name), options.get(name), info["collection"]["grid"])
+            choice = solver_choice(
+                name, teacher.schedule, grid or grids.get(name), options.get(name), info["collection"]["grid"]
+            )
             sp.TeacherSolver(name, 1, choice.grid, reference.t_end, "state", choice.options).nfe(teacher.schedule)
     except (ValueError, TypeError) as e:
         fail(f"bad --solvers/--grid/--solver-grid/--solver-options: {e}")
@@ -170,13 +234,31 @@ def bench(
             except ValueError as e:
                 fail(f"cannot compute FID: {e}")
 
-    setup = BenchSetup(teacher, reference, seed_list, label_mode, solver_list, nfes, grid,
-                       models, fid_fn, batch_size, dev, info["collection"].get("guidance"), grids, options, tune_list,
-                       tuple(training_seeds(i) for i in infos), info["collection"]["grid"])
+    setup = BenchSetup(
+        teacher,
+        reference,
+        seed_list,
+        label_mode,
+        solver_list,
+        nfes,
+        grid,
+        models,
+        fid_fn,
+        batch_size,
+        dev,
+        info["collection"].get("guidance"),
+        grids,
+        options,
+        tune_list,
+        tuple(training_seeds(i) for i in infos),
+        info["collection"]["grid"],
+    )
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True
+    ) as bar:
         tasks: dict[str, int] = {}
 
         def progress(label: str, done: int, total: int) -> None:
@@ -191,10 +273,19 @@ def bench(
 
     from operator_diffusion.provenance import machine
 
-    command = "opdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "opdiff" in sys.argv[0] else None
-    result.meta.update({"run": str(run), "seeds": f"{seed_list[0]}-{seed_list[-1]}" if seeds is None else seeds,
-                        "machine": machine(), "command": command, "fid": fid_meta,
-                        "baseline": None if baseline is None else str(baseline)})
+    command = (
+        "opdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "opdiff" in sys.argv[0] else None
+    )
+    result.meta.update(
+        {
+            "run": str(run),
+            "seeds": f"{seed_list[0]}-{seed_list[-1]}" if seeds is None else seeds,
+            "machine": machine(),
+            "command": command,
+            "fid": fid_meta,
+            "baseline": None if baseline is None else str(baseline),
+        }
+    )
     text = result.report()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -76,34 +76,83 @@ def _load_teacher(name: str, options: dict, checkpoint: Path | None, seed: int):
 def collect(
     backbone: str = typer.Option(..., "--backbone", help="Teacher backbone name (see `opdiff backbones`)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Teacher weights (.safetensors)."),
-    backbone_config: List[str] = typer.Option([], "--backbone-config", "--backbone-option", help="Backbone option key=value (e.g. preset=tiny) or a JSON object; repeatable."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="Teacher ODE solver (see `opdiff solvers`); default unipc (see docs/collect.md); PSLD teachers: csps-d with lam=-0.25 (`opdiff solvers --schedule psld`)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps (the grid has steps+1 times; PSLD teachers: 99); default 49."),
-    grid: Optional[str] = typer.Option(None, "--grid", help="Solver grid: uniform, quadratic, logsnr, edm (PSLD teachers: uniform, quadratic); default quadratic."),
+    backbone_config: List[str] = typer.Option(
+        [],
+        "--backbone-config",
+        "--backbone-option",
+        help="Backbone option key=value (e.g. preset=tiny) or a JSON object; repeatable.",
+    ),
+    solver: Optional[str] = typer.Option(
+        None,
+        "--solver",
+        help="Teacher ODE solver (see `opdiff solvers`); default unipc (see docs/collect.md); PSLD teachers: csps-d "
+        "with lam=-0.25 (`opdiff solvers --schedule psld`).",
+    ),
+    steps: Optional[int] = typer.Option(
+        None, "--steps", help="Solver steps (the grid has steps+1 times; PSLD teachers: 99); default 49."
+    ),
+    grid: Optional[str] = typer.Option(
+        None,
+        "--grid",
+        help="Solver grid: uniform, quadratic, logsnr, edm (PSLD teachers: uniform, quadratic); default quadratic.",
+    ),
     times: int = typer.Option(4, "--times", help="Number M of output times on the grid."),
-    time_kind: str = typer.Option("quadratic", "--time-kind", help="Output placement: quadratic (DSNO's CIFAR choice) or uniform."),
-    time_list: Optional[str] = typer.Option(None, "--time-list", help="Explicit output times t1,t2,... (grid points); overrides --times."),
-    target: str = typer.Option("denoised", "--target", help="Store the teacher's x̂_0 predictions (denoised) or its states (state)."),
+    time_kind: str = typer.Option(
+        "quadratic", "--time-kind", help="Output placement: quadratic (DSNO's CIFAR choice) or uniform."
+    ),
+    time_list: Optional[str] = typer.Option(
+        None, "--time-list", help="Explicit output times t1,t2,... (grid points); overrides --times."
+    ),
+    target: str = typer.Option(
+        "denoised", "--target", help="Store the teacher's x̂_0 predictions (denoised) or its states (state)."
+    ),
     num: int = typer.Option(..., "--num", help="Number of trajectories."),
     out: Path = typer.Option(..., "--out", help="Output folder (Hub dataset layout); re-run to resume."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Conditional teachers: random (default), a class, or a comma list."),
+    labels: Optional[str] = typer.Option(
+        None, "--labels", help="Conditional teachers: random (default), a class, or a comma list."
+    ),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, "--seed", help="Example k uses seed+k."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Trajectories per solve (changes only float round-off; keep it to resume bit-exactly)."),
+    batch_size: int = typer.Option(
+        64, "--batch-size", help="Trajectories per solve (changes only float round-off; keep it to resume bit-exactly)."
+    ),
     shard_size: int = typer.Option(1000, "--shard-size", help="Examples per parquet shard."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 or float32."),
-    precision: str = typer.Option("fp32", "--precision", help="Teacher network arithmetic: fp32, bf16 (autocast; faster on GPUs and AVX-512 BF16 CPUs, ~10× slower on AVX2-only CPUs), or auto (time both here at --batch-size, bf16 only if ≥10% faster; a resumed folder keeps its recorded precision)."),
-    solver_option: List[str] = typer.Option([], "--solver-option", help="Solver option key=value (e.g. order=2); repeatable."),
+    precision: str = typer.Option(
+        "fp32",
+        "--precision",
+        help="Teacher network arithmetic: fp32, bf16 (autocast; faster on GPUs and AVX-512 BF16 CPUs, ~10× slower on "
+        "AVX2-only CPUs), or auto (time both here at --batch-size, bf16 only if ≥10% faster; a resumed folder "
+        "keeps its recorded precision).",
+    ),
+    solver_option: List[str] = typer.Option(
+        [], "--solver-option", help="Solver option key=value (e.g. order=2); repeatable."
+    ),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N."),
-    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the finished folder as this Hub dataset repo."),
+    push_to_hub: Optional[str] = typer.Option(
+        None, "--push-to-hub", help="Upload the finished folder as this Hub dataset repo."
+    ),
 ) -> None:
     """Collect teacher PF-ODE trajectories at M grid times into a sharded, resumable Hugging Face dataset."""
     from operator_diffusion import trajectories as tr
 
     config = tr.CollectConfig(
-        num=num, solver=solver, steps=steps, grid=grid, times=times, time_kind=time_kind, time_list=parse_times(time_list),
-        target=target, dtype=dtype, precision=precision, seed=seed, shard_size=shard_size, labels=parse_labels(labels),
-        guidance=guidance, batch_size=batch_size, solver_options=parse_options(solver_option, "--solver-option"),
+        num=num,
+        solver=solver,
+        steps=steps,
+        grid=grid,
+        times=times,
+        time_kind=time_kind,
+        time_list=parse_times(time_list),
+        target=target,
+        dtype=dtype,
+        precision=precision,
+        seed=seed,
+        shard_size=shard_size,
+        labels=parse_labels(labels),
+        guidance=guidance,
+        batch_size=batch_size,
+        solver_options=parse_options(solver_option, "--solver-option"),
     )
     device = resolve_device(device)
     teacher = _load_teacher(backbone, parse_config(backbone_config, "--backbone-config"), checkpoint, seed)
@@ -133,7 +182,13 @@ def _collect_with_progress(teacher, out: Path, plan, device):
 
     from operator_diffusion.trajectories import collect as run
 
-    columns = (TextColumn("collecting"), BarColumn(), MofNCompleteColumn(), TextColumn("trajectories"), TimeRemainingColumn())
+    columns = (
+        TextColumn("collecting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("trajectories"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("collect", total=plan.config.num)
         return run(teacher, out, plan, device=device, progress=lambda n: bar.advance(task, n))
@@ -142,11 +197,15 @@ def _collect_with_progress(teacher, out: Path, plan, device):
 def _precision_line(choice: dict, out: Path) -> str:
     """One line on how --precision auto was resolved: the two measured timings, or the resumed folder's precision."""
     if choice["source"] == "collection":
-        return f"precision auto: {choice['precision']}, as recorded in the collection in {str(out)} (not measured again)"
+        return (
+            f"precision auto: {choice['precision']}, as recorded in the collection in {str(out)} (not measured again)"
+        )
     sec = choice["seconds_per_eval"]
-    return (f"precision auto: {choice['precision']} (per network evaluation at batch {choice['batch_size']} on "
-            f"{choice['device']}, CPU capability {choice['cpu_capability']}: fp32 {sec['fp32'] * 1e3:.3g} ms, "
-            f"bf16 {sec['bf16'] * 1e3:.3g} ms)")
+    return (
+        f"precision auto: {choice['precision']} (per network evaluation at batch {choice['batch_size']} on "
+        f"{choice['device']}, CPU capability {choice['cpu_capability']}: fp32 {sec['fp32'] * 1e3:.3g} ms, "
+        f"bf16 {sec['bf16'] * 1e3:.3g} ms)"
+    )
 
 
 def _report(result, plan, seconds: float) -> None:
@@ -183,7 +242,8 @@ def _info_rows(status: dict) -> list[dict[str, Any]]:
     disk = status["disk_bytes_per_trajectory"]
     ref = status["reference_bytes_per_trajectory"]
     rows = {
-        "teacher": f"{c['backbone'].get('name')} ({'×'.join(map(str, c['image_shape']))}, schedule {c['schedule'].get('name')})",
+        "teacher": f"{c['backbone'].get('name')} ({'×'.join(map(str, c['image_shape']))}, schedule "
+        f"{c['schedule'].get('name')})",
         "solver": f"{c['solver']} {c['solver_options']}, {c['steps']} steps, {c['grid']} grid",
         "NFE per trajectory": c["nfe_per_trajectory"],
         "output times (grid index)": f"{times} ({c['time_kind']})",
@@ -193,7 +253,8 @@ def _info_rows(status: dict) -> list[dict[str, Any]]:
         "shards complete": f"{status['complete_shards']} of {status['num_shards']} ({c['shard_size']} examples each)",
         "examples complete": f"{status['complete_examples']} of {c['num']}",
         "bytes per trajectory": f"{status['bytes_per_trajectory']:,} stored"
-        + (f", {disk:,.0f} on disk" if disk else "") + f" (reference format, 17 float32 steps: {ref:,})",
+        + (f", {disk:,.0f} on disk" if disk else "")
+        + f" (reference format, 17 float32 steps: {ref:,})",
         "checkpoint sha256": c["checkpoint_sha256"],
         "weights sha256": c["weights_sha256"],
         "created": f"{info['created']} by opdiff {info['opdiff_version']}",

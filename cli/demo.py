@@ -10,10 +10,14 @@ from ._common import console, err_console, fail
 
 
 def demo(
-    out: Path = typer.Option(Path("opdiff-demo"), "--out", "-o", help="Folder for the data, runs, images and report.md."),
-    quick: bool = typer.Option(False, "--quick", help="A smaller run (≤ 2 minutes on 2 CPU cores) that checks the pipeline."),
+    out: Path = typer.Option(
+        Path("opdiff-demo"), "--out", "-o", help="Folder for the data, runs, images and report.md."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="A smaller run (≤ 2 minutes on 2 CPU cores) that checks the pipeline."
+    ),
 ) -> None:
-    """Collect → train DSNO and the one-step baseline → sample → spectrum → bench on the 8×8 digits (≤ 10 min on CPU)."""
+    """Collect → train DSNO and the one-step baseline → sample → spectrum → bench on the 8×8 digits (≤ 10 min, CPU)."""
     if out.exists() and not out.is_dir():
         fail(f"--out {str(out)!r} is a file, not a folder")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -21,8 +25,13 @@ def demo(
     from operator_diffusion.demo import DEMO, QUICK, run_demo
 
     config = QUICK if quick else DEMO
-    with Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console) as bar:
+    with Progress(
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+    ) as bar:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -37,5 +46,7 @@ def demo(
         except ValueError as e:  # e.g. --out holds a demo of another configuration
             fail(f"{e}; choose another --out", code=2)
     dsno = result.bench.row("DSNO")
-    console.print(f"DSNO, 1 NFE: RMSE {dsno.rmse:.4f} to the teacher" + (f", FID {dsno.fid:.3f}" if dsno.fid is not None else ""))
+    console.print(
+        f"DSNO, 1 NFE: RMSE {dsno.rmse:.4f} to the teacher" + (f", FID {dsno.fid:.3f}" if dsno.fid is not None else "")
+    )
     console.print(f"report: {result.report}  ({sum(result.seconds.values()):.0f} s)")

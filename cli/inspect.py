@@ -12,13 +12,24 @@ from ._common import console, fail, parse_options, print_rows
 
 
 def inspect(
-    checkpoint: Optional[Path] = typer.Argument(None, help="A DSNO checkpoint (.safetensors saved by opdiff) to describe."),
+    checkpoint: Optional[Path] = typer.Argument(
+        None, help="A DSNO checkpoint (.safetensors saved by opdiff) to describe."
+    ),
     backbone: str = typer.Option("opdiff-unet", "--backbone", "-b", help="Backbone name (see `opdiff backbones`)."),
-    backbone_option: list[str] = typer.Option([], "--backbone-option", "-o", help="Backbone option KEY=VALUE (repeatable), e.g. preset=cifar10."),
+    backbone_option: list[str] = typer.Option(
+        [], "--backbone-option", "-o", help="Backbone option KEY=VALUE (repeatable), e.g. preset=cifar10."
+    ),
     times: int = typer.Option(4, "--times", "-m", help="Number M of output times."),
     modes: int = typer.Option(2, "--modes", help="Fourier modes kept per temporal layer (<= M//2+1)."),
-    placement: list[str] = typer.Option([], "--placement", "-p", help="Injection point: module name or dotted glob (repeatable; default: the backbone's)."),
-    all_modules: bool = typer.Option(False, "--all-modules", help="List every module with its output shape (to choose --placement)."),
+    placement: list[str] = typer.Option(
+        [],
+        "--placement",
+        "-p",
+        help="Injection point: module name or dotted glob (repeatable; default: the backbone's).",
+    ),
+    all_modules: bool = typer.Option(
+        False, "--all-modules", help="List every module with its output shape (to choose --placement)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show the injection points of DSNO's temporal layers, their channels and the parameter overhead."""
@@ -39,7 +50,12 @@ def inspect(
         fail(str(e))
     if all_modules:
         rows = _module_rows(model.backbone)
-        print_rows(rows, {"name": "module", "type": "type", "output": "output shape (batch 1)"}, "modules of the backbone network", as_json)
+        print_rows(
+            rows,
+            {"name": "module", "type": "type", "output": "output shape (batch 1)"},
+            "modules of the backbone network",
+            as_json,
+        )
         return
     report = model.parameter_report()
     if as_json:
@@ -48,7 +64,8 @@ def inspect(
     print_rows(
         report["injection_points"],
         {"name": "injection point", "channels": "channels", "resolution": "H × W", "parameters": "parameters"},
-        f"DSNO temporal layers ({model.modes} modes, M = {len(model.train_times)})", False,
+        f"DSNO temporal layers ({model.modes} modes, M = {len(model.train_times)})",
+        False,
     )
     console.print(
         f"backbone {report['backbone_parameters']:,} parameters; temporal layers {report['temporal_parameters']:,} "

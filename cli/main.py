@@ -28,7 +28,9 @@ def _root(
 
 @app.command()
 def solvers(
-    schedule: str = typer.Option("vp", "--schedule", help="Whose solvers: vp (every α/σ schedule: VP, EDM, VE, discrete) or psld."),
+    schedule: str = typer.Option(
+        "vp", "--schedule", help="Whose solvers: vp (every α/σ schedule: VP, EDM, VE, discrete) or psld."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """List the teacher ODE solvers, their orders and options (--schedule psld: the PSLD integrators)."""
@@ -39,12 +41,24 @@ def solvers(
         fail(f"unknown --schedule {schedule!r}; valid: vp, psld")
     process = PSLD() if schedule == "psld" else None
     rows = [
-        {"name": s.name, "order": s.order, "nfe_per_step": s.nfe_per_step, "stochastic": s.stochastic,
-         "options": s.options, "summary": s.summary}
+        {
+            "name": s.name,
+            "order": s.order,
+            "nfe_per_step": s.nfe_per_step,
+            "stochastic": s.stochastic,
+            "options": s.options,
+            "summary": s.summary,
+        }
         for s in (solver_info(name, process) for name in available_solvers(process))
     ]
-    columns = {"name": "name", "order": "global order", "nfe_per_step": "NFE/step",
-               **({"stochastic": "SDE"} if process is not None else {}), "options": "options", "summary": "what it is"}
+    columns = {
+        "name": "name",
+        "order": "global order",
+        "nfe_per_step": "NFE/step",
+        **({"stochastic": "SDE"} if process is not None else {}),
+        "options": "options",
+        "summary": "what it is",
+    }
     print_rows(rows, columns, f"opdiff solvers for {schedule} (use with solve(..., method=NAME, **options))", as_json)
 
 
@@ -54,7 +68,12 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Machine-readab
     from operator_diffusion.backbones import available_backbones, backbone_origin
 
     rows = [{"name": name, "provided_by": backbone_origin(name)} for name in available_backbones()]
-    print_rows(rows, {"name": "name", "provided_by": "provided by"}, "opdiff backbones (use with load_backbone(NAME, ...))", as_json)
+    print_rows(
+        rows,
+        {"name": "name", "provided_by": "provided by"},
+        "opdiff backbones (use with load_backbone(NAME, ...))",
+        as_json,
+    )
 
 
 from .inspect import inspect as _inspect  # noqa: E402
@@ -72,7 +91,8 @@ from .train import train as _train  # noqa: E402
 app.command("train")(_train)
 
 
-from .collect import collect as _collect, data_app as _data_app  # noqa: E402
+from .collect import collect as _collect  # noqa: E402
+from .collect import data_app as _data_app  # noqa: E402
 
 app.command("collect")(_collect)
 app.add_typer(_data_app, name="data")

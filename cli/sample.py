@@ -21,7 +21,10 @@ def parse_formats(items: list[str]) -> list[str]:
     formats = [f.strip() for item in items for f in item.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
-        fail(f"unknown --format {', '.join(bad) or '(empty)'}; valid: {', '.join(FORMATS)} (repeatable or comma-separated)")
+        fail(
+            f"unknown --format {', '.join(bad) or '(empty)'}; valid: {', '.join(FORMATS)} (repeatable or "
+            "comma-separated)"
+        )
     return list(dict.fromkeys(formats))
 
 
@@ -46,12 +49,17 @@ def select_times(spec: str, times: list[float]) -> list[int]:
     for w in wanted:
         hits = [i for i, t in enumerate(times) if abs(t - w) <= 1e-6 * max(1.0, abs(t))]
         if not hits:
-            fail(f"--times {w:g} is not an output time of this model; its times are {', '.join(f'{t:.6g}' for t in times)}")
+            fail(
+                f"--times {w:g} is not an output time of this model; its times are "
+                f"{', '.join(f'{t:.6g}' for t in times)}"
+            )
         idx.append(hits[0])
     return sorted(set(idx))
 
 
-def resolve_seeds(seeds: Optional[str], num: Optional[int], info: dict, held_out_of: tuple[dict, ...] = ()) -> list[int]:
+def resolve_seeds(
+    seeds: Optional[str], num: Optional[int], info: dict, held_out_of: tuple[dict, ...] = ()
+) -> list[int]:
     """Explicit --seeds, else --num seeds held out from training: starting after the collection's seeds. Explicit
     seeds that overlap the training seeds of any run in ``held_out_of`` (those whose numbers are reported) are a
     usage error."""
@@ -91,8 +99,14 @@ def load_run_or_fail(path, dev: str, what: str = "the run"):
 def _progress_loop(batches, total: int, label: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err_console, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
         task = progress.add_task(label, total=total)
         for batch in batches:
             yield batch
@@ -102,16 +116,41 @@ def _progress_loop(batches, total: int, label: str):
 def sample(
     run: Path = typer.Argument(..., help="An `opdiff train` run folder (or a DSNO .safetensors checkpoint)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the samples into."),
-    num: Optional[int] = typer.Option(None, "--num", "-n", help=f"Number of samples (default {DEFAULT_NUM}, or the number of --seeds)."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds, e.g. 0-49999 or 0,5,9 (default: --num seeds right after the training seeds)."),
-    formats: list[str] = typer.Option(["png", "grid"], "--format", help="png (images/ folder for FID), npz, grid; repeatable or comma-separated."),
-    times: str = typer.Option("final", "--times", help="Outputs to keep: final (the sample), all (the trajectory, paper Fig. 2) or a list of output times."),
-    query_times: Optional[str] = typer.Option(None, "--query-times", help="Evaluate the operator at these times instead of its training times (App. A.3), e.g. 0.8,0.6,0.4,0.2,0.05,0.001."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Class-conditional models: random (default), one class, or a list (seed s gets list[s mod len])."),
+    num: Optional[int] = typer.Option(
+        None, "--num", "-n", help=f"Number of samples (default {DEFAULT_NUM}, or the number of --seeds)."
+    ),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", help="Seeds, e.g. 0-49999 or 0,5,9 (default: --num seeds right after the training seeds)."
+    ),
+    formats: list[str] = typer.Option(
+        ["png", "grid"], "--format", help="png (images/ folder for FID), npz, grid; repeatable or comma-separated."
+    ),
+    times: str = typer.Option(
+        "final",
+        "--times",
+        help="Outputs to keep: final (the sample), all (the trajectory, paper Fig. 2) or a list of output times.",
+    ),
+    query_times: Optional[str] = typer.Option(
+        None,
+        "--query-times",
+        help="Evaluate the operator at these times instead of its training times (App. A.3), e.g. "
+        "0.8,0.6,0.4,0.2,0.05,0.001.",
+    ),
+    labels: Optional[str] = typer.Option(
+        None,
+        "--labels",
+        help="Class-conditional models: random (default), one class, or a list (seed s gets list[s mod len]).",
+    ),
     batch_size: int = typer.Option(256, "--batch-size", help="Samples per forward pass (does not change the images)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    teacher: bool = typer.Option(False, "--teacher", help="Also sample the same seeds with the teacher (into OUT/teacher) for side-by-side output."),
-    teacher_checkpoint: Optional[Path] = typer.Option(None, "--teacher-checkpoint", help="The teacher's weights (default: the run's --init-from file)."),
+    teacher: bool = typer.Option(
+        False,
+        "--teacher",
+        help="Also sample the same seeds with the teacher (into OUT/teacher) for side-by-side output.",
+    ),
+    teacher_checkpoint: Optional[Path] = typer.Option(
+        None, "--teacher-checkpoint", help="The teacher's weights (default: the run's --init-from file)."
+    ),
     solver: Optional[str] = typer.Option(None, "--solver", help="Teacher solver (default: the collection's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Teacher solver steps (default: the collection's)."),
     grid: Optional[str] = typer.Option(None, "--grid", help="Teacher time grid kind (default: the collection's)."),
@@ -164,13 +203,25 @@ def sample(
         except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
             fail(f"cannot set up the teacher: {e}")
 
-    meta = {"source": "dsno", "run": str(run), "seeds": seeds or f"{seed_list[0]}-{seed_list[-1]}",
-            "labels": label_mode, "query_times": query, **sp.summary(model, info)}
+    meta = {
+        "source": "dsno",
+        "run": str(run),
+        "seeds": seeds or f"{seed_list[0]}-{seed_list[-1]}",
+        "labels": label_mode,
+        "query_times": query,
+        **sp.summary(model, info),
+    }
     writer = sp.SampleWriter(out, fmts, meta, overwrite)
     teacher_writer = None
     if teacher:
-        tmeta = {"source": "teacher", "run": str(run), "seeds": meta["seeds"], "labels": label_mode,
-                 "solver": teacher_solver.describe(), "nfe": teacher_nfe}
+        tmeta = {
+            "source": "teacher",
+            "run": str(run),
+            "seeds": meta["seeds"],
+            "labels": label_mode,
+            "solver": teacher_solver.describe(),
+            "nfe": teacher_nfe,
+        }
         teacher_writer = sp.SampleWriter(out / "teacher", fmts, tmeta, overwrite)
     try:
         writer.check(len(keep) > 1)
@@ -205,9 +256,15 @@ def sample(
         fail(f"sampling failed: {e}", code=1)
 
     if as_json:
-        typer.echo(json.dumps({"num": len(seed_list), "seeds": meta["seeds"], "times": [out_times[i] for i in keep],
-                               "files": files}, indent=2))
+        typer.echo(
+            json.dumps(
+                {"num": len(seed_list), "seeds": meta["seeds"], "times": [out_times[i] for i in keep], "files": files},
+                indent=2,
+            )
+        )
         return
-    console.print(f"{len(seed_list)} samples (seeds {meta['seeds']}) at t = {', '.join(f'{out_times[i]:.4g}' for i in keep)}")
+    console.print(
+        f"{len(seed_list)} samples (seeds {meta['seeds']}) at t = {', '.join(f'{out_times[i]:.4g}' for i in keep)}"
+    )
     for what, path in files.items():
         console.print(f"  {what}: {path}")

@@ -15,8 +15,20 @@ MIN_POINTS = 16  # below this the spectrum has fewer than 9 modes: too coarse to
 SHOWN_MODES = 8  # rows of the energy table
 
 
-def _check_inputs(backbone: Optional[str], checkpoint: Optional[Path], backbone_options: list[str], oracle: Optional[str],
-                  points: int, num: int, batch: int, energy: float, solver: str, what: str, steps: int, dim: int) -> None:
+def _check_inputs(
+    backbone: Optional[str],
+    checkpoint: Optional[Path],
+    backbone_options: list[str],
+    oracle: Optional[str],
+    points: int,
+    num: int,
+    batch: int,
+    energy: float,
+    solver: str,
+    what: str,
+    steps: int,
+    dim: int,
+) -> None:
     """Refuse bad flags with a one-line error before anything is loaded or written."""
     from operator_diffusion.solvers import available_solvers
     from operator_diffusion.spectrum import ORACLE_KINDS, WHAT
@@ -82,25 +94,43 @@ def _per_trajectory_spectra(make_batch, num: int, batch: int) -> tuple[list, int
 
 def spectrum(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Teacher backbone name (see `opdiff backbones`)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Backbone weights (.safetensors); alone, the backbone is rebuilt from its metadata."),
-    backbone_option: list[str] = typer.Option([], "--backbone-option", help="Backbone constructor option KEY=VALUE (repeatable), e.g. preset=tiny."),
-    oracle: Optional[str] = typer.Option(None, "--oracle", help="Exact teacher instead of a backbone: gaussian | mixture."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Backbone weights (.safetensors); alone, the backbone is rebuilt from its metadata."
+    ),
+    backbone_option: list[str] = typer.Option(
+        [], "--backbone-option", help="Backbone constructor option KEY=VALUE (repeatable), e.g. preset=tiny."
+    ),
+    oracle: Optional[str] = typer.Option(
+        None, "--oracle", help="Exact teacher instead of a backbone: gaussian | mixture."
+    ),
     dim: int = typer.Option(64, "--dim", help="Dimension of the --oracle data."),
     num: int = typer.Option(64, "--num", help="Number of trajectories."),
-    points: int = typer.Option(1000, "--points", help=f"Uniform time points per trajectory (≥ {MIN_POINTS}; the paper: 1000)."),
+    points: int = typer.Option(
+        1000, "--points", help=f"Uniform time points per trajectory (≥ {MIN_POINTS}; the paper: 1000)."
+    ),
     solver: str = typer.Option("deis", "--solver", help="ODE solver of a backbone teacher (see `opdiff solvers`)."),
-    steps_per_interval: int = typer.Option(1, "--steps-per-interval", help="Solver steps between consecutive time points."),
-    what: str = typer.Option("state", "--what", help="Spectrum of the ODE states x(t) or of the denoised predictions x̂_0(t): state | denoised."),
+    steps_per_interval: int = typer.Option(
+        1, "--steps-per-interval", help="Solver steps between consecutive time points."
+    ),
+    what: str = typer.Option(
+        "state",
+        "--what",
+        help="Spectrum of the ODE states x(t) or of the denoised predictions x̂_0(t): state | denoised.",
+    ),
     energy: float = typer.Option(0.99, "--energy", help="Share of the energy the recommended modes must hold."),
     seed: int = typer.Option(0, "--seed", help="Seed of x_T (and of the oracle's data, and of class labels)."),
     batch: int = typer.Option(16, "--batch", help="Trajectories solved at once."),
     device: str = typer.Option("auto", "--device", help="Device of a backbone teacher: auto | cpu | cuda | cuda:N."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write spectrum.png, spectrum.csv and spectrum.json into this folder."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Write spectrum.png, spectrum.csv and spectrum.json into this folder."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing spectrum files in --out."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Power spectrum of a teacher's ODE trajectories (DSNO App. A.1) and the recommended --modes."""
-    _check_inputs(backbone, checkpoint, backbone_option, oracle, points, num, batch, energy, solver, what, steps_per_interval, dim)
+    _check_inputs(
+        backbone, checkpoint, backbone_option, oracle, points, num, batch, energy, solver, what, steps_per_interval, dim
+    )
     options = parse_options(backbone_option, "--backbone-option")
     if out is not None and not overwrite:
         from operator_diffusion.spectrum import report_paths
@@ -125,20 +155,30 @@ def spectrum(
         source = {"teacher": f"oracle:{oracle}", "dim": dim, "schedule": teacher.schedule.config(), "solver": "exact"}
 
         def make_batch(start: int, size: int):
-            return sp.exact_trajectories(teacher, x_all[start:start + size], points, what)
+            return sp.exact_trajectories(teacher, x_all[start : start + size], points, what)
     else:
         dev = resolve_device(device)
         model = _load_teacher(backbone, checkpoint, options, dev)
         s = model.schedule
-        x_all = torch.randn((num, *model.image_shape), generator=generator) * float(s.sigma(torch.tensor(s.t_max, dtype=torch.float64)))
+        x_all = torch.randn((num, *model.image_shape), generator=generator) * float(
+            s.sigma(torch.tensor(s.t_max, dtype=torch.float64))
+        )
         labels = torch.randint(model.num_classes, (num,), generator=generator) if model.num_classes else None
         source = {"teacher": model.config(), "solver": solver, "steps_per_interval": steps_per_interval, "device": dev}
 
         def make_batch(start: int, size: int):
-            extra = None if labels is None else {"labels": labels[start:start + size].to(dev)}
+            extra = None if labels is None else {"labels": labels[start : start + size].to(dev)}
             with torch.inference_mode():
-                return sp.dense_trajectories(model.eps_fn, s, x_all[start:start + size].to(dev, model.dtype), points,
-                                             solver, steps_per_interval, extra, what)
+                return sp.dense_trajectories(
+                    model.eps_fn,
+                    s,
+                    x_all[start : start + size].to(dev, model.dtype),
+                    points,
+                    solver,
+                    steps_per_interval,
+                    extra,
+                    what,
+                )
 
     try:
         rows, nfe, dt = _per_trajectory_spectra(make_batch, num, batch)
@@ -158,20 +198,41 @@ def _print_result(result, modes: int, energy: float, meta: dict, files: dict, as
     from operator_diffusion.spectrum import modes_for_energy
 
     shown = range(1, min(SHOWN_MODES, result.num_modes) + 1)
-    rows = [{"modes": j, "energy_fraction": float(result.energy_fraction[j - 1]),
-             "mean_power": float(result.mean[j - 1])} for j in shown]
+    rows = [
+        {"modes": j, "energy_fraction": float(result.energy_fraction[j - 1]), "mean_power": float(result.mean[j - 1])}
+        for j in shown
+    ]
     if as_json:
-        typer.echo(json.dumps({
-            "recommended_modes": modes, "energy": energy, "min_output_times": max(1, 2 * (modes - 1)),
-            "modes_for_energy": {str(f): modes_for_energy(result, f) for f in (0.9, 0.99, 0.999)},
-            "n_points": result.n_points, "dt": result.dt, "num_trajectories": result.num_trajectories,
-            "first_modes": rows, "metadata": meta, "files": files,
-        }, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "recommended_modes": modes,
+                    "energy": energy,
+                    "min_output_times": max(1, 2 * (modes - 1)),
+                    "modes_for_energy": {str(f): modes_for_energy(result, f) for f in (0.9, 0.99, 0.999)},
+                    "n_points": result.n_points,
+                    "dt": result.dt,
+                    "num_trajectories": result.num_trajectories,
+                    "first_modes": rows,
+                    "metadata": meta,
+                    "files": files,
+                },
+                indent=2,
+            )
+        )
         return
-    table = [{"modes": r["modes"], "energy": f"{r['energy_fraction']:.6f}", "power": f"{r['mean_power']:.4g}"} for r in rows]
-    print_rows(table, {"modes": "modes kept J", "energy": "energy fraction", "power": "S of mode J−1"},
-               f"power spectrum of {result.num_trajectories} trajectories at {result.n_points} points", False)
+    table = [
+        {"modes": r["modes"], "energy": f"{r['energy_fraction']:.6f}", "power": f"{r['mean_power']:.4g}"} for r in rows
+    ]
+    print_rows(
+        table,
+        {"modes": "modes kept J", "energy": "energy fraction", "power": "S of mode J−1"},
+        f"power spectrum of {result.num_trajectories} trajectories at {result.n_points} points",
+        False,
+    )
     for path in files.values():
         console.print(f"wrote {path}")
-    console.print(f"recommended --modes {modes} (holds {energy:g} of the energy; M output times keep at most M//2+1 modes, "
-                  f"so it needs M ≥ {max(1, 2 * (modes - 1))})")
+    console.print(
+        f"recommended --modes {modes} (holds {energy:g} of the energy; M output times keep at most M//2+1 modes, "
+        f"so it needs M ≥ {max(1, 2 * (modes - 1))})"
+    )

@@ -21,34 +21,71 @@ def _default(name: str):
     return field_default(TrainConfig, name)
 
 
-
 def train(
     data: str = typer.Option(..., "--data", help="Trajectory dataset: an `opdiff collect` folder (or a Hub id)."),
-    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, metrics.jsonl, model.safetensors); re-run to resume."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Teacher weights (.safetensors) to start from (the paper does)."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone to train; default: the dataset's teacher architecture."),
-    backbone_option: List[str] = typer.Option([], "--backbone-option", "-o", help="Backbone option KEY=VALUE (repeatable), e.g. dropout=0.1."),
-    modes: int = typer.Option(_default("modes"), "--modes", help="Fourier modes per temporal layer (see `opdiff spectrum`)."),
-    weighting: str = typer.Option(_default("weighting"), "--weighting", help="Per-time loss weight: sqrt-snr (paper), snr or uniform."),
+    out: Path = typer.Option(
+        ..., "--out", help="Run directory (checkpoints, metrics.jsonl, model.safetensors); re-run to resume."
+    ),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Teacher weights (.safetensors) to start from (the paper does)."
+    ),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="Backbone to train; default: the dataset's teacher architecture."
+    ),
+    backbone_option: List[str] = typer.Option(
+        [], "--backbone-option", "-o", help="Backbone option KEY=VALUE (repeatable), e.g. dropout=0.1."
+    ),
+    modes: int = typer.Option(
+        _default("modes"), "--modes", help="Fourier modes per temporal layer (see `opdiff spectrum`)."
+    ),
+    weighting: str = typer.Option(
+        _default("weighting"), "--weighting", help="Per-time loss weight: sqrt-snr (paper), snr or uniform."
+    ),
     weight_min: float = typer.Option(_default("weight_min"), "--weight-min", help="Lower clamp of the loss weight."),
-    weight_max: float = typer.Option(_default("weight_max"), "--weight-max", help="Upper clamp of the loss weight (reference 1e4; see metrics.jsonl share_tI for each time's share)."),
-    loss: str = typer.Option(_default("loss"), "--loss", help="l1 (paper), l2 or pseudo-huber (iCT: mean (√(‖Δ‖² + c²) − c)/√(C·H·W))."),
-    huber_c: Optional[float] = typer.Option(None, "--huber-c", help="c of --loss pseudo-huber (> 0); default iCT's 0.00054·√(C·H·W)."),
-    final_weight: Optional[float] = typer.Option(None, "--final-weight", help="Loss weight of the last output time t_M (> 0), replacing its w(t_M)."),
-    batch_size: int = typer.Option(_default("batch_size"), "--batch-size", help="Trajectories per process and micro-step."),
+    weight_max: float = typer.Option(
+        _default("weight_max"),
+        "--weight-max",
+        help="Upper clamp of the loss weight (reference 1e4; see metrics.jsonl share_tI for each time's share).",
+    ),
+    loss: str = typer.Option(
+        _default("loss"), "--loss", help="l1 (paper), l2 or pseudo-huber (iCT: mean (√(‖Δ‖² + c²) − c)/√(C·H·W))."
+    ),
+    huber_c: Optional[float] = typer.Option(
+        None, "--huber-c", help="c of --loss pseudo-huber (> 0); default iCT's 0.00054·√(C·H·W)."
+    ),
+    final_weight: Optional[float] = typer.Option(
+        None, "--final-weight", help="Loss weight of the last output time t_M (> 0), replacing its w(t_M)."
+    ),
+    batch_size: int = typer.Option(
+        _default("batch_size"), "--batch-size", help="Trajectories per process and micro-step."
+    ),
     grad_accum: int = typer.Option(_default("grad_accum"), "--grad-accum", help="Gradient accumulation micro-steps."),
     lr: float = typer.Option(_default("lr"), "--lr", help="Adam learning rate."),
     warmup: int = typer.Option(_default("warmup"), "--warmup", help="Linear learning-rate warm-up steps."),
-    lr_decay: str = typer.Option(_default("lr_decay"), "--lr-decay", help="Learning rate after warm-up: constant, cosine or linear (to 0 at --max-steps)."),
+    lr_decay: str = typer.Option(
+        _default("lr_decay"),
+        "--lr-decay",
+        help="Learning rate after warm-up: constant, cosine or linear (to 0 at --max-steps).",
+    ),
     ema: float = typer.Option(_default("ema"), "--ema", help="EMA decay of the exported weights."),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="bf16, fp16 or no (default: bf16 on GPU, no on CPU)."),
+    mixed_precision: Optional[str] = typer.Option(
+        None, "--mixed-precision", help="bf16, fp16 or no (default: bf16 on GPU, no on CPU)."
+    ),
     max_steps: int = typer.Option(_default("max_steps"), "--max-steps", help="Optimizer steps."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="'one-step': the knowledge-distillation baseline (no temporal layers, last time only)."),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", help="'one-step': the knowledge-distillation baseline (no temporal layers, last time only)."
+    ),
     seed: int = typer.Option(_default("seed"), "--seed"),
-    save_every: int = typer.Option(_default("save_every"), "--save-every", help="Checkpoint every N steps (resume point)."),
+    save_every: int = typer.Option(
+        _default("save_every"), "--save-every", help="Checkpoint every N steps (resume point)."
+    ),
     log_every: int = typer.Option(_default("log_every"), "--log-every", help="Append to metrics.jsonl every N steps."),
-    tracker: List[str] = typer.Option([], "--tracker", help="Accelerate tracker (tensorboard, wandb, ...), repeatable."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved configuration and the model size, then exit."),
+    tracker: List[str] = typer.Option(
+        [], "--tracker", help="Accelerate tracker (tensorboard, wandb, ...), repeatable."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved configuration and the model size, then exit."
+    ),
 ) -> None:
     """Train DSNO on a trajectory dataset (one-step sampling by operator learning)."""
     from operator_diffusion import training
@@ -58,24 +95,51 @@ def train(
     if weighting not in training.WEIGHTINGS:
         fail(f"unknown --weighting {weighting!r}; valid: {', '.join(training.WEIGHTINGS)}")
     config = training.TrainConfig(
-        data=data, out=str(out), init_from=None if init_from is None else str(init_from), backbone=backbone,
-        backbone_options=parse_options(backbone_option), modes=modes, weighting=weighting, weight_min=weight_min,
-        weight_max=weight_max, loss=loss, huber_c=huber_c, final_weight=final_weight, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, warmup=warmup, lr_decay=lr_decay, ema=ema,
-        mixed_precision=mixed_precision, max_steps=max_steps, baseline=baseline == "one-step", seed=seed,
-        save_every=save_every, log_every=log_every, trackers=tuple(tracker),
+        data=data,
+        out=str(out),
+        init_from=None if init_from is None else str(init_from),
+        backbone=backbone,
+        backbone_options=parse_options(backbone_option),
+        modes=modes,
+        weighting=weighting,
+        weight_min=weight_min,
+        weight_max=weight_max,
+        loss=loss,
+        huber_c=huber_c,
+        final_weight=final_weight,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup=warmup,
+        lr_decay=lr_decay,
+        ema=ema,
+        mixed_precision=mixed_precision,
+        max_steps=max_steps,
+        baseline=baseline == "one-step",
+        seed=seed,
+        save_every=save_every,
+        log_every=log_every,
+        trackers=tuple(tracker),
     )
     try:
         if dry_run:
             plan = training.plan_run(config)
             training.check_run_dir(out, plan.run_info)
             report = plan.model.parameter_report()
-            typer.echo(json.dumps({
-                "config": dataclasses.asdict(config), "mixed_precision": plan.mixed_precision,
-                "times": plan.model.times.tolist(), "loss_weights": plan.weights.tolist(),
-                "backbone_parameters": report["backbone_parameters"], "temporal_parameters": report["temporal_parameters"],
-                "dataset": {"trajectories": len(plan.cache), "content_sha256": plan.content_sha256},
-            }, indent=2))
+            typer.echo(
+                json.dumps(
+                    {
+                        "config": dataclasses.asdict(config),
+                        "mixed_precision": plan.mixed_precision,
+                        "times": plan.model.times.tolist(),
+                        "loss_weights": plan.weights.tolist(),
+                        "backbone_parameters": report["backbone_parameters"],
+                        "temporal_parameters": report["temporal_parameters"],
+                        "dataset": {"trajectories": len(plan.cache), "content_sha256": plan.content_sha256},
+                    },
+                    indent=2,
+                )
+            )
             return
         result = _run(training, config)
     except (ValueError, FileNotFoundError, TypeError) as e:  # TypeError: an unknown backbone option
@@ -86,11 +150,24 @@ def train(
 
 def _run(training, config):
     """Train with a rich progress bar (loss, steps/s, ETA) on the main process."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(
-        TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]} it/s"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} it/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
         transient=False,
     ) as bar:
         task = bar.add_task("train", total=config.max_steps, loss="-", rate="-")

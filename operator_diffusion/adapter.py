@@ -122,6 +122,7 @@ def trace_outputs(backbone: Backbone, names: Sequence[str]) -> dict[str, tuple[i
     def recorder(name: str):
         def hook(module, args, output) -> None:  # returns None: the output is left as it is
             shapes.setdefault(name, tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
+
         return hook
 
     handles = [modules[n].register_forward_hook(recorder(n)) for n in names]
@@ -150,7 +151,9 @@ def trace_injection_points(backbone: Backbone, names: Sequence[str]) -> list[Inj
     for n in sorted(names, key=lambda n: list(shapes).index(n) if n in shapes else -1):
         shape = shapes.get(n)
         if shape is None:
-            raise ValueError(f"injection point {n!r} is never called in the backbone's forward pass; choose another module")
+            raise ValueError(
+                f"injection point {n!r} is never called in the backbone's forward pass; choose another module"
+            )
         if not isinstance(shape, tuple) or len(shape) != 4:
             raise ValueError(
                 f"injection point {n!r} returns {shape}, not one (N, C, H, W) tensor; choose a module that does "
@@ -259,7 +262,9 @@ class DSNO(nn.Module):
     def num_times(self) -> int:
         return len(self.times)
 
-    def forward(self, x_T: Tensor, labels: Tensor | None = None, times: Sequence[float] | Tensor | None = None) -> Tensor:
+    def forward(
+        self, x_T: Tensor, labels: Tensor | None = None, times: Sequence[float] | Tensor | None = None
+    ) -> Tensor:
         """Predicted trajectory (B, M, C, H, W) at ``times`` (default: the training times) from noise x_T
         (B, *backbone.state_shape)."""
         bb = self.backbone
@@ -294,13 +299,21 @@ class DSNO(nn.Module):
         """Parameter counts: backbone, temporal layers (per injection point) and the overhead fraction."""
         backbone = sum(p.numel() for p in self.network.parameters())
         rows = [
-            {"name": p.name, "channels": p.channels, "resolution": list(p.resolution),
-             "parameters": sum(q.numel() for q in self.temporal[_block_key(p.name)].parameters())}
+            {
+                "name": p.name,
+                "channels": p.channels,
+                "resolution": list(p.resolution),
+                "parameters": sum(q.numel() for q in self.temporal[_block_key(p.name)].parameters()),
+            }
             for p in self.injection_points
         ]
         temporal = sum(r["parameters"] for r in rows)
-        return {"backbone_parameters": backbone, "temporal_parameters": temporal,
-                "overhead": temporal / backbone, "injection_points": rows}
+        return {
+            "backbone_parameters": backbone,
+            "temporal_parameters": temporal,
+            "overhead": temporal / backbone,
+            "injection_points": rows,
+        }
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable description: ``DSNO.from_config`` rebuilds the architecture (weights excluded)."""
@@ -324,15 +337,26 @@ class DSNO(nn.Module):
                 "(re-export the model with a matching opdiff version)"
             )
         backbone = load_backbone(**config["backbone"])
-        return cls(backbone, config["times"], modes=config["modes"], placement=config["placement"] or None,
-                   init=config["init"], negative_slope=config["negative_slope"], baseline=config["baseline"])
+        return cls(
+            backbone,
+            config["times"],
+            modes=config["modes"],
+            placement=config["placement"] or None,
+            init=config["init"],
+            negative_slope=config["negative_slope"],
+            baseline=config["baseline"],
+        )
 
     def save(self, path: str | Path) -> None:
         """Write all weights (``network.*`` and ``temporal.*``) to .safetensors with ``config()`` in the metadata."""
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path), metadata={CONFIG_KEY: json.dumps(self.config()), "format": f"opdiff-dsno/{FORMAT_VERSION}"})
+        save_file(
+            tensors,
+            str(path),
+            metadata={CONFIG_KEY: json.dumps(self.config()), "format": f"opdiff-dsno/{FORMAT_VERSION}"},
+        )
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DSNO":
@@ -359,5 +383,9 @@ class DSNO(nn.Module):
         return model
 
     def extra_repr(self) -> str:
-        kind = "baseline (one-step distillation)" if self.baseline else f"modes={self.modes}, points={len(self.injection_points)}"
+        kind = (
+            "baseline (one-step distillation)"
+            if self.baseline
+            else f"modes={self.modes}, points={len(self.injection_points)}"
+        )
         return f"backbone={self.backbone.name!r}, times={[round(float(t), 6) for t in self.train_times]}, {kind}"

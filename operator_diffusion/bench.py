@@ -35,7 +35,7 @@ DEFAULT_SOLVERS = Schedule.bench_solvers
 PSLD_DEFAULT_SOLVERS = PSLD.bench_solvers
 DEFAULT_NFES = (1, 2, 3, 5, 10, 20)
 PSNR_RANGE = 2.0  # images in [-1, 1]
-TUNE_NUM = 128    # tuning seeds of `--tune` (disjoint from the reported ones)
+TUNE_NUM = 128  # tuning seeds of `--tune` (disjoint from the reported ones)
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,11 @@ class SolverChoice:
     to_zero: bool = False  # diffusers' last step to σ = 0 (returns x̂_0 at the last evaluation) instead of x(t_end)
 
     def describe(self) -> str:
-        return ", ".join([f"{self.grid} grid"] + [f"{k}={v}" for k, v in self.options.items()]
-                         + (["last step to σ = 0"] if self.to_zero else []))
+        return ", ".join(
+            [f"{self.grid} grid"]
+            + [f"{k}={v}" for k, v in self.options.items()]
+            + (["last step to σ = 0"] if self.to_zero else [])
+        )
 
     def __hash__(self) -> int:  # options is a dict: hash its items (choices key the tuning tables)
         return hash((self.grid, tuple(sorted(self.options.items())), self.to_zero))
@@ -72,7 +75,7 @@ SOLVER_DEFAULTS: dict[str, SolverChoice] = {
     "dpmpp-3m": SolverChoice("quadratic", {"lower_order_final": False}, to_zero=True),
     "unipc": SolverChoice("quadratic", {"order": 2, "lower_order_final": False}, to_zero=True),  # order 2 beats 3 here
     "heun": SolverChoice("edm", {}, to_zero=True),
-    "lambda-ddim": SolverChoice("uniform"),               # not measured: DDIM's (λ = 0 is DDIM)
+    "lambda-ddim": SolverChoice("uniform"),  # not measured: DDIM's (λ = 0 is DDIM)
 }
 # The option variants `--tune` tries for each solver (crossed with every grid the schedule takes).
 TUNE_OPTIONS: dict[str, tuple[dict, ...]] = {
@@ -80,8 +83,12 @@ TUNE_OPTIONS: dict[str, tuple[dict, ...]] = {
     "ipndm": tuple({"order": o, "lower_order_final": f} for o in (2, 3, 4) for f in (None, False)),
     "dpmpp-2m": ({"lower_order_final": None}, {"lower_order_final": False}),
     "dpmpp-3m": tuple({"exact_third_order": e, "lower_order_final": f} for e in (False, True) for f in (None, False)),
-    "unipc": tuple({"order": o, "variant": v, "lower_order_final": f}
-                   for o in (1, 2, 3) for v in ("bh1", "bh2") for f in (None, False)),
+    "unipc": tuple(
+        {"order": o, "variant": v, "lower_order_final": f}
+        for o in (1, 2, 3)
+        for v in ("bh1", "bh2")
+        for f in (None, False)
+    ),
     "heun": ({"final_euler": False}, {"final_euler": True}),
     "lambda-ddim": tuple({"lam": lam} for lam in (-0.5, 0.0, 0.5, 1.0)),
 }
@@ -131,22 +138,34 @@ class BenchResult:
         """The table with a header saying what was compared, on which machine, and how to reproduce it, then
         (``with_verdict``) each model's ``verdict``."""
         m = self.meta
-        grids = "each solver on its own grid and options (the detail column)" if m.get("grid") is None \
+        grids = (
+            "each solver on its own grid and options (the detail column)"
+            if m.get("grid") is None
             else f"solvers on the `{m['grid']}` grid"
-        tuned = f"; grids and options tuned per NFE on {m['tune']['num']} other seeds ({m['tune']['seeds']})" \
-            if m.get("tune") else ""
+        )
+        tuned = (
+            f"; grids and options tuned per NFE on {m['tune']['num']} other seeds ({m['tune']['seeds']})"
+            if m.get("tune")
+            else ""
+        )
         lines = [
             f"Teacher-match error on {m['num']} held-out seeds ({m.get('seeds', '?')}) against the teacher's reference "
             f"solution ({m['reference']}, {m['reference_nfe']} NFE) of the collection's `{m['target']}` target at "
             f"t = {m['t_end']:.4g}; {grids}{tuned}. Every solver evaluation advances the solution: a solver ends "
-            f"at x(t = {m['t_end']:.4g}), or, with its last step to σ = 0 (as diffusers), returns x̂₀ at its last evaluation. RMSE on images in [-1, 1]; PSNR with peak-to-peak 2.",
+            f"at x(t = {m['t_end']:.4g}), or, with its last step to σ = 0 (as diffusers), returns x̂₀ at its last "
+            "evaluation. RMSE on images in [-1, 1]; PSNR with peak-to-peak 2.",
         ]
         if m.get("eval_seconds_per_image"):
-            lines.append(f"Compute: seconds per image at batch {m['batch_size']} and its ratio to one teacher evaluation "
-                         f"({1e6 * m['eval_seconds_per_image']:.1f} µs per image at that batch, measured in this run). "
-                         "Depth: sequential network passes.")
+            lines.append(
+                f"Compute: seconds per image at batch {m['batch_size']} and its ratio to one teacher evaluation "
+                f"({1e6 * m['eval_seconds_per_image']:.1f} µs per image at that batch, measured in this run). "
+                "Depth: sequential network passes."
+            )
         if m.get("fid"):
-            lines.append(f"FID against {m['fid']['reference']} ({m['fid']['n_reference']} images, features {m['fid']['extractor']}).")
+            lines.append(
+                f"FID against {m['fid']['reference']} ({m['fid']['n_reference']} images, features "
+                f"{m['fid']['extractor']})."
+            )
         if m.get("command"):
             lines.append(f"Command: `{m['command']}`")
         if m.get("machine"):
@@ -157,14 +176,20 @@ class BenchResult:
 
     def to_markdown(self) -> str:
         has_fid = any(r.fid is not None for r in self.rows)
-        head = "| method | NFE | depth | compute (× 1 eval) | s/image | RMSE ↓ | PSNR (dB) ↑ |" + (" FID ↓ |" if has_fid else "") + " detail |"
+        head = (
+            "| method | NFE | depth | compute (× 1 eval) | s/image | RMSE ↓ | PSNR (dB) ↑ |"
+            + (" FID ↓ |" if has_fid else "")
+            + " detail |"
+        )
         sep = "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_fid else "") + "---|"
         lines = [head, sep]
         for r in self.rows:
             fid = (f" {r.fid:.3f} |" if r.fid is not None else " – |") if has_fid else ""
             psnr = "∞" if math.isinf(r.psnr) else f"{r.psnr:.2f}"
-            lines.append(f"| {r.method} | {r.nfe} | {r.depth} | {r.compute:.2f} | {r.seconds_per_image:.2e} | {r.rmse:.5f} | "
-                         f"{psnr} |{fid} {r.detail} |")
+            lines.append(
+                f"| {r.method} | {r.nfe} | {r.depth} | {r.compute:.2f} | {r.seconds_per_image:.2e} | {r.rmse:.5f} | "
+                f"{psnr} |{fid} {r.detail} |"
+            )
         return "\n".join(lines)
 
 
@@ -181,8 +206,16 @@ def teacher_match(x: Tensor, reference: Tensor) -> tuple[float, float]:
     return math.sqrt(mse), psnr
 
 
-def steps_for_nfe(schedule, solver: str, nfe: int, grid: str, t_end: float, target: str, options: dict | None = None,
-                  to_zero: bool = False) -> int | None:
+def steps_for_nfe(
+    schedule,
+    solver: str,
+    nfe: int,
+    grid: str,
+    t_end: float,
+    target: str,
+    options: dict | None = None,
+    to_zero: bool = False,
+) -> int | None:
     """The number of grid steps at which ``solver`` spends exactly ``nfe`` evaluations (None if no count does)."""
     for steps in range(2 if to_zero else 1, nfe + 2):
         spend = TeacherSolver(solver, steps, grid, t_end, target, dict(options or {}), to_zero).nfe(schedule)
@@ -198,7 +231,9 @@ def default_solvers(schedule) -> tuple[str, ...]:
     return schedule.bench_solvers
 
 
-def denoiser_batches(backbone, seeds: Sequence[int], labels, batch_size: int, device, guidance: float | None = None) -> Any:
+def denoiser_batches(
+    backbone, seeds: Sequence[int], labels, batch_size: int, device, guidance: float | None = None
+) -> Any:
     """The teacher's one-shot x̂_0(x_T, t_max) (1 NFE), as (B, 1, C, H, W) batches (PSLD: from z_T, C channels)."""
     from .prediction import denoised_from_eps
     from .sampling import seed_inputs
@@ -214,8 +249,9 @@ def denoiser_batches(backbone, seeds: Sequence[int], labels, batch_size: int, de
         yield SampleBatch(chunk, None if y is None else y.cpu(), x0[:, None].float().cpu(), [float(t)])
 
 
-def solver_choice(solver: str, schedule, grid: str | None = None, options: dict | None = None,
-                  fallback_grid: str = "quadratic") -> SolverChoice:
+def solver_choice(
+    solver: str, schedule, grid: str | None = None, options: dict | None = None, fallback_grid: str = "quadratic"
+) -> SolverChoice:
     """The grid and options ``solver`` runs with: its family's defaults (``FAMILY_DEFAULTS``: ``SOLVER_DEFAULTS``
     for α/σ teachers), else ``fallback_grid`` (PSLD teachers, whose integrators take uniform or quadratic grids),
     with ``grid`` and ``options`` overriding."""
@@ -255,16 +291,20 @@ def check_held_out(seeds: Sequence[int], training: Sequence[range], what: str = 
     for r in training:
         hits = [s for s in seeds if s in r]
         if hits:
-            raise ValueError(f"{what} overlap the training seeds {r.start}-{r.stop - 1} ({_seed_list(hits)}); "
-                             f"numbers are reported on held-out seeds only: choose seeds outside that range")
+            raise ValueError(
+                f"{what} overlap the training seeds {r.start}-{r.stop - 1} ({_seed_list(hits)}); "
+                f"numbers are reported on held-out seeds only: choose seeds outside that range"
+            )
 
 
 def check_tune_seeds(tune: Sequence[int], reported: Sequence[int], training: Sequence[range] = ()) -> None:
     """Tuning must never see a reported seed (nor a training seed): raise ValueError naming the overlap."""
     overlap = sorted(set(tune) & set(reported))
     if overlap:
-        raise ValueError(f"the tuning seeds overlap the reported seeds ({_seed_list(overlap)}); tuning on the "
-                         "seeds it is reported on does not count: choose disjoint --tune-seeds")
+        raise ValueError(
+            f"the tuning seeds overlap the reported seeds ({_seed_list(overlap)}); tuning on the "
+            "seeds it is reported on does not count: choose disjoint --tune-seeds"
+        )
     check_held_out(tune, training, "the tuning seeds")
 
 
@@ -297,16 +337,27 @@ def verdict(result: "BenchResult", model: str = "DSNO") -> list[str]:
     beaten = [k for k in nfes if best_at[k].rmse > m.rmse]
     loses = [k for k in nfes if best_at[k].rmse <= m.rmse]
     if not loses:
-        lines.append(f"Equal depth: {model} (1 pass, RMSE {m.rmse:.4f}) beats the best solver at every benched NFE "
-                     f"(up to {nfes[-1]}: {best_at[nfes[-1]].method} {best_at[nfes[-1]].rmse:.4f}).")
+        lines.append(
+            f"Equal depth: {model} (1 pass, RMSE {m.rmse:.4f}) beats the best solver at every benched NFE "
+            f"(up to {nfes[-1]}: {best_at[nfes[-1]].method} {best_at[nfes[-1]].rmse:.4f})."
+        )
     else:
         k = loses[0]
-        won = f"beats the best solver up to {max(x for x in beaten if x < k)} NFE" if any(x < k for x in beaten) \
+        won = (
+            f"beats the best solver up to {max(x for x in beaten if x < k)} NFE"
+            if any(x < k for x in beaten)
             else "beats no solver"
-        lines.append(f"Equal depth: {model} (1 pass, RMSE {m.rmse:.4f}) {won}; it loses from {k} NFE on, where "
-                     f"{best_at[k].method} reaches {best_at[k].rmse:.4f}"
-                     + (f" (at {nfes[-1]} NFE: {best_at[nfes[-1]].method} {best_at[nfes[-1]].rmse:.4f})" if nfes[-1] != k else "")
-                     + ".")
+        )
+        lines.append(
+            f"Equal depth: {model} (1 pass, RMSE {m.rmse:.4f}) {won}; it loses from {k} NFE on, where "
+            f"{best_at[k].method} reaches {best_at[k].rmse:.4f}"
+            + (
+                f" (at {nfes[-1]} NFE: {best_at[nfes[-1]].method} {best_at[nfes[-1]].rmse:.4f})"
+                if nfes[-1] != k
+                else ""
+            )
+            + "."
+        )
     if math.isfinite(m.compute):
         # a solver at k NFE costs k teacher evaluations (its measured row time adds only overhead, which is noisy on
         # shared machines): counting it as k is the conservative side for DSNO
@@ -314,16 +365,22 @@ def verdict(result: "BenchResult", model: str = "DSNO") -> list[str]:
         if affordable:
             b = min(affordable, key=lambda r: r.rmse)
             word = "beats" if m.rmse < b.rmse else "loses to"
-            lines.append(f"Equal compute: one {model} pass costs {m.compute:.2f}× a teacher evaluation (measured); within "
-                         f"that compute the best solver is {b.method} at {b.nfe} NFE (RMSE {b.rmse:.4f}): {model} "
-                         f"{word} it ({m.rmse / b.rmse:.2f}× its error).")
+            lines.append(
+                f"Equal compute: one {model} pass costs {m.compute:.2f}× a teacher evaluation (measured); within "
+                f"that compute the best solver is {b.method} at {b.nfe} NFE (RMSE {b.rmse:.4f}): {model} "
+                f"{word} it ({m.rmse / b.rmse:.2f}× its error)."
+            )
         else:
-            lines.append(f"Equal compute: one {model} pass costs {m.compute:.2f}× a teacher evaluation, less than any "
-                         "benched solver row.")
+            lines.append(
+                f"Equal compute: one {model} pass costs {m.compute:.2f}× a teacher evaluation, less than any "
+                "benched solver row."
+            )
     for k in (5, 10):
         if k in best_at:
-            lines.append(f"Against the best solver at {k} NFE ({best_at[k].method}, {best_at[k].detail}): "
-                         f"{m.rmse / best_at[k].rmse:.2f}× its error.")
+            lines.append(
+                f"Against the best solver at {k} NFE ({best_at[k].method}, {best_at[k].detail}): "
+                f"{m.rmse / best_at[k].rmse:.2f}× its error."
+            )
     return lines
 
 
@@ -334,7 +391,9 @@ def teacher_eval_seconds(backbone, batch: int, device, guidance: float | None = 
 
     teacher = EpsFunction.from_backbone(backbone, guidance, device)
     x = torch.randn(batch, *backbone.state_shape, device=device)
-    t = torch.full((batch,), 0.5 * (teacher.schedule.t_max + teacher.schedule.t_min), dtype=torch.float32, device=device)
+    t = torch.full(
+        (batch,), 0.5 * (teacher.schedule.t_max + teacher.schedule.t_min), dtype=torch.float32, device=device
+    )
     extra = {} if not backbone.num_classes else {"labels": torch.zeros(batch, dtype=torch.long, device=device)}
     with torch.inference_mode():
         seconds = time_calls({"eval": lambda: teacher.eps_fn(x, t, **extra)}, repeats, _sync(device))
@@ -353,14 +412,14 @@ class BenchSetup:
     options are chosen per NFE among ``tune_candidates`` by RMSE on those seeds, which must be disjoint from
     ``seeds`` (and from ``training_seeds``)."""
 
-    teacher: Any                          # Backbone
+    teacher: Any  # Backbone
     reference: TeacherSolver
     seeds: list[int]
     labels: Any = None
-    solvers: Sequence[str] | None = None   # None: default_solvers(teacher.schedule)
+    solvers: Sequence[str] | None = None  # None: default_solvers(teacher.schedule)
     nfes: Sequence[int] = DEFAULT_NFES
-    grid: str | None = None                # one grid for every solver (None: each solver's own)
-    models: dict[str, Any] = field(default_factory=dict)   # name -> DSNO (1 forward pass each)
+    grid: str | None = None  # one grid for every solver (None: each solver's own)
+    models: dict[str, Any] = field(default_factory=dict)  # name -> DSNO (1 forward pass each)
     fid: Callable[[Any], float] | None = None
     batch_size: int = 256
     device: str = "cpu"
@@ -369,7 +428,7 @@ class BenchSetup:
     solver_options: dict[str, dict] = field(default_factory=dict)
     tune_seeds: list[int] | None = None
     training_seeds: tuple[range, ...] = ()
-    fallback_grid: str = "quadratic"       # PSLD teachers' solver grid (the collection's)
+    fallback_grid: str = "quadratic"  # PSLD teachers' solver grid (the collection's)
 
 
 def _sync(device: str) -> Callable[[], None] | None:
@@ -381,25 +440,31 @@ def _row_solver(su: BenchSetup, solver: str, nfe: int, choice: SolverChoice) -> 
     state x(t_end), or (``to_zero``) with diffusers' last step to σ = 0."""
     t_end = su.reference.t_end
     steps = steps_for_nfe(su.teacher.schedule, solver, nfe, choice.grid, t_end, "state", choice.options, choice.to_zero)
-    return None if steps is None else TeacherSolver(solver, steps, choice.grid, t_end, "state", dict(choice.options),
-                                                    choice.to_zero)
+    return (
+        None
+        if steps is None
+        else TeacherSolver(solver, steps, choice.grid, t_end, "state", dict(choice.options), choice.to_zero)
+    )
 
 
-def tune_solvers(su: BenchSetup, solvers: Sequence[str], progress: Callable[[str, int, int], None] | None = None
-                 ) -> tuple[dict[tuple[str, int], SolverChoice], list[dict]]:
+def tune_solvers(
+    su: BenchSetup, solvers: Sequence[str], progress: Callable[[str, int, int], None] | None = None
+) -> tuple[dict[tuple[str, int], SolverChoice], list[dict]]:
     """Each (solver, NFE)'s best ``tune_candidates`` by RMSE against the reference on ``su.tune_seeds`` only;
     returns the choices and every candidate's tuning RMSE (for the record)."""
     from .solvers import NonFiniteError
 
     seeds = list(su.tune_seeds or [])
     check_tune_seeds(seeds, su.seeds, su.training_seeds)
-    ref, _ = collect_batches(teacher_batches(su.teacher, seeds, su.reference, su.labels, su.batch_size, su.device,
-                                             su.guidance), len(seeds))
+    ref, _ = collect_batches(
+        teacher_batches(su.teacher, seeds, su.reference, su.labels, su.batch_size, su.device, su.guidance), len(seeds)
+    )
     choices: dict[tuple[str, int], SolverChoice] = {}
     table: list[dict] = []
     for solver in solvers:
-        cands = tune_candidates(solver, su.teacher.schedule, su.grid or su.solver_grids.get(solver),
-                                su.solver_options.get(solver))
+        cands = tune_candidates(
+            solver, su.teacher.schedule, su.grid or su.solver_grids.get(solver), su.solver_options.get(solver)
+        )
         for nfe in su.nfes:
             best = None
             for k, choice in enumerate(cands):
@@ -407,13 +472,23 @@ def tune_solvers(su: BenchSetup, solvers: Sequence[str], progress: Callable[[str
                 if run is None:
                     continue
                 try:
-                    out, _ = collect_batches(teacher_batches(su.teacher, seeds, run, su.labels, su.batch_size, su.device,
-                                                             su.guidance), len(seeds))
+                    out, _ = collect_batches(
+                        teacher_batches(su.teacher, seeds, run, su.labels, su.batch_size, su.device, su.guidance),
+                        len(seeds),
+                    )
                 except NonFiniteError:
                     continue
                 rmse = teacher_match(out.outputs[:, -1], ref.outputs[:, -1])[0]
-                table.append({"solver": solver, "nfe": nfe, "grid": choice.grid, "options": choice.options,
-                              "to_zero": choice.to_zero, "rmse": rmse})
+                table.append(
+                    {
+                        "solver": solver,
+                        "nfe": nfe,
+                        "grid": choice.grid,
+                        "options": choice.options,
+                        "to_zero": choice.to_zero,
+                        "rmse": rmse,
+                    }
+                )
                 if best is None or rmse < best[0]:
                     best = (rmse, choice)
                 if progress is not None:
@@ -442,35 +517,81 @@ def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | Non
         x = batch.outputs[:, -1]
         rmse, psnr = teacher_match(x, ref.outputs[:, -1])
         fid = None if su.fid is None else float(su.fid(to_uint8(x)))
-        rows.append(BenchRow(method, nfe, rmse, psnr, seconds, n / seconds, fid, detail, depth,
-                             seconds / n / eval_s, seconds / n, kind))
+        rows.append(
+            BenchRow(
+                method,
+                nfe,
+                rmse,
+                psnr,
+                seconds,
+                n / seconds,
+                fid,
+                detail,
+                depth,
+                seconds / n / eval_s,
+                seconds / n,
+                kind,
+            )
+        )
 
     rows: list[BenchRow] = []
     ref_nfe = su.reference.nfe(su.teacher.schedule)
-    ref, ref_s = run("reference", teacher_batches(su.teacher, su.seeds, su.reference, su.labels, su.batch_size, su.device, su.guidance))
+    ref, ref_s = run(
+        "reference",
+        teacher_batches(su.teacher, su.seeds, su.reference, su.labels, su.batch_size, su.device, su.guidance),
+    )
     add("teacher reference", ref_nfe, ref_nfe, ref, ref_s, su.reference.describe(), "reference")
     for name, model in su.models.items():
         times = [float(t) for t in model.times]
         if abs(times[-1] - t_end) > 1e-9 * max(1.0, t_end):
             raise ValueError(f"{name}'s last output time {times[-1]:g} differs from the reference's {t_end:g}")
         batch, s = run(name, dsno_batches(model, su.seeds, su.labels, None, su.batch_size, su.device))
-        add(name, 1, 1, batch, s, f"one forward pass on {len(times)} frames" if len(times) > 1 else "one forward pass", "model")
+        add(
+            name,
+            1,
+            1,
+            batch,
+            s,
+            f"one forward pass on {len(times)} frames" if len(times) > 1 else "one forward pass",
+            "model",
+        )
     if target == "denoised" and 1 in su.nfes:
-        batch, s = run("denoiser", denoiser_batches(su.teacher, su.seeds, su.labels, su.batch_size, su.device, su.guidance))
+        batch, s = run(
+            "denoiser", denoiser_batches(su.teacher, su.seeds, su.labels, su.batch_size, su.device, su.guidance)
+        )
         add("teacher x̂₀(x_T)", 1, 1, batch, s, "the teacher's one-shot denoiser", "denoiser")
     for solver in solvers:
-        fixed = solver_choice(solver, su.teacher.schedule, su.grid or su.solver_grids.get(solver),
-                              su.solver_options.get(solver), su.fallback_grid)
+        fixed = solver_choice(
+            solver,
+            su.teacher.schedule,
+            su.grid or su.solver_grids.get(solver),
+            su.solver_options.get(solver),
+            su.fallback_grid,
+        )
         for nfe in su.nfes:
             ts = _row_solver(su, solver, nfe, tuned.get((solver, nfe), fixed))
             if ts is None:
                 continue
-            batch, s = run(f"{solver} {nfe} NFE", teacher_batches(su.teacher, su.seeds, ts, su.labels, su.batch_size, su.device, su.guidance))
+            batch, s = run(
+                f"{solver} {nfe} NFE",
+                teacher_batches(su.teacher, su.seeds, ts, su.labels, su.batch_size, su.device, su.guidance),
+            )
             add(solver, nfe, nfe, batch, s, ts.describe(), "solver")
-    meta = {"num": n, "target": target, "t_end": t_end, "reference": su.reference.describe(),
-            "reference_nfe": ref_nfe, "grid": su.grid, "device": str(su.device), "batch_size": min(su.batch_size, n),
-            "eval_seconds_per_image": eval_s}
+    meta = {
+        "num": n,
+        "target": target,
+        "t_end": t_end,
+        "reference": su.reference.describe(),
+        "reference_nfe": ref_nfe,
+        "grid": su.grid,
+        "device": str(su.device),
+        "batch_size": min(su.batch_size, n),
+        "eval_seconds_per_image": eval_s,
+    }
     if su.tune_seeds is not None:
-        meta["tune"] = {"num": len(su.tune_seeds), "seeds": f"{min(su.tune_seeds)}-{max(su.tune_seeds)}",
-                        "candidates": tune_table}
+        meta["tune"] = {
+            "num": len(su.tune_seeds),
+            "seeds": f"{min(su.tune_seeds)}-{max(su.tune_seeds)}",
+            "candidates": tune_table,
+        }
     return BenchResult(rows, meta)

@@ -9,8 +9,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["TrainConfig", "field_default", "WEIGHTINGS", "LOSSES", "RESUMABLE_FIELDS", "LATER_FIELDS",
-           "HUBER_C_PER_SQRT_DIM"]
+__all__ = [
+    "TrainConfig",
+    "field_default",
+    "WEIGHTINGS",
+    "LOSSES",
+    "RESUMABLE_FIELDS",
+    "LATER_FIELDS",
+    "HUBER_C_PER_SQRT_DIM",
+]
 
 
 def field_default(config: type, name: str) -> Any:
@@ -36,33 +43,35 @@ LATER_FIELDS = ("huber_c", "final_weight")
 class TrainConfig:
     """What to train; everything except ``RESUMABLE_FIELDS`` is the run's identity."""
 
-    data: str                                  # collection directory or Hub id (``opdiff collect``)
-    out: str                                   # run directory
-    init_from: str | None = None               # teacher weights (.safetensors); None = the backbone's own init
-    backbone: str | None = None                # default: the backbone recorded in the collection
+    data: str  # collection directory or Hub id (``opdiff collect``)
+    out: str  # run directory
+    init_from: str | None = None  # teacher weights (.safetensors); None = the backbone's own init
+    backbone: str | None = None  # default: the backbone recorded in the collection
     backbone_options: dict[str, Any] = field(default_factory=dict)
     modes: int = 2
     weighting: Literal["sqrt-snr", "snr", "uniform"] = "sqrt-snr"
     weight_min: float = 1.0
     weight_max: float = 1e4
     loss: Literal["l1", "l2", "pseudo-huber"] = "l1"
-    huber_c: float | None = None               # pseudo-Huber c; None: iCT's 0.00054·√(C·H·W)
-    final_weight: float | None = None          # replaces w(t_M), the last output's loss weight; None: w(t_M)
-    batch_size: int = 64                       # per process and micro-step
+    huber_c: float | None = None  # pseudo-Huber c; None: iCT's 0.00054·√(C·H·W)
+    final_weight: float | None = None  # replaces w(t_M), the last output's loss weight; None: w(t_M)
+    batch_size: int = 64  # per process and micro-step
     grad_accum: int = 1
     lr: float = 2e-4
-    warmup: int = 1000                         # linear LR warm-up from lr·1e-3 (reference: 10k)
-    lr_decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up (reference: constant); to 0 at max_steps
+    warmup: int = 1000  # linear LR warm-up from lr·1e-3 (reference: 10k)
+    lr_decay: Literal["constant", "cosine", "linear"] = (
+        "constant"  # after warm-up (reference: constant); to 0 at max_steps
+    )
     ema: float = 0.9999
     mixed_precision: Literal["bf16", "fp16", "no"] | None = None  # None: bf16 on GPU, no on CPU
-    max_steps: int = 10_000                    # optimizer steps
-    baseline: bool = False                     # one-step distillation baseline
-    init: Literal["zero", "small"] = "zero"    # temporal layer init ("zero": starts as the teacher)
+    max_steps: int = 10_000  # optimizer steps
+    baseline: bool = False  # one-step distillation baseline
+    init: Literal["zero", "small"] = "zero"  # temporal layer init ("zero": starts as the teacher)
     seed: int = 0
     save_every: int = 1000
     log_every: int = 10
     keep_checkpoints: int = 2
-    trackers: tuple[str, ...] = ()             # accelerate trackers, e.g. ("tensorboard",) or ("wandb",)
+    trackers: tuple[str, ...] = ()  # accelerate trackers, e.g. ("tensorboard",) or ("wandb",)
 
     def identity(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

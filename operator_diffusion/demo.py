@@ -19,7 +19,7 @@ import torch
 from .fid import ASSETS, DIGITS_FEATURENET, DIGITS_STATS  # the digits feature network and its reference statistics
 from .provenance import machine
 
-DIGITS_TEACHER = ASSETS / "digits_teacher.safetensors"    # `opdiff teacher train --data digits` (assets/README.md)
+DIGITS_TEACHER = ASSETS / "digits_teacher.safetensors"  # `opdiff teacher train --data digits` (assets/README.md)
 
 Progress = Callable[[str, int, int], None]  # progress(stage, done, total)
 REFERENCE_SOLVER = "unipc"  # the bench's reference solution: UniPC with DemoConfig.reference_steps (quadratic grid)
@@ -39,34 +39,45 @@ class DemoConfig:
     there: a DSNO step 0.27 s, a baseline step 0.095 s, collection 4.3 ms per trajectory in fp32), ``QUICK`` ≤ 2
     minutes."""
 
-    num: int = 16384                # trajectories collected (docs/benchmarks.md, demo; sized for AVX2-only CPUs)
-    solver: str = "deis"            # teacher solver of the collection: DEIS-15 (16 NFE) is 0.020 RMSE from
-    steps: int = 15                 # UniPC-50, closer than UniPC-20 (0.032), at 3/4 of its cost
-    precision: str = "auto"         # measured on the machine: bf16 autocast only where it is faster (docs/collect.md)
-    times: int = 4                  # M output times
-    train_steps: int = 1200         # DSNO optimizer steps (the baseline gets as many); 0.27 s each on AVX2 CPUs
+    num: int = 16384  # trajectories collected (docs/benchmarks.md, demo; sized for AVX2-only CPUs)
+    solver: str = "deis"  # teacher solver of the collection: DEIS-15 (16 NFE) is 0.020 RMSE from
+    steps: int = 15  # UniPC-50, closer than UniPC-20 (0.032), at 3/4 of its cost
+    precision: str = "auto"  # measured on the machine: bf16 autocast only where it is faster (docs/collect.md)
+    times: int = 4  # M output times
+    train_steps: int = 1200  # DSNO optimizer steps (the baseline gets as many); 0.27 s each on AVX2 CPUs
     batch_size: int = 64
-    lr: float = 2e-3                # 2e-3: RMSE 0.132 / FID 0.534; 1e-3: 0.125 / 0.648 (docs/demo.md)
+    lr: float = 2e-3  # 2e-3: RMSE 0.132 / FID 0.534; 1e-3: 0.125 / 0.648 (docs/demo.md)
     lr_decay: str = "cosine"
-    baseline_lr: float = 2e-3       # the baseline's own best of 1e-3 … 8e-3 at this budget (docs/benchmarks.md, baseline-lr)
+    baseline_lr: float = 2e-3  # the baseline's own best of 1e-3 … 8e-3 at this budget (docs/benchmarks.md, baseline-lr)
     warmup: int = 50
-    loss: str = "l1"                # DSNO's and the baseline's loss (docs/benchmarks.md, levers)
+    loss: str = "l1"  # DSNO's and the baseline's loss (docs/benchmarks.md, levers)
     final_weight: float | None = None  # DSNO's weight of the last output time (None: sqrt-SNR, ~77% of the loss)
     ema: float = 0.99
     modes: int = 2
-    samples: int = 64               # images in the sample grids
-    bench_num: int = 512            # held-out seeds in the bench table
+    samples: int = 64  # images in the sample grids
+    bench_num: int = 512  # held-out seeds in the bench table
     bench_nfes: tuple[int, ...] = (1, 2, 3, 5, 10)
     bench_solvers: tuple[str, ...] = ("ddim", "deis", "dpmpp-2m", "unipc")
-    reference_steps: int = 50       # the bench's reference solution (unipc, quadratic grid)
+    reference_steps: int = 50  # the bench's reference solution (unipc, quadratic grid)
     spectrum_num: int = 16
     spectrum_points: int = 256
     collect_batch: int = 512
 
 
 DEMO = DemoConfig()
-QUICK = replace(DEMO, num=512, train_steps=40, warmup=5, samples=16, bench_num=64, bench_nfes=(1, 2, 5, 10),
-                bench_solvers=("ddim", "unipc"), reference_steps=20, spectrum_num=4, spectrum_points=64)
+QUICK = replace(
+    DEMO,
+    num=512,
+    train_steps=40,
+    warmup=5,
+    samples=16,
+    bench_num=64,
+    bench_nfes=(1, 2, 5, 10),
+    bench_solvers=("ddim", "unipc"),
+    reference_steps=20,
+    spectrum_num=4,
+    spectrum_points=64,
+)
 
 
 def digits_teacher():
@@ -74,8 +85,10 @@ def digits_teacher():
     from .backbones import backbone_from_checkpoint
 
     if not DIGITS_TEACHER.is_file():
-        raise FileNotFoundError(f"the shipped digits teacher is missing ({DIGITS_TEACHER}); reinstall opdiff or retrain "
-                                "it with `opdiff teacher train --data digits` (see docs/teacher.md)")
+        raise FileNotFoundError(
+            f"the shipped digits teacher is missing ({DIGITS_TEACHER}); reinstall opdiff or retrain "
+            "it with `opdiff teacher train --data digits` (see docs/teacher.md)"
+        )
     return backbone_from_checkpoint(DIGITS_TEACHER).eval()
 
 
@@ -108,7 +121,7 @@ class DemoResult:
 def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | None = None) -> DemoResult:
     """Run every stage into ``out`` and write ``out/report.md``."""
     from .bench import BenchSetup, run_bench, training_seeds
-    from .fid import FeatureStats, load_extractor, fid_of_pixels
+    from .fid import FeatureStats, fid_of_pixels, load_extractor
     from .images import load_images
     from .sampling import SampleWriter, dsno_batches, side_by_side, teacher_batches
     from .training import TrainConfig, load_run, reset_accelerate_state, train
@@ -122,10 +135,21 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     teacher = digits_teacher()
 
     start = time.perf_counter()
-    collected = collect(teacher, out / "data", CollectConfig(num=c.num, solver=c.solver, steps=c.steps, times=c.times,
-                                                 precision=c.precision, batch_size=c.collect_batch,
-                                                 shard_size=min(4096, c.num)),
-            checkpoint=DIGITS_TEACHER, progress=_count(report("collect"), c.num))
+    collected = collect(
+        teacher,
+        out / "data",
+        CollectConfig(
+            num=c.num,
+            solver=c.solver,
+            steps=c.steps,
+            times=c.times,
+            precision=c.precision,
+            batch_size=c.collect_batch,
+            shard_size=min(4096, c.num),
+        ),
+        checkpoint=DIGITS_TEACHER,
+        progress=_count(report("collect"), c.num),
+    )
     seconds["collect"] = time.perf_counter() - start
     precision = collected.info["collection"]["precision"]  # "auto" resolved by measuring on this machine
 
@@ -133,12 +157,26 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     for name, (path, baseline, lr) in runs.items():
         start = time.perf_counter()
         stage = report(f"train {name}")
-        train(TrainConfig(data=str(out / "data"), out=str(path), init_from=str(DIGITS_TEACHER), modes=c.modes,
-                          batch_size=c.batch_size, lr=lr, lr_decay=c.lr_decay, warmup=c.warmup, ema=c.ema,
-                          loss=c.loss, final_weight=None if baseline else c.final_weight,
-                          max_steps=c.train_steps,
-                          save_every=c.train_steps, log_every=10, baseline=baseline),
-              progress=None if stage is None else (lambda step, total, m, s=stage: s(step, total)))
+        train(
+            TrainConfig(
+                data=str(out / "data"),
+                out=str(path),
+                init_from=str(DIGITS_TEACHER),
+                modes=c.modes,
+                batch_size=c.batch_size,
+                lr=lr,
+                lr_decay=c.lr_decay,
+                warmup=c.warmup,
+                ema=c.ema,
+                loss=c.loss,
+                final_weight=None if baseline else c.final_weight,
+                max_steps=c.train_steps,
+                save_every=c.train_steps,
+                log_every=10,
+                baseline=baseline,
+            ),
+            progress=None if stage is None else (lambda step, total, m, s=stage: s(step, total)),
+        )
         reset_accelerate_state()
         seconds[f"train {name}"] = time.perf_counter() - start
     model, info = load_run(out / "run")
@@ -179,15 +217,31 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
             ref_stats = stats_of_images(load_images("digits"), extractor)
         fid_fn = lambda pixels: fid_of_pixels(pixels, ref_stats, extractor)  # noqa: E731
     bench_seeds = list(range(c.num + c.samples, c.num + c.samples + c.bench_num))
-    setup = BenchSetup(teacher, ref_solver,
-                       bench_seeds, None, c.bench_solvers, c.bench_nfes, None,
-                       {"DSNO": model, "one-step baseline": base}, fid_fn, batch_size=256,
-                       training_seeds=(training_seeds(info),))
+    setup = BenchSetup(
+        teacher,
+        ref_solver,
+        bench_seeds,
+        None,
+        c.bench_solvers,
+        c.bench_nfes,
+        None,
+        {"DSNO": model, "one-step baseline": base},
+        fid_fn,
+        batch_size=256,
+        training_seeds=(training_seeds(info),),
+    )
     result = run_bench(setup, None if progress is None else (lambda label, d, t: progress(f"bench: {label}", d, t)))
     seconds["bench"] = time.perf_counter() - start
-    result.meta.update({"seeds": f"{bench_seeds[0]}-{bench_seeds[-1]}", "fid": None if fid_fn is None else
-                        {"reference": "the digits", "n_reference": 1797, "extractor": extractor.id},
-                        "command": "opdiff demo" + ("" if c == DEMO else " --quick"), "machine": machine()})
+    result.meta.update(
+        {
+            "seeds": f"{bench_seeds[0]}-{bench_seeds[-1]}",
+            "fid": None
+            if fid_fn is None
+            else {"reference": "the digits", "n_reference": 1797, "extractor": extractor.id},
+            "command": "opdiff demo" + ("" if c == DEMO else " --quick"),
+            "machine": machine(),
+        }
+    )
     (out / "bench.json").write_text(result.to_json() + "\n")
     path = out / "report.md"
     path.write_text(_report(replace(c, precision=precision), result, spectrum, seconds, info))
@@ -208,7 +262,13 @@ def _count(stage: Callable[[int, int], None] | None, total: int):
 
 
 def _spectrum(teacher, folder: Path, c: DemoConfig) -> dict[str, Any]:
-    from .spectrum import dense_trajectories, modes_for_energy, per_trajectory_spectrum, spectrum_from_per_trajectory, spectrum_report
+    from .spectrum import (
+        dense_trajectories,
+        modes_for_energy,
+        per_trajectory_spectrum,
+        spectrum_from_per_trajectory,
+        spectrum_report,
+    )
 
     g = torch.Generator().manual_seed(10**6)
     x = torch.randn((c.spectrum_num, *teacher.image_shape), generator=g)
@@ -216,8 +276,11 @@ def _spectrum(teacher, folder: Path, c: DemoConfig) -> dict[str, Any]:
         traj = dense_trajectories(teacher.eps_fn, teacher.schedule, x, c.spectrum_points, "deis", 1, None, "denoised")
     result = spectrum_from_per_trajectory(per_trajectory_spectrum(traj.values, traj.dt), traj.dt, c.spectrum_points)
     spectrum_report(result, folder, 0.99, {"teacher": "digits", "what": "denoised"}, overwrite=True)
-    return {"modes_99": modes_for_energy(result, 0.99), "modes_999": modes_for_energy(result, 0.999),
-            "energy_2": float(result.energy_fraction[1])}
+    return {
+        "modes_99": modes_for_energy(result, 0.99),
+        "modes_999": modes_for_energy(result, 0.999),
+        "energy_2": float(result.energy_fraction[1]),
+    }
 
 
 def _report(c: DemoConfig, result, spectrum: dict, seconds: dict, info: dict) -> str:
@@ -255,9 +318,11 @@ def _report(c: DemoConfig, result, spectrum: dict, seconds: dict, info: dict) ->
     from .bench import verdict
 
     lines += [f"- {line}" for line in verdict(result, "DSNO")]
-    lines.append(f"- one-step baseline (same data, steps and network, its own learning rate): RMSE {base.rmse:.4f} "
-                 f"(DSNO's error is {dsno.rmse / base.rmse:.2f}× the baseline's)"
-                 + (f", FID {base.fid:.3f} vs DSNO {dsno.fid:.3f}" if dsno.fid is not None else ""))
+    lines.append(
+        f"- one-step baseline (same data, steps and network, its own learning rate): RMSE {base.rmse:.4f} "
+        f"(DSNO's error is {dsno.rmse / base.rmse:.2f}× the baseline's)"
+        + (f", FID {base.fid:.3f} vs DSNO {dsno.fid:.3f}" if dsno.fid is not None else "")
+    )
     ref = result.row("teacher reference")
     if dsno.fid is not None:
         lines.append(f"- FID: DSNO {dsno.fid:.3f}, teacher {ref.fid:.3f} (ratio {dsno.fid / ref.fid:.2f})")

@@ -46,16 +46,33 @@ from .images import ImageSet, as_rgb, check_pixels, from_uint8, load_images
 from .settings import CACHE_ENV, cache_root  # noqa: F401  (CACHE_ENV: the cache root variable, for callers)
 
 __all__ = [
-    "FeatureStats", "FeatureExtractor", "InceptionExtractor", "FeatureNet", "FeatureNetExtractor", "FIDInputError",
-    "stats_from_features", "frechet_distance", "load_extractor", "train_feature_net", "stats_of_images",
-    "fid_of_pixels", "reference_stats", "source_stats", "compute_fid", "default_cache_dir", "cleanfid_stats_path",
-    "small_sample_warning", "INCEPTION_FILE", "INCEPTION_URL", "DIGITS_FEATURENET",
+    "FeatureStats",
+    "FeatureExtractor",
+    "InceptionExtractor",
+    "FeatureNet",
+    "FeatureNetExtractor",
+    "FIDInputError",
+    "stats_from_features",
+    "frechet_distance",
+    "load_extractor",
+    "train_feature_net",
+    "stats_of_images",
+    "fid_of_pixels",
+    "reference_stats",
+    "source_stats",
+    "compute_fid",
+    "default_cache_dir",
+    "cleanfid_stats_path",
+    "small_sample_warning",
+    "INCEPTION_FILE",
+    "INCEPTION_URL",
+    "DIGITS_FEATURENET",
 ]
 
 STATS_FORMAT_VERSION = 1
-FEATURENET_KEY = "opdiff.featurenet"          # safetensors metadata entry holding FeatureNet.config()
+FEATURENET_KEY = "opdiff.featurenet"  # safetensors metadata entry holding FeatureNet.config()
 FEATURENET_FORMAT = "opdiff-featurenet/1"
-INCEPTION_NAME = "inception-2015-12-05.pt"    # clean-fid's file name (cleanfid/inception_torchscript.py)
+INCEPTION_NAME = "inception-2015-12-05.pt"  # clean-fid's file name (cleanfid/inception_torchscript.py)
 # clean-fid's hard-coded location (cleanfid/features.py: "./" on Windows, "/tmp" elsewhere)
 INCEPTION_FILE = os.path.join("./" if platform.system() == "Windows" else "/tmp", INCEPTION_NAME)
 # where clean-fid downloads it from (cleanfid/downloads_helper.py: inception_url)
@@ -97,11 +114,25 @@ class FeatureStats:
     def save(self, path: str | os.PathLike) -> None:
         """Write an .npz with ``mu``, ``sigma``, ``n`` and ``meta`` (a JSON string: extractor, source, identity,
         format_version). Written atomically (temporary file, then rename); no pickled objects."""
-        meta = json.dumps({"extractor": self.extractor, "source": self.source, "identity": self.identity,
-                           "format_version": STATS_FORMAT_VERSION}, sort_keys=True)
-        _atomic_write(Path(path), lambda f: np.savez(
-            f, mu=np.asarray(self.mu, np.float64), sigma=np.asarray(self.sigma, np.float64),
-            n=np.asarray(int(self.n), np.int64), meta=np.asarray(meta)))
+        meta = json.dumps(
+            {
+                "extractor": self.extractor,
+                "source": self.source,
+                "identity": self.identity,
+                "format_version": STATS_FORMAT_VERSION,
+            },
+            sort_keys=True,
+        )
+        _atomic_write(
+            Path(path),
+            lambda f: np.savez(
+                f,
+                mu=np.asarray(self.mu, np.float64),
+                sigma=np.asarray(self.sigma, np.float64),
+                n=np.asarray(int(self.n), np.int64),
+                meta=np.asarray(meta),
+            ),
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
@@ -122,28 +153,42 @@ class FeatureStats:
             if missing:
                 extra = ""
                 if "meta" in missing and "mu" in z.files and "sigma" in z.files:
-                    extra = (" (mu/sigma without opdiff metadata, e.g. clean-fid's own files: opdiff cannot tell "
-                             "which feature network made them; use --ref cleanfid:NAME/RES/SPLIT for clean-fid's)")
+                    extra = (
+                        " (mu/sigma without opdiff metadata, e.g. clean-fid's own files: opdiff cannot tell "
+                        "which feature network made them; use --ref cleanfid:NAME/RES/SPLIT for clean-fid's)"
+                    )
                 raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}{extra}; {hint}")
             try:
                 mu, sigma, n, meta = z["mu"], z["sigma"], z["n"], z["meta"]
             except ValueError:  # object arrays need pickle: refused
                 raise ValueError(f"{str(path)!r} holds pickled object arrays, which are never loaded; {hint}") from None
         if mu.ndim != 1 or mu.dtype.kind != "f" or sigma.shape != (mu.shape[0], mu.shape[0]) or sigma.dtype.kind != "f":
-            raise ValueError(f"{str(path)!r} has mu {mu.dtype}{mu.shape} and sigma {sigma.dtype}{sigma.shape}; "
-                             f"statistics need float mu (D,) and sigma (D, D); {hint}")
+            raise ValueError(
+                f"{str(path)!r} has mu {mu.dtype}{mu.shape} and sigma {sigma.dtype}{sigma.shape}; "
+                f"statistics need float mu (D,) and sigma (D, D); {hint}"
+            )
         if n.shape != () or n.dtype.kind not in "iu" or int(n) < 0 or meta.shape != () or meta.dtype.kind != "U":
-            raise ValueError(f"{str(path)!r} has a malformed n ({n.dtype}{n.shape}) or meta ({meta.dtype}{meta.shape}); {hint}")
+            raise ValueError(
+                f"{str(path)!r} has a malformed n ({n.dtype}{n.shape}) or meta ({meta.dtype}{meta.shape}); {hint}"
+            )
         try:
             info = json.loads(str(meta))
             version, extractor = info["format_version"], info["extractor"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{str(path)!r} has unreadable meta ({_oneline(e)}); {hint}") from None
         if version != STATS_FORMAT_VERSION:
-            raise ValueError(f"{str(path)!r} has statistics format_version {version!r}; this opdiff reads "
-                             f"{STATS_FORMAT_VERSION}; recompute them with this opdiff")
-        return cls(mu.astype(np.float64), sigma.astype(np.float64), int(n), str(extractor),
-                   str(info.get("source", "")), dict(info.get("identity") or {}))
+            raise ValueError(
+                f"{str(path)!r} has statistics format_version {version!r}; this opdiff reads "
+                f"{STATS_FORMAT_VERSION}; recompute them with this opdiff"
+            )
+        return cls(
+            mu.astype(np.float64),
+            sigma.astype(np.float64),
+            int(n),
+            str(extractor),
+            str(info.get("source", "")),
+            dict(info.get("identity") or {}),
+        )
 
 
 def stats_from_features(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +207,8 @@ def check_compatible(stats1: FeatureStats, stats2: FeatureStats) -> None:
     if stats1.extractor != stats2.extractor or stats1.dim != stats2.dim:
         raise FIDInputError(
             f"the statistics come from different feature extractors ({stats1.extractor!r}, D={stats1.dim} for "
-            f"{stats1.source or 'the first'} vs {stats2.extractor!r}, D={stats2.dim} for {stats2.source or 'the second'}); "
+            f"{stats1.source or 'the first'} vs {stats2.extractor!r}, D={stats2.dim} for "
+            f"{stats2.source or 'the second'}); "
             "compute both with the same --feature-extractor"
         )
 
@@ -176,7 +222,9 @@ def frechet_distance(stats1: FeatureStats, stats2: FeatureStats) -> float:
     check_compatible(stats1, stats2)
     # clean-fid prints its "singular product" notice on stdout; keep stdout clean for --json
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)  # clean-fid's sqrtm(disp=False)
+        warnings.filterwarnings(
+            "ignore", message=".*disp.*", category=DeprecationWarning
+        )  # clean-fid's sqrtm(disp=False)
         return float(_cleanfid_fd(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma))
 
 
@@ -184,8 +232,10 @@ def small_sample_warning(stats: FeatureStats, what: str = "") -> Optional[str]:
     """A warning when fewer images than feature dimensions were used: Σ is then singular and FID is
     biased upwards and unstable (it decreases with N); compare FIDs only at equal N."""
     if 0 < stats.n < stats.dim:
-        return (f"{what or stats.source or 'the images'}: {stats.n} images for {stats.dim}-dimensional features; "
-                f"with N < D the covariance is singular and FID is strongly biased (compare FIDs only at equal N)")
+        return (
+            f"{what or stats.source or 'the images'}: {stats.n} images for {stats.dim}-dimensional features; "
+            f"with N < D the covariance is singular and FID is strongly biased (compare FIDs only at equal N)"
+        )
     return None
 
 
@@ -203,12 +253,18 @@ class FeatureExtractor:
         """Raise ``FIDInputError`` when the images cannot go through this extractor."""
         check_pixels(pixels)
 
-    def features(self, pixels: np.ndarray, batch_size: int = 64, device: Optional[str] = None,
-                 progress: Optional[Progress] = None) -> np.ndarray:
+    def features(
+        self,
+        pixels: np.ndarray,
+        batch_size: int = 64,
+        device: Optional[str] = None,
+        progress: Optional[Progress] = None,
+    ) -> np.ndarray:
         raise NotImplementedError
 
-    def _run(self, pixels: np.ndarray, batch_size: int, progress: Optional[Progress],
-             fn: Callable[[np.ndarray], Tensor]) -> np.ndarray:
+    def _run(
+        self, pixels: np.ndarray, batch_size: int, progress: Optional[Progress], fn: Callable[[np.ndarray], Tensor]
+    ) -> np.ndarray:
         pixels = check_pixels(pixels)
         if pixels.ndim != 4:
             raise FIDInputError(f"images must be an (N, H, W, C) array, got shape {pixels.shape}")
@@ -218,7 +274,7 @@ class FeatureExtractor:
         out = []
         with torch.inference_mode():
             for start in range(0, len(pixels), batch_size):
-                out.append(fn(pixels[start:start + batch_size]).detach().to("cpu", torch.float64).numpy())
+                out.append(fn(pixels[start : start + batch_size]).detach().to("cpu", torch.float64).numpy())
                 if progress is not None:
                     progress(min(start + batch_size, len(pixels)), len(pixels))
         return np.concatenate(out) if out else np.zeros((0, self.dim))
@@ -280,8 +336,9 @@ class InceptionExtractor(FeatureExtractor):
             try:
                 self._model = _inception_module(str(self.path))
             except RuntimeError as e:
-                raise ValueError(f"{str(self.path)!r} is not clean-fid's torchscript Inception ({_oneline(e)}); "
-                                 f"get {INCEPTION_URL}") from None
+                raise ValueError(
+                    f"{str(self.path)!r} is not clean-fid's torchscript Inception ({_oneline(e)}); get {INCEPTION_URL}"
+                ) from None
         return self._model.to(device or self.device)
 
     def features(self, pixels, batch_size=64, device=None, progress=None):
@@ -308,11 +365,17 @@ class FeatureNet(nn.Module):
     linear head to ``num_classes`` logits (``num_classes = 0``: no head). Inputs are in model space
     (pixels/127.5 − 1, ``images.from_uint8``), (N, in_channels, image_size, image_size)."""
 
-    def __init__(self, in_channels: int = 1, image_size: int = 8, width: int = 32, feature_dim: int = 64,
-                 num_classes: int = 10):
+    def __init__(
+        self, in_channels: int = 1, image_size: int = 8, width: int = 32, feature_dim: int = 64, num_classes: int = 10
+    ):
         super().__init__()
-        for name, v, lo in (("in_channels", in_channels, 1), ("image_size", image_size, 2), ("width", width, 1),
-                            ("feature_dim", feature_dim, 1), ("num_classes", num_classes, 0)):
+        for name, v, lo in (
+            ("in_channels", in_channels, 1),
+            ("image_size", image_size, 2),
+            ("width", width, 1),
+            ("feature_dim", feature_dim, 1),
+            ("num_classes", num_classes, 0),
+        ):
             if not isinstance(v, int) or v < lo:
                 raise ValueError(f"FeatureNet {name} must be an integer ≥ {lo}, got {v!r}")
         self.in_channels, self.image_size, self.width = in_channels, image_size, width
@@ -328,8 +391,13 @@ class FeatureNet(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes) if num_classes else None
 
     def config(self) -> dict[str, int]:
-        return {"in_channels": self.in_channels, "image_size": self.image_size, "width": self.width,
-                "feature_dim": self.feature_dim, "num_classes": self.num_classes}
+        return {
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "width": self.width,
+            "feature_dim": self.feature_dim,
+            "num_classes": self.num_classes,
+        }
 
     def features(self, x: Tensor) -> Tensor:
         """The penultimate features: the global average of the last block, (N, feature_dim)."""
@@ -379,11 +447,15 @@ class FeatureNet(nn.Module):
                 meta = f.metadata() or {}
             state = load_file(str(path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({_oneline(e)}); "
-                             "a feature network is written by FeatureNet.save") from None
+            raise ValueError(
+                f"{str(path)!r} is not a readable safetensors file ({_oneline(e)}); "
+                "a feature network is written by FeatureNet.save"
+            ) from None
         if FEATURENET_KEY not in meta or meta.get("format") != FEATURENET_FORMAT:
-            raise ValueError(f"{str(path)!r} has no {FEATURENET_FORMAT} metadata: it is not a feature network saved "
-                             "by opdiff (FeatureNet.save / train_feature_net)")
+            raise ValueError(
+                f"{str(path)!r} has no {FEATURENET_FORMAT} metadata: it is not a feature network saved "
+                "by opdiff (FeatureNet.save / train_feature_net)"
+            )
         try:
             net = cls(**json.loads(meta[FEATURENET_KEY]))
             net.load_state_dict(state)
@@ -415,7 +487,8 @@ class FeatureNetExtractor(FeatureExtractor):
             name = str(self.path) if self.path else "the feature network"
             raise FIDInputError(
                 f"the images are {h}×{w} with {c} channel(s) but {name} takes {n.image_size}×{n.image_size} with "
-                f"{n.in_channels} channel(s); use a feature network trained on such images or --feature-extractor inception"
+                f"{n.in_channels} channel(s); use a feature network trained on such images or --feature-extractor "
+                "inception"
             )
 
     def features(self, pixels, batch_size=64, device=None, progress=None):
@@ -425,8 +498,9 @@ class FeatureNetExtractor(FeatureExtractor):
         return self._run(pixels, batch_size, progress, lambda b: net.features(from_uint8(b).to(device)))
 
 
-def load_extractor(spec: str | FeatureExtractor, inception_path: Optional[str | os.PathLike] = None,
-                   device: str = "cpu") -> FeatureExtractor:
+def load_extractor(
+    spec: str | FeatureExtractor, inception_path: Optional[str | os.PathLike] = None, device: str = "cpu"
+) -> FeatureExtractor:
     """``"inception"`` (clean-fid's InceptionV3, weights at ``inception_path`` or /tmp), ``"digits"`` (the
     shipped 8×8 digits FeatureNet) or the path of a FeatureNet .safetensors file."""
     if isinstance(spec, FeatureExtractor):
@@ -442,8 +516,9 @@ def load_extractor(spec: str | FeatureExtractor, inception_path: Optional[str | 
         return FeatureNetExtractor(DIGITS_FEATURENET, device)
     if Path(spec).is_file():
         return FeatureNetExtractor(spec, device)
-    raise FileNotFoundError(f"unknown feature extractor {spec!r}: use inception, digits or the path of a "
-                            "FeatureNet .safetensors file")
+    raise FileNotFoundError(
+        f"unknown feature extractor {spec!r}: use inception, digits or the path of a FeatureNet .safetensors file"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,7 +534,7 @@ def _shift(x: Tensor, generator: torch.Generator, max_shift: int = 1) -> Tensor:
         for dx in range(2 * max_shift + 1):
             idx = ((offs[:, 0] == dy) & (offs[:, 1] == dx)).nonzero().flatten()
             if len(idx):
-                out[idx] = pad[idx, :, dy:dy + h, dx:dx + w]
+                out[idx] = pad[idx, :, dy : dy + h, dx : dx + w]
     return out
 
 
@@ -468,14 +543,26 @@ def _accuracy(net: FeatureNet, x: Tensor, y: Tensor, batch_size: int) -> float:
         return float("nan")
     net.eval()
     with torch.inference_mode():
-        hits = sum(int((net(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()) for i in range(0, len(x), batch_size))
+        hits = sum(
+            int((net(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+            for i in range(0, len(x), batch_size)
+        )
     return hits / len(x)
 
 
-def train_feature_net(images: ImageSet, epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                      augment: bool = True, progress: Optional[Callable[[int, dict], None]] = None,
-                      width: int = 32, feature_dim: int = 64, holdout: float = 0.1,
-                      device: str = "cpu") -> tuple[FeatureNet, dict[str, float]]:
+def train_feature_net(
+    images: ImageSet,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    augment: bool = True,
+    progress: Optional[Callable[[int, dict], None]] = None,
+    width: int = 32,
+    feature_dim: int = 64,
+    holdout: float = 0.1,
+    device: str = "cpu",
+) -> tuple[FeatureNet, dict[str, float]]:
     """Train a ``FeatureNet`` classifier on labelled images (cross-entropy, AdamW, cosine learning rate).
 
     A random ``holdout`` share (10%) is kept out of training to estimate accuracy; with ``augment``, every
@@ -510,7 +597,7 @@ def train_feature_net(images: ImageSet, epochs: int = 10, batch_size: int = 64, 
         order = torch.randperm(len(x_tr), generator=gen).to(device)
         total = 0.0
         for i in range(0, len(x_tr), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             xb = x_tr[idx]
             if augment:
                 xb = _shift(xb.cpu(), gen).to(device)
@@ -523,8 +610,13 @@ def train_feature_net(images: ImageSet, epochs: int = 10, batch_size: int = 64, 
         metrics = {"epoch": epoch + 1, "loss": total / len(x_tr)}
         if progress is not None:
             progress(epoch + 1, metrics)
-    metrics = {"train_accuracy": _accuracy(net, x_tr, y_tr, 512), "heldout_accuracy": _accuracy(net, x_ho, y_ho, 512),
-               "n_train": len(x_tr), "n_heldout": len(x_ho), "epochs": epochs}
+    metrics = {
+        "train_accuracy": _accuracy(net, x_tr, y_tr, 512),
+        "heldout_accuracy": _accuracy(net, x_ho, y_ho, 512),
+        "n_train": len(x_tr),
+        "n_heldout": len(x_ho),
+        "epochs": epochs,
+    }
     return net.cpu().eval(), metrics
 
 
@@ -561,14 +653,19 @@ def _npz_kind(path: Path) -> str:
     return "images" if {"images", "arr_0"} & files else "other"
 
 
-def open_source(source: Source, num: Optional[int] = None, split: str = "train",
-                column: Optional[str] = None) -> Union[ImageSet, FeatureStats]:
+def open_source(
+    source: Source, num: Optional[int] = None, split: str = "train", column: Optional[str] = None
+) -> Union[ImageSet, FeatureStats]:
     """An image source (anything ``images.load_images`` reads, a uint8 (N, H, W, C) array or an ImageSet) as
     an ImageSet, or a statistics .npz (written by ``FeatureStats.save``) as FeatureStats."""
     if isinstance(source, ImageSet):
         if num is not None:
-            return ImageSet(source.images[:num], None if source.labels is None else source.labels[:num], source.source,
-                            {**source.identity, "n": min(num, len(source))})
+            return ImageSet(
+                source.images[:num],
+                None if source.labels is None else source.labels[:num],
+                source.source,
+                {**source.identity, "n": min(num, len(source))},
+            )
         return source
     if isinstance(source, np.ndarray):
         return _array_set(source, num)
@@ -578,13 +675,20 @@ def open_source(source: Source, num: Optional[int] = None, split: str = "train",
             raise FIDInputError(f"{str(path)!r} holds precomputed statistics: a number of images does not apply to it")
         return FeatureStats.load(path)
     if path.is_file() and path.suffix == ".npz" and _npz_kind(path) == "other":
-        raise ValueError(f"{str(path)!r} is neither an image .npz ('images' or 'arr_0') nor statistics ('mu', 'sigma', "
-                         "'meta' written by --save-stats)")
+        raise ValueError(
+            f"{str(path)!r} is neither an image .npz ('images' or 'arr_0') nor statistics ('mu', 'sigma', "
+            "'meta' written by --save-stats)"
+        )
     return load_images(source, num=num, split=split, column=column)
 
 
-def stats_of_images(pixels: np.ndarray | ImageSet, extractor: FeatureExtractor, batch_size: int = 64,
-                    device: Optional[str] = None, progress: Optional[Progress] = None) -> FeatureStats:
+def stats_of_images(
+    pixels: np.ndarray | ImageSet,
+    extractor: FeatureExtractor,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    progress: Optional[Progress] = None,
+) -> FeatureStats:
     """The FeatureStats (mean, covariance) of the extractor's features of uint8 (N, H, W, C) pixels."""
     images = pixels if isinstance(pixels, ImageSet) else _array_set(pixels, None)
     feats = extractor.features(images.images, batch_size, device, progress)
@@ -592,12 +696,20 @@ def stats_of_images(pixels: np.ndarray | ImageSet, extractor: FeatureExtractor, 
     return FeatureStats(mu, sigma, len(feats), extractor.id, images.source, images.identity)
 
 
-def fid_of_pixels(pixels: np.ndarray, ref_stats: FeatureStats, extractor: FeatureExtractor, batch_size: int = 64,
-                  device: Optional[str] = None, progress: Optional[Progress] = None) -> float:
+def fid_of_pixels(
+    pixels: np.ndarray,
+    ref_stats: FeatureStats,
+    extractor: FeatureExtractor,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    progress: Optional[Progress] = None,
+) -> float:
     """FID of in-memory uint8 (N, H, W, C) pixels (e.g. fresh samples) against reference statistics."""
     if ref_stats.extractor != extractor.id:
-        raise FIDInputError(f"the reference statistics were computed with {ref_stats.extractor!r}, not with the "
-                            f"feature extractor {extractor.id!r}; use the same extractor for both")
+        raise FIDInputError(
+            f"the reference statistics were computed with {ref_stats.extractor!r}, not with the "
+            f"feature extractor {extractor.id!r}; use the same extractor for both"
+        )
     return frechet_distance(stats_of_images(pixels, extractor, batch_size, device, progress), ref_stats)
 
 
@@ -618,46 +730,67 @@ def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
 def cache_key(extractor_id: str, identity: dict, num: Optional[int]) -> str:
     """``sha256`` of (extractor id, image-set identity, number of images), first 16 hex digits: the cache
     file's name (``<key>.npz``)."""
-    blob = json.dumps({"extractor": extractor_id, "identity": identity, "num": num, "v": STATS_FORMAT_VERSION}, sort_keys=True)
+    blob = json.dumps(
+        {"extractor": extractor_id, "identity": identity, "num": num, "v": STATS_FORMAT_VERSION}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cleanfid_stats_path(name: str, res: str, split: str, cache_dir: Optional[str | os.PathLike] = None) -> tuple[str, list[Path]]:
+def cleanfid_stats_path(
+    name: str, res: str, split: str, cache_dir: Optional[str | os.PathLike] = None
+) -> tuple[str, list[Path]]:
     """clean-fid's published statistics file for clean mode, InceptionV3 (``get_reference_statistics``): its URL
     and the local places opdiff looks for it: clean-fid's own ``cleanfid/stats/`` folder, then the cache dir."""
     import cleanfid
 
     res = "na" if split == "custom" else res
     rel = f"{name}_clean_{split}_{res}.npz".lower()
-    folders = [Path(os.path.dirname(cleanfid.__file__)) / "stats", Path(cache_dir) if cache_dir else default_cache_dir()]
+    folders = [
+        Path(os.path.dirname(cleanfid.__file__)) / "stats",
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+    ]
     return f"{CLEANFID_STATS_URL}/{rel}", [f / rel for f in folders]
 
 
 def _cleanfid_reference(spec: str, extractor: FeatureExtractor, cache_dir) -> FeatureStats:
-    parts = spec[len("cleanfid:"):].split("/")
+    parts = spec[len("cleanfid:") :].split("/")
     if len(parts) != 3 or not all(parts):
-        raise ValueError(f"bad clean-fid reference {spec!r}: use cleanfid:NAME/RES/SPLIT, e.g. cleanfid:cifar10/32/train")
+        raise ValueError(
+            f"bad clean-fid reference {spec!r}: use cleanfid:NAME/RES/SPLIT, e.g. cleanfid:cifar10/32/train"
+        )
     if not isinstance(extractor, InceptionExtractor):
         raise FIDInputError(f"{spec} holds clean-fid's InceptionV3 statistics: use --feature-extractor inception")
     url, paths = cleanfid_stats_path(*parts, cache_dir=cache_dir)
     path = next((p for p in paths if p.is_file()), None)
     if path is None:
-        raise FileNotFoundError(f"clean-fid's statistics for {spec} are not here (opdiff never downloads): fetch {url} "
-                                f"and put it at {paths[0]} or {paths[1]}")
+        raise FileNotFoundError(
+            f"clean-fid's statistics for {spec} are not here (opdiff never downloads): fetch {url} "
+            f"and put it at {paths[0]} or {paths[1]}"
+        )
     try:
         with np.load(str(path), allow_pickle=False) as z:
             mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
     except Exception as e:
-        raise ValueError(f"{str(path)!r} is not a readable clean-fid statistics file ({_oneline(e)}); fetch {url} again") from None
+        raise ValueError(
+            f"{str(path)!r} is not a readable clean-fid statistics file ({_oneline(e)}); fetch {url} again"
+        ) from None
     if mu.shape != (extractor.dim,) or sigma.shape != (extractor.dim, extractor.dim):
         raise ValueError(f"{str(path)!r} has mu {mu.shape}, sigma {sigma.shape}; expected 2048-d Inception statistics")
     return FeatureStats(mu, sigma, 0, extractor.id, spec, {"kind": "cleanfid", "file": path.name})
 
 
-def reference_stats(source: Source, extractor: FeatureExtractor, num: Optional[int] = None, split: str = "train",
-                    column: Optional[str] = None, cache_dir: Optional[str | os.PathLike] = None, batch_size: int = 64,
-                    device: Optional[str] = None, progress: Optional[Progress] = None,
-                    use_cache: bool = True) -> FeatureStats:
+def reference_stats(
+    source: Source,
+    extractor: FeatureExtractor,
+    num: Optional[int] = None,
+    split: str = "train",
+    column: Optional[str] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    progress: Optional[Progress] = None,
+    use_cache: bool = True,
+) -> FeatureStats:
     """Statistics of a reference: a statistics .npz (loaded), ``cleanfid:NAME/RES/SPLIT`` (clean-fid's published
     InceptionV3 statistics, already on disk), or an image source, whose statistics are computed once and
     cached in ``cache_dir`` (default ``default_cache_dir()``) as ``<cache_key>.npz``."""
@@ -685,20 +818,39 @@ def reference_stats(source: Source, extractor: FeatureExtractor, num: Optional[i
     return stats
 
 
-def source_stats(source: Source, extractor: FeatureExtractor, num: Optional[int] = None, split: str = "train",
-                 column: Optional[str] = None, batch_size: int = 64, device: Optional[str] = None,
-                 progress: Optional[Progress] = None) -> FeatureStats:
+def source_stats(
+    source: Source,
+    extractor: FeatureExtractor,
+    num: Optional[int] = None,
+    split: str = "train",
+    column: Optional[str] = None,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    progress: Optional[Progress] = None,
+) -> FeatureStats:
     """Statistics of the images under test (not cached: samples change): an image source, an array of pixels or
     a statistics .npz."""
     opened = open_source(source, num, split, column)
-    return opened if isinstance(opened, FeatureStats) else stats_of_images(opened, extractor, batch_size, device, progress)
+    return (
+        opened if isinstance(opened, FeatureStats) else stats_of_images(opened, extractor, batch_size, device, progress)
+    )
 
 
-def compute_fid(source: Source, reference: Source, extractor: FeatureExtractor | str = "inception",
-                num: Optional[int] = None, ref_num: Optional[int] = None, split: str = "train",
-                column: Optional[str] = None, cache_dir: Optional[str | os.PathLike] = None, batch_size: int = 64,
-                device: str = "cpu", progress: Optional[Progress] = None, inception_path: Optional[str] = None,
-                save_stats: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+def compute_fid(
+    source: Source,
+    reference: Source,
+    extractor: FeatureExtractor | str = "inception",
+    num: Optional[int] = None,
+    ref_num: Optional[int] = None,
+    split: str = "train",
+    column: Optional[str] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    progress: Optional[Progress] = None,
+    inception_path: Optional[str] = None,
+    save_stats: Optional[str | os.PathLike] = None,
+) -> dict[str, Any]:
     """FID of ``source`` (image source, uint8 pixels or statistics .npz) against ``reference`` (the same, or
     ``cleanfid:NAME/RES/SPLIT``; its statistics are cached). ``extractor``: a FeatureExtractor or a
     ``load_extractor`` spec, loaded only if some features must be computed. ``save_stats`` writes the
@@ -711,19 +863,36 @@ def compute_fid(source: Source, reference: Source, extractor: FeatureExtractor |
     if ext is not None:
         for s in (src, ref):
             if isinstance(s, FeatureStats) and s.extractor != ext.id:
-                raise FIDInputError(f"{s.source or 'the statistics'} were computed with {s.extractor!r}, but the feature "
-                                    f"extractor is {ext.id!r}; pass the same --feature-extractor")
+                raise FIDInputError(
+                    f"{s.source or 'the statistics'} were computed with {s.extractor!r}, but the feature "
+                    f"extractor is {ext.id!r}; pass the same --feature-extractor"
+                )
     src_stats = src if isinstance(src, FeatureStats) else stats_of_images(src, ext, batch_size, device, progress)
     if ref_is_named or isinstance(ref, ImageSet):
-        ref_stats = reference_stats(ref if ref is not None else reference, ext, ref_num if ref_is_named else None,
-                                    split, column, cache_dir, batch_size, device, progress)
+        ref_stats = reference_stats(
+            ref if ref is not None else reference,
+            ext,
+            ref_num if ref_is_named else None,
+            split,
+            column,
+            cache_dir,
+            batch_size,
+            device,
+            progress,
+        )
     else:
         ref_stats = ref
     value = frechet_distance(src_stats, ref_stats)
     if save_stats is not None:
         src_stats.save(save_stats)
-    return {"fid": value, "n_source": src_stats.n, "n_reference": ref_stats.n or None, "extractor": src_stats.extractor,
-            "source": src_stats.source, "reference": ref_stats.source}
+    return {
+        "fid": value,
+        "n_source": src_stats.n,
+        "n_reference": ref_stats.n or None,
+        "extractor": src_stats.extractor,
+        "source": src_stats.source,
+        "reference": ref_stats.source,
+    }
 
 
 def _oneline(e: BaseException) -> str:

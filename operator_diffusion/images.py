@@ -28,7 +28,7 @@ from torch import Tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SAMPLES_INFO = "opdiff_samples.json"  # marks a folder written by `opdiff sample`
-SAMPLES_IMAGES = "images"             # its PNG subfolder (what clean-fid and `opdiff fid` read)
+SAMPLES_IMAGES = "images"  # its PNG subfolder (what clean-fid and `opdiff fid` read)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -46,7 +46,12 @@ def from_uint8(images: np.ndarray) -> Tensor:
 
 
 def check_pixels(images: np.ndarray, what: str = "images") -> np.ndarray:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim < 3 or images.shape[-1] not in (1, 3):
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim < 3
+        or images.shape[-1] not in (1, 3)
+    ):
         shape = getattr(images, "shape", None)
         dtype = getattr(images, "dtype", type(images).__name__)
         raise ValueError(f"{what} must be uint8 (…, H, W, C) pixels with C = 1 or 3, got {dtype} {shape}")
@@ -86,7 +91,7 @@ def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1, pad_va
     for k in range(n):
         r, q = divmod(k, nrow)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y:y + h, x:x + w] = images[k]
+        grid[y : y + h, x : x + w] = images[k]
     return grid
 
 
@@ -171,10 +176,17 @@ def read_image_folder(folder: str | os.PathLike, num: int | None = None) -> Imag
     images = [read_image(p) for p in files]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"the images in {str(root)!r} differ in size or channels ({sorted(shapes)[:3]}); resize them to one size first")
+        raise ValueError(
+            f"the images in {str(root)!r} differ in size or channels ({sorted(shapes)[:3]}); resize them to one size "
+            "first"
+        )
     stat = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    identity = {"kind": "folder", "path": str(root.resolve()),
-                "files": hashlib.sha256(json.dumps(stat).encode()).hexdigest(), "n": len(files)}
+    identity = {
+        "kind": "folder",
+        "path": str(root.resolve()),
+        "files": hashlib.sha256(json.dumps(stat).encode()).hexdigest(),
+        "n": len(files),
+    }
     return ImageSet(np.stack(images), None, str(root), identity)
 
 
@@ -185,7 +197,9 @@ def read_npz(path: str | os.PathLike, num: int | None = None) -> ImageSet:
     with np.load(str(path), allow_pickle=False) as z:
         key = "images" if "images" in z.files else "arr_0" if "arr_0" in z.files else None
         if key is None:
-            raise ValueError(f"{str(path)!r} has no 'images' or 'arr_0' array (it has {', '.join(z.files) or 'nothing'})")
+            raise ValueError(
+                f"{str(path)!r} has no 'images' or 'arr_0' array (it has {', '.join(z.files) or 'nothing'})"
+            )
         images = z[key]
         labels = z["labels"] if "labels" in z.files else None
     if images.ndim == 5:  # an `opdiff sample --times all` file: (N, M, H, W, C); the last time is the sample
@@ -221,24 +235,38 @@ def read_hf_dataset(name: str, split: str = "train", column: str | None = None, 
     images = []
     for item in ds[column]:
         if hasattr(item, "mode"):  # PIL image
-            arr = np.asarray(item.convert("L"))[..., None] if item.mode in ("L", "1") else np.asarray(item.convert("RGB"))
+            arr = (
+                np.asarray(item.convert("L"))[..., None] if item.mode in ("L", "1") else np.asarray(item.convert("RGB"))
+            )
         else:
             arr = np.asarray(item)
             arr = arr[..., None] if arr.ndim == 2 else arr
         images.append(arr)
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"the images of dataset {name!r} differ in size ({sorted(shapes)[:3]}); resize them to one size first")
-    images = check_pixels(np.stack(images).astype(np.uint8) if images and images[0].dtype != np.uint8 else np.stack(images),
-                           f"dataset {name!r} column {column!r}")
+        raise ValueError(
+            f"the images of dataset {name!r} differ in size ({sorted(shapes)[:3]}); resize them to one size first"
+        )
+    images = check_pixels(
+        np.stack(images).astype(np.uint8) if images and images[0].dtype != np.uint8 else np.stack(images),
+        f"dataset {name!r} column {column!r}",
+    )
     label_col = next((k for k in ("label", "labels") if k in ds.column_names), None)
     labels = np.asarray(ds[label_col], dtype=np.int64) if label_col else None
-    identity = {"kind": "datasets", "name": name, "split": split, "column": column,
-                "fingerprint": getattr(ds, "_fingerprint", None), "n": len(images)}
+    identity = {
+        "kind": "datasets",
+        "name": name,
+        "split": split,
+        "column": column,
+        "fingerprint": getattr(ds, "_fingerprint", None),
+        "n": len(images),
+    }
     return ImageSet(images, labels, name, identity)
 
 
-def load_images(source: str | os.PathLike, num: int | None = None, split: str = "train", column: str | None = None) -> ImageSet:
+def load_images(
+    source: str | os.PathLike, num: int | None = None, split: str = "train", column: str | None = None
+) -> ImageSet:
     """Read an image source (see the module docstring); ``num`` keeps the first ``num`` images."""
     if num is not None and num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
@@ -269,4 +297,6 @@ def _is_saved_dataset(path: Path) -> bool:
 def check_image_shape(images: ImageSet, shape: Sequence[int], what: str = "the model") -> None:
     """Raise a clear error when an image set's (C, H, W) differs from ``shape``."""
     if tuple(images.shape) != tuple(shape):
-        raise ValueError(f"{images.source!r} holds images of shape {images.shape} (C, H, W) but {what} uses {tuple(shape)}")
+        raise ValueError(
+            f"{images.source!r} holds images of shape {images.shape} (C, H, W) but {what} uses {tuple(shape)}"
+        )

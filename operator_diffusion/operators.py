@@ -256,13 +256,13 @@ class TemporalSpectralConv(BaseSpectralConv):
     ):
         super().__init__(device=device, dtype=dtype)
         if kwargs:
-            warnings.warn(
-                f"TemporalSpectralConv ignores unknown keyword arguments {sorted(kwargs)}.", stacklevel=2
-            )
+            warnings.warn(f"TemporalSpectralConv ignores unknown keyword arguments {sorted(kwargs)}.", stacklevel=2)
         if complex_data:
             raise ValueError("TemporalSpectralConv handles real data only (complex_data=True is unsupported).")
         if separable:
-            warnings.warn("TemporalSpectralConv ignores separable=True (uses a dense C_in x C_out weight).", stacklevel=2)
+            warnings.warn(
+                "TemporalSpectralConv ignores separable=True (uses a dense C_in x C_out weight).", stacklevel=2
+            )
         if factorization is not None:
             warnings.warn(
                 f"TemporalSpectralConv ignores factorization={factorization!r} (uses a dense weight).", stacklevel=2
@@ -293,10 +293,10 @@ class TemporalSpectralConv(BaseSpectralConv):
         self.resolution_scaling_factor = None if factor is None else float(factor)
 
         # R as a real tensor (J, C_in, C_out, [re, im]); complex parameters break safetensors/DDP/some optimisers.
-        self.weight = nn.Parameter(torch.empty(n_max, self.in_channels, self.out_channels, 2, device=device, dtype=dtype))
-        self.bias = (
-            nn.Parameter(torch.zeros(self.out_channels, 1, device=device, dtype=dtype)) if bias else None
+        self.weight = nn.Parameter(
+            torch.empty(n_max, self.in_channels, self.out_channels, 2, device=device, dtype=dtype)
         )
+        self.bias = nn.Parameter(torch.zeros(self.out_channels, 1, device=device, dtype=dtype)) if bias else None
         self.init = init
         self.reset_parameters()
 
@@ -411,9 +411,7 @@ class TemporalBlock(nn.Module):
             b, m, c, h, w = x.shape
             u = x.reshape(b, m, c, h * w)  # (B, M, C, H, W) -> (B, M, C, H*W)
         else:
-            raise ValueError(
-                f"TemporalBlock expects (B*M, C, H, W) or (B, M, C, H, W), got shape {tuple(x.shape)}."
-            )
+            raise ValueError(f"TemporalBlock expects (B*M, C, H, W) or (B, M, C, H, W), got shape {tuple(x.shape)}.")
         if c != self.channels:
             raise ValueError(f"TemporalBlock: expected {self.channels} channels, got {c} (input {tuple(x.shape)}).")
         _check_modes(self.conv.n_modes, m, "TemporalBlock")

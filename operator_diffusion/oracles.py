@@ -23,7 +23,13 @@ from torch import Tensor
 
 from .schedules import PSLD, Schedule, apply2, join, split
 
-__all__ = ["GaussianOracle", "GaussianMixtureOracle", "EmpiricalOracle", "PSLDGaussianOracle", "PSLDGaussianMixtureOracle"]
+__all__ = [
+    "GaussianOracle",
+    "GaussianMixtureOracle",
+    "EmpiricalOracle",
+    "PSLDGaussianOracle",
+    "PSLDGaussianMixtureOracle",
+]
 
 
 def _col(c: Tensor, x: Tensor) -> Tensor:
@@ -60,7 +66,9 @@ class GaussianOracle:
         t0 = torch.full((len(x),), float(t_from), dtype=torch.float64)
         t1 = torch.full((len(x),), float(t_to), dtype=torch.float64)
         mu = self.mean.to(x)
-        return _col(self.schedule.alpha(t1), x) * mu + self._c(t1, x) / self._c(t0, x) * (x - _col(self.schedule.alpha(t0), x) * mu)
+        return _col(self.schedule.alpha(t1), x) * mu + self._c(t1, x) / self._c(t0, x) * (
+            x - _col(self.schedule.alpha(t0), x) * mu
+        )
 
     def sample(self, n: int, t: float | None = None, generator: torch.Generator | None = None) -> Tensor:
         """n samples of p_t (of the data when ``t`` is None)."""
@@ -135,8 +143,15 @@ class GaussianMixtureOracle:
             xs = torch.from_numpy(y).reshape(b, *self.shape) * a
             return (-math.exp(-lam) * self.eps(xs, t)).reshape(-1).numpy()
 
-        sol = solve_ivp(rhs, (float(lams[0]), float(lams[-1])), x0.numpy(), method="DOP853",
-                        t_eval=lams.numpy(), rtol=rtol, atol=atol)
+        sol = solve_ivp(
+            rhs,
+            (float(lams[0]), float(lams[-1])),
+            x0.numpy(),
+            method="DOP853",
+            t_eval=lams.numpy(),
+            rtol=rtol,
+            atol=atol,
+        )
         if not sol.success:
             raise RuntimeError(f"reference ODE solve failed: {sol.message}")
         xt = torch.from_numpy(sol.y.T.copy()).reshape(len(ts), b, *self.shape)
@@ -252,7 +267,9 @@ class PSLDGaussianOracle:
         if float(t) == float(s):
             psi = torch.eye(2, dtype=torch.float64).expand(len(stds), 2, 2)
         else:
-            sol = solve_ivp(rhs, (float(s), float(t)), np.tile(np.eye(2).ravel(), len(stds)), method="DOP853", rtol=rtol, atol=atol)
+            sol = solve_ivp(
+                rhs, (float(s), float(t)), np.tile(np.eye(2).ravel(), len(stds)), method="DOP853", rtol=rtol, atol=atol
+            )
             if not sol.success:
                 raise RuntimeError(f"flow-matrix solve failed: {sol.message}")
             psi = torch.from_numpy(sol.y[:, -1].reshape(-1, 2, 2).copy())
@@ -273,7 +290,9 @@ class PSLDGaussianOracle:
             return self.mean + self.std * torch.randn((n, *self.shape), dtype=torch.float64, generator=generator)
         mu, cov = self.moments(t)
         L = torch.linalg.cholesky(cov)[None]
-        return mu + apply2(L, torch.randn((n, 2 * self.shape[0], *self.shape[1:]), dtype=torch.float64, generator=generator))
+        return mu + apply2(
+            L, torch.randn((n, 2 * self.shape[0], *self.shape[1:]), dtype=torch.float64, generator=generator)
+        )
 
 
 class PSLDGaussianMixtureOracle:
@@ -334,8 +353,15 @@ class PSLDGaussianMixtureOracle:
             return (2 * u * v).reshape(-1).numpy()
 
         us = torch.sqrt(ts)
-        sol = solve_ivp(rhs, (float(us[0]), float(us[-1])), z.to(torch.float64).reshape(-1).numpy(), method="DOP853",
-                        t_eval=us.numpy(), rtol=rtol, atol=atol)
+        sol = solve_ivp(
+            rhs,
+            (float(us[0]), float(us[-1])),
+            z.to(torch.float64).reshape(-1).numpy(),
+            method="DOP853",
+            t_eval=us.numpy(),
+            rtol=rtol,
+            atol=atol,
+        )
         if not sol.success:
             raise RuntimeError(f"reference ODE solve failed: {sol.message}")
         return torch.from_numpy(sol.y.T.copy()).reshape(len(ts), *shape)

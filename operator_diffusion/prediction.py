@@ -49,7 +49,9 @@ def eps_fn_from_model(
     return eps_fn
 
 
-def autocast_eps(eps_fn: Callable[..., Tensor], device_type: str, dtype: torch.dtype = torch.bfloat16) -> Callable[..., Tensor]:
+def autocast_eps(
+    eps_fn: Callable[..., Tensor], device_type: str, dtype: torch.dtype = torch.bfloat16
+) -> Callable[..., Tensor]:
     """Run the network under ``torch.autocast(device_type, dtype)`` and hand ε̂ back in the state's dtype,
     so that a solver's own arithmetic stays in full precision (bf16 teachers: about 2× the throughput on
     CPUs with AVX-512 BF16 and on GPUs, for an error well below the solver's; docs/collect.md)."""
@@ -62,9 +64,7 @@ def autocast_eps(eps_fn: Callable[..., Tensor], device_type: str, dtype: torch.d
     return eps_lowp
 
 
-def classifier_free_guidance(
-    eps_fn: Callable[..., Tensor], scale: float, null_label: int
-) -> Callable[..., Tensor]:
+def classifier_free_guidance(eps_fn: Callable[..., Tensor], scale: float, null_label: int) -> Callable[..., Tensor]:
     """ε̃ = ε(x, ∅) + s·(ε(x, y) − ε(x, ∅)) (Ho & Salimans 2022), both branches in one batched call.
 
     The wrapped function takes ``labels`` as a keyword; ``null_label`` is the class index the network

@@ -16,9 +16,26 @@ from typing import Any, Callable, Sequence
 import torch
 
 __all__ = [
-    "RUN_INFO", "METRICS_FILE", "CHECKPOINTS", "PRECISIONS", "LR_DECAYS", "check_decay", "learning_rate", "EMA",
-    "TrainState", "check_run_dir", "latest_checkpoint", "Indices", "reset_accelerate_state", "start_run",
-    "resume_from_checkpoint", "resumable_batches", "end_of_step", "check_launch", "check_in_sync", "write_atomic",
+    "RUN_INFO",
+    "METRICS_FILE",
+    "CHECKPOINTS",
+    "PRECISIONS",
+    "LR_DECAYS",
+    "check_decay",
+    "learning_rate",
+    "EMA",
+    "TrainState",
+    "check_run_dir",
+    "latest_checkpoint",
+    "Indices",
+    "reset_accelerate_state",
+    "start_run",
+    "resume_from_checkpoint",
+    "resumable_batches",
+    "end_of_step",
+    "check_launch",
+    "check_in_sync",
+    "write_atomic",
 ]
 
 RUN_INFO = "run.json"
@@ -40,8 +57,10 @@ def check_decay(decay: str, warmup: int, max_steps: int | None) -> None:
     if decay not in LR_DECAYS:
         raise ValueError(f"unknown learning-rate decay {decay!r}; valid: {', '.join(LR_DECAYS)}")
     if decay != "constant" and (max_steps is None or max_steps <= warmup):
-        raise ValueError(f"a {decay} learning-rate decay needs max_steps > warmup ({warmup}), got {max_steps}; "
-                         "raise --max-steps or lower --warmup")
+        raise ValueError(
+            f"a {decay} learning-rate decay needs max_steps > warmup ({warmup}), got {max_steps}; "
+            "raise --max-steps or lower --warmup"
+        )
 
 
 def learning_rate(step: int, lr: float, warmup: int, decay: str = "constant", max_steps: int | None = None) -> float:
@@ -101,7 +120,6 @@ class TrainState:
         self.step, self.micro = int(state["step"]), int(state["micro"])
 
 
-
 def check_run_dir(out: Path, run_info: dict) -> bool:
     """True when ``out`` holds this run (resume), False when it is new or empty; ValueError for another run."""
     info_path = out / RUN_INFO
@@ -130,7 +148,6 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-
 class Indices(torch.utils.data.Dataset):
     """The example indices 0..n−1 as a dataset: the samplers shuffle indices, the collate reads the examples."""
 
@@ -144,7 +161,6 @@ class Indices(torch.utils.data.Dataset):
         return i
 
 
-
 def reset_accelerate_state() -> None:
     """Forget Accelerate's process-wide state, so that the next ``Accelerator`` in this process starts afresh
     (one process running several trainings: the demo, benchmarks, tests)."""
@@ -154,8 +170,17 @@ def reset_accelerate_state() -> None:
     PartialState._reset_state()
 
 
-def start_run(out: Path, run_info: dict, resume: bool, *, mixed_precision: str, grad_accum: int, seed: int,
-              trackers: Sequence[str] = (), check: Callable[[Any], None] | None = None):
+def start_run(
+    out: Path,
+    run_info: dict,
+    resume: bool,
+    *,
+    mixed_precision: str,
+    grad_accum: int,
+    seed: int,
+    trackers: Sequence[str] = (),
+    check: Callable[[Any], None] | None = None,
+):
     """The Accelerator of a resumable run (seedable sampler, CPU when there is no GPU, checkpoints under ``out``),
     launch-checked; then ``check(accelerator)`` (checks that need the process count), the global seed, and on the
     main process the run directory with its ``run.json`` unless resuming. Shared by the DSNO and teacher trainers."""

@@ -38,9 +38,9 @@ from .schedules import time_grid
 
 FORMAT_VERSION = 1
 FORMATS = ("png", "npz", "grid")
-GRID_MAX = 64          # samples in grid.png
-STRIPS_MAX = 16        # trajectories in trajectories.png
-VIEW_MIN_SIZE = 64     # grids of smaller images are enlarged (nearest neighbour) to at least this size
+GRID_MAX = 64  # samples in grid.png
+STRIPS_MAX = 16  # trajectories in trajectories.png
+VIEW_MIN_SIZE = 64  # grids of smaller images are enlarged (nearest neighbour) to at least this size
 
 Progress = Callable[[int, int], None]
 
@@ -87,7 +87,9 @@ def parse_labels(spec: str | int | Sequence[int] | None, num_classes: int) -> st
         try:
             values = [int(v) for v in spec.split(",")]
         except ValueError:
-            raise ValueError(f"bad --labels {spec!r}: use 'random', one class (e.g. 3) or a list (e.g. 0,1,2)") from None
+            raise ValueError(
+                f"bad --labels {spec!r}: use 'random', one class (e.g. 3) or a list (e.g. 0,1,2)"
+            ) from None
     else:
         values = [int(spec)] if isinstance(spec, int) else [int(v) for v in spec]
     bad = [v for v in values if not 0 <= v < num_classes]
@@ -109,8 +111,9 @@ class SampleBatch:
     times: list[float]
 
 
-def seed_inputs(seeds: Sequence[int], backbone, labels, batch_size: int,
-                device) -> Iterator[tuple[list[int], Tensor, Tensor | None]]:
+def seed_inputs(
+    seeds: Sequence[int], backbone, labels, batch_size: int, device
+) -> Iterator[tuple[list[int], Tensor, Tensor | None]]:
     """(seeds, x_T, labels) per batch of at most ``batch_size`` seeds, by the collection's noise rule, on ``device``
     (for a PSLD backbone x_T is the phase-space prior draw z_T, (B, 2C, H, W))."""
     from .trajectories import example_inputs
@@ -118,13 +121,19 @@ def seed_inputs(seeds: Sequence[int], backbone, labels, batch_size: int,
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     for i in range(0, len(seeds), batch_size):
-        chunk = list(seeds[i:i + batch_size])
+        chunk = list(seeds[i : i + batch_size])
         x, y = example_inputs(chunk, backbone.image_shape, labels, backbone.num_classes, backbone.schedule)
         yield chunk, x.to(device), None if y is None else y.to(device)
 
 
-def dsno_batches(model, seeds: Sequence[int], labels=None, times: Sequence[float] | None = None,
-                 batch_size: int = 256, device: str | torch.device = "cpu") -> Iterator[SampleBatch]:
+def dsno_batches(
+    model,
+    seeds: Sequence[int],
+    labels=None,
+    times: Sequence[float] | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> Iterator[SampleBatch]:
     """DSNO's outputs, one forward pass per batch: at its training times, or at ``times`` (App. A.3)."""
     bb = model.backbone
     model.to(device).eval()
@@ -179,8 +188,15 @@ class TeacherSolver:
         return f"{self.solver} ({self.steps} step{'s' if self.steps > 1 else ''}, {self.grid} grid{opts}{zero})"
 
 
-def teacher_batches(backbone, seeds: Sequence[int], solver: TeacherSolver, labels=None, batch_size: int = 256,
-                    device: str | torch.device = "cpu", guidance: float | None = None) -> Iterator[SampleBatch]:
+def teacher_batches(
+    backbone,
+    seeds: Sequence[int],
+    solver: TeacherSolver,
+    labels=None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    guidance: float | None = None,
+) -> Iterator[SampleBatch]:
     """The teacher's outputs (B, 1, C, H, W) at ``solver.t_end`` for the same seeds (same noise rule)."""
     from .trajectories import EpsFunction, record_trajectories
 
@@ -189,13 +205,23 @@ def teacher_batches(backbone, seeds: Sequence[int], solver: TeacherSolver, label
     for chunk, x, y in seed_inputs(seeds, backbone, labels, batch_size, device):
         extra = None if y is None else {"labels": y}
         with torch.inference_mode():
-            out = record_trajectories(teacher.eps_fn, x, teacher.schedule, ts, [len(ts) - 1], solver.solver,
-                                      solver.output_target, extra, **solver.options)
+            out = record_trajectories(
+                teacher.eps_fn,
+                x,
+                teacher.schedule,
+                ts,
+                [len(ts) - 1],
+                solver.solver,
+                solver.output_target,
+                extra,
+                **solver.options,
+            )
         yield SampleBatch(chunk, None if y is None else y.cpu(), out.float().cpu(), [float(ts[-1])])
 
 
-def collect_batches(batches: Iterator[SampleBatch], total: int, progress: Progress | None = None,
-                    sync: Callable[[], None] | None = None) -> tuple[SampleBatch, float]:
+def collect_batches(
+    batches: Iterator[SampleBatch], total: int, progress: Progress | None = None, sync: Callable[[], None] | None = None
+) -> tuple[SampleBatch, float]:
     """Run a generator to the end: all outputs concatenated, and the wall time (seconds) it took."""
     parts: list[SampleBatch] = []
     start = time.perf_counter()
@@ -209,7 +235,9 @@ def collect_batches(batches: Iterator[SampleBatch], total: int, progress: Progre
         sync()
     seconds = time.perf_counter() - start
     labels = None if parts[0].labels is None else torch.cat([b.labels for b in parts])
-    merged = SampleBatch([s for b in parts for s in b.seeds], labels, torch.cat([b.outputs for b in parts]), parts[0].times)
+    merged = SampleBatch(
+        [s for b in parts for s in b.seeds], labels, torch.cat([b.outputs for b in parts]), parts[0].times
+    )
     return merged, seconds
 
 
@@ -227,12 +255,18 @@ def run_teacher(info: dict, checkpoint: str | os.PathLike | None = None):
 
     coll = info.get("collection", {})
     if "backbone" not in coll:
-        raise ValueError("this run's config.json does not record the teacher (trained by an older opdiff); "
-                         "pass the teacher with --teacher-checkpoint and its backbone options")
+        raise ValueError(
+            "this run's config.json does not record the teacher (trained by an older opdiff); "
+            "pass the teacher with --teacher-checkpoint and its backbone options"
+        )
     if checkpoint is None and coll.get("checkpoint_sha256") is not None:
         init = (info.get("train") or {}).get("init_from")
-        if init and Path(init).is_file() and info.get("init_from_sha256") == coll["checkpoint_sha256"] \
-                and file_sha256(init) == coll["checkpoint_sha256"]:
+        if (
+            init
+            and Path(init).is_file()
+            and info.get("init_from_sha256") == coll["checkpoint_sha256"]
+            and file_sha256(init) == coll["checkpoint_sha256"]
+        ):
             checkpoint = init
         else:
             raise ValueError("cannot find the teacher's weights of this run; pass them with --teacher-checkpoint PATH")
@@ -241,20 +275,33 @@ def run_teacher(info: dict, checkpoint: str | os.PathLike | None = None):
         backbone.load_weights(checkpoint)
     expected = coll.get("weights_sha256")
     if expected is not None and weights_sha256(backbone) != expected:
-        raise ValueError(f"{str(checkpoint or 'the configured backbone')!r} is not the teacher this run was distilled "
-                         "from (its weights differ from the collection's); pass the checkpoint the trajectories were "
-                         "collected with")
+        raise ValueError(
+            f"{str(checkpoint or 'the configured backbone')!r} is not the teacher this run was distilled "
+            "from (its weights differ from the collection's); pass the checkpoint the trajectories were "
+            "collected with"
+        )
     return backbone.eval()
 
 
-def run_solver(info: dict, solver: str | None = None, steps: int | None = None, grid: str | None = None,
-               options: dict | None = None) -> TeacherSolver:
+def run_solver(
+    info: dict,
+    solver: str | None = None,
+    steps: int | None = None,
+    grid: str | None = None,
+    options: dict | None = None,
+) -> TeacherSolver:
     """The teacher solver of a run's collection, with any field overridden; it ends at DSNO's last time."""
     coll = info["collection"]
     same = solver in (None, coll["solver"])
     opts = dict(coll.get("solver_options", {})) if same and options is None else dict(options or {})
-    return TeacherSolver(solver or coll["solver"], int(steps or coll["steps"]), grid or coll["grid"],
-                         float(coll["output_times"][-1]), coll.get("target", "denoised"), opts)
+    return TeacherSolver(
+        solver or coll["solver"],
+        int(steps or coll["steps"]),
+        grid or coll["grid"],
+        float(coll["output_times"][-1]),
+        coll.get("target", "denoised"),
+        opts,
+    )
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -324,7 +371,9 @@ class SampleWriter:
             raise FileExistsError(f"--out {str(self.out)!r} is a file, not a folder")
         existing = [str(p) for p in output_paths(self.out, self.formats, several_times) if p.exists()]
         if existing and not self.overwrite:
-            raise FileExistsError(f"{', '.join(existing[:3])} already exist(s); pass --overwrite or choose another --out")
+            raise FileExistsError(
+                f"{', '.join(existing[:3])} already exist(s); pass --overwrite or choose another --out"
+            )
 
     def add(self, batch: SampleBatch) -> None:
         several = batch.outputs.shape[1] > 1
@@ -359,8 +408,11 @@ class SampleWriter:
         files: dict[str, str] = {}
         labels = np.concatenate(self.labels) if self.labels else None
         if "npz" in self.formats:
-            arrays = {"images": pixels if several else pixels[:, 0], "seeds": np.asarray(self.seeds, dtype=np.int64),
-                      "times": np.asarray(self.times, dtype=np.float64)}
+            arrays = {
+                "images": pixels if several else pixels[:, 0],
+                "seeds": np.asarray(self.seeds, dtype=np.int64),
+                "times": np.asarray(self.times, dtype=np.float64),
+            }
             if labels is not None:
                 arrays["labels"] = labels.astype(np.int64)
             tmp = self.out / "samples.tmp.npz"
@@ -400,7 +452,7 @@ def side_by_side(left: str | os.PathLike, right: str | os.PathLike, out: str | o
     h = max(a.shape[0], b.shape[0])
     canvas = np.full((h, a.shape[1] + gap + b.shape[1], a.shape[-1]), 255, dtype=np.uint8)
     canvas[: a.shape[0], : a.shape[1]] = a
-    canvas[: b.shape[0], a.shape[1] + gap:] = b
+    canvas[: b.shape[0], a.shape[1] + gap :] = b
     save_png(canvas, out)
 
 
@@ -409,5 +461,7 @@ def summary(model, info: dict) -> dict[str, Any]:
     return {
         "model": model.config(),
         "run_info": {k: info[k] for k in ("data_content_sha256", "init_from_sha256") if k in info},
-        "collection": {k: info.get("collection", {}).get(k) for k in ("solver", "steps", "grid", "target", "output_times")},
+        "collection": {
+            k: info.get("collection", {}).get(k) for k in ("solver", "steps", "grid", "target", "output_times")
+        },
     }

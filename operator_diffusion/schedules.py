@@ -497,7 +497,9 @@ class PSLD(DiffusionProcess):
         if not (self.beta_min > 0 and self.beta_max > 0):
             raise ValueError(f"PSLD needs beta_min, beta_max > 0, got {self.beta_min}, {self.beta_max}")
         if self.gamma < 0 or self.nu < 0 or self.gamma == self.nu:
-            raise ValueError(f"PSLD needs gamma, nu >= 0 and gamma != nu (M⁻¹ = (Γ−ν)²/4 > 0), got {self.gamma}, {self.nu}")
+            raise ValueError(
+                f"PSLD needs gamma, nu >= 0 and gamma != nu (M⁻¹ = (Γ−ν)²/4 > 0), got {self.gamma}, {self.nu}"
+            )
         if not self.kappa > 0:
             raise ValueError(f"PSLD needs kappa > 0 (HSM momentum variance κM), got {self.kappa}")
         if not 0 < self.t_min < self.t_max:
@@ -581,20 +583,25 @@ class PSLD(DiffusionProcess):
     def perturb(self, x0: Tensor, t, eps: Tensor) -> Tensor:
         """z_t = Φ_t (x₀, 0) + L_t ε (HSM: m₀ ~ N(0, κM) is part of the noise); ``eps`` has 2C channels."""
         if eps.shape[1] != 2 * x0.shape[1] or eps.shape[2:] != x0.shape[2:]:
-            raise ValueError(f"eps must have twice the channels of x0 (x then m): got {tuple(eps.shape)} for x0 {tuple(x0.shape)}")
+            raise ValueError(
+                f"eps must have twice the channels of x0 (x then m): got {tuple(eps.shape)} for x0 {tuple(x0.shape)}"
+            )
         return apply2(self.transition(t), join(x0, torch.zeros_like(x0))) + apply2(self.cholesky(t), eps)
 
     def prior(self, shape, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> Tensor:
-        """z_T ~ N(0, diag(1, M)) for data of ``shape`` (B, C, ...): returns (B, 2C, ...) (the code's ``prior_sampling``)."""
+        """z_T ~ N(0, diag(1, M)) for data of ``shape`` (B, C, ...): returns (B, 2C, ...) (the code's
+        ``prior_sampling``)."""
         x = torch.randn(*shape, generator=generator, dtype=dtype, device=device)
         m = torch.randn(*shape, generator=generator, dtype=dtype, device=device) * math.sqrt(self.mass)
         return join(x, m)
 
     def noise_rule(self) -> str:
         """The prior N(0, diag(1, M)) by the per-seed generator: z_T = (x, m); its x half is the VP rule's x_T."""
-        return ("z_T = PSLD.prior((1, C, H, W), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)[0] "
-                "on CPU: x = torch.randn(C, H, W, generator=g), then m = sqrt(M) * torch.randn(C, H, W, generator=g), "
-                "z_T = cat([x, m]); then label")
+        return (
+            "z_T = PSLD.prior((1, C, H, W), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)[0] "
+            "on CPU: x = torch.randn(C, H, W, generator=g), then m = sqrt(M) * torch.randn(C, H, W, generator=g), "
+            "z_T = cat([x, m]); then label"
+        )
 
     def prior_config(self) -> dict:
         return self.config()  # the phase-space prior and its state layout depend on the whole process
@@ -664,7 +671,9 @@ def schedule_from_config(config: dict) -> DiffusionProcess:
     valid = {f.name for f in fields(cls) if f.init}
     unknown = set(config) - valid
     if unknown:
-        raise ValueError(f"unknown {name} schedule parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
+        raise ValueError(
+            f"unknown {name} schedule parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}"
+        )
     if cls is DiscreteVP:
         return DiscreteVP(log_alphas=tuple(config["log_alphas"]))
     return cls(**config)
@@ -692,8 +701,10 @@ def time_grid(
     if kind not in GRID_KINDS:
         raise ValueError(f"unknown grid kind {kind!r}; valid: {', '.join(GRID_KINDS)}")
     if kind not in schedule.grid_kinds:
-        raise ValueError(f"grid kind {kind!r} needs an α/σ schedule (a log-SNR); for the {schedule.name} schedule "
-                         f"use: {', '.join(schedule.grid_kinds)}")
+        raise ValueError(
+            f"grid kind {kind!r} needs an α/σ schedule (a log-SNR); for the {schedule.name} schedule "
+            f"use: {', '.join(schedule.grid_kinds)}"
+        )
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"number of steps must be a positive integer, got {n!r}")
     t0 = float(schedule.t_max if t_start is None else t_start)
@@ -707,10 +718,16 @@ def time_grid(
     elif kind == "quadratic":
         ts = (math.sqrt(t0) + i * (math.sqrt(t1) - math.sqrt(t0))) ** 2
     elif kind == "logsnr":
-        l0, l1 = schedule.log_snr(torch.tensor(t0, dtype=torch.float64)), schedule.log_snr(torch.tensor(t1, dtype=torch.float64))
+        l0, l1 = (
+            schedule.log_snr(torch.tensor(t0, dtype=torch.float64)),
+            schedule.log_snr(torch.tensor(t1, dtype=torch.float64)),
+        )
         ts = schedule.t_from_log_snr(l0 + i * (l1 - l0))
     else:  # edm
-        r0, r1 = float(schedule.rho(torch.tensor(t0, dtype=torch.float64))), float(schedule.rho(torch.tensor(t1, dtype=torch.float64)))
+        r0, r1 = (
+            float(schedule.rho(torch.tensor(t0, dtype=torch.float64))),
+            float(schedule.rho(torch.tensor(t1, dtype=torch.float64))),
+        )
         rhos = (r0 ** (1 / rho) + i * (r1 ** (1 / rho) - r0 ** (1 / rho))) ** rho
         ts = schedule.t_from_log_snr(-torch.log(rhos))
     ts = ts.to(torch.float64)

@@ -120,7 +120,9 @@ def per_trajectory_spectrum(trajectories: Tensor, dt: float) -> Tensor:
     ``trajectories``: (N_traj, N, ...) at N uniform times with spacing ``dt``; returns (N_traj, ⌊N/2⌋+1)
     float64 on the CPU. The FFT runs in float64 on the input's device."""
     if trajectories.dim() < 2:
-        raise ValueError(f"trajectories must have shape (num_trajectories, num_times, ...), got {tuple(trajectories.shape)}")
+        raise ValueError(
+            f"trajectories must have shape (num_trajectories, num_times, ...), got {tuple(trajectories.shape)}"
+        )
     n_traj, n = trajectories.shape[:2]
     if n < 2:
         raise ValueError(f"a spectrum needs at least 2 time points, got {n}")
@@ -137,7 +139,9 @@ def spectrum_from_per_trajectory(per_trajectory: Tensor, dt: float, n_points: in
     """Summarise (N_traj, J) per-trajectory spectra (e.g. concatenated over batches) into a PowerSpectrum."""
     s = torch.as_tensor(per_trajectory, dtype=torch.float64)
     if s.dim() != 2 or s.shape[1] != n_points // 2 + 1 or len(s) == 0:
-        raise ValueError(f"per_trajectory must have shape (num_trajectories ≥ 1, {n_points // 2 + 1}), got {tuple(s.shape)}")
+        raise ValueError(
+            f"per_trajectory must have shape (num_trajectories ≥ 1, {n_points // 2 + 1}), got {tuple(s.shape)}"
+        )
     mean = s.mean(0)
     energy = torch.cumsum(energy_weights(n_points) * mean, 0)
     if not float(energy[-1]) > 0:
@@ -187,7 +191,9 @@ class Trajectories:
         return float(self.times[0] - self.times[-1]) / (len(self.times) - 1)
 
 
-def uniform_times(schedule: Schedule, n_points: int, t_start: float | None = None, t_end: float | None = None) -> Tensor:
+def uniform_times(
+    schedule: Schedule, n_points: int, t_start: float | None = None, t_end: float | None = None
+) -> Tensor:
     """n_points uniform times from ``t_start`` (default t_max) down to ``t_end`` (default t_min), float64."""
     if not isinstance(n_points, int) or n_points < 2:
         raise ValueError(f"n_points must be an integer ≥ 2, got {n_points!r}")
@@ -218,9 +224,9 @@ def dense_trajectories(
     eps_fn: EpsFn,
     schedule: Schedule,
     x_T: Tensor,
-    n_points: int = 1000,           # Appendix A.1 samples at 1000 Hz over T = 1, enough to avoid aliasing
-    solver: str = "deis",           # tAB-DEIS order 3: third order with exact coefficients
-    steps_per_interval: int = 1,    # solver steps between two consecutive output times
+    n_points: int = 1000,  # Appendix A.1 samples at 1000 Hz over T = 1, enough to avoid aliasing
+    solver: str = "deis",  # tAB-DEIS order 3: third order with exact coefficients
+    steps_per_interval: int = 1,  # solver steps between two consecutive output times
     extra_args: dict[str, Any] | None = None,
     what: What = "state",
     **solver_options,
@@ -231,8 +237,17 @@ def dense_trajectories(
     times = uniform_times(schedule, n_points)
     grid = refine_grid(schedule, times, steps_per_interval)
     record = list(range(0, len(grid), steps_per_interval))
-    out = solve(eps_fn, x_T, schedule, grid, solver, extra_args=extra_args, record=record,
-                record_denoised=what == "denoised", **solver_options)
+    out = solve(
+        eps_fn,
+        x_T,
+        schedule,
+        grid,
+        solver,
+        extra_args=extra_args,
+        record=record,
+        record_denoised=what == "denoised",
+        **solver_options,
+    )
     values = out.states if what == "state" else out.denoised
     return Trajectories(times, values, what, out.nfe)
 
@@ -248,7 +263,9 @@ def exact_trajectories(oracle: Oracle, x_T: Tensor, n_points: int = 1000, what: 
     elif isinstance(oracle, GaussianMixtureOracle):
         states = oracle.flow(x_T, times).transpose(0, 1)  # (n, B, ...) -> (B, n, ...)
     else:
-        raise TypeError(f"exact trajectories need a GaussianOracle or GaussianMixtureOracle, got {type(oracle).__name__}")
+        raise TypeError(
+            f"exact trajectories need a GaussianOracle or GaussianMixtureOracle, got {type(oracle).__name__}"
+        )
     if what == "state":
         return Trajectories(times, states, what, 0)
     b = len(x_T)
@@ -299,8 +316,8 @@ def _summary(spectrum: PowerSpectrum, energy: float) -> dict[str, Any]:
     return {
         "format": "opdiff-spectrum/1",
         "definition": "S_j = (2 dt^2 / T) |X_j|^2, X_j = sum_i x(t_i) exp(-2 pi i j i / N), T = N dt "
-                      "(DSNO Appendix A.1, eqs. 12-13); mean not removed; energy of mode j = w_j S_j, "
-                      "w_0 = w_{N/2} = 1/2, else 1",
+        "(DSNO Appendix A.1, eqs. 12-13); mean not removed; energy of mode j = w_j S_j, "
+        "w_0 = w_{N/2} = 1/2, else 1",
         "n_points": spectrum.n_points,
         "dt": spectrum.dt,
         "period": spectrum.period,
@@ -328,8 +345,14 @@ def spectrum_report(
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True to replace")
     paths["spectrum.csv"].parent.mkdir(parents=True, exist_ok=True)
-    columns = {"mode": torch.arange(spectrum.num_modes), "frequency": spectrum.frequencies, "mean": spectrum.mean,
-               "min": spectrum.min, "max": spectrum.max, "energy_fraction": spectrum.energy_fraction}
+    columns = {
+        "mode": torch.arange(spectrum.num_modes),
+        "frequency": spectrum.frequencies,
+        "mean": spectrum.mean,
+        "min": spectrum.min,
+        "max": spectrum.max,
+        "energy_fraction": spectrum.energy_fraction,
+    }
     with paths["spectrum.csv"].open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(list(columns))
@@ -358,15 +381,23 @@ def _plot(spectrum: PowerSpectrum, modes: int, energy: float, path: Path, max_mo
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     ax_s.fill_between(j, positive(spectrum.min), positive(spectrum.max), alpha=0.3, label="min–max over trajectories")
     ax_s.plot(j, positive(spectrum.mean), marker=".", label="mean")
-    ax_s.set(yscale="log", xlabel=f"frequency mode j (frequency j/T, T = {spectrum.period:.4g})",
-             ylabel="power $S_j$", title=f"power spectrum ({spectrum.num_trajectories} trajectories, N = {spectrum.n_points})")
+    ax_s.set(
+        yscale="log",
+        xlabel=f"frequency mode j (frequency j/T, T = {spectrum.period:.4g})",
+        ylabel="power $S_j$",
+        title=f"power spectrum ({spectrum.num_trajectories} trajectories, N = {spectrum.n_points})",
+    )
     ax_s.legend()
     left = (1 - spectrum.energy_fraction[:shown]).clamp_min(1e-16).numpy()
     ax_e.plot(j + 1, left, marker=".")
     ax_e.axhline(1 - energy, color="gray", linestyle="--", label=f"1 − {energy:g}")
     ax_e.axvline(modes, color="red", linestyle=":", label=f"recommended --modes {modes}")
-    ax_e.set(yscale="log", xlabel="modes kept J (rfft modes 0 … J−1)", ylabel="energy outside the first J modes",
-             title="energy not captured by J modes")
+    ax_e.set(
+        yscale="log",
+        xlabel="modes kept J (rfft modes 0 … J−1)",
+        ylabel="energy outside the first J modes",
+        title="energy not captured by J modes",
+    )
     ax_e.legend()
     fig.savefig(path, dpi=120)
     plt.close(fig)

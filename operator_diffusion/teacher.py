@@ -52,12 +52,12 @@ from .runs import (
     EMA,
     PRECISIONS,
     RUN_INFO,
-    TrainState,
     Indices,
+    TrainState,
+    check_decay,
     check_in_sync,
     check_run_dir,
     end_of_step,
-    check_decay,
     learning_rate,
     resumable_batches,
     resume_from_checkpoint,
@@ -101,31 +101,31 @@ class TeacherConfig:
     Defaults are tuned for the digits (``opdiff-unet`` preset ``digits``, 272k parameters): ``max_steps=4000`` is a
     good teacher in a few minutes on 2 CPU cores (docs/teacher.md)."""
 
-    data: str                                  # images.load_images source: "digits", a folder, an .npz, a datasets folder or Hub id
-    out: str                                   # run directory
+    data: str  # images.load_images source: "digits", a folder, an .npz, a datasets folder or Hub id
+    out: str  # run directory
     backbone: str = "opdiff-unet"
     backbone_options: dict[str, Any] = field(default_factory=dict)  # constructor kwargs; {} = chosen from the data
-    prediction: Prediction = "eps"             # what the network learns: eps, x0 or v
-    num_classes: int = 0                       # K > 0: class-conditional on the source's labels 0..K-1
-    label_dropout: float = 0.1                 # probability of the null label (classifier-free guidance)
-    batch_size: int = 128                      # per process and micro-step
+    prediction: Prediction = "eps"  # what the network learns: eps, x0 or v
+    num_classes: int = 0  # K > 0: class-conditional on the source's labels 0..K-1
+    label_dropout: float = 0.1  # probability of the null label (classifier-free guidance)
+    batch_size: int = 128  # per process and micro-step
     grad_accum: int = 1
     lr: float = 1e-3
-    warmup: int = 200                          # linear LR warm-up from lr·1e-3 (training.learning_rate)
+    warmup: int = 200  # linear LR warm-up from lr·1e-3 (training.learning_rate)
     lr_decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up; to 0 at max_steps
-    weight_decay: float = 0.0                  # AdamW's decoupled weight decay
-    ema: float = 0.999                         # EMA decay of the exported weights (warm-up rule of training.EMA)
-    max_steps: int = 4000                      # optimizer steps
-    grad_clip: float = 1.0                     # max global gradient norm; 0 = no clipping
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    ema: float = 0.999  # EMA decay of the exported weights (warm-up rule of training.EMA)
+    max_steps: int = 4000  # optimizer steps
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     mixed_precision: Literal["bf16", "fp16", "no"] | None = None  # None: bf16 on GPU, no on CPU
     seed: int = 0
     save_every: int = 1000
     log_every: int = 10
     keep_checkpoints: int = 2
-    hflip: bool = False                        # random horizontal flips (off: digits are not mirror-symmetric)
-    split: str = "train"                       # datasets sources: the split
-    column: str | None = None                  # datasets sources: the image column (default: the first image feature)
-    num: int | None = None                     # keep the first ``num`` images of the source
+    hflip: bool = False  # random horizontal flips (off: digits are not mirror-symmetric)
+    split: str = "train"  # datasets sources: the split
+    column: str | None = None  # datasets sources: the image column (default: the first image feature)
+    num: int | None = None  # keep the first ``num`` images of the source
 
     def identity(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -156,7 +156,8 @@ def denoising_loss(
     """Denoising score matching: mean over items of w_b · mean over the state's elements of (F(x_t, t, y) − target)²,
     with x_t = ``schedule.perturb(x_0, t, ε)`` (α_t x_0 + σ_t ε; PSLD's HSM kernel, ``hsm_loss``), F the raw network
     output (``backbone.forward``) and the target of ``backbone.prediction`` (``prediction_target``). ``eps`` has the
-    state's channels (``backbone.state_shape``). ``weight`` (B,) defaults to 1. Coefficients in float64; float32 result."""
+    state's channels (``backbone.state_shape``). ``weight`` (B,) defaults to 1. Coefficients in float64; float32
+    result."""
     schedule = backbone.schedule
     x_t = schedule.perturb(x0, t.double(), eps).to(x0.dtype)
     if backbone.prediction == "eps":  # every process's ε target (PSLD networks predict only ε)
@@ -173,7 +174,9 @@ def hsm_loss(
     (``PSLD.perturb``: the HSM kernel, m_0 ~ N(0, κM) folded into L_t) for ε (B, 2C, H, W) ~ N(0, I), and the
     mean over items of w_b · mean over (2C, H, W) of (ε_θ(z_t, t, y) − ε)². ``denoising_loss`` of a PSLD backbone."""
     if not isinstance(backbone.schedule, PSLD):
-        raise ValueError(f"hsm_loss needs a PSLD backbone, got the {backbone.schedule.name} schedule; use denoising_loss")
+        raise ValueError(
+            f"hsm_loss needs a PSLD backbone, got the {backbone.schedule.name} schedule; use denoising_loss"
+        )
     return denoising_loss(backbone, x0, t, eps, labels, weight)
 
 
@@ -226,7 +229,9 @@ class TeacherPlan:
     run_info: dict
 
 
-def default_backbone_options(backbone: str, image_shape: tuple[int, int, int], options: dict[str, Any]) -> dict[str, Any]:
+def default_backbone_options(
+    backbone: str, image_shape: tuple[int, int, int], options: dict[str, Any]
+) -> dict[str, Any]:
     """The backbone options to use: ``options`` as given, except for ``opdiff-unet`` without a ``preset``, which
     gets preset ``digits`` on 1×8×8 images; other image shapes need explicit architecture options."""
     options = dict(options)
@@ -247,7 +252,10 @@ def default_backbone_options(backbone: str, image_shape: tuple[int, int, int], o
 def _accepts(cls: type, name: str) -> bool:
     """Whether ``cls(...)`` takes the keyword ``name`` (explicitly or through **kwargs)."""
     params = inspect.signature(cls.__init__).parameters.values()
-    return any((p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or p.kind == p.VAR_KEYWORD for p in params)
+    return any(
+        (p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or p.kind == p.VAR_KEYWORD
+        for p in params
+    )
 
 
 def _build_backbone(config: TeacherConfig, image_shape: tuple[int, int, int]) -> tuple[Backbone, dict[str, Any]]:
@@ -266,7 +274,11 @@ def _build_backbone(config: TeacherConfig, image_shape: tuple[int, int, int]) ->
     bb = load_backbone(config.backbone, **options)
     if tuple(bb.image_shape) != tuple(image_shape):
         c, h, w = image_shape
-        hint = f" (e.g. --backbone-option in_channels={c} --backbone-option image_size={h})" if config.backbone == "opdiff-unet" and h == w else ""
+        hint = (
+            f" (e.g. --backbone-option in_channels={c} --backbone-option image_size={h})"
+            if config.backbone == "opdiff-unet" and h == w
+            else ""
+        )
         raise ValueError(
             f"backbone {bb.name!r} takes images of shape {tuple(bb.image_shape)} (C, H, W) but the data holds "
             f"{tuple(image_shape)}; choose backbone options for this shape{hint}"
@@ -279,9 +291,13 @@ def _build_backbone(config: TeacherConfig, image_shape: tuple[int, int, int]) ->
             "set --num-classes to the backbone's class count"
         )
     if config.num_classes and config.label_dropout > 0 and bb.null_label is None:
-        raise ValueError(f"backbone {bb.name!r} has no null label: train it with --label-dropout 0 (no classifier-free guidance)")
+        raise ValueError(
+            f"backbone {bb.name!r} has no null label: train it with --label-dropout 0 (no classifier-free guidance)"
+        )
     if bb.prediction == "v" and not _is_variance_preserving(bb.schedule):
-        raise ValueError(f"v-prediction needs a variance-preserving schedule (α² + σ² = 1); {bb.schedule.name!r} is not")
+        raise ValueError(
+            f"v-prediction needs a variance-preserving schedule (α² + σ² = 1); {bb.schedule.name!r} is not"
+        )
     return bb, options
 
 
@@ -291,8 +307,14 @@ def _is_variance_preserving(schedule: Schedule) -> bool:
 
 
 def _check_numbers(config: TeacherConfig) -> None:
-    ints = (("batch_size", config.batch_size), ("grad_accum", config.grad_accum), ("max_steps", config.max_steps),
-            ("save_every", config.save_every), ("log_every", config.log_every), ("keep_checkpoints", config.keep_checkpoints))
+    ints = (
+        ("batch_size", config.batch_size),
+        ("grad_accum", config.grad_accum),
+        ("max_steps", config.max_steps),
+        ("save_every", config.save_every),
+        ("log_every", config.log_every),
+        ("keep_checkpoints", config.keep_checkpoints),
+    )
     for name, v in ints:
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -324,15 +346,20 @@ def _check_labels(images: ImageSet, num_classes: int) -> None:
         return
     if images.labels is None:
         raise ValueError(
-            f"--num-classes {num_classes} needs labels, but {images.source!r} has none (folders of images carry no labels; "
+            f"--num-classes {num_classes} needs labels, but {images.source!r} has none (folders of images carry no "
+            "labels; "
             "use 'digits', an .npz with a 'labels' array or a dataset with a label column)"
         )
     labels = np.asarray(images.labels)
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"the labels of {images.source!r} must be one integer per image, got {labels.dtype} {labels.shape}")
+        raise ValueError(
+            f"the labels of {images.source!r} must be one integer per image, got {labels.dtype} {labels.shape}"
+        )
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"{images.source!r} has labels {lo}..{hi}, outside 0..{num_classes - 1} for --num-classes {num_classes}")
+        raise ValueError(
+            f"{images.source!r} has labels {lo}..{hi}, outside 0..{num_classes - 1} for --num-classes {num_classes}"
+        )
 
 
 def plan_teacher(config: TeacherConfig) -> TeacherPlan:
@@ -341,7 +368,10 @@ def plan_teacher(config: TeacherConfig) -> TeacherPlan:
     _check_numbers(config)
     images = load_images(config.data, num=config.num, split=config.split, column=config.column)
     if len(images) < config.batch_size:
-        raise ValueError(f"{images.source!r} holds {len(images)} images, fewer than one batch of {config.batch_size}; lower --batch-size")
+        raise ValueError(
+            f"{images.source!r} holds {len(images)} images, fewer than one batch of {config.batch_size}; lower "
+            "--batch-size"
+        )
     _check_labels(images, config.num_classes)
     torch.manual_seed(config.seed)  # the network's initialisation
     backbone, kwargs = _build_backbone(config, images.shape)
@@ -377,8 +407,10 @@ def collect_command(plan: TeacherPlan, checkpoint: str | Path) -> str:
         f"--backbone-option {shlex.quote(f'{k}={v if isinstance(v, str) else json.dumps(v)}')}"
         for k, v in plan.backbone_kwargs.items()
     )
-    return (f"opdiff collect --backbone {shlex.quote(plan.config.backbone)} {opts} "
-            f"--checkpoint {shlex.quote(str(checkpoint))} --num N --out TRAJECTORIES").replace("  ", " ")
+    return (
+        f"opdiff collect --backbone {shlex.quote(plan.config.backbone)} {opts} "
+        f"--checkpoint {shlex.quote(str(checkpoint))} --num N --out TRAJECTORIES"
+    ).replace("  ", " ")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,7 +437,9 @@ class _Objective(nn.Module):
     def __init__(self, backbone: Backbone):
         super().__init__()
         self.network = backbone.network
-        self.backbone = backbone  # a plain attribute (a Backbone is not a Module): its network is registered once, above
+        self.backbone = (
+            backbone  # a plain attribute (a Backbone is not a Module): its network is registered once, above
+        )
 
     def forward(self, x0: Tensor, t: Tensor, eps: Tensor, labels: Tensor | None) -> Tensor:
         return denoising_loss(self.backbone, x0, t, eps, labels)
@@ -437,12 +471,14 @@ class TeacherResult:
     out: Path
     step: int
     resumed_from: int | None
-    checkpoint: Path | None         # OUT/teacher.safetensors (main process)
-    final_loss: float | None        # the smoothed loss (metrics' loss_avg) at the last step
-    command: str = ""               # the `opdiff collect` command for this teacher
+    checkpoint: Path | None  # OUT/teacher.safetensors (main process)
+    final_loss: float | None  # the smoothed loss (metrics' loss_avg) at the last step
+    command: str = ""  # the `opdiff collect` command for this teacher
 
 
-def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, int, dict], None] | None = None) -> TeacherResult:
+def train_teacher(
+    config: TeacherConfig | TeacherPlan, progress: Callable[[int, int, dict], None] | None = None
+) -> TeacherResult:
     """Train (or resume) the teacher run described by ``config`` (or by a ``plan_teacher`` plan, which it consumes);
     ``progress(step, max_steps, metrics)`` is called after every optimizer step on the main process. Writes
     ``teacher.safetensors`` (EMA weights) and ``teacher.json`` at the end."""
@@ -453,19 +489,33 @@ def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, 
 
     def enough_images(accelerator) -> None:  # plan_teacher checked one process's batch
         if len(plan.images) < config.batch_size * accelerator.num_processes:
-            raise ValueError(f"{plan.images.source!r} holds {len(plan.images)} images, fewer than one batch of "
-                             f"{config.batch_size} for each of {accelerator.num_processes} processes; lower --batch-size")
+            raise ValueError(
+                f"{plan.images.source!r} holds {len(plan.images)} images, fewer than one batch of "
+                f"{config.batch_size} for each of {accelerator.num_processes} processes; lower --batch-size"
+            )
 
-    accelerator = start_run(out, plan.run_info, resume, mixed_precision=plan.mixed_precision,
-                            grad_accum=config.grad_accum, seed=config.seed, check=enough_images)
+    accelerator = start_run(
+        out,
+        plan.run_info,
+        resume,
+        mixed_precision=plan.mixed_precision,
+        grad_accum=config.grad_accum,
+        seed=config.seed,
+        check=enough_images,
+    )
 
     backbone = plan.backbone
     backbone.train()
     objective = _Objective(backbone)
-    optimizer = torch.optim.AdamW(backbone.network.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        backbone.network.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay
+    )
     labels = plan.images.labels if config.num_classes else None
     loader = torch.utils.data.DataLoader(
-        Indices(len(plan.images)), batch_size=config.batch_size, shuffle=True, drop_last=True,
+        Indices(len(plan.images)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
         collate_fn=_Pixels(plan.images.images, labels),
     )
     objective, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
@@ -507,8 +557,12 @@ def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, 
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the loss became {loss_value} at step {state.step}; lower --lr or raise --warmup")
         state.update_loss(loss_value)
-        metrics = {"loss": loss_value, "loss_avg": state.loss_avg, "lr": float(optimizer.param_groups[0]["lr"]),
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        metrics = {
+            "loss": loss_value,
+            "loss_avg": state.loss_avg,
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        }
         end_of_step(accelerator, out, state, config, metrics, progress)
 
     path = None
@@ -520,7 +574,9 @@ def train_teacher(config: TeacherConfig | TeacherPlan, progress: Callable[[int, 
     return TeacherResult(out, state.step, resumed_from, path, state.loss_avg, collect_command(plan, out / TEACHER_FILE))
 
 
-def _export(backbone: Backbone, ema: EMA, state: TeacherState, out: Path, plan: TeacherPlan, num_processes: int) -> Path:
+def _export(
+    backbone: Backbone, ema: EMA, state: TeacherState, out: Path, plan: TeacherPlan, num_processes: int
+) -> Path:
     """EMA weights → ``teacher.safetensors`` (``Backbone.save_weights``, float32) and ``teacher.json``."""
     final = copy.deepcopy(backbone)
     final.network.to(device="cpu", dtype=torch.float32)

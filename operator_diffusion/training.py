@@ -20,12 +20,11 @@ skipped, RNG states are restored, and ``metrics.jsonl`` is cut back to the check
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -79,8 +78,9 @@ def check_positive(name: str, value: float | None) -> None:
         raise ValueError(f"{name} ({flag}) must be a finite number > 0, got {value!r}; omit it for the default")
 
 
-def time_weights(schedule, times: Tensor, weighting: str, w_min: float = 1.0, w_max: float = 1e4,
-                 final_weight: float | None = None) -> Tensor:
+def time_weights(
+    schedule, times: Tensor, weighting: str, w_min: float = 1.0, w_max: float = 1e4, final_weight: float | None = None
+) -> Tensor:
     """w(t_i): clamp(α/σ) (``sqrt-snr``, the paper), clamp(α²/σ²) (``snr``) or 1 (``uniform``), float64.
     For a PSLD schedule α/σ is that of the data channel, x_t = Φ₀₀x₀ + L₀₀ε_x: Φ₀₀/L₀₀ (``PSLD.x_log_snr``).
     ``final_weight`` (> 0) replaces the last entry, w(t_M), as an absolute weight (not clamped)."""
@@ -121,8 +121,9 @@ def per_time_losses(pred: Tensor, target: Tensor, loss: str = "l1", huber_c: flo
     return err.flatten(1).mean(1)
 
 
-def dsno_loss(pred: Tensor, target: Tensor, weights: Tensor, loss: str = "l1",
-              huber_c: float | None = None) -> tuple[Tensor, Tensor]:
+def dsno_loss(
+    pred: Tensor, target: Tensor, weights: Tensor, loss: str = "l1", huber_c: float | None = None
+) -> tuple[Tensor, Tensor]:
     """(L, (L_i)) with L = (1/M) Σ_i w_i L_i (paper eq. 10 with the reference's mean over times)."""
     terms = per_time_losses(pred, target, loss, huber_c)
     return (weights.to(terms) * terms).mean(), terms
@@ -134,11 +135,11 @@ def dsno_loss(pred: Tensor, target: Tensor, weights: Tensor, loss: str = "l1",
 @dataclass
 class RunPlan:
     config: TrainConfig
-    cache: Any                  # trajectories.TrajectoryCache
-    collection: dict            # the collection identity (info["collection"])
+    cache: Any  # trajectories.TrajectoryCache
+    collection: dict  # the collection identity (info["collection"])
     content_sha256: str
     model: DSNO
-    weights: Tensor             # (M,) or (1,) float64 loss weights
+    weights: Tensor  # (M,) or (1,) float64 loss weights
     mixed_precision: str
     run_info: dict
 
@@ -152,7 +153,8 @@ def build_backbone(config: TrainConfig, collection: dict) -> Backbone:
     shape = list(bb.image_shape)
     if shape != list(collection["image_shape"]):
         raise ValueError(
-            f"backbone {bb.name!r} takes images of shape {tuple(shape)} but the dataset holds {tuple(collection['image_shape'])}; "
+            f"backbone {bb.name!r} takes images of shape {tuple(shape)} but the dataset holds "
+            f"{tuple(collection['image_shape'])}; "
             "use the teacher's backbone configuration (the default) or collect data for this backbone"
         )
     teacher_process = schedule_from_config(collection["schedule"])
@@ -178,8 +180,14 @@ def plan_run(config: TrainConfig) -> RunPlan:
     from .provenance import file_sha256
     from .trajectories import TrajectoryCache
 
-    checks = (("batch_size", config.batch_size), ("grad_accum", config.grad_accum), ("max_steps", config.max_steps),
-              ("save_every", config.save_every), ("log_every", config.log_every), ("keep_checkpoints", config.keep_checkpoints))
+    checks = (
+        ("batch_size", config.batch_size),
+        ("grad_accum", config.grad_accum),
+        ("max_steps", config.max_steps),
+        ("save_every", config.save_every),
+        ("log_every", config.log_every),
+        ("keep_checkpoints", config.keep_checkpoints),
+    )
     for name, v in checks:
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -189,17 +197,23 @@ def plan_run(config: TrainConfig) -> RunPlan:
         raise ValueError(f"unknown loss {config.loss!r}; valid: {', '.join(LOSSES)}")
     check_positive("huber_c", config.huber_c)
     if config.huber_c is not None and config.loss != "pseudo-huber":
-        raise ValueError(f"huber_c (--huber-c) applies to the pseudo-huber loss only, not {config.loss!r}; "
-                         "drop it or pass --loss pseudo-huber")
+        raise ValueError(
+            f"huber_c (--huber-c) applies to the pseudo-huber loss only, not {config.loss!r}; "
+            "drop it or pass --loss pseudo-huber"
+        )
     check_positive("final_weight", config.final_weight)
     check_decay(config.lr_decay, config.warmup, config.max_steps)
     if config.mixed_precision not in (*PRECISIONS, None):
         raise ValueError(f"unknown mixed precision {config.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
     if config.init_from is not None and not Path(config.init_from).is_file():
-        raise FileNotFoundError(f"--init-from {config.init_from!r} does not exist; pass the teacher's .safetensors weights")
+        raise FileNotFoundError(
+            f"--init-from {config.init_from!r} does not exist; pass the teacher's .safetensors weights"
+        )
     from accelerate import PartialState
 
-    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():  # one process converts the dataset, the others then open it
+    with PartialState(
+        cpu=not torch.cuda.is_available()
+    ).main_process_first():  # one process converts the dataset, the others then open it
         cache = TrajectoryCache.build(config.data)
     collection = cache.info["collection"]
     torch.manual_seed(config.seed)  # the model's initialisation (temporal layers; the backbone without --init-from)
@@ -210,8 +224,9 @@ def plan_run(config: TrainConfig) -> RunPlan:
         )
     bb = build_backbone(config, collection)
     model = DSNO(bb, cache.times, modes=config.modes, init=config.init, baseline=config.baseline)
-    weights = time_weights(bb.schedule, model.times, config.weighting, config.weight_min, config.weight_max,
-                           config.final_weight)
+    weights = time_weights(
+        bb.schedule, model.times, config.weighting, config.weight_min, config.weight_max, config.final_weight
+    )
     if config.mixed_precision is None:
         precision = "bf16" if torch.cuda.is_available() else "no"
     else:
@@ -263,14 +278,24 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
     plan = plan_run(config)
     out = Path(config.out)
     resume = check_run_dir(out, plan.run_info)
-    accelerator = start_run(out, plan.run_info, resume, mixed_precision=plan.mixed_precision,
-                            grad_accum=config.grad_accum, seed=config.seed, trackers=config.trackers)
+    accelerator = start_run(
+        out,
+        plan.run_info,
+        resume,
+        mixed_precision=plan.mixed_precision,
+        grad_accum=config.grad_accum,
+        seed=config.seed,
+        trackers=config.trackers,
+    )
 
     model = plan.model
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999))
     loader = torch.utils.data.DataLoader(
-        Indices(len(plan.cache)), batch_size=config.batch_size, shuffle=True, drop_last=True,
+        Indices(len(plan.cache)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
         collate_fn=GatherBatch(plan.cache, config.baseline),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -47,8 +47,8 @@ from torch import Tensor
 from . import __version__
 from .provenance import file_sha256, versions, weights_sha256
 from .schedules import GRID_KINDS, PSLD, DiffusionProcess, Schedule, VPLinear, time_grid
-from .solvers.base import lower_order_final_default
 from .solvers import NonFiniteError, available_solvers, solve, solver_info
+from .solvers.base import lower_order_final_default
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import datasets
@@ -130,23 +130,23 @@ class CollectConfig:
     """What to collect from a teacher. Everything but ``batch_size`` is part of the dataset's identity
     (the batch size changes only float round-off: see ``_collect_shard``)."""
 
-    num: int                                   # number of trajectories
-    solver: str | None = None                  # None: the process's default_solver and its options
-    steps: int | None = None                   # solver steps (the grid has steps+1 times); None: its default_steps
-    grid: str | None = None                    # time_grid kind of the solver grid; None: DEFAULT_GRID
-    times: int = 4                             # M outputs (DSNO's reference: 4)
-    time_kind: TimeKind = "quadratic"          # output placement; the reference's CIFAR choice
+    num: int  # number of trajectories
+    solver: str | None = None  # None: the process's default_solver and its options
+    steps: int | None = None  # solver steps (the grid has steps+1 times); None: its default_steps
+    grid: str | None = None  # time_grid kind of the solver grid; None: DEFAULT_GRID
+    times: int = 4  # M outputs (DSNO's reference: 4)
+    time_kind: TimeKind = "quadratic"  # output placement; the reference's CIFAR choice
     time_list: tuple[float, ...] | None = None  # explicit output times (grid points); overrides times/time_kind
-    target: Target = "denoised"                # DSNO trains on the teacher's x̂_0 predictions
+    target: Target = "denoised"  # DSNO trains on the teacher's x̂_0 predictions
     dtype: Literal["float16", "float32"] = "float16"  # fp16 halves the reference's fp32 storage
     precision: Literal["fp32", "bf16", "auto"] = "fp32"  # the teacher network's arithmetic (bf16: autocast; solver
-                                               # stays fp32); auto: measured (``resolve_precision``)
-    seed: int = 0                              # example k uses seed + k
-    shard_size: int = 1000                     # examples per parquet shard (~25 MB at 4×3×32×32 fp16)
+    # stays fp32); auto: measured (``resolve_precision``)
+    seed: int = 0  # example k uses seed + k
+    shard_size: int = 1000  # examples per parquet shard (~25 MB at 4×3×32×32 fp16)
     labels: str | int | tuple[int, ...] | None = None  # "random", one class, or a list: seed s gets list[s % len]
-    guidance: float | None = None              # classifier-free guidance scale (needs a null label)
+    guidance: float | None = None  # classifier-free guidance scale (needs a null label)
     solver_options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 64                       # trajectories per solve; changes float round-off only
+    batch_size: int = 64  # trajectories per solve; changes float round-off only
 
 
 def with_defaults(config: CollectConfig, schedule: DiffusionProcess) -> CollectConfig:
@@ -164,10 +164,10 @@ def with_defaults(config: CollectConfig, schedule: DiffusionProcess) -> CollectC
 class CollectionPlan:
     """A validated collection: the solver grid, output indices and the identity recorded in the info."""
 
-    config: CollectConfig       # with the defaults filled in (``with_defaults``)
-    ts: Tensor                  # (steps+1,) float64 solver grid
-    indices: tuple[int, ...]    # M grid indices of the outputs, increasing (times decreasing)
-    identity: dict[str, Any]    # JSON-normalised; equal identities mean equal data
+    config: CollectConfig  # with the defaults filled in (``with_defaults``)
+    ts: Tensor  # (steps+1,) float64 solver grid
+    indices: tuple[int, ...]  # M grid indices of the outputs, increasing (times decreasing)
+    identity: dict[str, Any]  # JSON-normalised; equal identities mean equal data
     precision_choice: dict | None = None  # how precision "auto" was resolved (``resolve_precision``); not identity
 
     @property
@@ -217,12 +217,16 @@ def indices_of_times(ts: Tensor, times: Sequence[float]) -> list[int]:
         j = int(torch.argmin((ts - float(t)).abs()))
         if abs(float(ts[j]) - float(t)) > 1e-9 * abs(float(ts[j])):
             near = ", ".join(f"{float(ts[i]):.10g} (index {i})" for i in (j - 1, j, j + 1) if 0 <= i < len(ts))
-            raise ValueError(f"output time {float(t):.10g} is not a point of the solver grid; nearest grid times: {near}")
+            raise ValueError(
+                f"output time {float(t):.10g} is not a point of the solver grid; nearest grid times: {near}"
+            )
         out.append(j)
     if len(set(out)) < len(out):
         raise ValueError(f"output times must be distinct grid points, got indices {out}")
     if 0 in out:
-        raise ValueError(f"output time {float(ts[0]):.6g} is the start t_max (x_T is regenerated from the seed, never stored)")
+        raise ValueError(
+            f"output time {float(ts[0]):.6g} is the start t_max (x_T is regenerated from the seed, never stored)"
+        )
     return sorted(out)
 
 
@@ -243,12 +247,22 @@ def _label_mode(labels, num_classes: int, guidance: float | None, null_label: in
     return values[0] if isinstance(labels, int) else values
 
 
-def solver_nfe(schedule: DiffusionProcess, ts: Tensor, solver: str, indices: Sequence[int], target: Target, options: dict) -> int:
+def solver_nfe(
+    schedule: DiffusionProcess, ts: Tensor, solver: str, indices: Sequence[int], target: Target, options: dict
+) -> int:
     """Network evaluations per trajectory of ``solver`` on grid ``ts`` recording ``indices`` (a denoised
     target at the last index costs one more), by a dry run on a free ε; also validates the solver options."""
     # one item with two channels: a valid α/σ image and a valid PSLD state (x, m) alike
-    out = solve(lambda x, t, **kw: torch.zeros_like(x), torch.zeros(1, 2, dtype=torch.float64), schedule, ts,
-                solver, record=list(indices), record_denoised=target == "denoised", **options)
+    out = solve(
+        lambda x, t, **kw: torch.zeros_like(x),
+        torch.zeros(1, 2, dtype=torch.float64),
+        schedule,
+        ts,
+        solver,
+        record=list(indices),
+        record_denoised=target == "denoised",
+        **options,
+    )
     return out.nfe
 
 
@@ -258,7 +272,8 @@ def check_deterministic(solver: str, schedule: DiffusionProcess, use: str) -> No
         deterministic = [n for n in available_solvers(schedule) if not solver_info(n, schedule).stochastic]
         raise ValueError(
             f"solver {solver!r} is stochastic: its trajectories are not a function of the seed's noise, and {use}; "
-            f"choose a deterministic one: {', '.join(deterministic)}")
+            f"choose a deterministic one: {', '.join(deterministic)}"
+        )
 
 
 def noise_rule(schedule: DiffusionProcess) -> str:
@@ -266,18 +281,33 @@ def noise_rule(schedule: DiffusionProcess) -> str:
     return schedule.noise_rule()
 
 
-def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str | os.PathLike | None = None, *,
-                    out_dir: str | os.PathLike | None = None, device: str | torch.device | None = None) -> CollectionPlan:
+def plan_collection(
+    backbone: "Backbone",
+    config: CollectConfig,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> CollectionPlan:
     """Validate ``config`` against the teacher and build the plan; raises ValueError on bad input.
     Precision "auto" is resolved after the validation and before the identity is built (``resolve_precision``:
     the precision recorded in ``out_dir``'s collection, else a measurement on ``device``), so the identity
     always holds "fp32" or "bf16"; the plan's ``precision_choice`` says how."""
     c = with_defaults(config, backbone.schedule)
-    for name, v, lo in (("num", c.num, 1), ("shard_size", c.shard_size, 1), ("batch_size", c.batch_size, 1), ("steps", c.steps, 1)):
+    for name, v, lo in (
+        ("num", c.num, 1),
+        ("shard_size", c.shard_size, 1),
+        ("batch_size", c.batch_size, 1),
+        ("steps", c.steps, 1),
+    ):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    for name, v, valid in (("target", c.target, TARGETS), ("dtype", c.dtype, DTYPES), ("grid", c.grid, GRID_KINDS),
-                           ("precision", c.precision, (*PRECISIONS, AUTO_PRECISION))):
+    for name, v, valid in (
+        ("target", c.target, TARGETS),
+        ("dtype", c.dtype, DTYPES),
+        ("grid", c.grid, GRID_KINDS),
+        ("precision", c.precision, (*PRECISIONS, AUTO_PRECISION)),
+    ):
         if v not in valid:
             raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
     spec = solver_info(c.solver, backbone.schedule)
@@ -325,8 +355,13 @@ def plan_collection(backbone: "Backbone", config: CollectConfig, checkpoint: str
 # --------------------------------------------------------------------------------------------------
 # Teacher solves
 # --------------------------------------------------------------------------------------------------
-def example_inputs(seeds: Sequence[int], shape: Sequence[int], labels=None, num_classes: int = 0,
-                   schedule: DiffusionProcess | None = None) -> tuple[Tensor, Tensor | None]:
+def example_inputs(
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    labels=None,
+    num_classes: int = 0,
+    schedule: DiffusionProcess | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """x_T (B, *state shape) on CPU float32 and labels (B,) or None, from per-example generators (the process's
     ``noise_rule``): example seed s draws its prior noise first (``schedule.prior`` for data of ``shape`` (C, ...);
     no schedule: N(0, I)) and then, for labels="random", its label in [0, num_classes); a fixed label list gives
@@ -349,14 +384,31 @@ def example_inputs(seeds: Sequence[int], shape: Sequence[int], labels=None, num_
 
 
 def record_trajectories(
-    eps_fn, x: Tensor, schedule: DiffusionProcess, ts: Tensor, indices: Sequence[int], solver: str,
-    target: Target = "denoised", extra_args: dict | None = None, **options,
+    eps_fn,
+    x: Tensor,
+    schedule: DiffusionProcess,
+    ts: Tensor,
+    indices: Sequence[int],
+    solver: str,
+    target: Target = "denoised",
+    extra_args: dict | None = None,
+    **options,
 ) -> Tensor:
     """(B, M, ...) teacher outputs at grid ``indices``: x̂_0(x(t_i), t_i) (``denoised``; at the last grid
     index this is denoise_to_zero's sample) or the states x(t_i) (``state``), from one ``solve``.
     PSLD: the data's C channels either way — x̂_0, or the x half of the states z(t_i)."""
-    out = solve(eps_fn, x, schedule, ts, solver, extra_args=extra_args, record=list(indices),
-                record_denoised=target == "denoised", check_finite=True, **options)
+    out = solve(
+        eps_fn,
+        x,
+        schedule,
+        ts,
+        solver,
+        extra_args=extra_args,
+        record=list(indices),
+        record_denoised=target == "denoised",
+        check_finite=True,
+        **options,
+    )
     if target == "denoised":
         return out.denoised
     return schedule.data_part(out.states, dim=2)  # (B, M, state channels, ...) -> the data's (B, M, C, ...)
@@ -371,7 +423,9 @@ class EpsFunction:
     device: torch.device
 
     @classmethod
-    def from_backbone(cls, backbone: "Backbone", guidance: float | None, device, precision: str = "fp32") -> "EpsFunction":
+    def from_backbone(
+        cls, backbone: "Backbone", guidance: float | None, device, precision: str = "fp32"
+    ) -> "EpsFunction":
         from .prediction import autocast_eps, classifier_free_guidance
 
         backbone.to(device).eval()
@@ -389,9 +443,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def time_calls(calls: dict[str, Callable[[], Any]], repeats: int = 3, sync: Callable[[], Any] | None = None,
-               timer: Callable[[], float] = time.perf_counter,
-               settled: Callable[[dict[str, float]], bool] | None = None) -> dict[str, float]:
+def time_calls(
+    calls: dict[str, Callable[[], Any]],
+    repeats: int = 3,
+    sync: Callable[[], Any] | None = None,
+    timer: Callable[[], float] = time.perf_counter,
+    settled: Callable[[dict[str, float]], bool] | None = None,
+) -> dict[str, float]:
     """Median seconds per call of each of ``calls``: one warm-up call each, then up to ``repeats`` rounds that
     call each once in turn (interleaved, so that load from other work falls on all alike), fewer when
     ``settled(medians so far)`` says so after a round; ``sync`` (e.g. ``torch.cuda.synchronize``) runs
@@ -413,9 +471,16 @@ def time_calls(calls: dict[str, Callable[[], Any]], repeats: int = 3, sync: Call
     return medians
 
 
-def choose_precision(backbone: "Backbone", device: str | torch.device | None = None, batch_size: int = 64, *,
-                     guidance: float | None = None, repeats: int = 3, margin: float = BF16_MARGIN,
-                     measure: Callable[[dict[str, Callable[[], Any]]], dict[str, float]] | None = None) -> tuple[str, dict]:
+def choose_precision(
+    backbone: "Backbone",
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+    *,
+    guidance: float | None = None,
+    repeats: int = 3,
+    margin: float = BF16_MARGIN,
+    measure: Callable[[dict[str, Callable[[], Any]]], dict[str, float]] | None = None,
+) -> tuple[str, dict]:
     """Time the teacher's ε (as collection runs it: ``EpsFunction.from_backbone``, guidance included) on one batch
     of the collection's shape in fp32 and under bf16 autocast, on ``device`` (default: ``default_device()``),
     and pick "bf16" only when it takes at most (1 − ``margin``) of fp32's time per evaluation: bf16 can be
@@ -436,19 +501,33 @@ def choose_precision(backbone: "Backbone", device: str | torch.device | None = N
     calls = {p: (lambda f=f: f(x, t, **extra)) for p, f in eps.items()}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     with torch.inference_mode():
-        seconds = measure(calls) if measure is not None else time_calls(
-            calls, repeats, sync, settled=lambda m: m["bf16"] >= 2 * m["fp32"])
+        seconds = (
+            measure(calls)
+            if measure is not None
+            else time_calls(calls, repeats, sync, settled=lambda m: m["bf16"] >= 2 * m["fp32"])
+        )
     seconds = {p: float(seconds[p]) for p in PRECISIONS}
     chosen = "bf16" if seconds["bf16"] <= (1 - margin) * seconds["fp32"] else "fp32"
-    record = {"precision": chosen, "source": "measured", "seconds_per_eval": seconds, "batch_size": batch_size,
-              "device": str(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "margin": margin}
+    record = {
+        "precision": chosen,
+        "source": "measured",
+        "seconds_per_eval": seconds,
+        "batch_size": batch_size,
+        "device": str(device),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "margin": margin,
+    }
     if device.type == "cuda":
         record["cuda_device"] = torch.cuda.get_device_name(device)
     return chosen, record
 
 
-def resolve_precision(backbone: "Backbone", config: CollectConfig, out_dir: str | os.PathLike | None = None,
-                      device: str | torch.device | None = None) -> tuple[str, dict | None]:
+def resolve_precision(
+    backbone: "Backbone",
+    config: CollectConfig,
+    out_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[str, dict | None]:
     """The concrete precision ("fp32"/"bf16") of ``config`` and how it was found: its own when it is not
     "auto" (record None); for "auto", the precision recorded in ``out_dir``'s collection when the folder holds
     one (so that resuming, on this machine or another that would measure otherwise, matches; record
@@ -470,14 +549,25 @@ def solve_examples(teacher: EpsFunction, plan: CollectionPlan, examples: range) 
     extra = None if labels is None else {"labels": labels.to(teacher.device)}
     try:
         with torch.inference_mode():
-            traj = record_trajectories(teacher.eps_fn, x.to(teacher.device), teacher.schedule, plan.ts, plan.indices,
-                                       cfg.solver, cfg.target, extra, **cfg.solver_options)
+            traj = record_trajectories(
+                teacher.eps_fn,
+                x.to(teacher.device),
+                teacher.schedule,
+                plan.ts,
+                plan.indices,
+                cfg.solver,
+                cfg.target,
+                extra,
+                **cfg.solver_options,
+            )
     except NonFiniteError as e:
         bad = [seeds[i] for i in e.items]
         raise NonFiniteTrajectoryError(
             f"the teacher returned NaN/Inf at step {e.step} (t={e.t:.6g}) for the examples with seeds {bad[:20]}"
             f"{' …' if len(bad) > 20 else ''}; check the backbone and its checkpoint (completed shards are kept)",
-            e.step, e.t, bad,
+            e.step,
+            e.t,
+            bad,
         ) from None
     stored = traj.to(getattr(torch, cfg.dtype)).cpu().numpy()
     return stored, None if labels is None else labels.numpy()
@@ -528,18 +618,25 @@ def check_output_dir(out_dir: Path, plan: CollectionPlan) -> bool:
         foreign = [p.name for p in out_dir.iterdir() if not p.name.startswith(".")] if out_dir.is_dir() else []
         if foreign:
             raise CollectionMismatchError(
-                f"output folder {str(out_dir)!r} is not empty and holds no opdiff collection ({', '.join(sorted(foreign)[:3])}); "
-                "choose a new --out", ["out"])
+                f"output folder {str(out_dir)!r} is not empty and holds no opdiff collection "
+                f"({', '.join(sorted(foreign)[:3])}); "
+                "choose a new --out",
+                ["out"],
+            )
         return False
     if info.get("format_version") != FORMAT_VERSION:
         raise CollectionMismatchError(
             f"{str(out_dir)!r} holds a collection of format {info.get('format_version')!r} (this opdiff writes "
-            f"{FORMAT_VERSION}); choose a new --out", ["format_version"])
+            f"{FORMAT_VERSION}); choose a new --out",
+            ["format_version"],
+        )
     diff = identity_diff(info["collection"], plan.identity)
     if diff:
         raise CollectionMismatchError(
             f"{str(out_dir)!r} holds a different collection ({'; '.join(diff[:6])}{' …' if len(diff) > 6 else ''}); "
-            "resuming needs the same arguments: choose a new --out for this one", [d.split(":")[0] for d in diff])
+            "resuming needs the same arguments: choose a new --out for this one",
+            [d.split(":")[0] for d in diff],
+        )
     return True
 
 
@@ -559,7 +656,9 @@ def dataset_card(info: dict) -> str:
     ident = info["collection"]
     card = DatasetCardData(tags=["opdiff", "diffusion-trajectories", "dsno"])
     split = datasets.SplitDict({"train": datasets.SplitInfo("train", num_examples=ident["num"])})
-    DatasetInfosDict({"default": datasets.DatasetInfo(features=features(ident), splits=split)}).to_dataset_card_data(card)
+    DatasetInfosDict({"default": datasets.DatasetInfo(features=features(ident), splits=split)}).to_dataset_card_data(
+        card
+    )
     MetadataConfigs({"default": {"data_files": [{"split": "train", "path": SHARD_GLOB}]}}).to_dataset_card_data(card)
     return f"---\n{card.to_yaml()}\n---\n\n{_card_text(info)}"
 
@@ -568,28 +667,36 @@ def _card_text(info: dict) -> str:
     ident = info["collection"]
     bb = ident["backbone"]
     times = ", ".join(f"{t:.6g} (grid index {i})" for t, i in zip(ident["output_times"], ident["output_indices"]))
-    label = "" if ident["labels"] is None else f" and `label` (int64; labels: {ident['labels']}, guidance: {ident['guidance']})"
+    label = (
+        ""
+        if ident["labels"] is None
+        else f" and `label` (int64; labels: {ident['labels']}, guidance: {ident['guidance']})"
+    )
     options = ", ".join(f"{k}={v!r}" for k, v in ident["solver_options"].items()) or "no options"
     what = "x̂_0 predictions of the teacher" if ident["target"] == "denoised" else "states x(t_i) of the teacher's ODE"
-    arithmetic = {"fp32": "float32", "bf16": "bf16 autocast (ε̂ cast back to float32 for the solver)"}[ident.get("precision", "fp32")]
+    arithmetic = {"fp32": "float32", "bf16": "bf16 autocast (ε̂ cast back to float32 for the solver)"}[
+        ident.get("precision", "fp32")
+    ]
     choice = info.get("precision_choice")
     if choice is not None:
         sec = choice["seconds_per_eval"]
-        arithmetic += (f", chosen by `--precision auto`: {sec['fp32'] * 1e3:.3g} ms in fp32 vs {sec['bf16'] * 1e3:.3g} ms"
-                       f" in bf16 per network evaluation at batch {choice['batch_size']} on {choice['device']}"
-                       f" (CPU capability {choice['cpu_capability']})")
+        arithmetic += (
+            f", chosen by `--precision auto`: {sec['fp32'] * 1e3:.3g} ms in fp32 vs {sec['bf16'] * 1e3:.3g} ms"
+            f" in bf16 per network evaluation at batch {choice['batch_size']} on {choice['device']}"
+            f" (CPU capability {choice['cpu_capability']})"
+        )
     return f"""# Teacher trajectories for operator learning (DSNO)
 
-{ident['num']:,} probability-flow ODE trajectories of the diffusion model `{bb.get('name')}` (image shape
-{'×'.join(map(str, ident['image_shape']))}, schedule `{ident['schedule'].get('name')}`), collected with
-opdiff {info['opdiff_version']} (`opdiff collect`).
+{ident["num"]:,} probability-flow ODE trajectories of the diffusion model `{bb.get("name")}` (image shape
+{"×".join(map(str, ident["image_shape"]))}, schedule `{ident["schedule"].get("name")}`), collected with
+opdiff {info["opdiff_version"]} (`opdiff collect`).
 
-- Solver: `{ident['solver']}` ({options}), {ident['steps']} steps on a `{ident['grid']}` grid,
-  {ident['nfe_per_trajectory']} network evaluations per trajectory; teacher network in {arithmetic}.
-- Stored per example: `trajectory` ({len(ident['output_times'])}, {', '.join(map(str, ident['image_shape']))}) in
-  {ident['dtype']}, the {what} at the output times t = {times}; `seed` (int64){label}.
-- Noise: example k has seed {ident['seed']} + k and {ident['noise']}. x_T is not stored: regenerate it from the seed.
-- Weights: checkpoint sha256 `{ident['checkpoint_sha256']}`, state-dict sha256 `{ident['weights_sha256']}`.
+- Solver: `{ident["solver"]}` ({options}), {ident["steps"]} steps on a `{ident["grid"]}` grid,
+  {ident["nfe_per_trajectory"]} network evaluations per trajectory; teacher network in {arithmetic}.
+- Stored per example: `trajectory` ({len(ident["output_times"])}, {", ".join(map(str, ident["image_shape"]))}) in
+  {ident["dtype"]}, the {what} at the output times t = {times}; `seed` (int64){label}.
+- Noise: example k has seed {ident["seed"]} + k and {ident["noise"]}. x_T is not stored: regenerate it from the seed.
+- Weights: checkpoint sha256 `{ident["checkpoint_sha256"]}`, state-dict sha256 `{ident["weights_sha256"]}`.
 
 The full configuration is in `{INFO_NAME}`.
 
@@ -635,8 +742,14 @@ def _arrow_array4d(values: np.ndarray, ext_type) -> "Any":
     return pa.ExtensionArray.from_storage(ext_type, storage)
 
 
-def write_shard(path: Path, feats: "datasets.Features", trajectory: np.ndarray, seeds: np.ndarray,
-                labels: np.ndarray | None, provenance: dict | None = None) -> None:
+def write_shard(
+    path: Path,
+    feats: "datasets.Features",
+    trajectory: np.ndarray,
+    seeds: np.ndarray,
+    labels: np.ndarray | None,
+    provenance: dict | None = None,
+) -> None:
     """Write one shard to a hidden temporary name and rename it atomically when complete; ``provenance``
     (batch size, device, torch version: what decides the float round-off) goes in the schema metadata."""
     import pyarrow as pa
@@ -663,8 +776,10 @@ def read_shard(path: Path, shape: Sequence[int]) -> dict[str, np.ndarray]:
     arr = getattr(arr, "storage", arr)
     while hasattr(arr.type, "value_type"):  # list<list<…<float16>>> → the flat values, offsets respected
         arr = arr.flatten()
-    out = {"trajectory": arr.to_numpy(zero_copy_only=False).reshape(len(table), *shape),
-           "seed": table.column("seed").to_numpy()}
+    out = {
+        "trajectory": arr.to_numpy(zero_copy_only=False).reshape(len(table), *shape),
+        "seed": table.column("seed").to_numpy(),
+    }
     if "label" in table.column_names:
         out["label"] = table.column("label").to_numpy()
     return out
@@ -727,8 +842,8 @@ def collect(
     """Solve the teacher's PF-ODE for ``config.num`` examples and write the collection to ``out_dir``.
 
     Resumable: complete shards are skipped and the others (re)written; the result is bit-identical to an
-    uninterrupted run with the same batch size and device. Process p of N writes shards p, p+N, …; by default p and N come from
-    ``accelerate.PartialState()``, whose main process writes the card and info first and verifies every
+    uninterrupted run with the same batch size and device. Process p of N writes shards p, p+N, …; by default p and N
+    come from ``accelerate.PartialState()``, whose main process writes the card and info first and verifies every
     shard at the end. Explicit ``process_index``/``num_processes`` mean independent jobs (no barriers).
     The backbone is moved to ``device`` (default: CUDA when available) and put in eval mode.
     ``checkpoint`` (the file the weights came from) is hashed into the identity; ``progress(n)`` is
@@ -743,8 +858,12 @@ def collect(
     if device is None:
         device = state.device if state is not None else default_device()
     writes_metadata = state is None or state.is_main_process
-    make_plan = lambda: config if isinstance(config, CollectionPlan) else plan_collection(  # noqa: E731
-        backbone, config, checkpoint, out_dir=out, device=device)
+
+    def make_plan() -> CollectionPlan:
+        if isinstance(config, CollectionPlan):
+            return config
+        return plan_collection(backbone, config, checkpoint, out_dir=out, device=device)
+
     # other processes resolve "auto" after the barrier, from the info the main process wrote
     deferred = not writes_metadata and not isinstance(config, CollectionPlan) and config.precision == AUTO_PRECISION
     plan = None if deferred else make_plan()
@@ -771,13 +890,19 @@ def collect(
         written.append(k)
     if state is not None:
         state.wait_for_everyone()
-    missing = [k for k in range(plan.num_shards) if not shard_complete(plan.shard_path(out, k), len(plan.shard_range(k)))]
+    missing = [
+        k for k in range(plan.num_shards) if not shard_complete(plan.shard_path(out, k), len(plan.shard_range(k)))
+    ]
     if state is not None and missing:
-        raise RuntimeError(f"collection {str(out)!r} is incomplete after all processes finished: shards {missing[:10]} missing")
+        raise RuntimeError(
+            f"collection {str(out)!r} is incomplete after all processes finished: shards {missing[:10]} missing"
+        )
     return CollectResult(out, read_info(out), tuple(written), tuple(skipped), tuple(missing), plan.precision_choice)
 
 
-def _collect_shard(teacher: EpsFunction, plan: CollectionPlan, feats, path: Path, rows: range, progress: Progress | None) -> None:
+def _collect_shard(
+    teacher: EpsFunction, plan: CollectionPlan, feats, path: Path, rows: range, progress: Progress | None
+) -> None:
     """Solve a shard's examples in batches composed within the shard ([start, start+B), …) and write it.
 
     The composition fixes the float round-off: CPU GEMM/conv kernels (and cuDNN) give results that differ
@@ -794,7 +919,9 @@ def _collect_shard(teacher: EpsFunction, plan: CollectionPlan, feats, path: Path
             progress(len(batch))
     seeds = np.arange(rows.start, rows.stop, dtype=np.int64) + plan.config.seed
     provenance = {"batch_size": bs, "device": str(teacher.device), **versions()}
-    write_shard(path, feats, np.concatenate(trajs), seeds, None if labels[0] is None else np.concatenate(labels), provenance)
+    write_shard(
+        path, feats, np.concatenate(trajs), seeds, None if labels[0] is None else np.concatenate(labels), provenance
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -803,7 +930,9 @@ def _collect_shard(teacher: EpsFunction, plan: CollectionPlan, feats, path: Path
 def _require_info(path: Path) -> dict:
     info = read_info(path)
     if info is None:
-        raise FileNotFoundError(f"{str(path)!r} holds no opdiff collection (no {INFO_NAME}); create one with `opdiff collect`")
+        raise FileNotFoundError(
+            f"{str(path)!r} holds no opdiff collection (no {INFO_NAME}); create one with `opdiff collect`"
+        )
     return info
 
 
@@ -842,7 +971,8 @@ def _require_complete(path: Path) -> dict:
     if not status["complete"]:
         raise ValueError(
             f"collection {str(path)!r} is incomplete ({status['complete_shards']} of {status['num_shards']} shards); "
-            "finish it by re-running the same `opdiff collect` command")
+            "finish it by re-running the same `opdiff collect` command"
+        )
     return status["info"]
 
 
@@ -862,7 +992,9 @@ def content_hash(path: str | os.PathLike) -> str:
         for name, h in cols.items():
             if name in shard:
                 h.update(np.ascontiguousarray(shard[name]).tobytes())
-    return hashlib.sha256(("opdiff-trajectories/1:" + ":".join(h.hexdigest() for h in cols.values())).encode()).hexdigest()
+    return hashlib.sha256(
+        ("opdiff-trajectories/1:" + ":".join(h.hexdigest() for h in cols.values())).encode()
+    ).hexdigest()
 
 
 def _local_dir(dir_or_hub_id: str | os.PathLike) -> tuple[Path, bool]:
@@ -901,10 +1033,20 @@ def push_to_hub(path: str | os.PathLike, repo_id: str, *, private: bool | None =
     _require_complete(path)
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="dataset",
-                      allow_patterns=[CARD_NAME, INFO_NAME], commit_message="opdiff collection: card and info")
-    api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="dataset",
-                      allow_patterns=[SHARD_GLOB], commit_message="opdiff collection: shards")
+    api.upload_folder(
+        folder_path=str(path),
+        repo_id=repo_id,
+        repo_type="dataset",
+        allow_patterns=[CARD_NAME, INFO_NAME],
+        commit_message="opdiff collection: card and info",
+    )
+    api.upload_folder(
+        folder_path=str(path),
+        repo_id=repo_id,
+        repo_type="dataset",
+        allow_patterns=[SHARD_GLOB],
+        commit_message="opdiff collection: shards",
+    )
     return f"https://huggingface.co/datasets/{repo_id}"
 
 
@@ -956,7 +1098,9 @@ class TrajectoryCache:
         cache = Path(cache_dir)
         meta_path = cache / CACHE_META
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{str(cache)!r} holds no trajectory cache; create it with TrajectoryCache.build(DIR)")
+            raise FileNotFoundError(
+                f"{str(cache)!r} holds no trajectory cache; create it with TrajectoryCache.build(DIR)"
+            )
         meta = json.loads(meta_path.read_text())
         return cls(cache, TensorDict.load_memmap(cache / "tensors"), meta["info"], meta["content_sha256"])
 
@@ -982,8 +1126,10 @@ def _write_cache(path: Path, info: dict, cache: Path, digest: str) -> None:
 
     ident = info["collection"]
     n = ident["num"]
-    spec = {"trajectory": torch.empty(n, *item_shape(ident), dtype=getattr(torch, ident["dtype"]), device="meta"),
-            "seed": torch.empty(n, dtype=torch.int64, device="meta")}
+    spec = {
+        "trajectory": torch.empty(n, *item_shape(ident), dtype=getattr(torch, ident["dtype"]), device="meta"),
+        "seed": torch.empty(n, dtype=torch.int64, device="meta"),
+    }
     if ident["num_classes"]:
         spec["label"] = torch.empty(n, dtype=torch.int64, device="meta")
     tmp = cache / ".tensors.tmp"
@@ -1002,4 +1148,6 @@ def _write_cache(path: Path, info: dict, cache: Path, digest: str) -> None:
         start = stop
     del td
     os.replace(tmp, cache / "tensors")
-    _atomic_write_text(cache / CACHE_META, json.dumps({"format": CACHE_FORMAT, "content_sha256": digest, "info": info}, indent=2))
+    _atomic_write_text(
+        cache / CACHE_META, json.dumps({"format": CACHE_FORMAT, "content_sha256": digest, "info": info}, indent=2)
+    )

@@ -23,7 +23,8 @@ TINY_TEACHER = {"preset": "tiny", "in_channels": 1, "dropout": 0.0, "prediction"
 
 @pytest.fixture(autouse=True)
 def _private_fid_cache(tmp_path_factory, monkeypatch):
-    """Whatever a test caches (reference statistics, Hub collections) goes to a temporary folder, never to ~/.cache/opdiff."""
+    """Whatever a test caches (reference statistics, Hub collections) goes to a temporary folder, never to
+    ~/.cache/opdiff."""
     monkeypatch.setenv("OPDIFF_CACHE", str(tmp_path_factory.getbasetemp() / "opdiff-cache"))
 
 
@@ -51,8 +52,20 @@ def tiny_run(tmp_path_factory):
     ckpt = root / "teacher.safetensors"
     teacher.save_weights(ckpt)
     collect(teacher, root / "data", CollectConfig(num=48, steps=16, shard_size=24, batch_size=24), checkpoint=ckpt)
-    train(TrainConfig(data=str(root / "data"), out=str(root / "run"), init_from=str(ckpt), batch_size=8, max_steps=12,
-                      save_every=12, log_every=4, warmup=2, lr=1e-3, ema=0.9))
+    train(
+        TrainConfig(
+            data=str(root / "data"),
+            out=str(root / "run"),
+            init_from=str(ckpt),
+            batch_size=8,
+            max_steps=12,
+            save_every=12,
+            log_every=4,
+            warmup=2,
+            lr=1e-3,
+            ema=0.9,
+        )
+    )
     reset_accelerate()
     return {"teacher": ckpt, "data": root / "data", "run": root / "run"}
 
@@ -112,6 +125,18 @@ def train_config(data: Path, out: Path, **kw):
     """A short `opdiff train` config of a tiny opdiff-unet student (20 steps, batch 8)."""
     from operator_diffusion.training import TrainConfig
 
-    base = dict(data=str(data), out=str(out), backbone="opdiff-unet", backbone_options={"preset": "tiny", "dropout": 0.0},
-                batch_size=8, max_steps=20, save_every=10, log_every=1, warmup=5, lr=1e-3, ema=0.99, init="small")
+    base = dict(
+        data=str(data),
+        out=str(out),
+        backbone="opdiff-unet",
+        backbone_options={"preset": "tiny", "dropout": 0.0},
+        batch_size=8,
+        max_steps=20,
+        save_every=10,
+        log_every=1,
+        warmup=5,
+        lr=1e-3,
+        ema=0.99,
+        init="small",
+    )
     return TrainConfig(**{**base, **kw})

@@ -13,10 +13,11 @@ import math
 
 import pytest
 import torch
-from conftest import tiny
 
 from operator_diffusion.adapter import DSNO, check_times
 from operator_diffusion.backbones.unet import ResBlock
+
+from conftest import tiny
 
 TIMES = [0.75, 0.5, 0.25, 1e-3]
 
@@ -55,7 +56,7 @@ def test_hooks_are_inert_outside_forward_and_state_dict_keys_are_the_teachers(tm
     before = bb(x, t)
     model = small_dsno(bb)
     torch.testing.assert_close(bb(x, t), before, rtol=0, atol=0)  # the teacher is unchanged by the injection
-    net_keys = {k[len("network."):] for k in model.state_dict() if k.startswith("network.")}
+    net_keys = {k[len("network.") :] for k in model.state_dict() if k.startswith("network.")}
     assert net_keys == set(bb.network.state_dict())
     assert {k.split(".")[0] for k in model.state_dict()} == {"network", "temporal"}
     # a teacher checkpoint loads into the DSNO backbone with no missing or unexpected keys

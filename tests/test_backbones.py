@@ -12,7 +12,6 @@ from importlib.metadata import EntryPoint, entry_points
 
 import pytest
 import torch
-from conftest import tiny, vp_linear_alpha_sigma
 from torch import nn
 
 import operator_diffusion.backbones as backbones
@@ -26,6 +25,8 @@ from operator_diffusion.backbones import (
 )
 from operator_diffusion.backbones.unet import UNET_PRESETS, OpdiffUNet, OpdiffUNetBackbone, Resample
 from operator_diffusion.schedules import EDM, PSLD, DiscreteVP, VPLinear
+
+from conftest import tiny, vp_linear_alpha_sigma
 
 C, S = 3, 8  # tiny preset image shape (C, S, S)
 
@@ -271,7 +272,9 @@ def test_batch_independence(num_classes):
     labels = torch.tensor([0, 3, 10, 7, 3]) if num_classes else None
     with torch.no_grad():
         batched = bb(x, t, labels)
-        single = torch.cat([bb(x[i : i + 1], t[i : i + 1], None if labels is None else labels[i : i + 1]) for i in range(n)])
+        single = torch.cat(
+            [bb(x[i : i + 1], t[i : i + 1], None if labels is None else labels[i : i + 1]) for i in range(n)]
+        )
         assert batched.abs().mean() > 1e-2  # a non-trivial output
         torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
         # changing one item leaves the others unchanged
@@ -326,7 +329,9 @@ def test_injection_points_are_on_the_forward_path():
         with torch.no_grad():
             changed = bb(x, t)
         handle.remove()
-        assert len(seen) == 1 and isinstance(seen[0], torch.Tensor) and seen[0].dim() == 4 and seen[0].shape[0] == 4, name
+        assert len(seen) == 1 and isinstance(seen[0], torch.Tensor) and seen[0].dim() == 4 and seen[0].shape[0] == 4, (
+            name
+        )
         assert not torch.allclose(changed, base), name
     # the hooks leave the network's state_dict keys alone
     assert list(bb.network.state_dict()) == list(tiny().network.state_dict())
@@ -346,7 +351,9 @@ def test_preset_sizes():
     assert _count("tiny") < 2e5
 
 
-@pytest.mark.parametrize("schedule", [VPLinear(beta_max=15.0), EDM(), DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 50))])
+@pytest.mark.parametrize(
+    "schedule", [VPLinear(beta_max=15.0), EDM(), DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 50))]
+)
 def test_config_round_trip(schedule):
     bb = load_backbone("opdiff-unet", preset="tiny", num_classes=4, schedule=schedule, prediction="v", dropout=0.1)
     cfg = json.loads(json.dumps(bb.config()))  # JSON-serialisable

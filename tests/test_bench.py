@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from conftest import MixtureTeacher, reset_accelerate
 from typer.testing import CliRunner
 
+from opdiff_cli.main import app
 from operator_diffusion.backbones import register_backbone
 from operator_diffusion.bench import BenchSetup, run_bench, steps_for_nfe, teacher_match
 from operator_diffusion.sampling import TeacherSolver, run_solver, teacher_batches
@@ -18,7 +18,8 @@ from operator_diffusion.schedules import VPLinear, time_grid
 from operator_diffusion.solvers import solve
 from operator_diffusion.training import TrainConfig, load_run, train
 from operator_diffusion.trajectories import CollectConfig, collect
-from opdiff_cli.main import app
+
+from conftest import MixtureTeacher, reset_accelerate
 
 SEEDS = list(range(200, 216))
 
@@ -32,10 +33,24 @@ def mixture_run(tmp_path_factory):
     """A DSNO run distilled (briefly) from the exact Gaussian-mixture teacher: checkpoint-free teacher."""
     register_backbone(MixtureTeacher.name, MixtureTeacher)
     root = tmp_path_factory.mktemp("bench")
-    collect(MixtureTeacher(), root / "data", CollectConfig(num=32, steps=24, solver="dpmpp-2m", shard_size=32, batch_size=32))
-    train(TrainConfig(data=str(root / "data"), out=str(root / "run"), backbone="opdiff-unet",
-                      backbone_options={"preset": "tiny", "dropout": 0.0}, batch_size=8, max_steps=4, save_every=4,
-                      warmup=1, init="small"))
+    collect(
+        MixtureTeacher(),
+        root / "data",
+        CollectConfig(num=32, steps=24, solver="dpmpp-2m", shard_size=32, batch_size=32),
+    )
+    train(
+        TrainConfig(
+            data=str(root / "data"),
+            out=str(root / "run"),
+            backbone="opdiff-unet",
+            backbone_options={"preset": "tiny", "dropout": 0.0},
+            batch_size=8,
+            max_steps=4,
+            save_every=4,
+            warmup=1,
+            init="small",
+        )
+    )
     reset_accelerate()
     return root / "run"
 
@@ -49,8 +64,17 @@ def test_teacher_match_is_clipped_rmse_and_psnr():
     assert teacher_match(ref, ref) == (0.0, math.inf)
 
 
-@pytest.mark.parametrize("solver, target", [("ddim", "denoised"), ("ddim", "state"), ("heun", "denoised"),
-                                            ("heun", "state"), ("unipc", "denoised"), ("dpmpp-3m", "state")])
+@pytest.mark.parametrize(
+    "solver, target",
+    [
+        ("ddim", "denoised"),
+        ("ddim", "state"),
+        ("heun", "denoised"),
+        ("heun", "state"),
+        ("unipc", "denoised"),
+        ("dpmpp-3m", "state"),
+    ],
+)
 def test_nfe_of_a_row_is_the_number_of_network_calls(solver, target):
     s = VPLinear()
     found = 0
@@ -64,8 +88,15 @@ def test_nfe_of_a_row_is_the_number_of_network_calls(solver, target):
             calls.append(len(t))
             return 0.1 * x
 
-        solve(eps, torch.zeros(2, 3), s, time_grid(s, steps, "quadratic"), solver, record=[steps],
-              record_denoised=target == "denoised")
+        solve(
+            eps,
+            torch.zeros(2, 3),
+            s,
+            time_grid(s, steps, "quadratic"),
+            solver,
+            record=[steps],
+            record_denoised=target == "denoised",
+        )
         assert len(calls) == nfe, (solver, target, nfe, steps)  # a final x̂_0 is one more call when needed
         found += 1
     assert found >= 2
@@ -75,9 +106,19 @@ def test_rows_equal_direct_solves_and_error_falls_with_nfe(mixture_run):
     model, info = load_run(mixture_run)
     teacher = MixtureTeacher()
     reference = run_solver(info, "dpmpp-2m", 200)  # a much finer reference than the collection's 24 steps
-    setup = BenchSetup(teacher, reference, SEEDS, None, ("ddim", "unipc"), (1, 2, 5, 10, 20), "quadratic",
-                       {"DSNO": model}, None, batch_size=5,
-                       solver_options={"unipc": {"to_zero": True, "order": 2, "lower_order_final": False}})
+    setup = BenchSetup(
+        teacher,
+        reference,
+        SEEDS,
+        None,
+        ("ddim", "unipc"),
+        (1, 2, 5, 10, 20),
+        "quadratic",
+        {"DSNO": model},
+        None,
+        batch_size=5,
+        solver_options={"unipc": {"to_zero": True, "order": 2, "lower_order_final": False}},
+    )
     result = run_bench(setup)
     x = noise(SEEDS).double()
     s = teacher.schedule
@@ -89,15 +130,20 @@ def test_rows_equal_direct_solves_and_error_falls_with_nfe(mixture_run):
         assert result.row("ddim", nfe).rmse == pytest.approx(teacher_match(direct, ref)[0], rel=1e-4, abs=1e-6)
         # UniPC with diffusers' last step to σ = 0: k − 1 steps of a k-step grid, then x̂_0 at the last evaluation
         ts = time_grid(s, nfe, "quadratic")[:-1]
-        direct = solve(teacher.eps_fn, x, s, ts, "unipc", record=[nfe - 1], order=2, lower_order_final=False).denoised[:, 0]
+        direct = solve(teacher.eps_fn, x, s, ts, "unipc", record=[nfe - 1], order=2, lower_order_final=False).denoised[
+            :, 0
+        ]
         assert result.row("unipc", nfe).rmse == pytest.approx(teacher_match(direct, ref)[0], rel=1e-4, abs=1e-6)
         assert result.row("unipc", nfe).depth == nfe and result.row("unipc", nfe).kind == "solver"
     with torch.no_grad():
         dsno = model(noise(SEEDS))[:, -1]
     assert result.row("DSNO").rmse == pytest.approx(teacher_match(dsno, ref)[0], rel=1e-4)
     assert result.row("DSNO").depth == 1
-    x0 = (x - s.sigma(torch.tensor(1.0, dtype=torch.float64)) * teacher.eps_fn(x, torch.ones(len(SEEDS), dtype=torch.float64))) \
-        / s.alpha(torch.tensor(1.0, dtype=torch.float64))
+    x0 = (
+        x
+        - s.sigma(torch.tensor(1.0, dtype=torch.float64))
+        * teacher.eps_fn(x, torch.ones(len(SEEDS), dtype=torch.float64))
+    ) / s.alpha(torch.tensor(1.0, dtype=torch.float64))
     assert result.row("teacher x̂₀(x_T)").rmse == pytest.approx(teacher_match(x0, ref)[0], rel=1e-4)
     assert result.row("teacher reference").rmse == 0.0
     for solver in ("ddim", "unipc"):
@@ -140,8 +186,10 @@ class PoisonedTeacher(MixtureTeacher):
         return out + 1.0 if self.count - 1 == self.k else out
 
 
-@pytest.mark.parametrize("solver, nfe", [("ddim", 3), ("deis", 5), ("dpmpp-2m", 4), ("dpmpp-3m", 6), ("unipc", 5),
-                                         ("ipndm", 5), ("heun", 4), ("heun", 5)])
+@pytest.mark.parametrize(
+    "solver, nfe",
+    [("ddim", 3), ("deis", 5), ("dpmpp-2m", 4), ("dpmpp-3m", 6), ("unipc", 5), ("ipndm", 5), ("heun", 4), ("heun", 5)],
+)
 @pytest.mark.parametrize("to_zero", [False, True])
 def test_a_solver_row_spends_its_nfe_on_steps_counted_by_the_network(solver, nfe, to_zero):
     """k NFE = k network calls during the row, none of them at t_end (every evaluation advances the solution)."""
@@ -151,12 +199,25 @@ def test_a_solver_row_spends_its_nfe_on_steps_counted_by_the_network(solver, nfe
 
     def calls_of(solvers):
         teacher = CountingTeacher()
-        run_bench(BenchSetup(teacher, reference, SEEDS[:4], None, solvers, (nfe,), None, {}, None, batch_size=4,
-                             solver_options=options))
+        run_bench(
+            BenchSetup(
+                teacher,
+                reference,
+                SEEDS[:4],
+                None,
+                solvers,
+                (nfe,),
+                None,
+                {},
+                None,
+                batch_size=4,
+                solver_options=options,
+            )
+        )
         return teacher.calls
 
     base, with_row = calls_of(()), calls_of((solver,))
-    row_calls = with_row[len(base):] if len(with_row) > len(base) else []
+    row_calls = with_row[len(base) :] if len(with_row) > len(base) else []
     assert len(with_row) - len(base) == nfe
     if solver != "heun":  # Heun's corrector stage at t_end is part of its last step; the others never evaluate there
         assert all(t > 1e-3 * (1 + 1e-6) for t, _ in row_calls), [t for t, _ in row_calls]
@@ -208,8 +269,20 @@ def test_tuning_never_sees_the_reported_seeds_and_picks_the_best_candidate():
     teacher = CountingTeacher()
     reported, tune = list(range(40, 44)), list(range(60, 66))
     reference = TeacherSolver("dpmpp-2m", 40, "logsnr", 1e-3, "denoised")
-    setup = BenchSetup(teacher, reference, reported, None, ("unipc",), (3,), None, {}, None, batch_size=8,
-                       tune_seeds=tune, solver_grids={"unipc": "logsnr"})
+    setup = BenchSetup(
+        teacher,
+        reference,
+        reported,
+        None,
+        ("unipc",),
+        (3,),
+        None,
+        {},
+        None,
+        batch_size=8,
+        tune_seeds=tune,
+        solver_grids={"unipc": "logsnr"},
+    )
     choices, table = tune_solvers(setup, ["unipc"])
     seen = torch.cat([x for _, x in teacher.calls])
     for seed in reported:
@@ -245,15 +318,33 @@ def test_tuning_on_reported_or_training_seeds_is_refused():
 def _row(method, nfe, rmse, compute, kind="solver"):
     from operator_diffusion.bench import BenchRow
 
-    return BenchRow(method, nfe, rmse, 20.0, 1.0, 1.0, None, f"{method} grid", nfe if kind == "solver" else 1,
-                    compute, compute * 1e-4, kind)
+    return BenchRow(
+        method,
+        nfe,
+        rmse,
+        20.0,
+        1.0,
+        1.0,
+        None,
+        f"{method} grid",
+        nfe if kind == "solver" else 1,
+        compute,
+        compute * 1e-4,
+        kind,
+    )
 
 
 def test_verdict_compares_at_equal_depth_and_at_equal_compute_and_says_where_dsno_loses():
     from operator_diffusion.bench import BenchResult, verdict
 
-    rows = [_row("DSNO", 1, 0.10, 4.2, "model"), _row("ddim", 2, 0.30, 2.0), _row("unipc", 3, 0.12, 3.1),
-            _row("ddim", 5, 0.20, 5.0), _row("unipc", 5, 0.08, 5.2), _row("unipc", 10, 0.03, 10.1)]
+    rows = [
+        _row("DSNO", 1, 0.10, 4.2, "model"),
+        _row("ddim", 2, 0.30, 2.0),
+        _row("unipc", 3, 0.12, 3.1),
+        _row("ddim", 5, 0.20, 5.0),
+        _row("unipc", 5, 0.08, 5.2),
+        _row("unipc", 10, 0.03, 10.1),
+    ]
     text = " ".join(verdict(BenchResult(rows), "DSNO"))
     assert "beats the best solver up to 3 NFE" in text and "loses from 5 NFE on, where unipc reaches 0.0800" in text
     assert "the best solver is unipc at 3 NFE (RMSE 0.1200): DSNO beats it" in text
@@ -261,18 +352,46 @@ def test_verdict_compares_at_equal_depth_and_at_equal_compute_and_says_where_dsn
     rows[0] = _row("DSNO", 1, 0.15, 4.2, "model")  # now worse than UniPC at 3 NFE, which costs less
     text = " ".join(verdict(BenchResult(rows), "DSNO"))
     assert "DSNO loses to it" in text and "loses from 3 NFE on" in text
+
+
 def test_fid_column_and_cli_outputs(mixture_run, tmp_path):
     from operator_diffusion.fid import FeatureNet
 
     torch.manual_seed(0)
     FeatureNet(in_channels=3, image_size=8, width=8, feature_dim=8, num_classes=0).save(tmp_path / "feat.safetensors")
     # the reference images: the teacher's own reference samples for the same seeds → its FID row is ≈ 0
-    r = CliRunner().invoke(app, ["sample", str(mixture_run), "--out", str(tmp_path / "ref"), "--seeds", "300-363",
-                                 "--teacher", "--format", "png"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            str(mixture_run),
+            "--out",
+            str(tmp_path / "ref"),
+            "--seeds",
+            "300-363",
+            "--teacher",
+            "--format",
+            "png",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    args = ["bench", str(mixture_run), "--seeds", "300-363", "--solvers", "ddim", "--nfe", "2,10",
-            "--ref", str(tmp_path / "ref" / "teacher"), "--feature-extractor", str(tmp_path / "feat.safetensors"),
-            "--out", str(tmp_path / "b"), "--json"]
+    args = [
+        "bench",
+        str(mixture_run),
+        "--seeds",
+        "300-363",
+        "--solvers",
+        "ddim",
+        "--nfe",
+        "2,10",
+        "--ref",
+        str(tmp_path / "ref" / "teacher"),
+        "--feature-extractor",
+        str(tmp_path / "feat.safetensors"),
+        "--out",
+        str(tmp_path / "b"),
+        "--json",
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
@@ -284,22 +403,25 @@ def test_fid_column_and_cli_outputs(mixture_run, tmp_path):
     assert again.exit_code == 2 and "--overwrite" in again.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--solvers", "rk4"], "unknown --solvers rk4"),
-    (["--nfe", "0,2"], "positive integers"),
-    (["--nfe", "two"], "bad --nfe"),
-    (["--grid", "cubic"], "unknown --grid"),
-    (["--ref-num", "10"], "only apply with --ref"),
-    (["--reference-steps", "0"], "--reference-steps must be at least 1"),
-    (["--seeds", "0-3", "--num", "4"], "overlap the training seeds 0-31"),
-    (["--tune", "--tune-seeds", "5-8"], "overlap the training seeds 0-31"),
-    (["--tune-seeds", "500-510"], "--tune-seeds only applies with --tune"),
-    (["--solver-grid", "ddim=cubic"], "bad --solver-grid"),
-    (["--solver-grid", "rk4=logsnr"], "bad --solver-grid"),
-    (["--solver-options", "ddim"], "bad --solver-options"),
-    (["--solver-options", "unipc:order=9"], "unipc order must be"),
-    (["--ref", "digits", "--feature-extractor", "nowhere.safetensors"], "cannot set up FID"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--solvers", "rk4"], "unknown --solvers rk4"),
+        (["--nfe", "0,2"], "positive integers"),
+        (["--nfe", "two"], "bad --nfe"),
+        (["--grid", "cubic"], "unknown --grid"),
+        (["--ref-num", "10"], "only apply with --ref"),
+        (["--reference-steps", "0"], "--reference-steps must be at least 1"),
+        (["--seeds", "0-3", "--num", "4"], "overlap the training seeds 0-31"),
+        (["--tune", "--tune-seeds", "5-8"], "overlap the training seeds 0-31"),
+        (["--tune-seeds", "500-510"], "--tune-seeds only applies with --tune"),
+        (["--solver-grid", "ddim=cubic"], "bad --solver-grid"),
+        (["--solver-grid", "rk4=logsnr"], "bad --solver-grid"),
+        (["--solver-options", "ddim"], "bad --solver-options"),
+        (["--solver-options", "unipc:order=9"], "unipc order must be"),
+        (["--ref", "digits", "--feature-extractor", "nowhere.safetensors"], "cannot set up FID"),
+    ],
+)
 def test_bad_input_is_a_usage_error(mixture_run, tmp_path, args, message):
     r = CliRunner().invoke(app, ["bench", str(mixture_run), "--num", "2", "--out", str(tmp_path / "o"), *args])
     assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output

@@ -25,7 +25,11 @@ RUN = [*TINY, "--steps", "10", "--num", "6", "--shard-size", "4", "--batch-size"
 
 
 def tree(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))} if root.exists() else {}
+    return (
+        {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+        if root.exists()
+        else {}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +54,55 @@ def test_collect_writes_a_collection_and_resumes(done):
 def test_collect_options_reach_the_library(tmp_path):
     ts = time_grid(load_backbone("opdiff-unet", preset="tiny").schedule, 12, "quadratic")
     out = tmp_path / "o"
-    res = runner.invoke(app, ["collect", *TINY, "--backbone-config", '{"num_classes": 3}', "--solver", "unipc",
-                              "--solver-option", "order=2", "--steps", "12", "--grid", "quadratic",
-                              "--time-list", f"{float(ts[3])!r},{float(ts[12])!r},{float(ts[7])!r}", "--target", "state",
-                              "--dtype", "float32", "--labels", "1,2", "--guidance", "1.5", "--seed", "7",
-                              "--num", "3", "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "collect",
+            *TINY,
+            "--backbone-config",
+            '{"num_classes": 3}',
+            "--solver",
+            "unipc",
+            "--solver-option",
+            "order=2",
+            "--steps",
+            "12",
+            "--grid",
+            "quadratic",
+            "--time-list",
+            f"{float(ts[3])!r},{float(ts[12])!r},{float(ts[7])!r}",
+            "--target",
+            "state",
+            "--dtype",
+            "float32",
+            "--labels",
+            "1,2",
+            "--guidance",
+            "1.5",
+            "--seed",
+            "7",
+            "--num",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     c = trajectories.read_info(out)["collection"]
-    assert (c["solver"], c["solver_options"]["order"], c["grid"], c["output_indices"]) == ("unipc", 2, "quadratic", [3, 7, 12])
-    assert (c["target"], c["dtype"], c["labels"], c["guidance"], c["seed"], c["num_classes"]) == ("state", "float32", [1, 2], 1.5, 7, 3)
+    assert (c["solver"], c["solver_options"]["order"], c["grid"], c["output_indices"]) == (
+        "unipc",
+        2,
+        "quadratic",
+        [3, 7, 12],
+    )
+    assert (c["target"], c["dtype"], c["labels"], c["guidance"], c["seed"], c["num_classes"]) == (
+        "state",
+        "float32",
+        [1, 2],
+        1.5,
+        7,
+        3,
+    )
 
 
 def test_precision_auto_prints_the_measured_choice_and_a_resume_keeps_it(tmp_path, monkeypatch):
@@ -69,7 +113,11 @@ def test_precision_auto_prints_the_measured_choice_and_a_resume_keeps_it(tmp_pat
     res = runner.invoke(app, ["collect", *RUN, "--precision", "auto", "--out", str(out)])
     assert res.exit_code == 0, res.output
     cap = torch.backends.cpu.get_cpu_capability()
-    assert res.stderr == f"precision auto: bf16 (per network evaluation at batch 3 on cpu, CPU capability {cap}: fp32 200 ms, bf16 100 ms)\n"
+    assert (
+        res.stderr
+        == f"precision auto: bf16 (per network evaluation at batch 3 on cpu, CPU capability {cap}: fp32 200 ms, bf16 "
+        "100 ms)\n"
+    )
     assert trajectories.read_info(out)["collection"]["precision"] == "bf16"
     monkeypatch.setattr(trajectories, "time_calls", lambda *a, **k: pytest.fail("measured again on resume"))
     again = runner.invoke(app, ["collect", *RUN, "--precision", "auto", "--out", str(out)])
@@ -83,7 +131,10 @@ def test_help_states_the_library_defaults():
 
     helps = {p.name: p.help for p in typer.main.get_command(app).commands["collect"].params}
     assert f"default {trajectories.DEFAULT_SOLVER} " in helps["solver"]
-    assert f"default {trajectories.DEFAULT_STEPS}." in helps["steps"] and f"default {trajectories.DEFAULT_GRID}." in helps["grid"]
+    assert (
+        f"default {trajectories.DEFAULT_STEPS}." in helps["steps"]
+        and f"default {trajectories.DEFAULT_GRID}." in helps["grid"]
+    )
 
 
 def test_data_info_table_and_json(done):

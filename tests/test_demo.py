@@ -7,17 +7,19 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
+from opdiff_cli.main import app
 from operator_diffusion.backbones import load_backbone
 from operator_diffusion.demo import DIGITS_TEACHER, digits_teacher
 from operator_diffusion.fid import DIGITS_FEATURENET, DIGITS_STATS, FeatureNetExtractor, FeatureStats, stats_of_images
 from operator_diffusion.images import load_images, read_image_folder
-from opdiff_cli.main import app
 
 
 def test_the_shipped_assets_load_and_agree():
     teacher = digits_teacher()
     assert teacher.image_shape == (1, 8, 8)
-    assert teacher.config() == load_backbone("opdiff-unet", preset="digits", prediction="eps").config()  # the preset's network
+    assert (
+        teacher.config() == load_backbone("opdiff-unet", preset="digits", prediction="eps").config()
+    )  # the preset's network
     assert DIGITS_TEACHER.stat().st_size < 5 * 2**20  # "a few MB at most"
     stats = FeatureStats.load(DIGITS_STATS)
     again = stats_of_images(load_images("digits"), FeatureNetExtractor(DIGITS_FEATURENET))

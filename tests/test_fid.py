@@ -16,8 +16,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 import operator_diffusion.fid as F
-from operator_diffusion.images import ImageSet, load_images, save_png
 from opdiff_cli.main import app
+from operator_diffusion.images import ImageSet, load_images, save_png
 
 runner = CliRunner()
 
@@ -25,6 +25,7 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch, tmp_path):
     """Any connection attempt fails the test; the statistics cache lives in tmp."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args!r}")
 
@@ -88,7 +89,9 @@ def test_stats_from_features_is_the_mean_and_unbiased_covariance():
     x = feats.astype(np.float64)
     n, d = x.shape
     mean = [sum(x[i, a] for i in range(n)) / n for a in range(d)]
-    cov = [[sum((x[i, a] - mean[a]) * (x[i, b] - mean[b]) for i in range(n)) / (n - 1) for b in range(d)] for a in range(d)]
+    cov = [
+        [sum((x[i, a] - mean[a]) * (x[i, b] - mean[b]) for i in range(n)) / (n - 1) for b in range(d)] for a in range(d)
+    ]
     mu, sigma = F.stats_from_features(feats)
     assert mu.dtype == sigma.dtype == np.float64
     np.testing.assert_allclose(mu, mean, rtol=0, atol=1e-12)
@@ -108,7 +111,12 @@ def test_stats_save_load_roundtrip_is_exact(tmp_path):
     s.save(path)
     t = F.FeatureStats.load(path)
     assert np.array_equal(t.mu, s.mu) and np.array_equal(t.sigma, s.sigma)
-    assert (t.n, t.extractor, t.source, t.identity) == (123, "featurenet:abc", "my/folder", {"kind": "folder", "n": 123})
+    assert (t.n, t.extractor, t.source, t.identity) == (
+        123,
+        "featurenet:abc",
+        "my/folder",
+        {"kind": "folder", "n": 123},
+    )
     s.save(tmp_path / "plain_name")  # any file name: written exactly there (np.savez would append .npz)
     assert (tmp_path / "plain_name").is_file() and not (tmp_path / "plain_name.npz").exists()
 
@@ -122,8 +130,12 @@ class _Trap:
 
 
 def test_malformed_or_pickled_stats_files_are_refused_without_unpickling(tmp_path):
-    good = dict(mu=np.zeros(3), sigma=np.eye(3), n=np.asarray(5), meta=np.asarray(json.dumps(
-        {"extractor": "x", "source": "", "identity": {}, "format_version": 1})))
+    good = dict(
+        mu=np.zeros(3),
+        sigma=np.eye(3),
+        n=np.asarray(5),
+        meta=np.asarray(json.dumps({"extractor": "x", "source": "", "identity": {}, "format_version": 1})),
+    )
     cases = {
         "pickled": {**good, "mu": np.asarray([_Trap(), _Trap(), _Trap()], dtype=object)},
         "missing": {k: v for k, v in good.items() if k != "meta"},
@@ -203,7 +215,8 @@ class _FakeLayers(nn.Module):
 
 
 class _FakeInception(nn.Module):
-    """Stand-in with the interface of clean-fid's torchscript Inception (``layers``, ``forward(x, return_features)``)."""
+    """Stand-in with the interface of clean-fid's torchscript Inception (``layers``, ``forward(x,
+    return_features)``)."""
 
     def __init__(self):
         super().__init__()
@@ -239,8 +252,9 @@ def test_inception_extractor_matches_cleanfid_clean_mode_on_a_folder(tmp_path, d
         assert torch.equal(ours, theirs)
         # features: clean-fid's folder pipeline with its InceptionV3W vs the extractor on the pixels
         model = InceptionV3W(str(weights.parent), download=False).eval()
-        want = get_folder_features(str(d), model, num_workers=0, batch_size=2, device=torch.device("cpu"),
-                                   mode="clean", verbose=False)
+        want = get_folder_features(
+            str(d), model, num_workers=0, batch_size=2, device=torch.device("cpu"), mode="clean", verbose=False
+        )
         ext = F.InceptionExtractor(weights)
         got = ext.features(pixels, batch_size=2)
         assert got.shape == (3, 2048) and got.dtype == np.float64
@@ -267,11 +281,26 @@ def test_cleanfid_reference_is_read_locally_or_refused(tmp_path, monkeypatch):
         s = F.reference_stats("cleanfid:cifar10/32/train", ext, cache_dir=cache)
         assert s.extractor == ext.id and s.n == 0 and np.array_equal(s.mu, np.ones(2048))
     with pytest.raises(F.FIDInputError, match="inception"):
-        F.reference_stats("cleanfid:cifar10/32/train", F.FeatureNetExtractor(F.FeatureNet(1, 8, 4, 4, 0)), cache_dir=cache)
+        F.reference_stats(
+            "cleanfid:cifar10/32/train", F.FeatureNetExtractor(F.FeatureNet(1, 8, 4, 4, 0)), cache_dir=cache
+        )
     url, paths = F.cleanfid_stats_path("lsun_church", "256", "train", cache)
     if not paths[0].exists():  # the command: exit 2 naming the URL, before any image is processed
-        res = runner.invoke(app, ["fid", "digits", "--ref", "cleanfid:lsun_church/256/train", "--inception-path",
-                                  str(weights), "--cache-dir", str(cache), "--device", "cpu"])
+        res = runner.invoke(
+            app,
+            [
+                "fid",
+                "digits",
+                "--ref",
+                "cleanfid:lsun_church/256/train",
+                "--inception-path",
+                str(weights),
+                "--cache-dir",
+                str(cache),
+                "--device",
+                "cpu",
+            ],
+        )
         assert res.exit_code == 2 and url in res.stderr and res.stderr.count("\n") == 1, res.output
 
 
@@ -318,8 +347,19 @@ def test_train_feature_net_learns_the_digits(digits):
 # ---------------------------------------------------------------------------------------------------
 def test_cli_folder_against_itself_with_a_saved_feature_net(folder, netfile, tmp_path):
     stats = tmp_path / "src.npz"
-    args = ["fid", str(folder), "--ref", str(folder), "--feature-extractor", str(netfile), "--device", "cpu",
-            "--cache-dir", str(tmp_path / "cache"), "--json"]
+    args = [
+        "fid",
+        str(folder),
+        "--ref",
+        str(folder),
+        "--feature-extractor",
+        str(netfile),
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--json",
+    ]
     res = runner.invoke(app, [*args, "--save-stats", str(stats)])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
@@ -327,15 +367,42 @@ def test_cli_folder_against_itself_with_a_saved_feature_net(folder, netfile, tmp
     assert out["reference_cached"] is False and out["extractor"] == F.FeatureNetExtractor(netfile).id
     again = json.loads(runner.invoke(app, args).stdout)
     assert again["reference_cached"] is True and again["fid"] == out["fid"]
-    from_stats = runner.invoke(app, ["fid", str(stats), "--ref", str(folder), "--feature-extractor", str(netfile),
-                                     "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    from_stats = runner.invoke(
+        app,
+        [
+            "fid",
+            str(stats),
+            "--ref",
+            str(folder),
+            "--feature-extractor",
+            str(netfile),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert from_stats.exit_code == 0 and "FID" in from_stats.stdout, from_stats.output
     assert "warning" not in from_stats.stderr  # 96 images ≥ 16 features
 
 
 def test_cli_warns_when_fewer_images_than_features(folder, netfile, tmp_path):
-    res = runner.invoke(app, ["fid", str(folder), "--num", "10", "--ref", str(folder), "--feature-extractor", str(netfile),
-                              "--device", "cpu", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "fid",
+            str(folder),
+            "--num",
+            "10",
+            "--ref",
+            str(folder),
+            "--feature-extractor",
+            str(netfile),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0 and "10 images for 16-dimensional features" in res.stderr, res.output
 
 
@@ -352,15 +419,18 @@ def other_stats(tmp_path_factory, folder):
     return root
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "cannot read SOURCE"),
-    ("extractor", "unknown feature extractor"),
-    ("size", "16×16"),
-    ("stats", "were computed with"),
-    ("stats_pair", "different feature extractors"),
-    ("num", "--num must be at least 2"),
-    ("cleanfid", "cleanfid:NAME/RES/SPLIT"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "cannot read SOURCE"),
+        ("extractor", "unknown feature extractor"),
+        ("size", "16×16"),
+        ("stats", "were computed with"),
+        ("stats_pair", "different feature extractors"),
+        ("num", "--num must be at least 2"),
+        ("cleanfid", "cleanfid:NAME/RES/SPLIT"),
+    ],
+)
 def test_cli_bad_inputs_exit_2_with_one_line(case, message, folder, netfile, other_stats, tmp_path):
     net = ["--feature-extractor", str(netfile)]
     args = {

@@ -55,8 +55,6 @@ def band_limited(n: int, c: int, m: int, modes, gen: torch.Generator, offset: fl
     return out
 
 
-
-
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
@@ -274,9 +272,16 @@ def test_constructor_accepts_fno_kwargs():
     import warnings
 
     fno_kwargs = dict(  # exactly what neuralop 2.0's FNOBlocks passes to conv_module (FNO defaults)
-        resolution_scaling_factor=None, max_n_modes=None, rank=1.0, fixed_rank_modes=False,
-        implementation="factorized", separable=False, factorization=None, fno_block_precision="full",
-        decomposition_kwargs={}, complex_data=False,
+        resolution_scaling_factor=None,
+        max_n_modes=None,
+        rank=1.0,
+        fixed_rank_modes=False,
+        implementation="factorized",
+        separable=False,
+        factorization=None,
+        fno_block_precision="full",
+        decomposition_kwargs={},
+        complex_data=False,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -331,7 +336,11 @@ def test_fno_with_temporal_conv_learns_antiderivative():
     u, v = _antiderivative_data(256, 32, gen)
     u_test, v_test = _antiderivative_data(128, 32, gen)
     model = FNO(
-        n_modes=(8,), in_channels=1, out_channels=1, hidden_channels=16, n_layers=2,
+        n_modes=(8,),
+        in_channels=1,
+        out_channels=1,
+        hidden_channels=16,
+        n_layers=2,
         conv_module=TemporalSpectralConv,
     )
     convs = model.fno_blocks.convs

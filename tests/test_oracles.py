@@ -17,7 +17,6 @@ from operator_diffusion.schedules import EDM, VE, DiscreteVP, VPCosine, VPLinear
 F64 = torch.float64
 
 
-
 SCHEDULES = {
     "vp-linear": VPLinear(),
     "vp-cosine": VPCosine(),
@@ -156,10 +155,14 @@ def test_gaussian_flow_composes_and_inverts(name):
     oracle, mean, std = _gaussian(s, (1, 2, 2))
     x = torch.randn(5, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
     ta, tb, tc = s.t_max, s.t_min + 0.3 * (s.t_max - s.t_min), s.t_min
-    torch.testing.assert_close(oracle.flow(oracle.flow(x, ta, tb), tb, tc), oracle.flow(x, ta, tc), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        oracle.flow(oracle.flow(x, ta, tb), tb, tc), oracle.flow(x, ta, tc), rtol=1e-12, atol=1e-12
+    )
     torch.testing.assert_close(oracle.flow(oracle.flow(x, ta, tc), tc, ta), x, rtol=1e-12, atol=1e-12)
     # identity map up to the rounding of α_t μ + 1·(x − α_t μ)
-    torch.testing.assert_close(oracle.flow(x, tb, tb), x, rtol=1e-15, atol=4 * 2.2e-16 * float(mean.abs().max() + x.abs().max()))
+    torch.testing.assert_close(
+        oracle.flow(x, tb, tb), x, rtol=1e-15, atol=4 * 2.2e-16 * float(mean.abs().max() + x.abs().max())
+    )
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
@@ -338,7 +341,9 @@ def test_mixture_denoise(name, diagonal):
     # independent Tweedie: Σ_k r_k [m_k + α s_k² / (α² s_k² + σ²) (x − α m_k)]
     a3, s3 = a[:, None], sg[:, None]
     var = a3**2 * stds[None] ** 2 + s3**2  # (B, K, D)
-    logp = torch.log(w / w.sum())[None] + (-0.5 * (x[:, None] - a3 * means[None]) ** 2 / var - 0.5 * torch.log(var)).sum(-1)
+    logp = torch.log(w / w.sum())[None] + (
+        -0.5 * (x[:, None] - a3 * means[None]) ** 2 / var - 0.5 * torch.log(var)
+    ).sum(-1)
     r = torch.softmax(logp, 1)[..., None]
     post = means[None] + a3 * stds[None] ** 2 / var * (x[:, None] - a3 * means[None])
     torch.testing.assert_close(out, (r * post).sum(1), rtol=1e-9, atol=1e-9)
@@ -379,9 +384,9 @@ def test_empirical_eps(name, chunk):
     b = 8  # larger than chunk = 3: three chunks, the last one partial
     t = torch.exp(torch.linspace(math.log(s.t_min), math.log(s.t_max), b, dtype=F64))[torch.randperm(b, generator=g)]
     # between two points, so that responsibilities are mixed at moderate t
-    x = _col(s.alpha(t), torch.zeros(b, 4)) * 0.5 * (data[0] + data[3]) + _col(s.sigma(t), torch.zeros(b, 4)) * torch.randn(
-        b, 4, dtype=F64, generator=g
-    )
+    x = _col(s.alpha(t), torch.zeros(b, 4)) * 0.5 * (data[0] + data[3]) + _col(
+        s.sigma(t), torch.zeros(b, 4)
+    ) * torch.randn(b, 4, dtype=F64, generator=g)
     out = oracle.eps(x, t)
     assert out.shape == x.shape and out.dtype == F64
     ref = empirical_eps_direct(x, t, s, data)

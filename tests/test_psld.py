@@ -49,7 +49,9 @@ def _moment_solve(s: PSLD, xx0: float, mm0: float, t_from: float, ts):
     y0 = np.concatenate([np.diag([xx0, mm0]).ravel(), np.eye(2).ravel()])
     sol = solve_ivp(rhs, (t_from, max(ts)), y0, method="DOP853", t_eval=ts, rtol=1e-13, atol=1e-13)
     assert sol.success
-    return torch.from_numpy(sol.y[:4].T.reshape(-1, 2, 2).copy()), torch.from_numpy(sol.y[4:].T.reshape(-1, 2, 2).copy())
+    return torch.from_numpy(sol.y[:4].T.reshape(-1, 2, 2).copy()), torch.from_numpy(
+        sol.y[4:].T.reshape(-1, 2, 2).copy()
+    )
 
 
 @pytest.mark.parametrize("sched", [CIFAR, LINEAR, CLD, WIDE], ids=["cifar", "linear-beta", "cld", "gamma1"])
@@ -65,7 +67,12 @@ def test_kernel_matches_moment_odes(sched, xx0):
     _, P_s = _moment_solve(sched, xx0, mm0, 0.3, [0.3, 0.7, 1.0])
     t_s = torch.tensor([0.3, 0.7, 1.0], dtype=F64)
     torch.testing.assert_close(sched.transition(t_s, 0.3), P_s, rtol=0, atol=1e-10 * float(P_s.abs().max()))
-    torch.testing.assert_close(sched.transition(t_s, 0.3), sched.transition(t_s) @ torch.linalg.inv(sched.transition(0.3)), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(
+        sched.transition(t_s, 0.3),
+        sched.transition(t_s) @ torch.linalg.inv(sched.transition(0.3)),
+        rtol=1e-12,
+        atol=1e-13,
+    )
 
 
 def test_stationary_law():
@@ -88,15 +95,33 @@ def test_critical_damping_and_config():
     s = CIFAR
     assert s.mass_inv == pytest.approx(4.0) and s.mass == pytest.approx(0.25)
     assert (s.name, s.beta_min, s.beta_max, s.gamma, s.nu, s.kappa, s.t_min, s.t_max, s.numerical_eps) == (
-        "psld", 8.0, 8.0, 0.01, 4.01, 0.04, 1e-3, 1.0, 1e-9)
+        "psld",
+        8.0,
+        8.0,
+        0.01,
+        4.01,
+        0.04,
+        1e-3,
+        1.0,
+        1e-9,
+    )
     assert schedule_from_config(LINEAR.config()) == LINEAR
     assert schedule_from_config(dict(CIFAR.config())) == CIFAR
     assert torch.allclose(s.beta_integral(torch.tensor(0.5, dtype=F64)), torch.tensor(4.0, dtype=F64))
     assert float(LINEAR.beta_integral(1.0)) == pytest.approx(0.1 + 0.5 * 19.9)
 
 
-@pytest.mark.parametrize("kwargs", [{"gamma": 1.0, "nu": 1.0}, {"beta_min": 0.0}, {"kappa": 0.0}, {"t_min": 0.0},
-                                    {"gamma": -0.1}, {"numerical_eps": -1.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"gamma": 1.0, "nu": 1.0},
+        {"beta_min": 0.0},
+        {"kappa": 0.0},
+        {"t_min": 0.0},
+        {"gamma": -0.1},
+        {"numerical_eps": -1.0},
+    ],
+)
 def test_bad_schedule_parameters(kwargs):
     with pytest.raises(ValueError, match="PSLD"):
         PSLD(**kwargs)
@@ -139,9 +164,18 @@ def test_perturb_has_the_kernel_moments():
     t = torch.tensor([0.02, 0.5], dtype=F64)
     x0 = torch.tensor([[0.3], [-1.2]], dtype=F64)
     mean = s.perturb(x0, t, torch.zeros(2, 2, dtype=F64))
-    torch.testing.assert_close(mean, join(s.transition(t)[:, 0, 0, None] * x0, s.transition(t)[:, 1, 0, None] * x0), rtol=1e-14, atol=0)
-    cols = torch.stack([s.perturb(torch.zeros_like(x0), t, torch.eye(2, dtype=F64)[k].expand(2, 2)) for k in range(2)], -1)  # (B, 2, 2)
-    torch.testing.assert_close(cols @ cols.transpose(-1, -2), s.covariance(t) + s.numerical_eps * torch.eye(2, dtype=F64), rtol=1e-13, atol=1e-16)
+    torch.testing.assert_close(
+        mean, join(s.transition(t)[:, 0, 0, None] * x0, s.transition(t)[:, 1, 0, None] * x0), rtol=1e-14, atol=0
+    )
+    cols = torch.stack(
+        [s.perturb(torch.zeros_like(x0), t, torch.eye(2, dtype=F64)[k].expand(2, 2)) for k in range(2)], -1
+    )  # (B, 2, 2)
+    torch.testing.assert_close(
+        cols @ cols.transpose(-1, -2),
+        s.covariance(t) + s.numerical_eps * torch.eye(2, dtype=F64),
+        rtol=1e-13,
+        atol=1e-16,
+    )
     with pytest.raises(ValueError, match="twice the channels"):
         s.perturb(x0, t, torch.zeros(2, 3, dtype=F64))
 
@@ -207,7 +241,11 @@ def test_oracle_eps_is_the_exact_score(t):
     torch.testing.assert_close(gauss.score(z, t), score, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(gauss.eps(z, t), s.score_to_eps(score, t), rtol=1e-9, atol=1e-9)
     # the mixture: log Σ_k w_k p_k
-    w, means, stds = torch.tensor([0.2, 0.5, 0.3], dtype=F64), torch.tensor([[1.0, 0.0, -1.0], [-1.0, 0.5, 0.0], [0.3, -1.2, 0.8]], dtype=F64), torch.tensor([0.3, 0.1, 0.6], dtype=F64)
+    w, means, stds = (
+        torch.tensor([0.2, 0.5, 0.3], dtype=F64),
+        torch.tensor([[1.0, 0.0, -1.0], [-1.0, 0.5, 0.0], [0.3, -1.2, 0.8]], dtype=F64),
+        torch.tensor([0.3, 0.1, 0.6], dtype=F64),
+    )
     mix = PSLDGaussianMixtureOracle(s, w, means, stds)
 
     def log_p(y):
@@ -240,7 +278,10 @@ def test_flow_matrix_invariant_and_direct_pf_ode():
     torch.testing.assert_close(oracle.flow(z, 1.0, 1e-3), direct, rtol=1e-8, atol=1e-8)
     # the whitened flow rotates: Ψ is not the covariance square-root map
     L_to, L_from = torch.linalg.cholesky(oracle.moments(1e-3)[1]), torch.linalg.cholesky(oracle.moments(1.0)[1])
-    assert float((torch.linalg.inv(L_to) @ oracle.flow_matrix(1e-3, 1.0) @ L_from - torch.eye(2, dtype=F64)).abs().max()) > 0.5
+    assert (
+        float((torch.linalg.inv(L_to) @ oracle.flow_matrix(1e-3, 1.0) @ L_from - torch.eye(2, dtype=F64)).abs().max())
+        > 0.5
+    )
 
 
 def test_mixture_flow_with_one_component_is_the_gaussian_flow():
@@ -303,8 +344,11 @@ ODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("sched,method,options,order", ODE_CASES,
-                         ids=[f"{'cifar' if s is CIFAR else 'linear'}-{m}-{o}" for s, m, o, _ in ODE_CASES])
+@pytest.mark.parametrize(
+    "sched,method,options,order",
+    ODE_CASES,
+    ids=[f"{'cifar' if s is CIFAR else 'linear'}-{m}-{o}" for s, m, o, _ in ODE_CASES],
+)
 def test_ode_integrator_order(sched, method, options, order):
     """Quadratic grids, N = 100, 200, 400 (asymptotic for every method here; psld.md §6 O3): the error falls
     monotonically and the last halving gives the order within ±0.15."""
@@ -312,7 +356,9 @@ def test_ode_integrator_order(sched, method, options, order):
     errs = [ode_error(oracle, sched, method, n, **options) for n in (100, 200, 400)]
     assert errs[0] > errs[1] > errs[2] > 1e-8, errs
     slope = math.log2(errs[1] / errs[2])
-    assert abs(slope - order) < 0.15, f"{method} {options}: measured order {slope:.2f}, expected {order} (errors {errs})"
+    assert abs(slope - order) < 0.15, (
+        f"{method} {options}: measured order {slope:.2f}, expected {order} (errors {errs})"
+    )
 
 
 def test_splitting_beats_conjugate_on_the_stiff_oracle():
@@ -335,7 +381,14 @@ def test_lambda_zero_is_exponential_euler():
             F, P = _np(s.drift(t)), _np(s.eps_coefficient(t))
             return np.concatenate([F @ Y[:, :2], F @ Y[:, 2:] + P], 1).ravel()
 
-        sol = solve_ivp(rhs, (t_from, t_to), np.concatenate([np.eye(2), np.zeros((2, 2))], 1).ravel(), method="DOP853", rtol=1e-13, atol=1e-13)
+        sol = solve_ivp(
+            rhs,
+            (t_from, t_to),
+            np.concatenate([np.eye(2), np.zeros((2, 2))], 1).ravel(),
+            method="DOP853",
+            rtol=1e-13,
+            atol=1e-13,
+        )
         Y = torch.from_numpy(sol.y[:, -1].reshape(2, 4).copy())
         scale = float(Y.abs().max())
         torch.testing.assert_close(K, Y[:, :2], rtol=0, atol=1e-11 * scale)
@@ -353,7 +406,9 @@ def test_block_transition_numerical_path():
     it must agree with the matrix-exponential path."""
     const, almost = PSLD(), PSLD(beta_max=8.0 + 1e-12)
     us = torch.tensor([0.35, 0.3, 0.22, 0.2], dtype=F64)
-    torch.testing.assert_close(block_transition(almost, 0.7, 0.2, us), block_transition(const, 0.7, 0.2, us), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(
+        block_transition(almost, 0.7, 0.2, us), block_transition(const, 0.7, 0.2, us), rtol=1e-9, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("lam_s", [1.0, 0.3, 0.0])
@@ -370,7 +425,9 @@ def test_ou_step_is_exact(lam_s):
         M, C = y[:4].reshape(2, 2), y[4:].reshape(2, 2)
         return -np.concatenate([(A @ M).ravel(), (A @ C + C @ A.T + D).ravel()])
 
-    sol = solve_ivp(rhs, (t_from, t_to), np.concatenate([np.eye(2).ravel(), np.zeros(4)]), method="DOP853", rtol=1e-13, atol=1e-14)
+    sol = solve_ivp(
+        rhs, (t_from, t_to), np.concatenate([np.eye(2).ravel(), np.zeros(4)]), method="DOP853", rtol=1e-13, atol=1e-14
+    )
     M, C = (torch.from_numpy(sol.y[:4, -1].reshape(2, 2).copy()), torch.from_numpy(sol.y[4:, -1].reshape(2, 2).copy()))
     torch.testing.assert_close(E, M, rtol=0, atol=1e-11)
     torch.testing.assert_close(L @ L.T, C, rtol=0, atol=1e-11)
@@ -431,8 +488,21 @@ def test_nfe_record_callback_and_denoise_to_zero():
     oracle = PSLDGaussianOracle(s, torch.tensor([0.5, -0.5], dtype=F64), torch.tensor([0.2, 0.4], dtype=F64))
     z = s.prior((3, 2), generator=torch.Generator().manual_seed(5))
     ts = time_grid(s, 6, "quadratic")
-    expected = {"euler": 6, "lambda-ddim": 6, "lambda-ddim-block": 6, "nse": 12, "rse": 6, "nvv": 18, "rvv": 7,
-                "csps-d": 6, "em": 6, "sscs": 6, "noba": 12, "roba": 6, "csps-s": 6}
+    expected = {
+        "euler": 6,
+        "lambda-ddim": 6,
+        "lambda-ddim-block": 6,
+        "nse": 12,
+        "rse": 6,
+        "nvv": 18,
+        "rvv": 7,
+        "csps-d": 6,
+        "em": 6,
+        "sscs": 6,
+        "noba": 12,
+        "roba": 6,
+        "csps-s": 6,
+    }
     assert set(expected) == set(available_solvers(s))
     for method, nfe in expected.items():
         seen = []
@@ -460,7 +530,14 @@ def test_stochastic_solvers_use_the_generator():
         c = solve(oracle.eps, z, s, ts, method, generator=torch.Generator().manual_seed(8)).sample
         assert torch.equal(a, b) and not torch.equal(a, c)
     z32 = z.float()
-    out = solve(lambda x, t: oracle.eps(x.double(), t.double()).float(), z32, s, ts, "sscs", generator=torch.Generator().manual_seed(7))
+    out = solve(
+        lambda x, t: oracle.eps(x.double(), t.double()).float(),
+        z32,
+        s,
+        ts,
+        "sscs",
+        generator=torch.Generator().manual_seed(7),
+    )
     assert out.sample.dtype == torch.float32
 
 
@@ -475,9 +552,14 @@ def test_solver_registry_and_bad_input():
     assert solver_info("roba", s).stochastic and not solver_info("rse", s).stochastic
     with pytest.raises(ValueError, match="unknown solver 'nope' for the psld schedule; valid: euler, lambda-ddim"):
         solve(eps, z, s, ts, "nope")
-    with pytest.raises(ValueError, match=r"unknown solver 'ddim' for the psld schedule; valid: euler.* \('ddim' is for α/σ schedules"):
+    with pytest.raises(
+        ValueError, match=r"unknown solver 'ddim' for the psld schedule; valid: euler.* \('ddim' is for α/σ schedules"
+    ):
         solve(eps, z, s, ts, "ddim")
-    with pytest.raises(ValueError, match=r"unknown solver 'csps-d'; valid: ddim.* \('csps-d' is a PSLD solver: it needs a PSLD schedule\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown solver 'csps-d'; valid: ddim.* \('csps-d' is a PSLD solver: it needs a PSLD schedule\)",
+    ):
         solve(eps, z, VPLinear(), time_grid(VPLinear(), 4), "csps-d")
     with pytest.raises(ValueError, match="even number of channels"):
         solve(eps, torch.zeros(2, 3, dtype=F64), s, ts, "euler")

@@ -19,6 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from opdiff_cli.main import app
 from operator_diffusion.adapter import DSNO
 from operator_diffusion.backbones import load_backbone
 from operator_diffusion.images import to_uint8
@@ -27,12 +28,11 @@ from operator_diffusion.solvers import solve
 from operator_diffusion.teacher import denoising_loss, hsm_loss, sample_times
 from operator_diffusion.training import TrainConfig, load_run, reset_accelerate_state, time_weights, train
 from operator_diffusion.trajectories import INFO_NAME, CollectConfig, collect, item_shape, output_indices, read_shard
-from opdiff_cli.main import app
 
 runner = CliRunner()
-SHAPE = (1, 8, 8)                      # the data: C = 1; the state has 2 channels
+SHAPE = (1, 8, 8)  # the data: C = 1; the state has 2 channels
 BETA, GAMMA, NU, KAPPA = 8.0, 0.01, 4.01, 0.04  # PSLD's CIFAR-10 configuration (schedules.PSLD's defaults)
-MASS_INV = (GAMMA - NU) ** 2 / 4       # critical damping: M⁻¹ = 4
+MASS_INV = (GAMMA - NU) ** 2 / 4  # critical damping: M⁻¹ = 4
 CONFIG = CollectConfig(num=8, steps=12, shard_size=8, batch_size=8)  # solver, steps' grid: the PSLD defaults
 
 
@@ -42,8 +42,13 @@ def kernel(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b = BETA * t.double()
     g, nu, mi, m = GAMMA, NU, MASS_INV, 1 / MASS_INV
     c = torch.exp(-(g + nu) * b / 4)
-    phi = torch.stack([torch.stack([c * (1 + (nu - g) * b / 4), c * mi * b / 2], -1),
-                       torch.stack([-c * b / 2, c * (1 + (g - nu) * b / 4)], -1)], -2)
+    phi = torch.stack(
+        [
+            torch.stack([c * (1 + (nu - g) * b / 4), c * mi * b / 2], -1),
+            torch.stack([-c * b / 2, c * (1 + (g - nu) * b / 4)], -1),
+        ],
+        -2,
+    )
     c2, e, mm0 = c**2, torch.exp((g + nu) * b / 2), KAPPA * m
     xx = c2 * (mm0 * mi**2 * b**2 / 4 - mi * b**2 / 2 + (g - nu) * b / 2 + e - 1)
     xm = c2 * (mm0 * mi * ((g - nu) * b**2 / 8 + b / 2) + (nu - g) * b**2 / 4)
@@ -96,8 +101,18 @@ def pipeline(bb, tmp_path_factory):
     ckpt = root / "teacher.safetensors"
     bb.save_weights(ckpt)
     collect(bb, root / "data", CONFIG, checkpoint=ckpt, process_index=0, num_processes=1)
-    cfg = TrainConfig(data=str(root / "data"), out=str(root / "run"), init_from=str(ckpt), batch_size=8, max_steps=8,
-                      save_every=4, log_every=1, warmup=2, lr=2e-3, ema=0.5)
+    cfg = TrainConfig(
+        data=str(root / "data"),
+        out=str(root / "run"),
+        init_from=str(ckpt),
+        batch_size=8,
+        max_steps=8,
+        save_every=4,
+        log_every=1,
+        warmup=2,
+        lr=2e-3,
+        ema=0.5,
+    )
     train(cfg)
     reset_accelerate_state()
     return {"teacher": ckpt, "data": root / "data", "run": root / "run", "config": cfg}
@@ -134,7 +149,9 @@ def test_sqrt_snr_weights_are_those_of_the_data_channel():
     phi, sigma = kernel(t)
     ratio = phi[:, 0, 0] / torch.sqrt(sigma[:, 0, 0] + 1e-9)  # x_t = Φ₀₀x₀ + L₀₀ε_x: α/σ of x
     torch.testing.assert_close(time_weights(PSLD(), t, "sqrt-snr"), ratio.clamp(1, 1e4), rtol=1e-10, atol=0)
-    torch.testing.assert_close(time_weights(PSLD(), t, "snr", 0.5, 100.0), (ratio**2).clamp(0.5, 100.0), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        time_weights(PSLD(), t, "snr", 0.5, 100.0), (ratio**2).clamp(0.5, 100.0), rtol=1e-10, atol=0
+    )
     torch.testing.assert_close(time_weights(PSLD(), t, "uniform"), torch.ones_like(t))
     assert float(ratio[0]) < 1 < float(ratio[-1])  # both clamps are in play on the sampling range
 
@@ -144,7 +161,12 @@ def test_sqrt_snr_weights_are_those_of_the_data_channel():
 # --------------------------------------------------------------------------------------------------
 def test_collection_stores_the_data_channels_of_a_direct_solve_on_the_seed_noise(bb, pipeline, tmp_path):
     info = json.loads((pipeline["data"] / INFO_NAME).read_text())["collection"]
-    assert (info["solver"], info["solver_options"], info["steps"], info["grid"]) == ("csps-d", {"lam": -0.25, "variant": "se"}, 12, "quadratic")
+    assert (info["solver"], info["solver_options"], info["steps"], info["grid"]) == (
+        "csps-d",
+        {"lam": -0.25, "variant": "se"},
+        12,
+        "quadratic",
+    )
     assert info["schedule"]["name"] == "psld" and info["image_shape"] == [1, 8, 8] and "PSLD.prior" in info["noise"]
     assert info["nfe_per_trajectory"] == 13  # one per step and the final x̂_0
     ts = time_grid(PSLD(), 12, "quadratic")
@@ -157,19 +179,27 @@ def test_collection_stores_the_data_channels_of_a_direct_solve_on_the_seed_noise
     torch.testing.assert_close(got, ref.denoised.half().float(), rtol=0, atol=0)
     assert got.abs().max() > 0.1  # not a trivial teacher
     # target=state: the x half of the states z(t_i), stored with C channels
-    collect(bb, tmp_path / "s", replace(CONFIG, num=3, batch_size=3, target="state", dtype="float32"),
-            process_index=0, num_processes=1)
+    collect(
+        bb,
+        tmp_path / "s",
+        replace(CONFIG, num=3, batch_size=3, target="state", dtype="float32"),
+        process_index=0,
+        num_processes=1,
+    )
     with torch.no_grad():
         states = solve(bb.eps_fn, z[:3], PSLD(), ts, "csps-d", lam=-0.25, record=idx, record_denoised=False).states
     assert states.shape == (3, 4, 2, 8, 8)
     torch.testing.assert_close(torch.from_numpy(stored(tmp_path / "s")["trajectory"]), states[:, :, :1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(solver="sscs"), "'sscs' is stochastic: .* DSNO learns a deterministic map .* euler, lambda-ddim"),
-    (dict(solver="unipc"), "unknown solver 'unipc' for the psld schedule"),
-    (dict(grid="logsnr"), "grid kind 'logsnr' needs an α/σ schedule"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(solver="sscs"), "'sscs' is stochastic: .* DSNO learns a deterministic map .* euler, lambda-ddim"),
+        (dict(solver="unipc"), "unknown solver 'unipc' for the psld schedule"),
+        (dict(grid="logsnr"), "grid kind 'logsnr' needs an α/σ schedule"),
+    ],
+)
 def test_collection_refusals(bb, tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
         collect(bb, tmp_path / "c", replace(CONFIG, **change), process_index=0, num_processes=1)
@@ -217,12 +247,30 @@ def test_training_lowers_the_loss_on_a_fixed_batch_and_resumes(pipeline, tmp_pat
     assert again == pytest.approx(losses, rel=1e-5)
     # a student without the teacher's PSLD schedule is refused
     with pytest.raises(ValueError, match="needs the teacher's PSLD schedule"):
-        train(replace(pipeline["config"], out=str(tmp_path / "vp"), init_from=None, backbone_options={"schedule": "vp-linear"}))
+        train(
+            replace(
+                pipeline["config"], out=str(tmp_path / "vp"), init_from=None, backbone_options={"schedule": "vp-linear"}
+            )
+        )
 
 
 def test_sample_writes_the_x_half_of_dsno_and_the_teachers_solution(pipeline, bb, tmp_path):
-    res = runner.invoke(app, ["sample", str(pipeline["run"]), "--out", str(tmp_path / "s"), "--seeds", "20-22,40",
-                              "--format", "npz", "--teacher", "--batch-size", "3"])
+    res = runner.invoke(
+        app,
+        [
+            "sample",
+            str(pipeline["run"]),
+            "--out",
+            str(tmp_path / "s"),
+            "--seeds",
+            "20-22,40",
+            "--format",
+            "npz",
+            "--teacher",
+            "--batch-size",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     z = noise([20, 21, 22, 40])
     model, _ = load_run(pipeline["run"])
@@ -243,19 +291,43 @@ def test_bench_compares_with_the_psld_solvers(pipeline):
     rows = {(r["method"], r["nfe"]): r for r in json.loads(res.output)["rows"]}
     assert rows[("teacher reference", 13)]["rmse"] == 0.0 and ("DSNO", 1) in rows and ("teacher x̂₀(x_T)", 1) in rows
     assert {m for m, _ in rows} >= {"euler", "lambda-ddim", "rse", "csps-d"}
-    for args, message in ((["--solvers", "sscs"], "'sscs' is stochastic"),
-                          (["--solvers", "unipc"], "unknown --solvers unipc for the psld teacher; valid: euler"),
-                          (["--grid", "logsnr"], "needs an α/σ schedule")):
+    for args, message in (
+        (["--solvers", "sscs"], "'sscs' is stochastic"),
+        (["--solvers", "unipc"], "unknown --solvers unipc for the psld teacher; valid: euler"),
+        (["--grid", "logsnr"], "needs an α/σ schedule"),
+    ):
         bad = runner.invoke(app, ["bench", str(pipeline["run"]), "--num", "2", *args])
-        assert bad.exit_code == 2 and message in " ".join(bad.stderr.split()) and bad.stderr.count("\n") == 1, bad.output
+        assert bad.exit_code == 2 and message in " ".join(bad.stderr.split()) and bad.stderr.count("\n") == 1, (
+            bad.output
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # The command line from a PSLD teacher of one's own
 # --------------------------------------------------------------------------------------------------
 def test_teacher_train_then_collect_a_psld_teacher_and_refusals(tmp_path):
-    args = ["teacher", "train", "--data", "digits", "--num", "32", "-o", "preset=tiny", "-o", "in_channels=1",
-            "-o", "schedule=psld", "--batch-size", "16", "--max-steps", "2", "--save-every", "2", "--warmup", "1"]
+    args = [
+        "teacher",
+        "train",
+        "--data",
+        "digits",
+        "--num",
+        "32",
+        "-o",
+        "preset=tiny",
+        "-o",
+        "in_channels=1",
+        "-o",
+        "schedule=psld",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "2",
+        "--save-every",
+        "2",
+        "--warmup",
+        "1",
+    ]
     ok = runner.invoke(app, [*args, "--out", str(tmp_path / "t")])
     assert ok.exit_code == 0, ok.output
     cfg = json.loads((tmp_path / "t" / "teacher.json").read_text())["backbone"]
@@ -268,9 +340,18 @@ def test_teacher_train_then_collect_a_psld_teacher_and_refusals(tmp_path):
     info = json.loads((tmp_path / "traj" / INFO_NAME).read_text())["collection"]
     assert (info["solver"], info["schedule"]["name"], info["image_shape"]) == ("csps-d", "psld", [1, 8, 8])
     refusals = [
-        (["teacher", "train", *args[2:], "--prediction", "x0", "--out", str(tmp_path / "x0")], "prediction must be 'eps'"),
-        ([*cmd[:-2], "--out", str(tmp_path / "sde"), "--solver", "sscs", "--steps", "6", "--times", "2"], "'sscs' is stochastic"),
-        ([*cmd[:-2], "--out", str(tmp_path / "lg"), "--grid", "logsnr", "--steps", "6", "--times", "2"], "needs an α/σ schedule"),
+        (
+            ["teacher", "train", *args[2:], "--prediction", "x0", "--out", str(tmp_path / "x0")],
+            "prediction must be 'eps'",
+        ),
+        (
+            [*cmd[:-2], "--out", str(tmp_path / "sde"), "--solver", "sscs", "--steps", "6", "--times", "2"],
+            "'sscs' is stochastic",
+        ),
+        (
+            [*cmd[:-2], "--out", str(tmp_path / "lg"), "--grid", "logsnr", "--steps", "6", "--times", "2"],
+            "needs an α/σ schedule",
+        ),
     ]
     for argv, message in refusals:
         res = runner.invoke(app, argv)

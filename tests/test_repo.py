@@ -21,8 +21,26 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert f"\n{setup}\n" in ci and f"\n{tests}\n" in ci, (setup, tests, ci)
 
 
+def test_code_passes_the_linter_and_the_formatter():
+    """``ruff check`` and ``ruff format --check`` on the whole tree (pyproject's [tool.ruff]: line length 120)."""
+    for args in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
+        r = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, f"ruff {' '.join(args)}:\n{r.stdout}{r.stderr}"
+
+
 def test_top_level_layout():
-    allowed = {"pyproject.toml", "operator_diffusion", "plugins", "cli", "tests", "docs", "README.md", ".ci", ".gitignore", ".git"}
+    allowed = {
+        "pyproject.toml",
+        "operator_diffusion",
+        "plugins",
+        "cli",
+        "tests",
+        "docs",
+        "README.md",
+        ".ci",
+        ".gitignore",
+        ".git",
+    }
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if tracked:  # inside a git checkout
         assert {p.split("/")[0] for p in tracked} <= allowed
@@ -50,7 +68,9 @@ def test_cli_help_and_solvers_listing():
 
 
 def test_cli_lists_backbones_from_entry_points():
-    out = subprocess.run([sys.executable, "-m", "opdiff_cli.main", "backbones", "--json"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "opdiff_cli.main", "backbones", "--json"], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     rows = {row["name"]: row["provided_by"] for row in __import__("json").loads(out.stdout)}
     assert rows["opdiff-unet"].startswith("operator-diffusion ")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TEACHER
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from opdiff_cli.main import app
 from operator_diffusion.adapter import DSNO
 from operator_diffusion.backbones import load_backbone
 from operator_diffusion.images import read_image, read_image_folder, to_uint8
@@ -20,7 +20,8 @@ from operator_diffusion.sampling import parse_labels, parse_seeds
 from operator_diffusion.schedules import time_grid
 from operator_diffusion.solvers import solve
 from operator_diffusion.trajectories import example_inputs, load_collection
-from opdiff_cli.main import app
+
+from conftest import TINY_TEACHER
 
 runner = CliRunner()
 
@@ -38,7 +39,12 @@ def noise(seeds, shape=(1, 8, 8)):
 def test_parse_seeds_and_labels():
     assert parse_seeds("0-3,10,12-13") == [0, 1, 2, 3, 10, 12, 13]
     assert parse_seeds("5") == [5] and parse_seeds([2, 1]) == [2, 1]
-    for bad, msg in (("3-1", "below the start"), ("a-b", "is not N or A-B"), ("0-2,1", "repeats seeds"), ("-1", "not N or A-B")):
+    for bad, msg in (
+        ("3-1", "below the start"),
+        ("a-b", "is not N or A-B"),
+        ("0-2,1", "repeats seeds"),
+        ("-1", "not N or A-B"),
+    ):
         with pytest.raises(ValueError, match=msg):
             parse_seeds(bad)
     assert parse_labels(None, 0) is None and parse_labels(None, 10) == "random"
@@ -51,8 +57,20 @@ def test_parse_seeds_and_labels():
 
 def test_dsno_samples_are_the_model_on_the_seed_noise_whatever_the_batch_size(tiny_run, tmp_path):
     seeds = [3, 60, 61, 100, 7, 8, 9]
-    a = run_cli(tiny_run["run"], "--out", tmp_path / "a", "--seeds", "3,60-61,100,7-9", "--format", "png,npz", "--batch-size", "7")
-    b = run_cli(tiny_run["run"], "--out", tmp_path / "b", "--seeds", "3,60-61,100,7-9", "--format", "npz", "--batch-size", "2")
+    a = run_cli(
+        tiny_run["run"],
+        "--out",
+        tmp_path / "a",
+        "--seeds",
+        "3,60-61,100,7-9",
+        "--format",
+        "png,npz",
+        "--batch-size",
+        "7",
+    )
+    b = run_cli(
+        tiny_run["run"], "--out", tmp_path / "b", "--seeds", "3,60-61,100,7-9", "--format", "npz", "--batch-size", "2"
+    )
     assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
     model = DSNO.load(tiny_run["run"] / "model.safetensors")
     with torch.no_grad():
@@ -72,7 +90,9 @@ def test_dsno_samples_are_the_model_on_the_seed_noise_whatever_the_batch_size(ti
 
 
 def test_default_seeds_are_held_out_and_all_times_give_trajectories(tiny_run, tmp_path):
-    r = run_cli(tiny_run["run"], "--out", tmp_path / "s", "--num", "5", "--times", "all", "--format", "png,npz,grid", "--json")
+    r = run_cli(
+        tiny_run["run"], "--out", tmp_path / "s", "--num", "5", "--times", "all", "--format", "png,npz,grid", "--json"
+    )
     assert r.exit_code == 0, r.output
     info = json.loads((tmp_path / "s" / "opdiff_samples.json").read_text())
     coll = json.loads((tiny_run["data"] / "opdiff_collection.json").read_text())["collection"]
@@ -93,13 +113,26 @@ def test_default_seeds_are_held_out_and_all_times_give_trajectories(tiny_run, tm
 def test_selected_and_query_times(tiny_run, tmp_path):
     coll = json.loads((tiny_run["data"] / "opdiff_collection.json").read_text())["collection"]
     t = coll["output_times"]
-    r = run_cli(tiny_run["run"], "--out", tmp_path / "sel", "--num", "3", "--times", f"{t[1]},{t[3]}", "--format", "npz")
+    r = run_cli(
+        tiny_run["run"], "--out", tmp_path / "sel", "--num", "3", "--times", f"{t[1]},{t[3]}", "--format", "npz"
+    )
     assert r.exit_code == 0, r.output
     z = np.load(tmp_path / "sel" / "samples.npz")
     np.testing.assert_allclose(z["times"], [t[1], t[3]])
     query = [0.8, 0.6, 0.4, 0.2, 0.05, 0.001]
-    r = run_cli(tiny_run["run"], "--out", tmp_path / "q", "--num", "3", "--query-times", ",".join(map(str, query)),
-                "--times", "all", "--format", "npz")
+    r = run_cli(
+        tiny_run["run"],
+        "--out",
+        tmp_path / "q",
+        "--num",
+        "3",
+        "--query-times",
+        ",".join(map(str, query)),
+        "--times",
+        "all",
+        "--format",
+        "npz",
+    )
     assert r.exit_code == 0, r.output
     model = DSNO.load(tiny_run["run"] / "model.safetensors")
     with torch.no_grad():
@@ -127,12 +160,31 @@ def test_teacher_samples_match_a_direct_solve_and_the_collected_trajectories(tin
     info = json.loads((tmp_path / "t" / "teacher" / "opdiff_samples.json").read_text())
     assert info["nfe"] == 17 and info["solver"].startswith("unipc (16 steps")
     # another solver on request: DDIM with 4 steps is a different (cruder) teacher sample
-    r = run_cli(tiny_run["run"], "--out", tmp_path / "d", "--seeds", "0-5", "--teacher", "--solver", "ddim", "--steps", "4",
-                "--format", "npz")
+    r = run_cli(
+        tiny_run["run"],
+        "--out",
+        tmp_path / "d",
+        "--seeds",
+        "0-5",
+        "--teacher",
+        "--solver",
+        "ddim",
+        "--steps",
+        "4",
+        "--format",
+        "npz",
+    )
     assert r.exit_code == 0, r.output
     with torch.no_grad():
-        ddim = solve(bb.eps_fn, noise(range(6)), bb.schedule, time_grid(bb.schedule, 4, "quadratic"), "ddim",
-                     record=[4], record_denoised=True)
+        ddim = solve(
+            bb.eps_fn,
+            noise(range(6)),
+            bb.schedule,
+            time_grid(bb.schedule, 4, "quadratic"),
+            "ddim",
+            record=[4],
+            record_denoised=True,
+        )
     got = np.load(tmp_path / "d" / "teacher" / "samples.npz")["images"]
     assert np.abs(got.astype(int) - to_uint8(ddim.denoised[:, 0]).astype(int)).max() <= 1
 
@@ -150,7 +202,9 @@ def test_class_labels_follow_the_noise_rule(tmp_path):
     with torch.no_grad():
         direct = to_uint8(model(x, y)[:, -1])
     assert np.abs(z["images"].astype(int) - direct.astype(int)).max() <= 1
-    r = run_cli(tmp_path / "cond.safetensors", "--out", tmp_path / "f", "--seeds", "0-5", "--labels", "2,0", "--format", "npz")
+    r = run_cli(
+        tmp_path / "cond.safetensors", "--out", tmp_path / "f", "--seeds", "0-5", "--labels", "2,0", "--format", "npz"
+    )
     assert r.exit_code == 0 and np.load(tmp_path / "f" / "samples.npz")["labels"].tolist() == [2, 0, 2, 0, 2, 0]
 
 
@@ -193,7 +247,10 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_run, tmp_path):
         ((tiny_run["run"], "--query-times", "2.0,0.5"), "bad --query-times"),
         ((tiny_run["run"], "--solver", "ddim"), "only apply with --teacher"),
         ((tiny_run["run"], "--teacher", "--solver", "rk45"), "cannot set up the teacher"),
-        ((tiny_run["run"], "--teacher", "--teacher-checkpoint", tiny_run["run"] / "model.safetensors"), "cannot set up the teacher"),
+        (
+            (tiny_run["run"], "--teacher", "--teacher-checkpoint", tiny_run["run"] / "model.safetensors"),
+            "cannot set up the teacher",
+        ),
     ]
     for args, message in cases:
         out = tmp_path / "never"
@@ -206,7 +263,9 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_run, tmp_path):
 def test_the_teacher_must_be_the_collections(tiny_run, tmp_path):
     other = load_backbone("opdiff-unet", **TINY_TEACHER)  # same architecture, other weights
     other.save_weights(tmp_path / "other.safetensors")
-    r = run_cli(tiny_run["run"], "--out", tmp_path / "s", "--teacher", "--teacher-checkpoint", tmp_path / "other.safetensors")
+    r = run_cli(
+        tiny_run["run"], "--out", tmp_path / "s", "--teacher", "--teacher-checkpoint", tmp_path / "other.safetensors"
+    )
     assert r.exit_code == 2 and "is not the teacher this run was distilled from" in " ".join(r.output.split())
     assert not (tmp_path / "s").exists()
 
@@ -218,11 +277,26 @@ def test_fid_of_a_run_samples_it_with_held_out_seeds(tiny_run, tmp_path):
     FeatureNet(in_channels=1, image_size=8, width=8, feature_dim=4, num_classes=0).save(tmp_path / "f.safetensors")
     r = run_cli(tiny_run["run"], "--out", tmp_path / "s", "--num", "20", "--format", "png")
     assert r.exit_code == 0, r.output
-    fid = runner.invoke(app, ["fid", str(tiny_run["run"]), "--num", "20", "--ref", str(tmp_path / "s"),
-                              "--feature-extractor", str(tmp_path / "f.safetensors"), "--json"])
+    fid = runner.invoke(
+        app,
+        [
+            "fid",
+            str(tiny_run["run"]),
+            "--num",
+            "20",
+            "--ref",
+            str(tmp_path / "s"),
+            "--feature-extractor",
+            str(tmp_path / "f.safetensors"),
+            "--json",
+        ],
+    )
     assert fid.exit_code == 0, fid.output
-    out = json.loads(fid.output[fid.output.index("{"):])
+    out = json.loads(fid.output[fid.output.index("{") :])
     # the same 20 held-out seeds as `opdiff sample`: the same images (up to 1-level round-off) → FID ≈ 0
     assert out["n_source"] == 20 and out["fid"] < 1e-3 and "seeds 48-67" in out["source"]
-    bad = runner.invoke(app, ["fid", "digits", "--seeds", "0-3", "--ref", "digits", "--feature-extractor", str(tmp_path / "f.safetensors")])
+    bad = runner.invoke(
+        app,
+        ["fid", "digits", "--seeds", "0-3", "--ref", "digits", "--feature-extractor", str(tmp_path / "f.safetensors")],
+    )
     assert bad.exit_code == 2 and "--seeds only applies" in bad.output

@@ -27,8 +27,6 @@ from operator_diffusion.schedules import (
     time_grid,
 )
 
-
-
 DDPM_BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
 
 
@@ -417,8 +415,11 @@ def test_check_times_multidimensional_reports_offending_value():
 # --------------------------------------------------------------------------------------------------
 # The process answers its own questions: the prior draw
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("s", [VPLinear(), VPCosine(), DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 1000)), EDM(), VE()],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "s",
+    [VPLinear(), VPCosine(), DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 1000)), EDM(), VE()],
+    ids=lambda s: s.name,
+)
 def test_prior_has_the_scale_of_the_closed_form_marginal_at_t_max(s):
     """x_T = α x_0 + σ ε for unit-variance data has std √(α² + σ²) at t_max (VP: 1; VE/EDM: √(1 + σ_max²)); the
     prior's draw matches it within sampling error (and, for VE/EDM, the 1/(2σ_max²) a unit-data term contributes)."""

@@ -8,7 +8,7 @@ from scipy.integrate import quad
 
 from operator_diffusion.oracles import GaussianMixtureOracle, GaussianOracle
 from operator_diffusion.prediction import classifier_free_guidance
-from operator_diffusion.schedules import DiscreteVP, EDM, VPCosine, VPLinear, time_grid
+from operator_diffusion.schedules import EDM, DiscreteVP, VPCosine, VPLinear, time_grid
 from operator_diffusion.solvers import NonFiniteError, SolverStep, available_solvers, solve, solver_info
 from operator_diffusion.solvers.base import Grid
 from operator_diffusion.solvers.deis import deis_coefficients
@@ -19,7 +19,10 @@ SCHEDULES = [VPLinear(), VPCosine(), DiscreteVP.from_betas(torch.linspace(1e-4, 
 def mixture(schedule, dim=3):
     g = torch.Generator().manual_seed(3)
     return GaussianMixtureOracle(
-        schedule, torch.tensor([0.2, 0.5, 0.3]), torch.randn(3, dim, generator=g, dtype=torch.float64), torch.tensor([0.3, 0.5, 0.4])
+        schedule,
+        torch.tensor([0.2, 0.5, 0.3]),
+        torch.randn(3, dim, generator=g, dtype=torch.float64),
+        torch.tensor([0.3, 0.5, 0.4]),
     )
 
 
@@ -112,7 +115,11 @@ def test_deis_coefficients_match_quadrature_in_t(r, i):
         return math.prod((tau - nodes[m]) / (nodes[j] - nodes[m]) for m in range(r + 1) if m != j)
 
     t_s, t_t = float(grid.t[i]), float(grid.t[i + 1])
-    expected = [float(grid.alpha[i + 1]) * quad(lambda tau: ell(j, tau) * _vp_linear_drho_dt(tau), t_s, t_t, epsabs=0, epsrel=1e-13)[0] for j in range(r + 1)]
+    expected = [
+        float(grid.alpha[i + 1])
+        * quad(lambda tau: ell(j, tau) * _vp_linear_drho_dt(tau), t_s, t_t, epsabs=0, epsrel=1e-13)[0]
+        for j in range(r + 1)
+    ]
     got = deis_coefficients(grid, torch.tensor([i]), r)[0].tolist()
     assert got == pytest.approx(expected, rel=1e-10, abs=1e-13)
     # Σ_j C_j = α_t (ρ_t − ρ_s): the Lagrange basis sums to one
@@ -156,7 +163,9 @@ def test_recorded_states_equal_truncated_runs(method):
     for col, k in [(1, 4), (2, 7)]:
         if method == "unipc":  # the corrector of step k is skipped when k is the final index
             continue
-        torch.testing.assert_close(out.states[:, col], solve(oracle.eps, x, s, ts[: k + 1], method, **opts).sample, rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            out.states[:, col], solve(oracle.eps, x, s, ts[: k + 1], method, **opts).sample, rtol=0, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("method", [m for m in available_solvers() if m != "unipc"])
@@ -171,7 +180,17 @@ def test_recorded_denoised_is_the_oracle_denoiser_at_the_state(method):
 
 
 @pytest.mark.parametrize(
-    "method,nfe", [("ddim", 10), ("deis", 10), ("ipndm", 10), ("dpmpp-2m", 10), ("dpmpp-3m", 10), ("unipc", 10), ("heun", 20), ("lambda-ddim", 10)]
+    "method,nfe",
+    [
+        ("ddim", 10),
+        ("deis", 10),
+        ("ipndm", 10),
+        ("dpmpp-2m", 10),
+        ("dpmpp-3m", 10),
+        ("unipc", 10),
+        ("heun", 20),
+        ("lambda-ddim", 10),
+    ],
 )
 def test_nfe_counts_every_evaluation(method, nfe):
     s = VPLinear()
@@ -257,7 +276,13 @@ def test_extra_args_and_classifier_free_guidance_pass_through():
     torch.testing.assert_close(cond, manual, rtol=0, atol=0)
     guided = classifier_free_guidance(eps_fn, scale=3.0, null_label=3)
     out = solve(guided, x, s, ts, "ddim", extra_args={"labels": labels}).sample
-    direct = solve(lambda x, t: eps_fn(x, t, labels=torch.full_like(labels, 3)) + 3.0 * 0.1 * (labels - 3)[:, None].to(x), x, s, ts, "ddim").sample
+    direct = solve(
+        lambda x, t: eps_fn(x, t, labels=torch.full_like(labels, 3)) + 3.0 * 0.1 * (labels - 3)[:, None].to(x),
+        x,
+        s,
+        ts,
+        "ddim",
+    ).sample
     torch.testing.assert_close(out, direct, rtol=0, atol=1e-12)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from opdiff_cli.main import app
 from operator_diffusion.schedules import VPLinear
 from operator_diffusion.spectrum import (
     REPORT_FILES,
@@ -30,7 +31,6 @@ from operator_diffusion.spectrum import (
     toy_oracle,
     uniform_times,
 )
-from opdiff_cli.main import app
 
 F64 = torch.float64
 
@@ -85,7 +85,9 @@ def test_parseval_weighted_power_equals_time_domain_energy(n):
     energy = dt * (x**2).sum(1).mean((1, 2))  # Δ Σ_i x_i², averaged over coordinates
     torch.testing.assert_close((energy_weights(n) * s).sum(1), energy, rtol=1e-12, atol=0)
     # eq. 13 against the explicit DFT sum
-    torch.testing.assert_close(s, 2 * dt**2 / (n * dt) * dft(x.reshape(5, n, -1)).abs().pow(2).mean(2), rtol=1e-11, atol=0)
+    torch.testing.assert_close(
+        s, 2 * dt**2 / (n * dt) * dft(x.reshape(5, n, -1)).abs().pow(2).mean(2), rtol=1e-11, atol=0
+    )
 
 
 def test_linearity_spectrum_scales_quadratically_and_adds_over_disjoint_modes():
@@ -105,7 +107,9 @@ def test_energy_fraction_is_one_minus_relative_truncation_error():
         coef = torch.fft.rfft(x, dim=1)
         coef[:, keep:] = 0
         err = (x - torch.fft.irfft(coef, n=n, dim=1)).pow(2).sum()
-        assert float(err / x.pow(2).sum()) == pytest.approx(1 - float(spec.energy_fraction[keep - 1]), rel=1e-9, abs=1e-14)
+        assert float(err / x.pow(2).sum()) == pytest.approx(
+            1 - float(spec.energy_fraction[keep - 1]), rel=1e-9, abs=1e-14
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,7 +227,9 @@ def test_bad_inputs_raise():
 def test_report_writes_csv_json_png_and_refuses_to_overwrite(tmp_path):
     spec = spectrum_with_energies([0.5, 0.3, 0.15, 0.04, 0.01])
     paths = spectrum_report(spec, tmp_path / "out", 0.99, {"teacher": "test"})
-    assert sorted(p.name for p in paths.values()) == sorted(REPORT_FILES) and all(p.stat().st_size > 0 for p in paths.values())
+    assert sorted(p.name for p in paths.values()) == sorted(REPORT_FILES) and all(
+        p.stat().st_size > 0 for p in paths.values()
+    )
     doc = json.loads(paths["spectrum.json"].read_text())
     assert doc["recommended_modes"] == 4 and doc["metadata"] == {"teacher": "test"} and len(doc["mean"]) == 9
     lines = paths["spectrum.csv"].read_text().splitlines()
@@ -243,8 +249,10 @@ runner = CliRunner()
 
 def test_cli_oracle_end_to_end(tmp_path):
     out = tmp_path / "spec"
-    res = runner.invoke(app, ["spectrum", "--oracle", "gaussian", "--points", "64", "--num", "8", "--dim", "6",
-                              "--out", str(out), "--json"])
+    res = runner.invoke(
+        app,
+        ["spectrum", "--oracle", "gaussian", "--points", "64", "--num", "8", "--dim", "6", "--out", str(out), "--json"],
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
@@ -260,25 +268,47 @@ def test_cli_oracle_end_to_end(tmp_path):
 
 
 def test_cli_tiny_backbone(tmp_path):
-    res = runner.invoke(app, ["spectrum", "--backbone", "opdiff-unet", "--backbone-option", "preset=tiny", "--points", "32",
-                              "--num", "2", "--device", "cpu", "--out", str(tmp_path), "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "spectrum",
+            "--backbone",
+            "opdiff-unet",
+            "--backbone-option",
+            "preset=tiny",
+            "--points",
+            "32",
+            "--num",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert doc["n_points"] == 32 and doc["metadata"]["nfe"] == 31 and doc["metadata"]["teacher"]["name"] == "opdiff-unet"
+    assert (
+        doc["n_points"] == 32 and doc["metadata"]["nfe"] == 31 and doc["metadata"]["teacher"]["name"] == "opdiff-unet"
+    )
     assert (tmp_path / "spectrum.png").is_file()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--oracle", "gaussian", "--points", "15"], "--points must be at least 16"),
-    (["--backbone", "no-such-backbone"], "unknown backbone 'no-such-backbone'"),
-    (["--oracle", "laplace"], "unknown --oracle"),
-    (["--oracle", "gaussian", "--backbone", "opdiff-unet"], "exactly one teacher"),
-    ([], "exactly one teacher"),
-    (["--oracle", "gaussian", "--energy", "1.5"], "--energy"),
-    (["--oracle", "gaussian", "--solver", "rk4"], "unknown --solver"),
-    (["--backbone", "opdiff-unet", "--backbone-option", "preset"], "KEY=VALUE"),
-    (["--backbone", "opdiff-unet", "--backbone-option", "preset=huge"], "unknown opdiff-unet preset"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--oracle", "gaussian", "--points", "15"], "--points must be at least 16"),
+        (["--backbone", "no-such-backbone"], "unknown backbone 'no-such-backbone'"),
+        (["--oracle", "laplace"], "unknown --oracle"),
+        (["--oracle", "gaussian", "--backbone", "opdiff-unet"], "exactly one teacher"),
+        ([], "exactly one teacher"),
+        (["--oracle", "gaussian", "--energy", "1.5"], "--energy"),
+        (["--oracle", "gaussian", "--solver", "rk4"], "unknown --solver"),
+        (["--backbone", "opdiff-unet", "--backbone-option", "preset"], "KEY=VALUE"),
+        (["--backbone", "opdiff-unet", "--backbone-option", "preset=huge"], "unknown opdiff-unet preset"),
+    ],
+)
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "out"
     res = runner.invoke(app, ["spectrum", *args, "--num", "2", "--out", str(out)])
@@ -292,6 +322,8 @@ def test_cli_refuses_existing_files_unless_overwrite(tmp_path):
     args = ["spectrum", "--oracle", "gaussian", "--points", "16", "--num", "2", "--dim", "2", "--out", str(tmp_path)]
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "--overwrite" in res.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["spectrum.json"] and (tmp_path / "spectrum.json").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["spectrum.json"] and (
+        tmp_path / "spectrum.json"
+    ).read_text() == "mine"
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
     assert json.loads((tmp_path / "spectrum.json").read_text())["n_points"] == 16

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import vp_linear_alpha_sigma
 from typer.testing import CliRunner
 
+from opdiff_cli.main import app
 from operator_diffusion import teacher as tt
 from operator_diffusion.backbones import backbone_from_checkpoint, load_backbone
 from operator_diffusion.images import save_png
@@ -39,14 +39,26 @@ from operator_diffusion.teacher import (
     train_teacher,
 )
 from operator_diffusion.training import reset_accelerate_state
-from opdiff_cli.main import app
+
+from conftest import vp_linear_alpha_sigma
 
 TINY = {"preset": "tiny", "in_channels": 1, "dropout": 0.0}
 
 
 def config(out: Path, **kw) -> TeacherConfig:
-    base = dict(data="digits", out=str(out), backbone_options=dict(TINY), num=256, batch_size=32, lr=2e-3, warmup=10,
-                ema=0.9, max_steps=20, save_every=10, log_every=1)
+    base = dict(
+        data="digits",
+        out=str(out),
+        backbone_options=dict(TINY),
+        num=256,
+        batch_size=32,
+        lr=2e-3,
+        warmup=10,
+        ema=0.9,
+        max_steps=20,
+        save_every=10,
+        log_every=1,
+    )
     return TeacherConfig(**{**base, **kw})
 
 
@@ -107,7 +119,9 @@ def test_an_exact_denoiser_has_zero_loss():
     g = torch.Generator().manual_seed(2)
     x0, eps = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
     t = torch.tensor([0.01, 0.3, 0.6, 0.9])
-    bb.forward = lambda x_t, tt_, labels=None: (x_t - VPLinear().alpha(tt_)[:, None, None, None] * x0) / VPLinear().sigma(tt_)[:, None, None, None]
+    bb.forward = lambda x_t, tt_, labels=None: (
+        (x_t - VPLinear().alpha(tt_)[:, None, None, None] * x0) / VPLinear().sigma(tt_)[:, None, None, None]
+    )
     assert float(denoising_loss(bb, x0, t, eps)) < 1e-9
 
 
@@ -181,8 +195,17 @@ def test_training_lowers_the_loss_and_exports_the_ema_weights(tmp_path):
 def test_resume_gives_the_uninterrupted_run(tmp_path):
     """Kill at step 19 (last checkpoint 16, in the middle of an epoch), re-run: same metrics, bit-equal export.
     Dropout, label dropout, flips and gradient accumulation are on, so every source of randomness is covered."""
-    kw = dict(num=80, batch_size=16, grad_accum=2, max_steps=24, save_every=8, num_classes=10, label_dropout=0.3,
-              hflip=True, backbone_options={**TINY, "dropout": 0.1})
+    kw = dict(
+        num=80,
+        batch_size=16,
+        grad_accum=2,
+        max_steps=24,
+        save_every=8,
+        num_classes=10,
+        label_dropout=0.3,
+        hflip=True,
+        backbone_options={**TINY, "dropout": 0.1},
+    )
     full = tmp_path / "full"
     train_teacher(config(full, **kw))
     reset_accelerate()
@@ -224,8 +247,18 @@ def test_labels_are_routed_and_dropped_to_the_null_label(tmp_path, monkeypatch):
         return original(backbone, x0, t, eps, labels, weight)
 
     monkeypatch.setattr(tt, "denoising_loss", spy)
-    train_teacher(config(tmp_path / "cond", data=str(data), num=None, batch_size=16, max_steps=40, num_classes=10,
-                         label_dropout=0.5, save_every=40))
+    train_teacher(
+        config(
+            tmp_path / "cond",
+            data=str(data),
+            num=None,
+            batch_size=16,
+            max_steps=40,
+            num_classes=10,
+            label_dropout=0.5,
+            save_every=40,
+        )
+    )
     labels = torch.cat([y for _, y in seen])
     truth = torch.cat([torch.round((x0[:, 0, 0, 0] + 1) * 127.5 / 25).long() for x0, _ in seen])
     kept = labels != 10  # the tiny opdiff-unet's null label is num_classes
@@ -252,7 +285,8 @@ def test_two_processes_with_torchrun_train_one_synchronized_teacher(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "from operator_diffusion.teacher import TeacherConfig, train_teacher\n"
-        f"train_teacher(TeacherConfig(data='digits', out={str(out)!r}, num=64, batch_size=16, max_steps=4, save_every=2, "
+        f"train_teacher(TeacherConfig(data='digits', out={str(out)!r}, num=64, batch_size=16, max_steps=4, "
+        "save_every=2, "
         f"log_every=1, backbone_options={TINY!r}))\n"
     )
     with socket.socket() as s:
@@ -287,8 +321,16 @@ def test_bad_input_is_refused_without_writing(tmp_path):
     rgb = _png_folder(tmp_path / "rgb", 40, (16, 16, 3))
     cases = [
         (dict(data=str(tmp_path / "missing")), FileNotFoundError, "is not an image source"),
-        (dict(backbone_options={"preset": "tiny"}), ValueError, r"takes images of shape \(3, 8, 8\) \(C, H, W\) but the data holds \(1, 8, 8\)"),
-        (dict(data=str(rgb), backbone_options={}, num=None, batch_size=8), ValueError, "choose an opdiff-unet architecture"),
+        (
+            dict(backbone_options={"preset": "tiny"}),
+            ValueError,
+            r"takes images of shape \(3, 8, 8\) \(C, H, W\) but the data holds \(1, 8, 8\)",
+        ),
+        (
+            dict(data=str(rgb), backbone_options={}, num=None, batch_size=8),
+            ValueError,
+            "choose an opdiff-unet architecture",
+        ),
         (dict(data=str(gray), num=None, num_classes=10), ValueError, "--num-classes 10 needs labels"),
         (dict(num_classes=5), ValueError, r"has labels 0..9, outside 0..4"),
         (dict(batch_size=300), ValueError, "holds 256 images, fewer than one batch of 300"),
@@ -328,8 +370,26 @@ def test_bad_input_is_refused_without_writing(tmp_path):
 # --------------------------------------------------------------------------------------------------
 def test_cli_dry_run_run_resume_collect_and_usage_errors(tmp_path):
     runner = CliRunner()
-    args = ["teacher", "train", "--data", "digits", "--num", "64", "-o", "preset=tiny", "-o", "in_channels=1",
-            "--batch-size", "16", "--max-steps", "3", "--save-every", "3", "--warmup", "1"]
+    args = [
+        "teacher",
+        "train",
+        "--data",
+        "digits",
+        "--num",
+        "64",
+        "-o",
+        "preset=tiny",
+        "-o",
+        "in_channels=1",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "3",
+        "--save-every",
+        "3",
+        "--warmup",
+        "1",
+    ]
     dry = runner.invoke(app, [*args, "--out", str(tmp_path / "dry"), "--dry-run"])
     assert dry.exit_code == 0, dry.output
     resolved = json.loads(dry.output)
@@ -347,12 +407,16 @@ def test_cli_dry_run_run_resume_collect_and_usage_errors(tmp_path):
     assert again.exit_code == 0 and "resumed from step 3" in again.output, again.output
 
     # the printed next command loads the teacher in `opdiff collect`
-    cmd = shlex.split(line[len("next: "):])
+    cmd = shlex.split(line[len("next: ") :])
     assert cmd[:2] == ["opdiff", "collect"]
     cmd = [str(tmp_path / "traj") if c == "TRAJECTORIES" else "4" if c == "N" else c for c in cmd[1:]]
     collected = runner.invoke(app, [*cmd, "--steps", "8", "--times", "2", "--batch-size", "4", "--shard-size", "4"])
     assert collected.exit_code == 0, collected.output
-    assert json.loads((tmp_path / "traj" / "opdiff_collection.json").read_text())["collection"]["image_shape"] == [1, 8, 8]
+    assert json.loads((tmp_path / "traj" / "opdiff_collection.json").read_text())["collection"]["image_shape"] == [
+        1,
+        8,
+        8,
+    ]
 
     bad_cases = [
         (["--prediction", "score"], "unknown prediction type 'score'"),
@@ -389,7 +453,7 @@ def test_edm_teacher_times_are_edm_log_normal():
 
 
 def test_ve_teacher_times_are_log_uniform_in_sigma():
-    """VE (NCSN++) trains on σ log-uniform on [σ_min, σ_max]: ln σ uniform, each tenth of the log range holds a tenth."""
+    """VE (NCSN++) trains on σ log-uniform on [σ_min, σ_max]: ln σ is uniform, each tenth of its range holds a tenth."""
     s = VE()
     t = sample_times(s, 200_000, generator=torch.Generator().manual_seed(0))
     assert float(t.min()) >= s.t_min * (1 - 1e-6) and float(t.max()) <= s.t_max * (1 + 1e-6)

@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import MixtureTeacher, vp_linear_alpha_sigma
-from conftest import train_config as config
 from torch import nn
 from typer.testing import CliRunner
 
+from opdiff_cli.main import app
 from operator_diffusion.backbones import load_backbone, register_backbone
 from operator_diffusion.schedules import VPLinear
 from operator_diffusion.training import (
@@ -36,7 +35,10 @@ from operator_diffusion.training import (
     train,
 )
 from operator_diffusion.trajectories import CollectConfig, collect
-from opdiff_cli.main import app
+
+from conftest import MixtureTeacher, vp_linear_alpha_sigma
+from conftest import train_config as config
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
@@ -62,8 +64,12 @@ def reset_accelerate():
 def test_time_weights_are_clamped_sqrt_snr():
     t = torch.tensor([0.9, 0.5, 0.2, 0.05, 1e-3], dtype=torch.float64)
     alpha, sigma = vp_linear_alpha_sigma(t)
-    torch.testing.assert_close(time_weights(VPLinear(), t, "sqrt-snr"), (alpha / sigma).clamp(1, 1e4), rtol=1e-12, atol=0)
-    torch.testing.assert_close(time_weights(VPLinear(), t, "snr", 0.5, 50), (alpha / sigma).square().clamp(0.5, 50), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        time_weights(VPLinear(), t, "sqrt-snr"), (alpha / sigma).clamp(1, 1e4), rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(
+        time_weights(VPLinear(), t, "snr", 0.5, 50), (alpha / sigma).square().clamp(0.5, 50), rtol=1e-12, atol=0
+    )
     assert time_weights(VPLinear(), t, "uniform").tolist() == [1.0] * 5
     with pytest.raises(ValueError, match="unknown weighting"):
         time_weights(VPLinear(), t, "lpips")
@@ -73,8 +79,17 @@ def test_loss_is_the_weighted_mean_of_per_time_l1_terms():
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(5, 4, 3, 2, 2, generator=g), torch.randn(5, 4, 3, 2, 2, generator=g)
     w = torch.tensor([1.0, 2.0, 10.0, 1e4], dtype=torch.float64)
-    terms = [sum(abs(float(pred[b, i, c, h, k]) - float(target[b, i, c, h, k]))
-                 for b in range(5) for c in range(3) for h in range(2) for k in range(2)) / 60 for i in range(4)]
+    terms = [
+        sum(
+            abs(float(pred[b, i, c, h, k]) - float(target[b, i, c, h, k]))
+            for b in range(5)
+            for c in range(3)
+            for h in range(2)
+            for k in range(2)
+        )
+        / 60
+        for i in range(4)
+    ]
     loss, got = dsno_loss(pred, target, w)
     torch.testing.assert_close(got.double(), torch.tensor(terms, dtype=torch.float64), rtol=1e-6, atol=0)
     assert float(loss) == pytest.approx(sum(wi * ti for wi, ti in zip(w.tolist(), terms)) / 4, rel=1e-6)
@@ -90,7 +105,10 @@ def _pseudo_huber_reference(pred, target, c):
     for i in range(m):
         total = 0.0
         for k in range(b):
-            sq = sum((float(p) - float(q)) ** 2 for p, q in zip(pred[k, i].flatten().tolist(), target[k, i].flatten().tolist()))
+            sq = sum(
+                (float(p) - float(q)) ** 2
+                for p, q in zip(pred[k, i].flatten().tolist(), target[k, i].flatten().tolist())
+            )
             total += (math.sqrt(sq + c * c) - c) / math.sqrt(dim)
         out.append(total / b)
     return torch.tensor(out, dtype=torch.float64)
@@ -100,8 +118,10 @@ def test_pseudo_huber_loss_matches_a_hand_computation():
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randn(3, 2, 2, 2, 3, generator=g), torch.randn(3, 2, 2, 2, 3, generator=g)
     default_c = 0.00054 * math.sqrt(12)  # iCT: 0.00054·√D, D = C·H·W = 12
-    for c, got in [(default_c, per_time_losses(pred, target, "pseudo-huber")),
-                   (0.7, per_time_losses(pred, target, "pseudo-huber", huber_c=0.7))]:
+    for c, got in [
+        (default_c, per_time_losses(pred, target, "pseudo-huber")),
+        (0.7, per_time_losses(pred, target, "pseudo-huber", huber_c=0.7)),
+    ]:
         torch.testing.assert_close(got.double(), _pseudo_huber_reference(pred, target, c), rtol=1e-6, atol=0)
     w = torch.tensor([2.0, 5.0], dtype=torch.float64)
     loss, terms = dsno_loss(pred, target, w, "pseudo-huber", 0.7)
@@ -202,7 +222,10 @@ def test_training_brings_the_loss_down_and_exports_a_loadable_model(dataset, tmp
     assert sum(last[f"share_t{i}"] for i in range(1, 5)) == pytest.approx(1.0, rel=1e-5)
     model, info = load_run(out)
     assert result.model_path == out / "model.safetensors"
-    assert info["model"]["times"] == json.loads((dataset / "opdiff_collection.json").read_text())["collection"]["output_times"]
+    assert (
+        info["model"]["times"]
+        == json.loads((dataset / "opdiff_collection.json").read_text())["collection"]["output_times"]
+    )
     assert info["data_content_sha256"] and info["num_processes"] == 1
     # the export holds the EMA weights, not the last iterate
     state = load_file(out / "model.safetensors")
@@ -277,9 +300,20 @@ def test_two_processes_with_torchrun_train_one_synchronized_model(dataset, tmp_p
         "register_backbone(MixtureTeacher.name, MixtureTeacher)\n"
         f"train(config({str(dataset)!r}, {str(out)!r}, max_steps=6, save_every=3))\n"
     )
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", str(script)]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(script),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((out / "config.json").read_text())
@@ -298,7 +332,10 @@ def test_bad_input_is_refused_without_writing(dataset, tmp_path):
     digits = load_backbone("opdiff-unet", preset="digits")
     digits.save_weights(tmp_path / "digits.safetensors")
     cases = [
-        (dict(backbone_options={"preset": "digits"}), "takes images of shape \\(1, 8, 8\\) but the dataset holds \\(3, 8, 8\\)"),
+        (
+            dict(backbone_options={"preset": "digits"}),
+            "takes images of shape \\(1, 8, 8\\) but the dataset holds \\(3, 8, 8\\)",
+        ),
         (dict(init_from=str(tmp_path / "digits.safetensors")), "does not match backbone 'opdiff-unet'"),
         (dict(batch_size=200), "holds 96 trajectories, fewer than one batch of 200"),
         (dict(init_from=str(tmp_path / "missing.safetensors")), "does not exist"),
@@ -323,15 +360,45 @@ def test_bad_input_is_refused_without_writing(dataset, tmp_path):
 
 def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
     runner = CliRunner()
-    args = ["train", "--data", str(dataset), "--backbone", "opdiff-unet", "-o", "preset=tiny", "--batch-size", "8",
-            "--max-steps", "2", "--save-every", "2", "--log-every", "1"]
+    args = [
+        "train",
+        "--data",
+        str(dataset),
+        "--backbone",
+        "opdiff-unet",
+        "-o",
+        "preset=tiny",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--save-every",
+        "2",
+        "--log-every",
+        "1",
+    ]
     dry = runner.invoke(app, [*args, "--out", str(tmp_path / "dry"), "--dry-run"])
     assert dry.exit_code == 0, dry.output
     resolved = json.loads(dry.output)
-    assert resolved["times"] == json.loads((dataset / "opdiff_collection.json").read_text())["collection"]["output_times"]
+    assert (
+        resolved["times"] == json.loads((dataset / "opdiff_collection.json").read_text())["collection"]["output_times"]
+    )
     assert not (tmp_path / "dry").exists()
-    dry = runner.invoke(app, [*args, "--out", str(tmp_path / "dry"), "--dry-run", "--loss", "pseudo-huber",
-                              "--huber-c", "0.01", "--final-weight", "12.5"])
+    dry = runner.invoke(
+        app,
+        [
+            *args,
+            "--out",
+            str(tmp_path / "dry"),
+            "--dry-run",
+            "--loss",
+            "pseudo-huber",
+            "--huber-c",
+            "0.01",
+            "--final-weight",
+            "12.5",
+        ],
+    )
     assert dry.exit_code == 0, dry.output
     resolved = json.loads(dry.output)
     assert resolved["loss_weights"][-1] == 12.5 and resolved["config"]["huber_c"] == 0.01
@@ -342,8 +409,10 @@ def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
     assert bad.exit_code == 2 and "unknown --weighting 'lpips'" in bad.output
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "-o", "preset=digits"])
     assert bad.exit_code == 2 and "takes images of shape" in bad.output
-    for flags, message in [(["--loss", "pseudo-huber", "--huber-c", "-0.5"], "huber_c (--huber-c) must be a finite number > 0"),
-                           (["--final-weight", "0"], "final_weight (--final-weight) must be a finite number > 0")]:
+    for flags, message in [
+        (["--loss", "pseudo-huber", "--huber-c", "-0.5"], "huber_c (--huber-c) must be a finite number > 0"),
+        (["--final-weight", "0"], "final_weight (--final-weight) must be a finite number > 0"),
+    ]:
         bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), *flags])
         assert bad.exit_code == 2 and message in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
     assert not (tmp_path / "bad").exists()

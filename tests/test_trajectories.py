@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from operator_diffusion import trajectories
 from operator_diffusion.backbones import load_backbone
 from operator_diffusion.prediction import classifier_free_guidance
 from operator_diffusion.schedules import time_grid
@@ -29,22 +30,32 @@ from operator_diffusion.trajectories import (
     CollectionMismatchError,
     NonFiniteTrajectoryError,
     TrajectoryCache,
+    choose_precision,
     collect,
     collection_status,
     content_hash,
     item_shape,
     load_collection,
     output_indices,
+    plan_collection,
     push_to_hub,
     read_shard,
+    time_calls,
 )
-from operator_diffusion import trajectories
-from operator_diffusion.trajectories import choose_precision, plan_collection, time_calls
 
 # UniPC's former defaults, pinned: the round-off bounds below were measured on this computation (UniPC-2 rounds
 # differently across batch sizes: up to 4 float16 ulp on 4 of 1,920 values)
-CONFIG = CollectConfig(num=10, solver="unipc", steps=10, grid="logsnr", times=4, time_kind="quadratic", shard_size=4,
-                       batch_size=3, solver_options={"order": 3, "lower_order_final": False})
+CONFIG = CollectConfig(
+    num=10,
+    solver="unipc",
+    steps=10,
+    grid="logsnr",
+    times=4,
+    time_kind="quadratic",
+    shard_size=4,
+    batch_size=3,
+    solver_options={"order": 3, "lower_order_final": False},
+)
 SHAPE = (3, 8, 8)  # the tiny preset
 
 
@@ -74,8 +85,18 @@ def reference(eps_fn, schedule, cfg: CollectConfig, labels=None, **kw):
             seeds = range(b0, min(b0 + cfg.batch_size, stop))
             extra = None if labels is None else {"labels": torch.as_tensor(labels)[list(seeds)]}
             with torch.no_grad():
-                parts.append(solve(eps_fn, noise([cfg.seed + k for k in seeds]), schedule, ts, cfg.solver, extra_args=extra,
-                                   **cfg.solver_options, **kw))
+                parts.append(
+                    solve(
+                        eps_fn,
+                        noise([cfg.seed + k for k in seeds]),
+                        schedule,
+                        ts,
+                        cfg.solver,
+                        extra_args=extra,
+                        **cfg.solver_options,
+                        **kw,
+                    )
+                )
     return parts
 
 
@@ -112,8 +133,8 @@ def done(bb, tmp_path_factory):
 @pytest.mark.parametrize(
     "steps, m, kind, expected",
     [
-        (10, 4, "uniform", [3, 5, 8, 10]),      # round-half-up of 2.5, 5, 7.5, 10
-        (10, 4, "quadratic", [4, 8, 9, 10]),    # 10·(1 − (1 − i/4)²) = 4.375, 7.5, 9.375, 10
+        (10, 4, "uniform", [3, 5, 8, 10]),  # round-half-up of 2.5, 5, 7.5, 10
+        (10, 4, "quadratic", [4, 8, 9, 10]),  # 10·(1 − (1 − i/4)²) = 4.375, 7.5, 9.375, 10
         (511, 16, "quadratic", None),
         (8, 2, "uniform", [4, 8]),
     ],
@@ -127,7 +148,12 @@ def test_output_indices_follow_the_formula_and_end_at_t_min(steps, m, kind, expe
 
 @pytest.mark.parametrize(
     "steps, m, kind, match",
-    [(8, 4, "quadratic", "collide"), (3, 4, "uniform", "steps >= 4"), (10, 1, "uniform", "at least 2"), (10, 4, "cubic", "valid")],
+    [
+        (8, 4, "quadratic", "collide"),
+        (3, 4, "uniform", "steps >= 4"),
+        (10, 1, "uniform", "at least 2"),
+        (10, 4, "cubic", "valid"),
+    ],
 )
 def test_output_indices_refuse_impossible_placements(steps, m, kind, match):
     with pytest.raises(ValueError, match=match):
@@ -159,7 +185,10 @@ def test_state_target_in_float32_stores_the_ode_states(bb, tmp_path):
     collect(bb, tmp_path / "s", cfg)
     ref = reference(bb.eps_fn, bb.schedule, cfg, record=[3, 5, 8, 10], record_denoised=False)
     got = torch.from_numpy(stored(tmp_path / "s")["trajectory"])
-    assert got.dtype == torch.float32 and json.loads((tmp_path / "s" / INFO_NAME).read_text())["collection"]["nfe_per_trajectory"] == 10
+    assert (
+        got.dtype == torch.float32
+        and json.loads((tmp_path / "s" / INFO_NAME).read_text())["collection"]["nfe_per_trajectory"] == 10
+    )
     torch.testing.assert_close(got, torch.cat([r.states for r in ref]), rtol=0, atol=0)
     torch.testing.assert_close(got[:, -1], torch.cat([r.sample for r in ref]), rtol=0, atol=0)
 
@@ -179,8 +208,16 @@ def test_a_ve_or_edm_teacher_collects_from_its_prior_sigma_max_times_the_noise(t
         for b0 in range(s0, stop, cfg.batch_size):
             seeds = list(range(b0, min(b0 + cfg.batch_size, stop)))
             with torch.no_grad():
-                ref = solve(bb.eps_fn, sigma_max * noise(seeds), bb.schedule, ts, cfg.solver, record=[3, 5, 8, 10],
-                            record_denoised=False, **cfg.solver_options)
+                ref = solve(
+                    bb.eps_fn,
+                    sigma_max * noise(seeds),
+                    bb.schedule,
+                    ts,
+                    cfg.solver,
+                    record=[3, 5, 8, 10],
+                    record_denoised=False,
+                    **cfg.solver_options,
+                )
             torch.testing.assert_close(got[seeds], ref.states, rtol=0, atol=0)
     info = json.loads((tmp_path / "s" / INFO_NAME).read_text())["collection"]
     assert info["noise"].startswith(f"x_T = {sigma_max!r} * torch.randn(C, H, W")
@@ -211,7 +248,9 @@ def test_conditional_labels_and_guidance(tmp_path):
     assert data["label"].tolist() == labels
     eps = classifier_free_guidance(bb.eps_fn, 2.0, bb.null_label)
     ref = torch.cat([r.denoised for r in reference(eps, bb.schedule, cfg, labels=labels, record=[4, 8, 9, 10])])
-    torch.testing.assert_close(torch.from_numpy(data["trajectory"].astype(np.float32)), ref.half().float(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.from_numpy(data["trajectory"].astype(np.float32)), ref.half().float(), rtol=0, atol=0
+    )
     collect(bb, tmp_path / "list", replace(cfg, labels=(2, 0), guidance=None))
     assert stored(tmp_path / "list")["label"].tolist() == [2, 0, 2, 0, 2]
 
@@ -226,7 +265,9 @@ def test_hub_layout_loads_with_datasets_and_card_comes_first(bb, done, tmp_path)
     assert names == [f"train-{k:05d}-of-00003.parquet" for k in range(3)]
     ds = datasets.load_dataset(str(done), split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.features["trajectory"] == datasets.Array4D((4, *SHAPE), "float16") and "label" not in ds.features
-    np.testing.assert_array_equal(np.asarray(ds.with_format("numpy")["trajectory"]), stored(done)["trajectory"].astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(ds.with_format("numpy")["trajectory"]), stored(done)["trajectory"].astype(np.float32)
+    )
     ds2, info = load_collection(done, cache_dir=str(tmp_path / "hf"))
     assert len(ds2) == 10 and info["format_version"] == 1 and info["collection"]["solver"] == CONFIG.solver
     card = (done / CARD_NAME).read_text()
@@ -235,8 +276,13 @@ def test_hub_layout_loads_with_datasets_and_card_comes_first(bb, done, tmp_path)
     seen = []  # at the first progress report no shard exists yet, but the card and the info do
 
     def report(n):
-        seen.append(((tmp_path / "c" / CARD_NAME).is_file(), (tmp_path / "c" / INFO_NAME).is_file(),
-                     list((tmp_path / "c" / "data").glob("*.parquet"))))
+        seen.append(
+            (
+                (tmp_path / "c" / CARD_NAME).is_file(),
+                (tmp_path / "c" / INFO_NAME).is_file(),
+                list((tmp_path / "c" / "data").glob("*.parquet")),
+            )
+        )
 
     collect(bb, tmp_path / "c", replace(CONFIG, num=2), process_index=0, num_processes=1, progress=report)
     assert seen[0] == (True, True, [])
@@ -251,7 +297,9 @@ def test_collections_in_folders_of_the_same_name_do_not_share_a_datasets_cache(b
     collect(bb, second, replace(CONFIG, num=4, seed=100))
     for path in (first, second):
         ds, _ = load_collection(path, cache_dir=cache)
-        np.testing.assert_array_equal(np.asarray(ds.with_format("numpy")["trajectory"]), stored(path)["trajectory"].astype(np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(ds.with_format("numpy")["trajectory"]), stored(path)["trajectory"].astype(np.float32)
+        )
 
 
 def test_status_counts_shards_and_bytes(done):
@@ -278,7 +326,10 @@ def test_resume_after_interruption_gives_the_same_content(bb, done, tmp_path):
 
     with pytest.raises(Stop):
         collect(bb, out, CONFIG, process_index=0, num_processes=1, progress=stop_in_third_shard)
-    assert sorted(p.name for p in (out / "data").iterdir()) == ["train-00000-of-00003.parquet", "train-00001-of-00003.parquet"]
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        "train-00000-of-00003.parquet",
+        "train-00001-of-00003.parquet",
+    ]
     (out / "data" / "train-00001-of-00003.parquet").write_bytes(b"truncated")  # a damaged shard gets rewritten
     (out / "data" / ".train-00002-of-00003.parquet.tmp").write_bytes(b"stale")
     result = collect(bb, out, CONFIG)
@@ -387,7 +438,7 @@ def test_bf16_precision_runs_the_network_under_autocast_and_the_solver_in_float3
     torch.testing.assert_close(got, ref_bf16, rtol=0, atol=0)
     gap = (got - ref_fp32).abs().max() / ref_fp32.abs().max()
     assert 0 < gap < 2**-5  # bf16 keeps 8 significant bits; the ODE may amplify them a few times, not more
-    with pytest.raises(ValueError, match="precision: \"bf16\" → \"fp32\""):
+    with pytest.raises(ValueError, match='precision: "bf16" → "fp32"'):
         collect(bb, tmp_path / "b", replace(cfg, precision="fp32"))
 
 
@@ -407,13 +458,19 @@ def test_time_calls_takes_the_median_of_interleaved_rounds_after_a_warm_up():
     assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]
     clock[0], order[:] = 0.0, []
     script = {"a": iter([1.0, 1.0, 5.0]), "b": iter([1.0, 3.0, 0.1])}
-    got = time_calls({"a": lambda: call("a"), "b": lambda: call("b")}, repeats=3, timer=lambda: clock[0],
-                     settled=lambda m: m["b"] >= 2 * m["a"])
+    got = time_calls(
+        {"a": lambda: call("a"), "b": lambda: call("b")},
+        repeats=3,
+        timer=lambda: clock[0],
+        settled=lambda m: m["b"] >= 2 * m["a"],
+    )
     assert got == {"a": 1.0, "b": 3.0} and order == ["a", "b", "a", "b"]  # settled after the first round
 
 
-@pytest.mark.parametrize("fp32, bf16, expected", [(1.0, 0.5, "bf16"), (1.0, 0.89, "bf16"), (1.0, 0.92, "fp32"),
-                                                  (1.0, 1.0, "fp32"), (0.1, 1.0, "fp32")])
+@pytest.mark.parametrize(
+    "fp32, bf16, expected",
+    [(1.0, 0.5, "bf16"), (1.0, 0.89, "bf16"), (1.0, 0.92, "fp32"), (1.0, 1.0, "fp32"), (0.1, 1.0, "fp32")],
+)
 def test_choose_precision_takes_bf16_only_when_clearly_faster(bb, fp32, bf16, expected):
     """bf16 needs at most 90% of fp32's time per evaluation; the timed calls are the teacher's ε on a batch of
     the collection's shape, in fp32 and under bf16 autocast (which rounds, so the two differ slightly)."""
@@ -435,11 +492,15 @@ def test_choose_precision_takes_bf16_only_when_clearly_faster(bb, fp32, bf16, ex
 def fake_timing(monkeypatch, seconds):
     """Replace the clock-based measurement of ``choose_precision``; returns the list of measured call sets."""
     measured = []
-    monkeypatch.setattr(trajectories, "time_calls", lambda calls, *a, **k: measured.append(sorted(calls)) or dict(seconds))
+    monkeypatch.setattr(
+        trajectories, "time_calls", lambda calls, *a, **k: measured.append(sorted(calls)) or dict(seconds)
+    )
     return measured
 
 
-@pytest.mark.parametrize("expected, seconds", [("bf16", {"fp32": 0.2, "bf16": 0.1}), ("fp32", {"fp32": 0.1, "bf16": 1.0})])
+@pytest.mark.parametrize(
+    "expected, seconds", [("bf16", {"fp32": 0.2, "bf16": 0.1}), ("fp32", {"fp32": 0.1, "bf16": 1.0})]
+)
 def test_auto_precision_is_resolved_before_the_identity(bb, tmp_path, monkeypatch, expected, seconds):
     """The identity records the measured choice, never "auto": the collection equals one made with that
     precision given explicitly, and the measurement is kept in the info outside the identity."""
@@ -592,7 +653,10 @@ def test_trajectory_cache_matches_the_arrow_data_and_rebuilds_when_stale(bb, don
     assert batch["trajectory"].dtype == torch.float16 and batch.batch_size == torch.Size([6])
     np.testing.assert_array_equal(batch["trajectory"].numpy(), data["trajectory"][idx.numpy()])
     np.testing.assert_array_equal(batch["seed"].numpy(), data["seed"][idx.numpy()])
-    torch.testing.assert_close(cache.times, torch.tensor(json.loads((done / INFO_NAME).read_text())["collection"]["output_times"], dtype=torch.float64))
+    torch.testing.assert_close(
+        cache.times,
+        torch.tensor(json.loads((done / INFO_NAME).read_text())["collection"]["output_times"], dtype=torch.float64),
+    )
     meta = tmp_path / "cache" / "opdiff_cache.json"
     stamp = meta.stat().st_mtime_ns
     assert TrajectoryCache.build(done, tmp_path / "cache").content_sha256 == cache.content_sha256

@@ -134,6 +134,8 @@ def backbone_from_checkpoint(path: str | Path, **overrides) -> Backbone:
 
 def _check_class(name: str, cls: object, origin: str) -> None:
     if not (isinstance(cls, type) and issubclass(cls, Backbone)):
-        raise TypeError(f"backbone {name!r} ({origin}) is {cls!r}, not a subclass of operator_diffusion.backbones.Backbone")
+        raise TypeError(
+            f"backbone {name!r} ({origin}) is {cls!r}, not a subclass of operator_diffusion.backbones.Backbone"
+        )
     if cls.name != name:
         raise ValueError(f"backbone class {cls.__qualname__} declares name {cls.name!r} but is registered as {name!r}")

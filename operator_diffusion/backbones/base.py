@@ -4,7 +4,8 @@ A backbone wraps one ``torch.nn.Module`` (``network``) together with everything 
 denoiser of a given noise schedule: the schedule, the network's prediction type, the image shape and the
 class conditioning. With a ``PSLD`` schedule the network works on the phase-space state z = (x, m): it takes
 and returns ``state_shape`` = (2C, H, W) tensors (the HSM ε̂ of all 2C channels; only ``prediction="eps"``),
-while ``image_shape`` stays the data's (C, H, W) — a sample is the x half of a state. Solvers see it through ``eps_fn(x, t)``; the DSNO adapter additionally needs
+while ``image_shape`` stays the data's (C, H, W) — a sample is the x half of a state. Solvers see it through
+``eps_fn(x, t)``; the DSNO adapter additionally needs
 ``network`` (to attach temporal layers by forward hooks after ``default_injection_points``, leaving the
 network's own ``state_dict`` keys untouched) and runs it on batches of B·M items.
 
@@ -71,11 +72,15 @@ class Backbone(abc.ABC):
             raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
         if not isinstance(schedule, DiffusionProcess):
             raise TypeError(
-                f"schedule must be an operator_diffusion.schedules Schedule or PSLD, got {type(schedule).__name__}")
+                f"schedule must be an operator_diffusion.schedules Schedule or PSLD, got {type(schedule).__name__}"
+            )
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTION_TYPES)}")
         if prediction not in schedule.predictions:
-            why = schedule.predictions_why or f"a network on the {schedule.name} schedule predicts {' or '.join(schedule.predictions)}"
+            why = (
+                schedule.predictions_why
+                or f"a network on the {schedule.name} schedule predicts {' or '.join(schedule.predictions)}"
+            )
             allowed = " or ".join(repr(k) for k in schedule.predictions)
             raise ValueError(f"{why}: prediction must be {allowed}, got {prediction!r}")
         if len(image_shape) != 3:
@@ -143,7 +148,10 @@ class Backbone(abc.ABC):
         would cost a host sync per call, and the embedding lookup fails loudly anyway)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.state_shape:
             what = " (a PSLD state: x then m)" if self.state_shape != self.image_shape else ""
-            raise ValueError(f"{self.name}: x must have shape (B, {', '.join(map(str, self.state_shape))}){what}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"{self.name}: x must have shape (B, {', '.join(map(str, self.state_shape))}){what}, got "
+                f"{tuple(x.shape)}"
+            )
         if not self.num_classes:
             if labels is not None:
                 raise ValueError(f"{self.name} is unconditional (num_classes=0) but labels were given")
@@ -180,7 +188,11 @@ class Backbone(abc.ABC):
 
         # clone: safetensors refuses tensors sharing storage (tied weights), and needs contiguous CPU data
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.network.state_dict().items()}
-        save_file(tensors, str(path), metadata={CHECKPOINT_CONFIG_KEY: json.dumps(self.config()), "format": "opdiff-backbone/1"})
+        save_file(
+            tensors,
+            str(path),
+            metadata={CHECKPOINT_CONFIG_KEY: json.dumps(self.config()), "format": "opdiff-backbone/1"},
+        )
 
     def load_weights(self, path: str | Path, strict: bool = True) -> None:
         """Load a .safetensors checkpoint into ``network``. A checkpoint whose keys or shapes differ from the
@@ -204,12 +216,16 @@ class Backbone(abc.ABC):
         unexpected = [k for k in state if k not in own]
         shapes = [
             f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-            for k in own if k in state and state[k].shape != own[k].shape
+            for k in own
+            if k in state and state[k].shape != own[k].shape
         ]
         if strict and (missing or unexpected or shapes):
             parts = []
-            problems = (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shape mismatches (checkpoint vs model)", shapes))
+            problems = (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches (checkpoint vs model)", shapes),
+            )
             for what, items in problems:
                 if items:
                     more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
@@ -252,7 +268,8 @@ class Backbone(abc.ABC):
     def __repr__(self) -> str:
         cond = f", num_classes={self.num_classes}" if self.num_classes else ""
         return (
-            f"{type(self).__name__}(name={self.name!r}, image_shape={self.image_shape}, schedule={self.schedule.name!r}, "
+            f"{type(self).__name__}(name={self.name!r}, image_shape={self.image_shape}, "
+            f"schedule={self.schedule.name!r}, "
             f"prediction={self.prediction!r}{cond}, params={self.num_parameters():,})"
         )
 

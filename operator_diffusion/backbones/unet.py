@@ -41,16 +41,37 @@ __all__ = ["UNET_PRESETS", "OpdiffUNet", "OpdiffUNetBackbone", "ResBlock", "Self
 # cifar10 58.0M.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: a forward on 8 items takes milliseconds on CPU
-    "tiny": dict(image_size=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                 attn_resolutions=(4,), dropout=0.0),
+    "tiny": dict(
+        image_size=8,
+        in_channels=3,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.0,
+    ),
     # scikit-learn's 8×8 grayscale digits: the embedded, download-free data set
     # (16 base channels: 11.6 MFLOP per image, 2.7× cheaper on CPU than 32 channels for FID 0.54 vs 0.32 at 512
     # samples; every demo stage runs on it, so the cheaper teacher buys DSNO 2.5× the training steps)
-    "digits": dict(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=2,
-                   attn_resolutions=(4,), dropout=0.1),
+    "digits": dict(
+        image_size=8,
+        in_channels=1,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=2,
+        attn_resolutions=(4,),
+        dropout=0.1,
+    ),
     # DDPM++ (cont.) CIFAR-10 of Song et al. 2021 / EDM: 128 channels, 4 blocks per level, attention at 16×16
-    "cifar10": dict(image_size=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4,
-                    attn_resolutions=(16,), dropout=0.1),
+    "cifar10": dict(
+        image_size=32,
+        in_channels=3,
+        model_channels=128,
+        channel_mult=(2, 2, 2),
+        num_res_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.1,
+    ),
 }
 
 
@@ -79,8 +100,13 @@ class TimestepEmbedding(nn.Module):
     ``positional``: f_i = 10000^{-i/(channels/2)} (Transformer/DDPM; suits c on [0, 1000] and EDM's ¼ log σ);
     ``fourier``: f ~ 2π·N(0, scale²), fixed (NCSN++'s Gaussian Fourier features, stored as a buffer)."""
 
-    def __init__(self, channels: int, kind: Literal["positional", "fourier"] = "positional",
-                 max_positions: int = 10000, fourier_scale: float = 16.0):
+    def __init__(
+        self,
+        channels: int,
+        kind: Literal["positional", "fourier"] = "positional",
+        max_positions: int = 10000,
+        fourier_scale: float = 16.0,
+    ):
         super().__init__()
         if channels % 2:
             raise ValueError(f"time embedding channels must be even, got {channels}")
@@ -95,7 +121,9 @@ class TimestepEmbedding(nn.Module):
         if self.kind == "fourier":
             freqs = self.freqs.float()
         else:
-            freqs = torch.exp(-math.log(self.max_positions) / half * torch.arange(half, device=c.device, dtype=torch.float32))
+            freqs = torch.exp(
+                -math.log(self.max_positions) / half * torch.arange(half, device=c.device, dtype=torch.float32)
+            )
         args = c.float()[:, None] * freqs[None]  # (N, half), in float32 whatever the network dtype
         return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
@@ -127,8 +155,16 @@ class ResBlock(nn.Module):
     plus the (1×1-projected) input, times ``skip_scale``; then the optional attention (``.attn``), so the
     block's output is "after its attention"."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
-                 attention: bool = False, attn_head_channels: int = 64, skip_scale: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        dropout: float = 0.0,
+        attention: bool = False,
+        attn_head_channels: int = 64,
+        skip_scale: float = 1.0,
+    ):
         super().__init__()
         self.skip_scale = skip_scale
         self.norm0 = _group_norm(in_channels)
@@ -199,8 +235,15 @@ class MidBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, dropout: float, attn_head_channels: int, skip_scale: float):
         super().__init__()
         self.res = nn.ModuleList(
-            ResBlock(channels, channels, emb_channels, dropout, attention=a,
-                     attn_head_channels=attn_head_channels, skip_scale=skip_scale)
+            ResBlock(
+                channels,
+                channels,
+                emb_channels,
+                dropout,
+                attention=a,
+                attn_head_channels=attn_head_channels,
+                skip_scale=skip_scale,
+            )
             for a in (True, False)
         )
 
@@ -219,17 +262,17 @@ class OpdiffUNet(nn.Module):
     def __init__(
         self,
         *,
-        image_size: int = 32,                 # H = W
-        in_channels: int = 3,                 # also the output channels (ε, x0 or v have the image's shape)
-        model_channels: int = 128,            # base width; level l has model_channels · channel_mult[l]
+        image_size: int = 32,  # H = W
+        in_channels: int = 3,  # also the output channels (ε, x0 or v have the image's shape)
+        model_channels: int = 128,  # base width; level l has model_channels · channel_mult[l]
         channel_mult: tuple[int, ...] = (2, 2, 2),
-        num_res_blocks: int = 4,              # per level on the way down (one more on the way up)
+        num_res_blocks: int = 4,  # per level on the way down (one more on the way up)
         attn_resolutions: tuple[int, ...] = (16,),
         dropout: float = 0.1,
-        num_classes: int = 0,                 # 0: unconditional
-        attn_head_channels: int = 64,         # ADM: 64 channels per head (1 head below 128 channels)
+        num_classes: int = 0,  # 0: unconditional
+        attn_head_channels: int = 64,  # ADM: 64 channels per head (1 head below 128 channels)
         embedding_type: Literal["positional", "fourier"] = "positional",
-        rescale_skip: bool = True,            # DDPM++: residual sums × 1/√2
+        rescale_skip: bool = True,  # DDPM++: residual sums × 1/√2
     ):
         super().__init__()
         channel_mult, attn_resolutions = tuple(int(m) for m in channel_mult), tuple(int(r) for r in attn_resolutions)
@@ -237,15 +280,24 @@ class OpdiffUNet(nn.Module):
         if levels < 1 or num_res_blocks < 1 or model_channels < 1:
             raise ValueError("the U-Net needs at least one level, one ResBlock per level and model_channels >= 1")
         if image_size % 2 ** (levels - 1):
-            raise ValueError(f"image_size {image_size} is not divisible by 2^{levels - 1} (channel_mult has {levels} levels)")
+            raise ValueError(
+                f"image_size {image_size} is not divisible by 2^{levels - 1} (channel_mult has {levels} levels)"
+            )
         resolutions = [image_size >> l for l in range(levels)]
         if unknown := sorted(set(attn_resolutions) - set(resolutions)):
             raise ValueError(f"attn_resolutions {unknown} are not resolutions of this U-Net: {resolutions}")
         self._config = dict(
-            image_size=int(image_size), in_channels=int(in_channels), model_channels=int(model_channels),
-            channel_mult=list(channel_mult), num_res_blocks=int(num_res_blocks), attn_resolutions=list(attn_resolutions),
-            dropout=float(dropout), num_classes=int(num_classes), attn_head_channels=int(attn_head_channels),
-            embedding_type=embedding_type, rescale_skip=bool(rescale_skip),
+            image_size=int(image_size),
+            in_channels=int(in_channels),
+            model_channels=int(model_channels),
+            channel_mult=list(channel_mult),
+            num_res_blocks=int(num_res_blocks),
+            attn_resolutions=list(attn_resolutions),
+            dropout=float(dropout),
+            num_classes=int(num_classes),
+            attn_head_channels=int(attn_head_channels),
+            embedding_type=embedding_type,
+            rescale_skip=bool(rescale_skip),
         )
         emb_ch = 4 * model_channels
         skip_scale = 2**-0.5 if rescale_skip else 1.0
@@ -361,12 +413,15 @@ class OpdiffUNetBackbone(Backbone):
 
     def __init__(
         self,
-        preset: str | None = None,            # "tiny", "digits", "cifar10" (UNET_PRESETS); kwargs override it
+        preset: str | None = None,  # "tiny", "digits", "cifar10" (UNET_PRESETS); kwargs override it
         *,
-        schedule: DiffusionProcess | dict | str | None = None,  # a Schedule/PSLD, its config() or name; default VPLinear()
+        schedule: DiffusionProcess
+        | dict
+        | str
+        | None = None,  # a Schedule/PSLD, its config() or name; default VPLinear()
         prediction: Prediction = "eps",
-        checkpoint: str | None = None,        # .safetensors weights to load
-        **arch_kwargs,                        # OpdiffUNet kwargs
+        checkpoint: str | None = None,  # .safetensors weights to load
+        **arch_kwargs,  # OpdiffUNet kwargs
     ):
         schedule = _schedule(schedule)
         arch = unet_kwargs(preset, **arch_kwargs)
@@ -375,8 +430,12 @@ class OpdiffUNetBackbone(Backbone):
         network = OpdiffUNet(**arch)
         size, num_classes = network.config()["image_size"], network.config()["num_classes"]
         super().__init__(
-            network, schedule, prediction, image_shape=(channels, size, size),
-            num_classes=num_classes, null_label=num_classes if num_classes else None,
+            network,
+            schedule,
+            prediction,
+            image_shape=(channels, size, size),
+            num_classes=num_classes,
+            null_label=num_classes if num_classes else None,
         )
         if checkpoint is not None:
             self.load_weights(checkpoint)

@@ -58,7 +58,9 @@ def solvers_section() -> str:
         x = torch.randn(batch, *backbone.image_shape)
         t_net, overhead = benchmark_overhead(backbone.eps_fn, x)
         cells = " | ".join(f"{100 * o.ratio:.2f}%" for o in overhead)
-        lines.append(f"| {preset} ({batch}×{'×'.join(map(str, backbone.image_shape))}) | {1e3 * t_net:.1f} ms | {cells} |")
+        lines.append(
+            f"| {preset} ({batch}×{'×'.join(map(str, backbone.image_shape))}) | {1e3 * t_net:.1f} ms | {cells} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -79,14 +81,17 @@ def adapter_section() -> str:
         "compares DSNO with the plain network on the same B·M items, forward and forward+backward (training; "
         "target ≤ 15%).",
         "",
-        "| backbone | B | params added | 1 NFE | network on B·M | DSNO | DSNO / 1 NFE | temporal overhead (fwd) | (fwd+bwd) |",
+        "| backbone | B | params added | 1 NFE | network on B·M | DSNO | DSNO / 1 NFE | temporal overhead (fwd) | "
+        "(fwd+bwd) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         train = "-" if r.dsno_train is None else f"{100 * (r.dsno_train / r.teacher_bm_train - 1):+.1f}%"
         lines.append(
-            f"| {r.preset} | {r.batch} | {100 * r.overhead_params:.1f}% | {1e3 * r.teacher:.1f} ms | {1e3 * r.teacher_bm:.1f} ms "
-            f"| {1e3 * r.dsno:.1f} ms | {r.dsno / r.teacher:.2f}× | {100 * (r.dsno / r.teacher_bm - 1):+.1f}% | {train} |"
+            f"| {r.preset} | {r.batch} | {100 * r.overhead_params:.1f}% | {1e3 * r.teacher:.1f} ms | "
+            f"{1e3 * r.teacher_bm:.1f} ms "
+            f"| {1e3 * r.dsno:.1f} ms | {r.dsno / r.teacher:.2f}× | {100 * (r.dsno / r.teacher_bm - 1):+.1f}% | "
+            f"{train} |"
         )
     lines.append("")
     return "\n".join(lines)
@@ -103,27 +108,33 @@ def train_section() -> str:
 
     r = benchmark_training()
     gpu = "" if r["peak_gpu_mib"] is None else f", peak GPU memory {r['peak_gpu_mib']:.0f} MiB"
-    return "\n".join([
-        "## Training throughput",
-        "",
-        "Command: `python -m operator_diffusion.benchmarks train`  ",
-        f"Machine: {machine()}",
-        "",
-        f"`opdiff train` on a {r['num']}-trajectory digits-shaped collection (M = 4), `digits` preset, batch {r['batch']}, "
-        "float32, median step of 20 (after 2 warm-up steps), measured in one run. The loader is the one `train` uses: "
-        "shuffled indices gathered from the memory-mapped training cache in one read per batch.",
-        "",
-        "| | seconds | per step |",
-        "|---|---:|---:|",
-        f"| loader: one shuffled batch | {1e3 * r['loader_s']:.2f} ms | {100 * r['loader_s'] / r['dsno_step_s']:.2f}% of a DSNO step |",
-        f"| DSNO training step | {1e3 * r['dsno_step_s']:.1f} ms | 1 |",
-        f"| one-step baseline training step | {1e3 * r['baseline_step_s']:.1f} ms | {r['baseline_step_s'] / r['dsno_step_s']:.2f} |",
-        "",
-        f"Peak resident memory of the whole benchmark process {r['peak_rss_mib']:.0f} MiB{gpu}. The DSNO step "
-        "runs the network on B·M = 4B items, the baseline on B: their ratio is the price of the trajectory "
-        "supervision; the temporal layers' own share is in the DSNO forward-pass section.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "## Training throughput",
+            "",
+            "Command: `python -m operator_diffusion.benchmarks train`  ",
+            f"Machine: {machine()}",
+            "",
+            f"`opdiff train` on a {r['num']}-trajectory digits-shaped collection (M = 4), `digits` preset, batch "
+            f"{r['batch']}, "
+            "float32, median step of 20 (after 2 warm-up steps), measured in one run. The loader is the one `train` "
+            "uses: "
+            "shuffled indices gathered from the memory-mapped training cache in one read per batch.",
+            "",
+            "| | seconds | per step |",
+            "|---|---:|---:|",
+            f"| loader: one shuffled batch | {1e3 * r['loader_s']:.2f} ms | "
+            f"{100 * r['loader_s'] / r['dsno_step_s']:.2f}% of a DSNO step |",
+            f"| DSNO training step | {1e3 * r['dsno_step_s']:.1f} ms | 1 |",
+            f"| one-step baseline training step | {1e3 * r['baseline_step_s']:.1f} ms | "
+            f"{r['baseline_step_s'] / r['dsno_step_s']:.2f} |",
+            "",
+            f"Peak resident memory of the whole benchmark process {r['peak_rss_mib']:.0f} MiB{gpu}. The DSNO step "
+            "runs the network on B·M = 4B items, the baseline on B: their ratio is the price of the trajectory "
+            "supervision; the temporal layers' own share is in the DSNO forward-pass section.",
+            "",
+        ]
+    )
 
 
 def demo_section() -> str:
@@ -137,25 +148,28 @@ def demo_section() -> str:
         table = result.bench.report()
     stages = "\n".join(f"| {k} | {v:.1f} |" for k, v in result.seconds.items())
     c = DEMO
-    return "\n".join([
-        "## The embedded default: `opdiff demo` (digits)",
-        "",
-        "Command: `python -m operator_diffusion.benchmarks demo` (runs `opdiff demo` into a temporary folder)  ",
-        f"Machine: {machine()}",
-        "",
-        f"Shipped digits teacher; {c.num} trajectories ({c.solver}, {c.steps} steps, M = {c.times}); DSNO and the "
-        f"one-step baseline {c.train_steps} steps each at batch {c.batch_size} (lr {c.lr:g} / {c.baseline_lr:g}), from "
-        "the teacher's weights. FID: the shipped digits feature network against the 1,797 digits (not comparable "
-        "to Inception FIDs).",
-        "",
-        "| stage | seconds |",
-        "|---|---:|",
-        stages,
-        f"| total | {sum(result.seconds.values()):.1f} |",
-        "",
-        table,
-        "",
-    ])
+    return "\n".join(
+        [
+            "## The embedded default: `opdiff demo` (digits)",
+            "",
+            "Command: `python -m operator_diffusion.benchmarks demo` (runs `opdiff demo` into a temporary folder)  ",
+            f"Machine: {machine()}",
+            "",
+            f"Shipped digits teacher; {c.num} trajectories ({c.solver}, {c.steps} steps, M = {c.times}); DSNO and the "
+            f"one-step baseline {c.train_steps} steps each at batch {c.batch_size} (lr {c.lr:g} / {c.baseline_lr:g}), "
+            "from "
+            "the teacher's weights. FID: the shipped digits feature network against the 1,797 digits (not comparable "
+            "to Inception FIDs).",
+            "",
+            "| stage | seconds |",
+            "|---|---:|",
+            stages,
+            f"| total | {sum(result.seconds.values()):.1f} |",
+            "",
+            table,
+            "",
+        ]
+    )
 
 
 def ablations_section() -> str:
@@ -164,24 +178,29 @@ def ablations_section() -> str:
 
     rows = run_ablations()
     table = "\n".join(f"| {r['variant']} | {r['rmse']:.4f} | {r['train_s']:.0f} |" for r in rows)
-    return "\n".join([
-        "## DSNO ablations on the digits (paper Section 5.3 at this scale)",
-        "",
-        "Command: `python -m operator_diffusion.benchmarks ablations`  ",
-        f"Machine: {machine()}",
-        "",
-        f"Each variant: {DEMO.num} trajectories of the shipped teacher ({DEMO.solver}-{DEMO.steps}, M = 8 on a 40-step "
-        f"grid so that its output times are distinct grid points), {DEMO.train_steps} steps from the teacher's weights, "
-        f"otherwise the demo's settings; teacher-match RMSE of the one-NFE output on {len(EVAL_SEEDS)} held-out "
-        f"seeds against UniPC with {DEMO.reference_steps} steps (DDIM at 10 NFE on the same seeds: {rows[0]['ddim10']:.4f}). "
-        "Single runs: differences of a few percent are noise. Training seconds were measured while other work "
-        "shared the machine: compare them only within this table.",
-        "",
-        "| variant | RMSE | training seconds |",
-        "|---|---:|---:|",
-        table,
-        "",
-    ])
+    return "\n".join(
+        [
+            "## DSNO ablations on the digits (paper Section 5.3 at this scale)",
+            "",
+            "Command: `python -m operator_diffusion.benchmarks ablations`  ",
+            f"Machine: {machine()}",
+            "",
+            f"Each variant: {DEMO.num} trajectories of the shipped teacher ({DEMO.solver}-{DEMO.steps}, M = 8 on a "
+            "40-step "
+            f"grid so that its output times are distinct grid points), {DEMO.train_steps} steps from the teacher's "
+            "weights, "
+            f"otherwise the demo's settings; teacher-match RMSE of the one-NFE output on {len(EVAL_SEEDS)} held-out "
+            f"seeds against UniPC with {DEMO.reference_steps} steps (DDIM at 10 NFE on the same seeds: "
+            f"{rows[0]['ddim10']:.4f}). "
+            "Single runs: differences of a few percent are noise. Training seconds were measured while other work "
+            "shared the machine: compare them only within this table.",
+            "",
+            "| variant | RMSE | training seconds |",
+            "|---|---:|---:|",
+            table,
+            "",
+        ]
+    )
 
 
 def psld_section() -> str:
@@ -201,7 +220,8 @@ def psld_section() -> str:
 
     det_rows = "\n".join(
         f"| {row['label']} | {solver_info(row['method'], s).nfe_per_step} | "
-        + " | ".join(f"{row[n][0]:.3g}{lam(row[n][1])}{used(n, row[n][2])}" for n in NFES) + " |"
+        + " | ".join(f"{row[n][0]:.3g}{lam(row[n][1])}{used(n, row[n][2])}" for n in NFES)
+        + " |"
         for row in r["deterministic"]
     )
     sto_rows = "\n".join(
@@ -212,49 +232,56 @@ def psld_section() -> str:
     best_mom = {n: min(r["stochastic"], key=lambda row: row[n][0])["label"] for n in NFES}
     best_sw = {n: min(r["stochastic"], key=lambda row: row[n][1])["label"] for n in NFES}
     floor = r["floor"]
-    return "\n".join([
-        "## PSLD integrators (Phase Space Langevin Diffusion)",
-        "",
-        "Command: `python -m operator_diffusion.benchmarks psld`  ",
-        f"Machine: {machine()}",
-        "",
-        f"PSLD with the CIFAR-10 configuration (β = {s.beta_min:g}, Γ = {s.gamma:g}, ν = {s.nu:g}, κ = {s.kappa:g}; "
-        f"M⁻¹ = {s.mass_inv:g}), HSM ε, data a {len(o.weights)}-component isotropic Gaussian mixture in "
-        f"{math.prod(o.shape)} dimensions (component stds 0.1–0.5) with its exact ε*; {GRID} time grid from "
-        f"t = {s.t_max:g} to {s.t_min:g}, no final denoising step. The integrators and their derivations are in "
-        "docs/psld.md; only PSLD itself and SSCS/EM are published with code, the others are derived here. "
-        "λ of the conjugate methods is tuned per NFE over {±16, ±8, ±4, ±2, ±1, ±0.5, ±0.25, 0} on separate "
-        "tuning inputs and reported in parentheses; [n] marks an NFE below the budget (3-NFE steps). "
-        f"Whole benchmark: {r['seconds']:.0f} s.",
-        "",
-        "### Deterministic: RMSE of x(t_min) against the exact flow",
-        "",
-        "256 prior draws z_T; reference: float64 DOP853 solve of the PF-ODE (rtol = atol = 1e-11) from the same z_T. "
-        f"For scale: the RMS of the reference x(t_min) is {r['ref_rms']:.3g}, so an RMSE near it means the output "
-        "has collapsed (λ at the grid's edge, ±16, is such a degenerate optimum: the update shrinks z towards 0).",
-        "",
-        "| solver | NFE/step | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-        "|---|---:|" + "---:|" * len(NFES),
-        det_rows,
-        "",
-        "Most accurate: " + "; ".join(f"NFE {n}: {best_det[n]}" for n in NFES) + ".",
-        "",
-        "### Stochastic: distance of the law of x(t_min) to the exact marginal",
-        "",
-        "Each cell: moment error ‖mean − μ‖₂ + ‖cov − Σ‖_F against the exact moments / sliced 2-Wasserstein "
-        "distance (128 fixed projections) to exact samples, 20,000 samples each (common random numbers across "
-        f"solvers). Sampling floors (a second exact sample of the same size): moment error {floor['moment']:.3g}, "
-        f"sliced W2 {floor['sw2']:.3g}; differences below about twice the floor are noise. λ of csps-s is tuned "
-        "on 5,000 samples by sliced W2, itself within about twice its floor, so the chosen λ is only indicative.",
-        "",
-        "| solver | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-        "|---|" + "---:|" * len(NFES),
-        sto_rows,
-        "",
-        "Smallest moment error: " + "; ".join(f"NFE {n}: {best_mom[n]}" for n in NFES) + ". Smallest sliced W2: "
-        + "; ".join(f"NFE {n}: {best_sw[n]}" for n in NFES) + ".",
-        "",
-    ])
+    return "\n".join(
+        [
+            "## PSLD integrators (Phase Space Langevin Diffusion)",
+            "",
+            "Command: `python -m operator_diffusion.benchmarks psld`  ",
+            f"Machine: {machine()}",
+            "",
+            f"PSLD with the CIFAR-10 configuration (β = {s.beta_min:g}, Γ = {s.gamma:g}, ν = {s.nu:g}, κ = "
+            f"{s.kappa:g}; "
+            f"M⁻¹ = {s.mass_inv:g}), HSM ε, data a {len(o.weights)}-component isotropic Gaussian mixture in "
+            f"{math.prod(o.shape)} dimensions (component stds 0.1–0.5) with its exact ε*; {GRID} time grid from "
+            f"t = {s.t_max:g} to {s.t_min:g}, no final denoising step. The integrators and their derivations are in "
+            "docs/psld.md; only PSLD itself and SSCS/EM are published with code, the others are derived here. "
+            "λ of the conjugate methods is tuned per NFE over {±16, ±8, ±4, ±2, ±1, ±0.5, ±0.25, 0} on separate "
+            "tuning inputs and reported in parentheses; [n] marks an NFE below the budget (3-NFE steps). "
+            f"Whole benchmark: {r['seconds']:.0f} s.",
+            "",
+            "### Deterministic: RMSE of x(t_min) against the exact flow",
+            "",
+            "256 prior draws z_T; reference: float64 DOP853 solve of the PF-ODE (rtol = atol = 1e-11) from the same "
+            "z_T. "
+            f"For scale: the RMS of the reference x(t_min) is {r['ref_rms']:.3g}, so an RMSE near it means the output "
+            "has collapsed (λ at the grid's edge, ±16, is such a degenerate optimum: the update shrinks z towards 0).",
+            "",
+            "| solver | NFE/step | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+            "|---|---:|" + "---:|" * len(NFES),
+            det_rows,
+            "",
+            "Most accurate: " + "; ".join(f"NFE {n}: {best_det[n]}" for n in NFES) + ".",
+            "",
+            "### Stochastic: distance of the law of x(t_min) to the exact marginal",
+            "",
+            "Each cell: moment error ‖mean − μ‖₂ + ‖cov − Σ‖_F against the exact moments / sliced 2-Wasserstein "
+            "distance (128 fixed projections) to exact samples, 20,000 samples each (common random numbers across "
+            f"solvers). Sampling floors (a second exact sample of the same size): moment error {floor['moment']:.3g}, "
+            f"sliced W2 {floor['sw2']:.3g}; differences below about twice the floor are noise. λ of csps-s is tuned "
+            "on 5,000 samples by sliced W2, itself within about twice its floor, so the chosen λ is only indicative.",
+            "",
+            "| solver | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+            "|---|" + "---:|" * len(NFES),
+            sto_rows,
+            "",
+            "Smallest moment error: "
+            + "; ".join(f"NFE {n}: {best_mom[n]}" for n in NFES)
+            + ". Smallest sliced W2: "
+            + "; ".join(f"NFE {n}: {best_sw[n]}" for n in NFES)
+            + ".",
+            "",
+        ]
+    )
 
 
 def solver_grids_section() -> str:
@@ -268,12 +295,17 @@ def solver_grids_section() -> str:
         "Command: `python -m operator_diffusion.benchmarks solver-grids`  ",
         f"Machine: {machine()}",
         "",
-        f"Shipped digits teacher, {len(SEEDS)} tuning seeds ({SEEDS.start}-{SEEDS.stop - 1}, disjoint from every reported "
+        f"Shipped digits teacher, {len(SEEDS)} tuning seeds ({SEEDS.start}-{SEEDS.stop - 1}, disjoint from every "
+        "reported "
         "seed), teacher-match RMSE of x(t_min) against UniPC-50 on the quadratic grid; every NFE spent on steps. "
         "`lower_order_final=None` is the solvers' default (on below 15 steps). Default: the one choice with the lowest "
         "mean log-RMSE over all NFEs (`bench.SOLVER_DEFAULTS`); per NFE: what `opdiff bench --tune` picks.",
         "",
-        "| solver | default (one choice) | " + " | ".join(f"{n} NFE: best (RMSE)" for n in NFES) + " | default's RMSE at " + "/".join(map(str, NFES)) + " |",
+        "| solver | default (one choice) | "
+        + " | ".join(f"{n} NFE: best (RMSE)" for n in NFES)
+        + " | default's RMSE at "
+        + "/".join(map(str, NFES))
+        + " |",
         "|---|---|" + "---|" * len(NFES) + "---|",
     ]
     for solver in SOLVERS:
@@ -319,7 +351,9 @@ def levers_section() -> str:
         scale.setdefault(r["teacher"], r["solvers"])
         s = scale[r["teacher"]]
         b5, b10 = best_solver(s, 5), best_solver(s, 10)
-        lines.append(f"| {r['variant']} | {r['rmse']:.4f} | {b5:.4f} | {b10:.4f} | {r['rmse'] / b5:.2f} | {r['train_s']:.0f} |")
+        lines.append(
+            f"| {r['variant']} | {r['rmse']:.4f} | {b5:.4f} | {b10:.4f} | {r['rmse'] / b5:.2f} | {r['train_s']:.0f} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -338,7 +372,8 @@ def baseline_lr_section() -> str:
         "Command: `python -m operator_diffusion.benchmarks baseline-lr`  ",
         f"Machine: {machine()}",
         "",
-        f"The demo's data and budget ({DEMO.num} trajectories, {DEMO.train_steps} steps, batch {DEMO.batch_size}, cosine "
+        f"The demo's data and budget ({DEMO.num} trajectories, {DEMO.train_steps} steps, batch {DEMO.batch_size}, "
+        "cosine "
         f"decay); teacher-match RMSE on the tuning seeds {EVAL_SEEDS.start}-{EVAL_SEEDS.stop - 1}, disjoint from the "
         f"seeds the demo reports. Best: lr {best['lr']:g} (the demo uses {DEMO.baseline_lr:g}).",
         "",
@@ -364,7 +399,9 @@ def quality_section() -> str:
         f"Machine: {machine()}",
         "",
         f"DSNO@1 teacher-match RMSE on {len(EVAL_SEEDS)} held-out seeds (demo settings otherwise); best fair solver "
-        f"({', '.join(SCALE[0])}, each on its own grid) at " + ", ".join(f"{n} NFE: {best_solver(s, n):.4f}" for n in SCALE[1]) + ".",
+        f"({', '.join(SCALE[0])}, each on its own grid) at "
+        + ", ".join(f"{n} NFE: {best_solver(s, n):.4f}" for n in SCALE[1])
+        + ".",
         "",
         "![quality](quality.png)",
         "",
@@ -372,14 +409,31 @@ def quality_section() -> str:
         "|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['num']} | {r['max_steps']} | {r['rmse']:.4f} | {r['rmse'] / best_solver(s, 10):.2f} | {r['train_s']:.0f} |")
+        lines.append(
+            f"| {r['num']} | {r['max_steps']} | {r['rmse']:.4f} | {r['rmse'] / best_solver(s, 10):.2f} | "
+            f"{r['train_s']:.0f} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
 
-SECTIONS = {"solvers": solvers_section, "levers": levers_section, "baseline-lr": baseline_lr_section, "quality": quality_section, "solver-grids": solver_grids_section, "adapter": adapter_section, "collect": collect_section, "train": train_section,
-            "demo": demo_section, "ablations": ablations_section, "psld": psld_section}
-HEADER = "# Benchmarks\n\nEach section is regenerated by the command it names; ratios are measured side by side in one run.\n"
+SECTIONS = {
+    "solvers": solvers_section,
+    "levers": levers_section,
+    "baseline-lr": baseline_lr_section,
+    "quality": quality_section,
+    "solver-grids": solver_grids_section,
+    "adapter": adapter_section,
+    "collect": collect_section,
+    "train": train_section,
+    "demo": demo_section,
+    "ablations": ablations_section,
+    "psld": psld_section,
+}
+HEADER = (
+    "# Benchmarks\n\nEach section is regenerated by the command it names; "
+    "ratios are measured side by side in one run.\n"
+)
 
 
 def write_section(path: Path, name: str, body: str) -> None:

@@ -19,12 +19,12 @@ LR = 1e-3  # the DSNO variants' learning rate (the demo now uses 2e-3: better FI
 @dataclass(frozen=True)
 class Variant:
     name: str
-    times: int = 4                   # M
-    time_kind: str = "quadratic"     # placement of the output times
-    steps: int = 15                  # collection solver steps (M = 8 needs a finer grid: 40)
-    train: tuple = ()                # TrainConfig overrides
-    teacher: str | None = None       # a teacher checkpoint other than the shipped one (its own collection)
-    num: int | None = None           # trajectories (default: the demo's)
+    times: int = 4  # M
+    time_kind: str = "quadratic"  # placement of the output times
+    steps: int = 15  # collection solver steps (M = 8 needs a finer grid: 40)
+    train: tuple = ()  # TrainConfig overrides
+    teacher: str | None = None  # a teacher checkpoint other than the shipped one (its own collection)
+    num: int | None = None  # trajectories (default: the demo's)
 
 
 def variants(lr: float) -> list[Variant]:
@@ -43,9 +43,14 @@ def variants(lr: float) -> list[Variant]:
     ]
 
 
-def run_ablations(root: Path | None = None, chosen: list[Variant] | None = None, lr: float = LR,
-                  train_steps: int | None = None, eval_seeds=EVAL_SEEDS,
-                  scale: tuple[tuple[str, ...], tuple[int, ...]] = (("ddim",), (10,))) -> list[dict]:
+def run_ablations(
+    root: Path | None = None,
+    chosen: list[Variant] | None = None,
+    lr: float = LR,
+    train_steps: int | None = None,
+    eval_seeds=EVAL_SEEDS,
+    scale: tuple[tuple[str, ...], tuple[int, ...]] = (("ddim",), (10,)),
+) -> list[dict]:
     """Train and score each variant (default: ``variants(LR)``); the first row of each teacher also scores the
     ``scale`` solvers at their NFEs (each on its own grid, ``bench.SOLVER_DEFAULTS``) on the same seeds."""
     from ..backbones import backbone_from_checkpoint
@@ -64,27 +69,66 @@ def run_ablations(root: Path | None = None, chosen: list[Variant] | None = None,
             teacher = digits_teacher() if v.teacher is None else backbone_from_checkpoint(ckpt).eval()
             num = v.num or c.num
             data = root / f"data_m{v.times}_{v.time_kind}_{v.steps}_{ckpt.stem}_{num}"
-            collect(teacher, data, CollectConfig(num=num, solver=c.solver, steps=v.steps, times=v.times,
-                                                 time_kind=v.time_kind, precision=c.precision,
-                                                 batch_size=c.collect_batch, shard_size=min(4096, num)),
-                    checkpoint=ckpt)
-            kw = {"modes": c.modes, "batch_size": c.batch_size, "lr": lr, "lr_decay": c.lr_decay, "warmup": c.warmup,
-                  "ema": c.ema, "max_steps": max_steps, **dict(v.train)}
+            collect(
+                teacher,
+                data,
+                CollectConfig(
+                    num=num,
+                    solver=c.solver,
+                    steps=v.steps,
+                    times=v.times,
+                    time_kind=v.time_kind,
+                    precision=c.precision,
+                    batch_size=c.collect_batch,
+                    shard_size=min(4096, num),
+                ),
+                checkpoint=ckpt,
+            )
+            kw = {
+                "modes": c.modes,
+                "batch_size": c.batch_size,
+                "lr": lr,
+                "lr_decay": c.lr_decay,
+                "warmup": c.warmup,
+                "ema": c.ema,
+                "max_steps": max_steps,
+                **dict(v.train),
+            }
             start = time.perf_counter()
-            train(TrainConfig(data=str(data), out=str(root / f"run{k}"), init_from=str(ckpt),
-                              save_every=kw["max_steps"], log_every=50, **kw))
+            train(
+                TrainConfig(
+                    data=str(data),
+                    out=str(root / f"run{k}"),
+                    init_from=str(ckpt),
+                    save_every=kw["max_steps"],
+                    log_every=50,
+                    **kw,
+                )
+            )
             reset_accelerate_state()
             seconds = time.perf_counter() - start
             model, _ = load_run(root / f"run{k}")
             ref = reference_solver(c.reference_steps, float(model.times[-1]))
             first = all(r["teacher"] != str(ckpt) for r in rows)
             solvers, nfes = scale if first else ((), ())
-            result = run_bench(BenchSetup(teacher, ref, list(eval_seeds), None, solvers, nfes, None, {"m": model}, None))
+            result = run_bench(
+                BenchSetup(teacher, ref, list(eval_seeds), None, solvers, nfes, None, {"m": model}, None)
+            )
             solver_rows = {f"{r.method}@{r.nfe}": r.rmse for r in result.rows if r.kind == "solver"}
-            rows.append({"variant": v.name, "rmse": result.row("m").rmse, "train_s": seconds, **kw,
-                         "times": v.times, "time_kind": v.time_kind, "teacher": str(ckpt), "solvers": solver_rows,
-                         "num": num,
-                         "ddim10": solver_rows.get("ddim@10")})
+            rows.append(
+                {
+                    "variant": v.name,
+                    "rmse": result.row("m").rmse,
+                    "train_s": seconds,
+                    **kw,
+                    "times": v.times,
+                    "time_kind": v.time_kind,
+                    "teacher": str(ckpt),
+                    "solvers": solver_rows,
+                    "num": num,
+                    "ddim10": solver_rows.get("ddim@10"),
+                }
+            )
     return rows
 
 
@@ -99,7 +143,9 @@ def x0_teacher(root: Path) -> Path:
     if (ASSETS / X0_TEACHER_FILE).is_file():
         return ASSETS / X0_TEACHER_FILE
     out = root / "x0-teacher"
-    result = train_teacher(TeacherConfig(data="digits", out=str(out), max_steps=4000, lr_decay="cosine", prediction="x0"))
+    result = train_teacher(
+        TeacherConfig(data="digits", out=str(out), max_steps=4000, lr_decay="cosine", prediction="x0")
+    )
     reset_accelerate_state()
     return Path(result.checkpoint)
 

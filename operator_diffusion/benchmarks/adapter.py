@@ -27,11 +27,11 @@ class AdapterTiming:
     batch: int
     num_times: int
     overhead_params: float
-    teacher: float        # seconds, network on B items
-    teacher_bm: float     # network on B·M items
-    dsno: float           # DSNO forward on B examples
+    teacher: float  # seconds, network on B items
+    teacher_bm: float  # network on B·M items
+    dsno: float  # DSNO forward on B examples
     teacher_bm_train: float | None  # forward+backward, network on B·M items
-    dsno_train: float | None        # forward+backward, DSNO
+    dsno_train: float | None  # forward+backward, DSNO
 
 
 def _interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
@@ -47,7 +47,9 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def time_adapter(preset: str, batch: int, with_training: bool = True, num_times: int = 4, repeats: int = 5) -> AdapterTiming:
+def time_adapter(
+    preset: str, batch: int, with_training: bool = True, num_times: int = 4, repeats: int = 5
+) -> AdapterTiming:
     torch.manual_seed(0)
     bb = load_backbone("opdiff-unet", preset=preset)
     s = bb.schedule
@@ -61,12 +63,14 @@ def time_adapter(preset: str, batch: int, with_training: bool = True, num_times:
         def run():
             with torch.no_grad():
                 f()
+
         return run
 
     def train(f):
         def run():
             model.zero_grad(set_to_none=True)
             f().square().mean().backward()
+
         return run
 
     model.eval()  # dropout off in both: the same arithmetic

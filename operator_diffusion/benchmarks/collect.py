@@ -37,8 +37,15 @@ from ..trajectories import (
 # (a) two teachers: the digits preset (1×8×8) and a small 3×32×32 U-Net (CIFAR's shape, 1.2M parameters)
 THROUGHPUT_TEACHERS = {
     "digits (1×8×8)": dict(preset="digits"),
-    "small 3×32×32": dict(image_size=32, in_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                          attn_resolutions=(16,), dropout=0.0),
+    "small 3×32×32": dict(
+        image_size=32,
+        in_channels=3,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(16,),
+        dropout=0.0,
+    ),
 }
 # (b) budgets in NFE (the final x̂_0 costs one: steps = NFE − 1), solvers and grids compared
 NFES = (10, 20, 50, 100)
@@ -54,9 +61,9 @@ class Throughput:
     params: int
     trajectories_per_s: float
     nfe: int
-    stored_bytes: int       # M·C·H·W·itemsize
-    disk_bytes: float       # parquet bytes per trajectory
-    reference_bytes: int    # 17·C·H·W·4 (the reference code's float32 steps)
+    stored_bytes: int  # M·C·H·W·itemsize
+    disk_bytes: float  # parquet bytes per trajectory
+    reference_bytes: int  # 17·C·H·W·4 (the reference code's float32 steps)
 
 
 def benchmark_throughput(num: int = 128, batch_size: int = 64, seed: int = 0) -> list[Throughput]:
@@ -75,13 +82,23 @@ def benchmark_throughput(num: int = 128, batch_size: int = 64, seed: int = 0) ->
             result = collect(backbone, Path(tmp) / "c", config, device="cpu")
             seconds = time.perf_counter() - t0
             status = collection_status(result.out_dir)
-        rows.append(Throughput(label, backbone.num_parameters(), num / seconds, result.info["collection"]["nfe_per_trajectory"],
-                               status["bytes_per_trajectory"], status["disk_bytes_per_trajectory"],
-                               status["reference_bytes_per_trajectory"]))
+        rows.append(
+            Throughput(
+                label,
+                backbone.num_parameters(),
+                num / seconds,
+                result.info["collection"]["nfe_per_trajectory"],
+                status["bytes_per_trajectory"],
+                status["disk_bytes_per_trajectory"],
+                status["reference_bytes_per_trajectory"],
+            )
+        )
     return rows
 
 
-def mixture(dim: int, components: int, mean_scale: float, std_range: tuple[float, float], seed: int = 0) -> GaussianMixtureOracle:
+def mixture(
+    dim: int, components: int, mean_scale: float, std_range: tuple[float, float], seed: int = 0
+) -> GaussianMixtureOracle:
     """A random Gaussian mixture (weights U[0.5, 1.5], means mean_scale·N(0, I), stds U[std_range])."""
     g = torch.Generator().manual_seed(seed)
     lo, hi = std_range
@@ -101,7 +118,9 @@ MIXTURES = {
 }
 
 
-def benchmark_accuracy(dim: int = 64, components: int = 8, batch: int = 128, m: int = 4, seed: int = 0) -> tuple[dict[str, list[dict]], dict[str, float]]:
+def benchmark_accuracy(
+    dim: int = 64, components: int = 8, batch: int = 128, m: int = 4, seed: int = 0
+) -> tuple[dict[str, list[dict]], dict[str, float]]:
     """RMSE of the M recorded x̂_0 outputs (quadratic placement) against deis-3 on a ≥1000-step grid of the
     same kind that contains the coarse grid (steps·⌈1000/steps⌉), for each mixture, solver, grid and NFE;
     and each mixture's reference error (against twice the reference steps, quadratic grid, 50 NFE times)."""
@@ -114,15 +133,21 @@ def benchmark_accuracy(dim: int = 64, components: int = 8, batch: int = 128, m: 
         def fine_solution(steps: int, grid: str, refine: int = 1):
             idx = output_indices(steps, m, "quadratic")
             fine = refine * steps * math.ceil(REFERENCE_STEPS / steps)
-            return record_trajectories(oracle.eps, x, s, time_grid(s, fine, grid), [i * fine // steps for i in idx], "deis", order=3)
+            return record_trajectories(
+                oracle.eps, x, s, time_grid(s, fine, grid), [i * fine // steps for i in idx], "deis", order=3
+            )
 
-        rows = {(solver, grid): {"solver": solver, "grid": grid} for grid in ACCURACY_GRIDS for solver in ACCURACY_SOLVERS}
+        rows = {
+            (solver, grid): {"solver": solver, "grid": grid} for grid in ACCURACY_GRIDS for solver in ACCURACY_SOLVERS
+        }
         for grid in ACCURACY_GRIDS:
             for nfe in NFES:
                 steps = nfe - 1
                 ref = fine_solution(steps, grid)
                 for solver in ACCURACY_SOLVERS:
-                    got = record_trajectories(oracle.eps, x, s, time_grid(s, steps, grid), output_indices(steps, m, "quadratic"), solver)
+                    got = record_trajectories(
+                        oracle.eps, x, s, time_grid(s, steps, grid), output_indices(steps, m, "quadratic"), solver
+                    )
                     rows[(solver, grid)][nfe] = _rmse(got, ref)
         rows_by_mixture[label] = list(rows.values())
         reference_error[label] = _rmse(fine_solution(49, "quadratic"), fine_solution(49, "quadratic", refine=2))
@@ -182,14 +207,18 @@ def benchmark_cache(num: int = 8192, batch: int = 256, batches: int = 16, seed: 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "c"
-        collect(_PointwiseTeacher(), folder, CollectConfig(num=num, solver="ddim", steps=4, time_kind="uniform",
-                                                           shard_size=2048, batch_size=1024), device="cpu")
+        collect(
+            _PointwiseTeacher(),
+            folder,
+            CollectConfig(num=num, solver="ddim", steps=4, time_kind="uniform", shard_size=2048, batch_size=1024),
+            device="cpu",
+        )
         t0 = time.perf_counter()
         cache = TrajectoryCache.build(folder, Path(tmp) / "cache")
         build_s = time.perf_counter() - t0
         ds = load_collection(folder, cache_dir=str(Path(tmp) / "hf"))[0].with_format("torch")
         order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
-        idx = [order[i * batch:(i + 1) * batch] for i in range(batches + 1)]
+        idx = [order[i * batch : (i + 1) * batch] for i in range(batches + 1)]
         rate_cache = _examples_per_s(lambda i: cache[i]["trajectory"], idx)
         rate_arrow = _examples_per_s(lambda i: ds[i.tolist()]["trajectory"], idx)
     return CacheReads(num, build_s, rate_cache, rate_arrow)
@@ -219,17 +248,21 @@ def report(machine) -> str:
         "### Collection throughput and storage",
         "",
         "End-to-end `collect()` (teacher solves and parquet writing) of 128 "
-        f"trajectories with the default teacher setting ({DEFAULT_SOLVER}, {DEFAULT_STEPS} steps on a {DEFAULT_GRID} grid), "
+        f"trajectories with the default teacher setting ({DEFAULT_SOLVER}, {DEFAULT_STEPS} steps on a {DEFAULT_GRID} "
+        "grid), "
         "M = 4 float16 x̂_0 outputs, batch 64, random `opdiff-unet` weights (perturbed so that ε ≠ 0), on the CPU. "
         "The reference DSNO code stored 17 float32 steps per trajectory (16 x̂_0 and x_T); *saving* compares it "
         "with the parquet bytes.",
         "",
-        "| teacher | parameters | NFE / trajectory | trajectories/s | bytes / trajectory (stored) | on disk (parquet) | reference format | saving |",
+        "| teacher | parameters | NFE / trajectory | trajectories/s | bytes / trajectory (stored) | on disk (parquet) "
+        "| reference format | saving |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in throughput:
-        lines.append(f"| {r.teacher} | {r.params / 1e6:.2f}M | {r.nfe} | {r.trajectories_per_s:.1f} | {r.stored_bytes:,} "
-                     f"| {r.disk_bytes:,.0f} | {r.reference_bytes:,} | {r.reference_bytes / r.disk_bytes:.1f}× |")
+        lines.append(
+            f"| {r.teacher} | {r.params / 1e6:.2f}M | {r.nfe} | {r.trajectories_per_s:.1f} | {r.stored_bytes:,} "
+            f"| {r.disk_bytes:,.0f} | {r.reference_bytes:,} | {r.reference_bytes / r.disk_bytes:.1f}× |"
+        )
     lines += _accuracy_lines(accuracy, reference_error, rec)
     lines += [
         "",
@@ -255,14 +288,21 @@ def _accuracy_lines(accuracy: dict[str, list[dict]], reference_error: dict[str, 
         "### Teacher accuracy at the recorded outputs",
         "",
         f"RMSE of the M = 4 recorded x̂_0 outputs (quadratic placement, the last at t_min) of 128 trajectories of "
-        f"an exact 8-component Gaussian-mixture teacher in 64 dimensions, against deis-3 on a ≥{REFERENCE_STEPS}-step grid "
+        f"an exact 8-component Gaussian-mixture teacher in 64 dimensions, against deis-3 on a ≥{REFERENCE_STEPS}-step "
+        "grid "
         "of the same kind containing the coarse one (its own error, against twice the steps: "
-        + ", ".join(f"{e:.0e}" for e in reference_error.values()) + "); linear VP, t from 1 to 1e-3. "
+        + ", ".join(f"{e:.0e}" for e in reference_error.values())
+        + "); linear VP, t from 1 to 1e-3. "
         "NFE includes the final x̂_0 evaluation (steps = NFE − 1).",
     ]
     for label, rows in accuracy.items():
-        lines += ["", f"Mixture: {label}", "", "| solver | grid | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-                  "|---|---|" + "---:|" * len(NFES)]
+        lines += [
+            "",
+            f"Mixture: {label}",
+            "",
+            "| solver | grid | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+            "|---|---|" + "---:|" * len(NFES),
+        ]
         for r in rows:
             cells = " | ".join(f"**{r[n]:.2e}**" if r[n] < TARGET_RMSE else f"{r[n]:.2e}" for n in NFES)
             lines.append(f"| {r['solver']} | {r['grid']} | {cells} |")
@@ -275,10 +315,14 @@ def _accuracy_lines(accuracy: dict[str, list[dict]], reference_error: dict[str, 
         lines += [
             "",
             f"Below {TARGET_RMSE:g} (bold) at {nfe} NFE, the smallest budget where any setting is: "
-            + ", ".join(f"{s} on {g}" for s, g in hits) + " (on at least one mixture). "
+            + ", ".join(f"{s} on {g}" for s, g in hits)
+            + " (on at least one mixture). "
             f"On both mixtures the smallest worst case is **{solver}, {nfe - 1} steps on a {grid} grid** "
             f"(RMSE ≤ {err:.1e}): "
-            + ("the library and CLI default." if chosen else
-               f"NOTE: the library default is {DEFAULT_SOLVER}, {DEFAULT_STEPS} steps, {DEFAULT_GRID}; update it."),
+            + (
+                "the library and CLI default."
+                if chosen
+                else f"NOTE: the library default is {DEFAULT_SOLVER}, {DEFAULT_STEPS} steps, {DEFAULT_GRID}; update it."
+            ),
         ]
     return lines

@@ -49,11 +49,11 @@ STOCHASTIC = [
 ]
 
 
-
 def best_lam(error) -> float:
     """The λ of LAMS with the smallest finite ``error(λ)`` (on the tuning inputs)."""
     errs = {lam: error(lam) for lam in LAMS}
     return min(errs, key=lambda lam: errs[lam] if math.isfinite(errs[lam]) else math.inf)
+
 
 def mixture(dim: int = 4, components: int = 6, seed: int = 0) -> PSLDGaussianMixtureOracle:
     """The benchmark's data: ``components`` isotropic Gaussians in ``dim`` dimensions, stds 0.1–0.5."""
@@ -68,9 +68,17 @@ def mixture(dim: int = 4, components: int = 6, seed: int = 0) -> PSLDGaussianMix
 
 def steps_for(method: str, options: dict, nfe: int, schedule: PSLD) -> int:
     """The most steps whose NFE fits the budget: NFE(N) = a·N + b, read off 1- and 2-step dry runs."""
+
     def count(n):
-        return solve(lambda z, t: torch.zeros_like(z), torch.zeros(1, 2, dtype=torch.float64), schedule,
-                     time_grid(schedule, n, GRID), method, **options).nfe
+        return solve(
+            lambda z, t: torch.zeros_like(z),
+            torch.zeros(1, 2, dtype=torch.float64),
+            schedule,
+            time_grid(schedule, n, GRID),
+            method,
+            **options,
+        ).nfe
+
     per = count(2) - count(1)
     return (nfe - (count(1) - per)) // per
 
@@ -87,7 +95,9 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt())
 
 
-def benchmark_deterministic(oracle: PSLDGaussianMixtureOracle, batch: int = 256, tune_batch: int = 64, seed: int = 1) -> tuple[float, list[dict]]:
+def benchmark_deterministic(
+    oracle: PSLDGaussianMixtureOracle, batch: int = 256, tune_batch: int = 64, seed: int = 1
+) -> tuple[float, list[dict]]:
     """The RMS of the reference x(t_min) (the error scale) and rows {label, nfe → (rmse, lam or None, nfe used)}."""
     s = oracle.schedule
     z_eval = s.prior((batch, *oracle.shape), generator=torch.Generator().manual_seed(seed))
@@ -101,7 +111,9 @@ def benchmark_deterministic(oracle: PSLDGaussianMixtureOracle, batch: int = 256,
             steps = steps_for(method, options, nfe, s)
             lam = None
             if tune:
-                lam = best_lam(lambda l: _rmse(_x_at_end(oracle, z_tune, method, {**options, "lam": l}, steps)[0], ref_tune))
+                lam = best_lam(
+                    lambda l: _rmse(_x_at_end(oracle, z_tune, method, {**options, "lam": l}, steps)[0], ref_tune)
+                )
             opts = {**options, "lam": lam} if tune else options
             x, used = _x_at_end(oracle, z_eval, method, opts, steps)
             row[nfe] = (_rmse(x, ref_eval), lam, used)
@@ -141,7 +153,9 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, projections: torch.Tensor) -> fl
     return float(((pa - pb) ** 2).mean().sqrt())
 
 
-def benchmark_stochastic(oracle: PSLDGaussianMixtureOracle, n: int = 20000, tune_n: int = 5000, seed: int = 2) -> tuple[dict, list[dict]]:
+def benchmark_stochastic(
+    oracle: PSLDGaussianMixtureOracle, n: int = 20000, tune_n: int = 5000, seed: int = 2
+) -> tuple[dict, list[dict]]:
     """Rows {label, nfe → (moment error, sliced W2, lam or None, nfe used)} and the sampling floors."""
     s = oracle.schedule
     dim = math.prod(oracle.shape)
@@ -151,8 +165,10 @@ def benchmark_stochastic(oracle: PSLDGaussianMixtureOracle, n: int = 20000, tune
     mean, cov = exact_x_moments(oracle, s.t_min)
     exact = exact_x_samples(oracle, n, s.t_min, g)
     exact_tune = exact_x_samples(oracle, tune_n, s.t_min, g)
-    floor = {"moment": moment_error(exact_x_samples(oracle, n, s.t_min, g), mean, cov),
-             "sw2": sliced_w2(exact_x_samples(oracle, n, s.t_min, g), exact, proj)}
+    floor = {
+        "moment": moment_error(exact_x_samples(oracle, n, s.t_min, g), mean, cov),
+        "sw2": sliced_w2(exact_x_samples(oracle, n, s.t_min, g), exact, proj),
+    }
     z_eval = s.prior((n, *oracle.shape), generator=torch.Generator().manual_seed(seed + 1))
     z_tune = s.prior((tune_n, *oracle.shape), generator=torch.Generator().manual_seed(seed + 2))
     rows = []
@@ -162,8 +178,13 @@ def benchmark_stochastic(oracle: PSLDGaussianMixtureOracle, n: int = 20000, tune
             steps = steps_for(method, options, nfe, s)
             lam = None
             if tune:
-                lam = best_lam(lambda l: sliced_w2(_x_at_end(oracle, z_tune, method, {**options, "lam": l}, steps, seed=seed + 3)[0],
-                                                   exact_tune, proj))
+                lam = best_lam(
+                    lambda l: sliced_w2(
+                        _x_at_end(oracle, z_tune, method, {**options, "lam": l}, steps, seed=seed + 3)[0],
+                        exact_tune,
+                        proj,
+                    )
+                )
             opts = {**options, "lam": lam} if tune else options
             x, used = _x_at_end(oracle, z_eval, method, opts, steps, seed=seed + 4)
             row[nfe] = (moment_error(x, mean, cov), sliced_w2(x, exact, proj), lam, used)
@@ -177,5 +198,11 @@ def run() -> dict:
     oracle = mixture()
     ref_rms, det = benchmark_deterministic(oracle)
     floor, sto = benchmark_stochastic(oracle)
-    return {"oracle": oracle, "deterministic": det, "ref_rms": ref_rms, "stochastic": sto, "floor": floor,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "oracle": oracle,
+        "deterministic": det,
+        "ref_rms": ref_rms,
+        "stochastic": sto,
+        "floor": floor,
+        "seconds": time.perf_counter() - t0,
+    }

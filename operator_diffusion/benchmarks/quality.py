@@ -18,8 +18,11 @@ def quality_variants() -> list:
     from .ablations import Variant
 
     out = [Variant(f"{FIXED_NUM} trajectories, {s} steps", num=FIXED_NUM, train=(("max_steps", s),)) for s in STEPS]
-    out += [Variant(f"{n} trajectories, {FIXED_STEPS} steps", num=n, train=(("max_steps", FIXED_STEPS),))
-            for n in NUMS if n != FIXED_NUM]
+    out += [
+        Variant(f"{n} trajectories, {FIXED_STEPS} steps", num=n, train=(("max_steps", FIXED_STEPS),))
+        for n in NUMS
+        if n != FIXED_NUM
+    ]
     return out
 
 
@@ -43,8 +46,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
     solvers = rows[0]["solvers"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-    for ax, key, fixed, xs, label in ((axes[0], "max_steps", FIXED_NUM, STEPS, "training steps"),
-                                      (axes[1], "num", FIXED_STEPS, NUMS, "trajectories")):
+    for ax, key, fixed, xs, label in (
+        (axes[0], "max_steps", FIXED_NUM, STEPS, "training steps"),
+        (axes[1], "num", FIXED_STEPS, NUMS, "trajectories"),
+    ):
         other = "num" if key == "max_steps" else "max_steps"
         pts = sorted((r[key], r["rmse"]) for r in rows if r[other] == fixed and r[key] in xs)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="k", label="DSNO, 1 NFE")

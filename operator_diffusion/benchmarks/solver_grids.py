@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-SEEDS = range(900_000, 900_128)   # tuning seeds: disjoint from every seed the demo, bench and ablations report
+SEEDS = range(900_000, 900_128)  # tuning seeds: disjoint from every seed the demo, bench and ablations report
 NFES = (3, 5, 10, 15)
 SOLVERS = ("ddim", "deis", "ipndm", "dpmpp-2m", "dpmpp-3m", "unipc", "heun")
 

@@ -29,7 +29,7 @@ def _step_seconds(config, steps: int) -> float:
 def benchmark_training(batch: int = 64, num: int = 1024, steps: int = 20) -> dict:
     from ..backbones import load_backbone
     from ..runs import Indices
-    from ..training import TrainConfig, GatherBatch
+    from ..training import GatherBatch, TrainConfig
     from ..trajectories import CollectConfig, TrajectoryCache, collect
 
     torch.manual_seed(0)
@@ -37,19 +37,35 @@ def benchmark_training(batch: int = 64, num: int = 1024, steps: int = 20) -> dic
     teacher = load_backbone("opdiff-unet", preset="digits")
     collect(teacher, root / "data", CollectConfig(num=num, steps=16, solver="ddim", shard_size=512, batch_size=256))
     cache = TrajectoryCache.build(root / "data")
-    loader = torch.utils.data.DataLoader(Indices(len(cache)), batch_size=batch, shuffle=True, drop_last=True,
-                                         collate_fn=GatherBatch(cache, False))
+    loader = torch.utils.data.DataLoader(
+        Indices(len(cache)), batch_size=batch, shuffle=True, drop_last=True, collate_fn=GatherBatch(cache, False)
+    )
     t0 = time.perf_counter()
     n = 0
     for _ in range(4):
         for _b in loader:
             n += 1
     loader_s = (time.perf_counter() - t0) / n
-    common = dict(data=str(root / "data"), backbone_options={}, batch_size=batch, max_steps=steps,
-                  save_every=10**6, log_every=10**6, warmup=0)
+    common = dict(
+        data=str(root / "data"),
+        backbone_options={},
+        batch_size=batch,
+        max_steps=steps,
+        save_every=10**6,
+        log_every=10**6,
+        warmup=0,
+    )
     dsno = _step_seconds(TrainConfig(out=str(root / "dsno"), **common), steps)
     base = _step_seconds(TrainConfig(out=str(root / "base"), baseline=True, **common), steps)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"batch": batch, "num": num, "loader_s": loader_s, "dsno_step_s": dsno, "baseline_step_s": base,
-            "peak_rss_mib": peak_mib, "peak_gpu_mib": gpu_mib, "times": cache.times.tolist()}
+    return {
+        "batch": batch,
+        "num": num,
+        "loader_s": loader_s,
+        "dsno_step_s": dsno,
+        "baseline_step_s": base,
+        "peak_rss_mib": peak_mib,
+        "peak_gpu_mib": gpu_mib,
+        "times": cache.times.tolist(),
+    }

@@ -63,7 +63,9 @@ _SOLVERS: dict[str, SolverSpec] = {
         SolverSpec("deis", deis, "tAB-DEIS (variant='rho': ρAB-DEIS), exact coefficients", "order+1"),
         SolverSpec("ipndm", ipndm, "iPNDM: fixed-weight Adams–Bashforth in ρ", "2 (order+1 on a uniform-ρ grid)"),
         SolverSpec("dpmpp-2m", dpmpp_2m, "DPM-Solver++(2M), data prediction", "2"),
-        SolverSpec("dpmpp-3m", dpmpp_3m, "DPM-Solver++(3M) as published (exact_third_order=True: corrected)", "2 (3 corrected)"),
+        SolverSpec(
+            "dpmpp-3m", dpmpp_3m, "DPM-Solver++(3M) as published (exact_third_order=True: corrected)", "2 (3 corrected)"
+        ),
         SolverSpec("unipc", unipc, "UniPC predictor–corrector (bh1/bh2), data prediction", "order+1"),
         SolverSpec("heun", heun, "EDM Heun (2nd order, 2 NFE per step)", "2", nfe_per_step=2),
         SolverSpec("lambda-ddim", lambda_ddim, "λ-DDIM conjugate integrator (B_t = λI); λ=0 is DDIM", "1"),
@@ -77,18 +79,42 @@ _PSLD_SOLVERS: dict[str, SolverSpec] = {
     s.name: s
     for s in (
         SolverSpec("euler", _psld.euler, "PF-ODE Euler", "1"),
-        SolverSpec("lambda-ddim", _psld.lambda_ddim, "λ-DDIM conjugate integrator, B = λI; λ=0: exponential Euler", "1"),
-        SolverSpec("lambda-ddim-block", _psld.lambda_ddim_block, "λ-DDIM-II conjugate integrator, B = λ·(2×2 ones)", "1"),
+        SolverSpec(
+            "lambda-ddim", _psld.lambda_ddim, "λ-DDIM conjugate integrator, B = λI; λ=0: exponential Euler", "1"
+        ),
+        SolverSpec(
+            "lambda-ddim-block", _psld.lambda_ddim_block, "λ-DDIM-II conjugate integrator, B = λ·(2×2 ones)", "1"
+        ),
         SolverSpec("nse", _psld.nse, "naive symplectic Euler (m then x, fresh ε̂ each)", "1", nfe_per_step=2),
         SolverSpec("rse", _psld.rse, "reduced symplectic Euler (one ε̂ per step)", "1"),
         SolverSpec("nvv", _psld.nvv, "naive velocity Verlet (explicit sub-steps)", "1", nfe_per_step=3),
         SolverSpec("rvv", _psld.rvv, "reduced velocity Verlet (ε̂ reused, N+1 NFE)", "1"),
-        SolverSpec("csps-d", _psld.csps_d, "conjugate splitting: conjugate symplectic Euler ('se') / velocity Verlet ('vv')", "1"),
+        SolverSpec(
+            "csps-d",
+            _psld.csps_d,
+            "conjugate splitting: conjugate symplectic Euler ('se') / velocity Verlet ('vv')",
+            "1",
+        ),
         SolverSpec("em", _psld_sde.em, "Euler–Maruyama on the reverse SDE", "1 (weak)", stochastic=True),
-        SolverSpec("sscs", _psld_sde.sscs, "symmetric splitting CLD sampler (exact OU half-steps)", "1 (weak)", stochastic=True),
-        SolverSpec("noba", _psld_sde.noba, "naive OBA splitting (O exact, B, A; fresh score each)", "1 (weak)", nfe_per_step=2, stochastic=True),
+        SolverSpec(
+            "sscs", _psld_sde.sscs, "symmetric splitting CLD sampler (exact OU half-steps)", "1 (weak)", stochastic=True
+        ),
+        SolverSpec(
+            "noba",
+            _psld_sde.noba,
+            "naive OBA splitting (O exact, B, A; fresh score each)",
+            "1 (weak)",
+            nfe_per_step=2,
+            stochastic=True,
+        ),
         SolverSpec("roba", _psld_sde.roba, "reduced OBA splitting (one score per step)", "1 (weak)", stochastic=True),
-        SolverSpec("csps-s", _psld_sde.csps_s, "conjugate splitting sampler, stochastic (O half-steps, conjugate B/A)", "1 (weak)", stochastic=True),
+        SolverSpec(
+            "csps-s",
+            _psld_sde.csps_s,
+            "conjugate splitting sampler, stochastic (O half-steps, conjugate B/A)",
+            "1 (weak)",
+            stochastic=True,
+        ),
     )
 }
 
@@ -160,7 +186,8 @@ def _check_grid(schedule: DiffusionProcess, ts) -> Tensor:
         k = int((diffs >= 0).nonzero()[0])
         hint = " (it is increasing: pass it reversed, noise → data)" if bool((diffs > 0).all()) else ""
         raise ValueError(
-            f"ts must be strictly decreasing; ts[{k}]={float(ts[k]):.6g} is followed by ts[{k + 1}]={float(ts[k + 1]):.6g}{hint}"
+            f"ts must be strictly decreasing; ts[{k}]={float(ts[k]):.6g} is followed by "
+            f"ts[{k + 1}]={float(ts[k + 1]):.6g}{hint}"
         )
     schedule.check_times(ts, what="ts entry")
     return ts

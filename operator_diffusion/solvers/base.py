@@ -131,7 +131,9 @@ class Evaluator:
                 raise NonFiniteError(
                     f"eps_fn returned NaN/Inf at step {self._step} (t={t:.6g}) for batch items {items[:10]}"
                     f"{' …' if len(items) > 10 else ''}; check the model, its inputs and the time range",
-                    self._step, t, items,
+                    self._step,
+                    t,
+                    items,
                 )
         return eps
 

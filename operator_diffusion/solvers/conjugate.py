@@ -26,5 +26,7 @@ def lambda_ddim(ev: Evaluator, x: Tensor, grid: Grid, *, lam: float = 0.0) -> Te
         eps = ev(x, i)
         ev.visit(i, x, ev.denoise(x, eps, i))
         # x_{n+1} = x̂_{n+1} / A_{t_{n+1}} with A_t = e^{λt}/α_t
-        x = (a_t / a_s) * math.exp(lam * (t_s - t_t)) * (1.0 + lam * (t_t - t_s)) * x + a_t * math.exp(-lam * t_t) * d_phi * eps
+        x = (a_t / a_s) * math.exp(lam * (t_s - t_t)) * (1.0 + lam * (t_t - t_s)) * x + a_t * math.exp(
+            -lam * t_t
+        ) * d_phi * eps
     return x

@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-
-
 from torch import Tensor
 
 from .base import Evaluator, Grid, integrate_drho, lagrange_basis, multistep_order
@@ -25,7 +23,9 @@ def deis_coefficients(grid: Grid, steps: Tensor, r: int, variant: str = "tab") -
     knots = grid.t if variant == "tab" else grid.rho
     nodes = torch.stack([knots[steps - j] for j in range(r + 1)], 1)  # (S, r+1): t_i, t_{i−1}, …
     u = (lambda tau: tau) if variant == "tab" else grid.schedule.rho
-    integral = integrate_drho(grid.schedule, lambda tau: lagrange_basis(nodes, u(tau)), grid.lam[steps], grid.lam[steps + 1])
+    integral = integrate_drho(
+        grid.schedule, lambda tau: lagrange_basis(nodes, u(tau)), grid.lam[steps], grid.lam[steps + 1]
+    )
     return grid.alpha[steps + 1, None] * integral
 
 
@@ -64,7 +64,12 @@ def deis(
 
 
 # Fixed Adams–Bashforth weights of iPNDM (Zhang & Chen 2023, after PNDM), by number of ε̂ used.
-IPNDM_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+IPNDM_WEIGHTS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
 
 
 def ipndm(ev: Evaluator, x: Tensor, grid: Grid, *, order: int = 4, lower_order_final: bool | None = None) -> Tensor:

@@ -126,7 +126,9 @@ def block_transition(sched: PSLD, lam: float, t: float, us: Tensor) -> Tensor:
         return -(y.reshape(2, 2) @ (sched.drift(u).numpy() - lam * _ONES.numpy())).ravel()
 
     order = torch.argsort(us)
-    sol = solve_ivp(rhs, (t, float(us.max())), np.eye(2).ravel(), method="DOP853", t_eval=us[order].numpy(), rtol=1e-12, atol=1e-12)
+    sol = solve_ivp(
+        rhs, (t, float(us.max())), np.eye(2).ravel(), method="DOP853", t_eval=us[order].numpy(), rtol=1e-12, atol=1e-12
+    )
     if not sol.success:
         raise RuntimeError(f"block conjugate transition solve failed: {sol.message}")
     out = torch.empty(len(us), 2, 2, dtype=torch.float64)
@@ -277,5 +279,20 @@ def csps_d(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, lam: float = 0.0, varian
     return z
 
 
-__all__ = ["PSLDGrid", "PSLDEvaluator", "euler", "lambda_ddim", "lambda_ddim_block", "nse", "rse", "nvv", "rvv", "csps_d",
-           "quadrature", "euler_part", "conjugate_part", "conjugate_split_part", "block_transition"]
+__all__ = [
+    "PSLDGrid",
+    "PSLDEvaluator",
+    "euler",
+    "lambda_ddim",
+    "lambda_ddim_block",
+    "nse",
+    "rse",
+    "nvv",
+    "rvv",
+    "csps_d",
+    "quadrature",
+    "euler_part",
+    "conjugate_part",
+    "conjugate_split_part",
+    "block_transition",
+]

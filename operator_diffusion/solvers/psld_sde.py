@@ -79,7 +79,9 @@ def _score_rates(sched: PSLD, lam_s: float) -> tuple[float, float]:
     return 0.5 * (1 + lam_s) * sched.gamma, sched.mass * sched.nu
 
 
-def score_euler_part(sched: PSLD, t: float, delta: float, lam_s: float = 1.0, row: int | None = None) -> tuple[Tensor, Tensor]:
+def score_euler_part(
+    sched: PSLD, t: float, delta: float, lam_s: float = 1.0, row: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Euler step of the score part at time t over reverse time δ: z ← z + δ·½(GGᵀ + D)(s + Σ∞⁻¹z), i.e.
     K = I + δ·β diag(r_x, ν), J = −δ·β diag(r_x, r_m) L_t⁻ᵀ (only row ``row`` if given)."""
     rx, rm = _score_rates(sched, lam_s)
@@ -90,7 +92,9 @@ def score_euler_part(sched: PSLD, t: float, delta: float, lam_s: float = 1.0, ro
     return K, J
 
 
-def score_conjugate_part(sched: PSLD, t_from: float, t_to: float, lam_s: float = 1.0, lam: float = 0.0) -> tuple[Tensor, Tensor]:
+def score_conjugate_part(
+    sched: PSLD, t_from: float, t_to: float, lam_s: float = 1.0, lam: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """The score part from t_from to t_to as a conjugate integrator with A_t = e^{λt}I (B_t = its linear part
     + λI): in forward time dz/dt = −β diag(r_x, ν) z + β diag(r_x, r_m) L_t⁻ᵀ ε̂; Euler on the linear part (at
     t_from), ε̂ frozen and its coefficient integrated exactly over the step:
@@ -103,7 +107,9 @@ def score_conjugate_part(sched: PSLD, t_from: float, t_to: float, lam_s: float =
     lin = -float(sched.beta(t_from)) * torch.diag(torch.tensor([rx, sched.nu], dtype=torch.float64))
     K = math.exp(-lam * h) * (_I + h * (lin + lam * _I))
     u, w = quadrature(t_from, t_to)
-    coef = (w * sched.beta(u) * torch.exp(-lam * (t_to - u)))[:, None] * torch.tensor([rx, rm], dtype=torch.float64)  # (Q, 2)
+    coef = (w * sched.beta(u) * torch.exp(-lam * (t_to - u)))[:, None] * torch.tensor(
+        [rx, rm], dtype=torch.float64
+    )  # (Q, 2)
     J = (coef[:, :, None] * inv_transpose2(sched.cholesky(u))).sum(0)
     return K, J
 
@@ -116,8 +122,14 @@ def _ou(z: Tensor, EL: tuple[Tensor, Tensor], draw: NoiseSampler) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Solvers
 # ----------------------------------------------------------------------------------------------------
-def em(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, generator: torch.Generator | None = None,
-       noise_sampler: NoiseSampler | None = None) -> Tensor:
+def em(
+    ev: Evaluator,
+    z: Tensor,
+    grid: PSLDGrid,
+    *,
+    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
     """Euler–Maruyama on the reverse SDE: z_{n+1} = z_n + h(F_n z_n − G_nG_nᵀ s_n) + √δ G_n ξ_n
     (= z_n + h(F_n z_n + 2P_n ε̂_n) + …). 1 NFE per step, weak order 1."""
     sched, draw = grid.schedule, _noise(generator, noise_sampler)
@@ -127,12 +139,22 @@ def em(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, generator: torch.Generator |
         ev.visit(i, z, ev.denoise(z, eps, i))
         beta = float(sched.beta(t))
         G = mat2(math.sqrt(sched.gamma * beta), 0.0, 0.0, math.sqrt(sched.mass * sched.nu * beta))
-        z = z + h * (apply2(sched.drift(t), z) + 2 * apply2(sched.eps_coefficient(t), eps)) + math.sqrt(-h) * apply2(G, draw(z))
+        z = (
+            z
+            + h * (apply2(sched.drift(t), z) + 2 * apply2(sched.eps_coefficient(t), eps))
+            + math.sqrt(-h) * apply2(G, draw(z))
+        )
     return z
 
 
-def sscs(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, generator: torch.Generator | None = None,
-         noise_sampler: NoiseSampler | None = None) -> Tensor:
+def sscs(
+    ev: Evaluator,
+    z: Tensor,
+    grid: PSLDGrid,
+    *,
+    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
     """Symmetric splitting CLD sampler (Dockhorn et al. 2022; the PSLD code's ``sscs_sde``): exact O half-step
     t_n → t_{n+½}, Euler score step z ← z + δ GGᵀ(s + Σ∞⁻¹z) with s = s(z, t_n) at the half-step state and
     β(t_n) (as the code), exact O half-step t_{n+½} → t_{n+1}. 1 NFE per step, weak order 1. The recorded
@@ -150,16 +172,30 @@ def sscs(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, generator: torch.Generator
     return z
 
 
-def noba(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, lam_s: float = 1.0, generator: torch.Generator | None = None,
-         noise_sampler: NoiseSampler | None = None) -> Tensor:
+def noba(
+    ev: Evaluator,
+    z: Tensor,
+    grid: PSLDGrid,
+    *,
+    lam_s: float = 1.0,
+    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
     """Naive OBA: exact O over the whole step (position noise scaled by λ_s), then B: m ← m + δ Mνβ_n(s_m + M⁻¹m)
     with s = s(z, t_n) at the O-stepped state, then A: x ← x + δ ½(1+λ_s)Γβ_n(s_x + x) with a fresh s at the
     B-updated state (time t_n). 2 NFE per step, weak order 1."""
     return _oba(ev, z, grid, lam_s, _noise(generator, noise_sampler), reuse=False)
 
 
-def roba(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, lam_s: float = 1.0, generator: torch.Generator | None = None,
-         noise_sampler: NoiseSampler | None = None) -> Tensor:
+def roba(
+    ev: Evaluator,
+    z: Tensor,
+    grid: PSLDGrid,
+    *,
+    lam_s: float = 1.0,
+    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
     """Reduced OBA: NOBA with the one score of the step reused for A. 1 NFE per step, weak order 1."""
     return _oba(ev, z, grid, lam_s, _noise(generator, noise_sampler), reuse=True)
 
@@ -181,8 +217,16 @@ def _oba(ev: Evaluator, z: Tensor, grid: PSLDGrid, lam_s: float, draw: NoiseSamp
     return z
 
 
-def csps_s(ev: Evaluator, z: Tensor, grid: PSLDGrid, *, lam: float = 0.0, lam_s: float = 1.0,
-           generator: torch.Generator | None = None, noise_sampler: NoiseSampler | None = None) -> Tensor:
+def csps_s(
+    ev: Evaluator,
+    z: Tensor,
+    grid: PSLDGrid,
+    *,
+    lam: float = 0.0,
+    lam_s: float = 1.0,
+    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
     """Conjugate splitting sampler (stochastic): exact O half-step t_n → t_{n+½} (position noise scaled by λ_s),
     the B and A score updates as one conjugate step (``score_conjugate_part``, ε̂ = ε̂(z, t_n) at the half-stepped
     state, its coefficient integrated over [t_n, t_{n+1}]; the score part's linear part is diagonal, so B and

@@ -84,6 +84,7 @@ def alphas_cumprod_from_scheduler_config(config: Mapping[str, Any]) -> Tensor:
         elif kind == "scaled_linear":  # latent diffusion
             betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float64) ** 2
         elif kind == "squaredcos_cap_v2":  # improved DDPM's cosine ᾱ(t), betas capped at 0.999
+
             def alpha_bar(t: Tensor) -> Tensor:
                 return torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -371,7 +372,8 @@ class DiffusersUNet2DBackbone(Backbone):
         if "schedule" in unet_kwargs:
             raise ValueError(
                 "diffusers-unet2d takes its noise schedule from the scheduler config (scheduler_config=...); other "
-                "schedules, PSLD included, are not supported: use the opdiff-unet backbone for a PSLD teacher")
+                "schedules, PSLD included, are not supported: use the opdiff-unet backbone for a PSLD teacher"
+            )
         found_scheduler = None
         if pretrained is not None and config is not None:
             raise ValueError("pass either pretrained (a directory, Hub id or UNet2DModel) or config, not both")
@@ -379,7 +381,9 @@ class DiffusersUNet2DBackbone(Backbone):
             if not isinstance(pretrained, UNet2DModel):
                 raise TypeError(f"pretrained must be a diffusers UNet2DModel, got {type(pretrained).__name__}")
             if subfolder is not None or unet_kwargs:
-                raise ValueError("subfolder and from_pretrained kwargs only apply when pretrained is a directory or Hub id")
+                raise ValueError(
+                    "subfolder and from_pretrained kwargs only apply when pretrained is a directory or Hub id"
+                )
             unet = pretrained
         elif pretrained is not None:
             unet, found_scheduler = _load_pretrained(pretrained, subfolder, unet_kwargs)
@@ -441,8 +445,14 @@ class DiffusersUNet2DBackbone(Backbone):
         num_classes = int(uc.num_class_embeds or 0)
         if null_label is not None and num_classes and not 0 <= int(null_label) < num_classes:
             raise ValueError(f"null_label {null_label} is not a class embedding index 0..{num_classes - 1}")
-        super().__init__(unet, schedule, prediction, image_shape=(in_ch, h, w), num_classes=num_classes,
-                         null_label=None if null_label is None else int(null_label))
+        super().__init__(
+            unet,
+            schedule,
+            prediction,
+            image_shape=(in_ch, h, w),
+            num_classes=num_classes,
+            null_label=None if null_label is None else int(null_label),
+        )
         self._unet_config = _unet_config(unet)
         if checkpoint is not None:
             self.load_weights(checkpoint)

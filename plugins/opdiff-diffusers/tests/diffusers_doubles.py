@@ -8,13 +8,23 @@ import torch
 from diffusers import UNet2DModel
 
 TINY_CFG = dict(
-    sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     norm_num_groups=8,
 )
 TINY_POINTS = [
-    "down_blocks.0.resnets.0", "down_blocks.1.attentions.0", "mid_block",
-    "up_blocks.0.attentions.0", "up_blocks.0.attentions.1", "up_blocks.1.resnets.0", "up_blocks.1.resnets.1",
+    "down_blocks.0.resnets.0",
+    "down_blocks.1.attentions.0",
+    "mid_block",
+    "up_blocks.0.attentions.0",
+    "up_blocks.0.attentions.1",
+    "up_blocks.1.resnets.0",
+    "up_blocks.1.resnets.1",
 ]
 
 # config.json of google/ddpm-cifar10-32 (Ho et al. 2020's CIFAR-10 model, converted to diffusers)

@@ -16,6 +16,12 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
+from opdiff_diffusers.backbone import (
+    DiffusersUNet2DBackbone,
+    alphas_cumprod_from_scheduler_config,
+    discover_injection_points,
+    injection_point_channels,
+)
 from operator_diffusion.backbones import (
     ENTRY_POINT_GROUP,
     available_backbones,
@@ -23,18 +29,19 @@ from operator_diffusion.backbones import (
     backbone_from_checkpoint,
     load_backbone,
 )
+
 from diffusers_doubles import DDPM_CIFAR10_CFG, TINY_CFG, TINY_POINTS, tiny_unet
-from opdiff_diffusers.backbone import (
-    DiffusersUNet2DBackbone,
-    alphas_cumprod_from_scheduler_config,
-    discover_injection_points,
-    injection_point_channels,
-)
 
 N_STEPS = 1000
 DDPM_CIFAR10_SCHEDULER = {
-    "_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
-    "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_small",
+    "_class_name": "DDPMScheduler",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+    "variance_type": "fixed_small",
 }
 
 
@@ -81,7 +88,9 @@ def test_entry_point_is_installed_and_loads():
 
 
 def test_config_round_trip_and_checkpoint(tmp_path):
-    bb = DiffusersUNet2DBackbone(tiny_unet(), scheduler_config={**DDPM_CIFAR10_SCHEDULER, "prediction_type": "v_prediction"})
+    bb = DiffusersUNet2DBackbone(
+        tiny_unet(), scheduler_config={**DDPM_CIFAR10_SCHEDULER, "prediction_type": "v_prediction"}
+    )
     cfg = json.loads(json.dumps(bb.config()))  # JSON-serialisable
     assert cfg["name"] == "diffusers-unet2d" and cfg["prediction"] == "v"
     assert cfg["scheduler_config"]["beta_schedule"] == "linear"
@@ -108,8 +117,15 @@ def test_pipeline_directory_matches_in_memory_model(tmp_path):
     unet = tiny_unet()
     unet.save_pretrained(tmp_path / "unet")
     DDPMScheduler.from_config(DDPM_CIFAR10_SCHEDULER).save_pretrained(tmp_path / "scheduler")
-    (tmp_path / "model_index.json").write_text(json.dumps(
-        {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMPipeline",
+                "unet": ["diffusers", "UNet2DModel"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+            }
+        )
+    )
 
     bb = load_backbone("diffusers-unet2d", pretrained=str(tmp_path)).eval()
     assert bb.prediction == "eps" and bb.scheduler_config["variance_type"] == "fixed_small"
@@ -121,7 +137,9 @@ def test_pipeline_directory_matches_in_memory_model(tmp_path):
         # a scalar time is broadcast over the batch
         torch.testing.assert_close(bb(x, 0.5), unet(x, torch.full((3,), 499.0)).sample, rtol=1e-5, atol=1e-6)
         # explicit subfolder, and the in-memory model itself
-        torch.testing.assert_close(DiffusersUNet2DBackbone(tmp_path, subfolder="unet").eval()(x, t), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            DiffusersUNet2DBackbone(tmp_path, subfolder="unet").eval()(x, t), ref, rtol=1e-5, atol=1e-6
+        )
         torch.testing.assert_close(DiffusersUNet2DBackbone(unet)(x, t), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -131,7 +149,12 @@ def test_bare_model_directory(tmp_path):
     with pytest.warns(UserWarning, match="no scheduler config"):
         bb = DiffusersUNet2DBackbone(tmp_path / "bare").eval()
     assert bb.prediction == "eps"  # DDPM default: linear 1e-4..0.02, 1000 steps
-    torch.testing.assert_close(torch.exp(2 * torch.tensor(bb.schedule.log_alphas, dtype=torch.float64)), linear_alphas_cumprod(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        torch.exp(2 * torch.tensor(bb.schedule.log_alphas, dtype=torch.float64)),
+        linear_alphas_cumprod(),
+        rtol=1e-12,
+        atol=0,
+    )
     x, t = inputs()
     with torch.no_grad():
         torch.testing.assert_close(bb(x, t), unet(x, reference_timestep(t)).sample, rtol=1e-5, atol=1e-6)
@@ -139,18 +162,33 @@ def test_bare_model_directory(tmp_path):
     DDPMScheduler.from_config({**DDPM_CIFAR10_SCHEDULER, "prediction_type": "sample"}).save_config(tmp_path / "bare")
     assert DiffusersUNet2DBackbone(tmp_path / "bare").prediction == "x0"
     # an explicit scheduler_config (a file here) wins; prediction= wins over both
-    assert DiffusersUNet2DBackbone(tmp_path / "bare", scheduler_config=tmp_path / "bare" / "scheduler_config.json",
-                                   prediction="v").prediction == "v"
+    assert (
+        DiffusersUNet2DBackbone(
+            tmp_path / "bare", scheduler_config=tmp_path / "bare" / "scheduler_config.json", prediction="v"
+        ).prediction
+        == "v"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Schedule and prediction type
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("beta_schedule, beta_start, beta_end", [
-    ("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.012), ("squaredcos_cap_v2", 1e-4, 0.02), ("sigmoid", 1e-4, 0.02),
-])
+@pytest.mark.parametrize(
+    "beta_schedule, beta_start, beta_end",
+    [
+        ("linear", 1e-4, 0.02),
+        ("scaled_linear", 0.00085, 0.012),
+        ("squaredcos_cap_v2", 1e-4, 0.02),
+        ("sigmoid", 1e-4, 0.02),
+    ],
+)
 def test_schedule_matches_diffusers_alphas_cumprod(beta_schedule, beta_start, beta_end):
-    sched = {"num_train_timesteps": N_STEPS, "beta_schedule": beta_schedule, "beta_start": beta_start, "beta_end": beta_end}
+    sched = {
+        "num_train_timesteps": N_STEPS,
+        "beta_schedule": beta_schedule,
+        "beta_start": beta_start,
+        "beta_end": beta_end,
+    }
     bb = DiffusersUNet2DBackbone(config=TINY_CFG, scheduler_config=sched)
     reference = DDPMScheduler.from_config(sched).alphas_cumprod.to(torch.float64)  # float32 in diffusers
     n = torch.arange(N_STEPS, dtype=torch.float64)
@@ -163,8 +201,13 @@ def test_trained_betas_and_zero_terminal_snr():
     betas = torch.linspace(1e-4, 0.02, 50, dtype=torch.float64)
     ac = alphas_cumprod_from_scheduler_config({"trained_betas": betas.tolist(), "num_train_timesteps": 50})
     torch.testing.assert_close(ac, torch.cumprod(1 - betas, 0), rtol=1e-14, atol=0)
-    zero = {"num_train_timesteps": 100, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-            "rescale_betas_zero_snr": True}
+    zero = {
+        "num_train_timesteps": 100,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "rescale_betas_zero_snr": True,
+    }
     ac = alphas_cumprod_from_scheduler_config(zero)
     assert 0 < float(ac[-1]) <= 2**-24 and bool((ac[1:] < ac[:-1]).all())
     DiffusersUNet2DBackbone(config=TINY_CFG, scheduler_config=zero)  # a valid DiscreteVP
@@ -205,7 +248,9 @@ def test_class_conditional_unet_receives_labels():
     labels = torch.tensor([0, 4, 9])
     with torch.no_grad():
         out = bb(x, t, labels)
-        torch.testing.assert_close(out, unet(x, reference_timestep(t), class_labels=labels).sample, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            out, unet(x, reference_timestep(t), class_labels=labels).sample, rtol=1e-5, atol=1e-6
+        )
         assert not torch.allclose(out, bb(x, t, torch.tensor([1, 5, 8])))
         with pytest.raises(ValueError, match="labels are required"):
             bb(x, t)
@@ -247,10 +292,12 @@ def run_with_hooks(bb, points, x, t, labels=None, add: dict[str, float] | None =
     modules = dict(bb.network.named_modules())
     seen, handles = [], []
     for name in points:
+
         def hook(module, args, output, name=name):
             seen.append((name, type(output), tuple(output.shape) if torch.is_tensor(output) else None))
             if add and name in add:
                 return output + add[name] * ramp(output)
+
         handles.append(modules[name].register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -261,9 +308,18 @@ def run_with_hooks(bb, points, x, t, labels=None, add: dict[str, float] | None =
     return out, seen
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_class_embeds": 4},
-                                       {"down_block_types": ("AttnDownBlock2D", "DownBlock2D"),
-                                        "up_block_types": ("UpBlock2D", "AttnUpBlock2D"), "layers_per_block": 2}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"num_class_embeds": 4},
+        {
+            "down_block_types": ("AttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "AttnUpBlock2D"),
+            "layers_per_block": 2,
+        },
+    ],
+)
 def test_default_injection_points(overrides):
     bb = DiffusersUNet2DBackbone(tiny_unet(**overrides))
     points = bb.default_injection_points
@@ -302,11 +358,13 @@ def test_hook_replacement_reaches_the_skip_connections():
         def hook(module, args, output):
             replaced[name] = output * 0 + 3.0
             return replaced[name]
+
         return hook
 
     def capture(name):
         def pre_hook(module, args):
             received[name] = args[0]
+
         return pre_hook
 
     # skips: conv_in, down0.resnets0, down0.downsampler, down1.attentions0 are popped from the end by the up blocks
@@ -335,8 +393,12 @@ def test_ddpm_cifar10_architecture(capsys):
     modules = dict(bb.network.named_modules())
     assert all(p in modules for p in points) and list(channels) == points
     assert [p for p in points if "attentions" in p] == [
-        "down_blocks.1.attentions.0", "down_blocks.1.attentions.1",
-        "up_blocks.2.attentions.0", "up_blocks.2.attentions.1", "up_blocks.2.attentions.2"]
+        "down_blocks.1.attentions.0",
+        "down_blocks.1.attentions.1",
+        "up_blocks.2.attentions.0",
+        "up_blocks.2.attentions.1",
+        "up_blocks.2.attentions.2",
+    ]
     assert len(points) == 2 * 4 + 1 + 3 * 4  # layers_per_block per down level, mid, layers_per_block + 1 per up level
     # discovery works on the meta device too (no weights allocated), with the same result
     with torch.device("meta"):
@@ -350,8 +412,10 @@ def test_ddpm_cifar10_architecture(capsys):
     total_c = sum(channels.values())
     sum_c2 = sum(c * c for c in channels.values())
     with capsys.disabled():
-        print(f"\nddpm-cifar10-32: {params:,} params; {len(points)} injection points, total channels {total_c}, "
-              f"sum C^2 = {sum_c2:,} (DSNO: 2*n_modes*sum C^2 = {2 * sum_c2:,} real params per Fourier mode)")
+        print(
+            f"\nddpm-cifar10-32: {params:,} params; {len(points)} injection points, total channels {total_c}, "
+            f"sum C^2 = {sum_c2:,} (DSNO: 2*n_modes*sum C^2 = {2 * sum_c2:,} real params per Fourier mode)"
+        )
         for n, kind, shape in seen:
             print(f"  {n:28s} C={channels[n]:4d} HxW={shape[2]}x{shape[3]}")
 
@@ -406,7 +470,9 @@ def test_hub_id_layouts_without_network(tmp_path, monkeypatch, layout):
         DDPMScheduler.from_config({**DDPM_CIFAR10_SCHEDULER, "prediction_type": "sample"}).save_config(tmp_path)
     else:
         unet.save_pretrained(tmp_path / "unet")
-        DDPMScheduler.from_config({**DDPM_CIFAR10_SCHEDULER, "prediction_type": "sample"}).save_pretrained(tmp_path / "scheduler")
+        DDPMScheduler.from_config({**DDPM_CIFAR10_SCHEDULER, "prediction_type": "sample"}).save_pretrained(
+            tmp_path / "scheduler"
+        )
     real_unet, real_config = UNet2DModel.from_pretrained.__func__, DDPMScheduler.load_config.__func__
 
     def local(name, subfolder):

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DModel
-from diffusers_doubles import DDPM_CIFAR10_CFG, TINY_POINTS, tiny_unet
 
-from operator_diffusion.adapter import DSNO
 from opdiff_diffusers.backbone import DiffusersUNet2DBackbone
+from operator_diffusion.adapter import DSNO
+
+from diffusers_doubles import DDPM_CIFAR10_CFG, TINY_POINTS, tiny_unet
 
 TIMES = [0.8, 0.5, 0.2, 0.01]
 
@@ -33,7 +34,7 @@ def test_zero_init_dsno_is_the_diffusers_unet_and_keeps_its_keys():
     out = model(x, labels)
     ref = torch.stack([bb(x, torch.full((2,), t), labels) for t in TIMES], dim=1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    keys = {k[len("network."):] for k in model.state_dict() if k.startswith("network.")}
+    keys = {k[len("network.") :] for k in model.state_dict() if k.startswith("network.")}
     assert keys == set(bb.network.state_dict())
     # small init: the temporal layers act, and only within one example
     for p in model.temporal.parameters():
