@@ -37,13 +37,12 @@ def parse_config(items: list[str], flag: str) -> dict[str, Any]:
 
 def parse_labels(text: str | None):
     """'random', one class index, or a comma list of class indices (cycled over the examples)."""
-    if text is None or text == "random":
-        return text
+    from operator_diffusion.seeds import parse_label_spec
+
     try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        fail(f"--labels takes 'random', a class index or a comma list of them, got {text!r}")
-    return values[0] if len(values) == 1 and "," not in text else tuple(values)
+        return parse_label_spec(text)
+    except ValueError as e:
+        fail(str(e))
 
 
 def parse_times(text: str | None) -> tuple[float, ...] | None:

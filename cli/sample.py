@@ -63,8 +63,7 @@ def resolve_seeds(
     """Explicit --seeds, else --num seeds held out from training: starting after the collection's seeds. Explicit
     seeds that overlap the training seeds of any run in ``held_out_of`` (those whose numbers are reported) are a
     usage error."""
-    from operator_diffusion.bench import check_held_out, training_seeds
-    from operator_diffusion.sampling import parse_seeds
+    from operator_diffusion.seeds import check_held_out, held_out_seeds, parse_seeds, training_seeds
 
     if num is not None and num < 1:
         fail(f"--num must be at least 1 (got {num})")
@@ -80,8 +79,7 @@ def resolve_seeds(
         except ValueError as e:
             fail(str(e))
         return out
-    start = max([training_seeds(info).stop] + [training_seeds(i).stop for i in held_out_of])
-    return list(range(start, start + (num or DEFAULT_NUM)))
+    return held_out_seeds(num or DEFAULT_NUM, (info, *held_out_of))
 
 
 def load_run_or_fail(path, dev: str, what: str = "the run"):

@@ -28,6 +28,13 @@ from torch import Tensor
 
 from .sampling import SampleBatch, TeacherSolver, collect_batches, dsno_batches, teacher_batches
 from .schedules import GRID_KINDS, PSLD, Schedule
+from .seeds import (  # noqa: F401  (the held-out seed rules, re-exported)
+    TUNE_NUM,
+    check_held_out,
+    check_tune_seeds,
+    default_tune_seeds,
+    training_seeds,
+)
 
 # The solvers a bench compares by default are the process's (``DiffusionProcess.bench_solvers``); for PSLD the
 # deterministic integrators from the plain to the most accurate (docs/benchmarks.md, "psld").
@@ -35,7 +42,6 @@ DEFAULT_SOLVERS = Schedule.bench_solvers
 PSLD_DEFAULT_SOLVERS = PSLD.bench_solvers
 DEFAULT_NFES = (1, 2, 3, 5, 10, 20)
 PSNR_RANGE = 2.0  # images in [-1, 1]
-TUNE_NUM = 128  # tuning seeds of `--tune` (disjoint from the reported ones)
 
 
 @dataclass(frozen=True)
@@ -277,45 +283,6 @@ def tune_candidates(solver: str, schedule, grid: str | None = None, options: dic
                 if choice not in out:
                     out.append(choice)
     return out
-
-
-def training_seeds(info: dict) -> range:
-    """The seeds a run's trajectories were collected from (its training seeds), from its ``info``."""
-    coll = info.get("collection", {})
-    start = int(coll.get("seed", 0))
-    return range(start, start + int(coll.get("num", 0)))
-
-
-def check_held_out(seeds: Sequence[int], training: Sequence[range], what: str = "the bench seeds") -> None:
-    """Refuse ``seeds`` that a run was trained on (ValueError naming the overlap): reported numbers are held out."""
-    for r in training:
-        hits = [s for s in seeds if s in r]
-        if hits:
-            raise ValueError(
-                f"{what} overlap the training seeds {r.start}-{r.stop - 1} ({_seed_list(hits)}); "
-                f"numbers are reported on held-out seeds only: choose seeds outside that range"
-            )
-
-
-def check_tune_seeds(tune: Sequence[int], reported: Sequence[int], training: Sequence[range] = ()) -> None:
-    """Tuning must never see a reported seed (nor a training seed): raise ValueError naming the overlap."""
-    overlap = sorted(set(tune) & set(reported))
-    if overlap:
-        raise ValueError(
-            f"the tuning seeds overlap the reported seeds ({_seed_list(overlap)}); tuning on the "
-            "seeds it is reported on does not count: choose disjoint --tune-seeds"
-        )
-    check_held_out(tune, training, "the tuning seeds")
-
-
-def _seed_list(seeds: Sequence[int]) -> str:
-    return ", ".join(map(str, seeds[:5])) + (f" … ({len(seeds)} seeds)" if len(seeds) > 5 else "")
-
-
-def default_tune_seeds(reported: Sequence[int], num: int = TUNE_NUM) -> list[int]:
-    """The tuning seeds of ``--tune`` when none are given: the ``num`` seeds right after the reported ones."""
-    start = max(reported) + 1
-    return list(range(start, start + num))
 
 
 def verdict(result: "BenchResult", model: str = "DSNO") -> list[str]:

@@ -35,6 +35,7 @@ from torch import Tensor
 from . import __version__
 from .images import SAMPLES_IMAGES, SAMPLES_INFO, image_grid, save_png, to_uint8, upscale
 from .schedules import time_grid
+from .seeds import parse_label_spec, parse_labels, parse_seeds  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 FORMATS = ("png", "npz", "grid")
@@ -48,56 +49,6 @@ Progress = Callable[[int, int], None]
 # --------------------------------------------------------------------------------------------------
 # Seeds and labels
 # --------------------------------------------------------------------------------------------------
-def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
-    """``"0-49999"``, ``"0,5,9"``, ``"0-9,100-109"`` (inclusive ranges) or a list → distinct non-negative seeds."""
-    if isinstance(spec, int):
-        seeds = [spec]
-    elif isinstance(spec, str):
-        seeds = []
-        for part in spec.replace(" ", "").split(","):
-            lo, sep, hi = part.partition("-")
-            try:
-                a, b = int(lo), int(hi) if sep else int(lo)
-            except ValueError:
-                raise ValueError(f"bad seed list {spec!r}: {part!r} is not N or A-B (e.g. 0-49999 or 0,5,9)") from None
-            if b < a:
-                raise ValueError(f"bad seed range {part!r} in {spec!r}: the end is below the start")
-            seeds.extend(range(a, b + 1))
-    else:
-        seeds = [int(s) for s in spec]
-    if not seeds:
-        raise ValueError("no seeds given")
-    if min(seeds) < 0:
-        raise ValueError(f"seeds must be non-negative, got {min(seeds)}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"the seed list {spec!r} repeats seeds; every sample needs its own seed")
-    return seeds
-
-
-def parse_labels(spec: str | int | Sequence[int] | None, num_classes: int) -> str | int | tuple[int, ...] | None:
-    """Label mode of a sample request: None (unconditional model), ``"random"`` (drawn per seed), one class,
-    or a list (seed s gets list[s mod len]); the default for a class-conditional model is random."""
-    if num_classes == 0:
-        if spec not in (None, "", "none"):
-            raise ValueError("this model is unconditional; drop --labels")
-        return None
-    if spec in (None, "", "random"):
-        return "random"
-    if isinstance(spec, str):
-        try:
-            values = [int(v) for v in spec.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"bad --labels {spec!r}: use 'random', one class (e.g. 3) or a list (e.g. 0,1,2)"
-            ) from None
-    else:
-        values = [int(spec)] if isinstance(spec, int) else [int(v) for v in spec]
-    bad = [v for v in values if not 0 <= v < num_classes]
-    if bad:
-        raise ValueError(f"labels {bad} are outside [0, {num_classes}) of this model")
-    return values[0] if len(values) == 1 else tuple(values)
-
-
 # --------------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------------
@@ -116,7 +67,7 @@ def seed_inputs(
 ) -> Iterator[tuple[list[int], Tensor, Tensor | None]]:
     """(seeds, x_T, labels) per batch of at most ``batch_size`` seeds, by the collection's noise rule, on ``device``
     (for a PSLD backbone x_T is the phase-space prior draw z_T, (B, 2C, H, W))."""
-    from .trajectories import example_inputs
+    from .seeds import example_inputs
 
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")

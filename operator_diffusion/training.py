@@ -273,7 +273,7 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
     """Train (or resume) the run described by ``config``; ``progress(step, max_steps, metrics)`` is called after
     every optimizer step on the main process. Writes ``model.safetensors`` (EMA weights) and ``config.json`` at
     the end."""
-    from .trajectories import example_inputs
+    from .seeds import example_inputs
 
     plan = plan_run(config)
     out = Path(config.out)

@@ -47,6 +47,7 @@ from torch import Tensor
 from . import __version__
 from .provenance import file_sha256, versions, weights_sha256
 from .schedules import GRID_KINDS, PSLD, DiffusionProcess, Schedule, VPLinear, time_grid
+from .seeds import example_inputs, label_mode  # noqa: F401  (example_inputs: re-exported)
 from .solvers import NonFiniteError, available_solvers, solve, solver_info
 from .solvers.base import lower_order_final_default
 
@@ -230,23 +231,6 @@ def indices_of_times(ts: Tensor, times: Sequence[float]) -> list[int]:
     return sorted(out)
 
 
-def _label_mode(labels, num_classes: int, guidance: float | None, null_label: int | None):
-    """Normalise the label option: None (unconditional), "random", a class index, or a list of them."""
-    if not num_classes:
-        if labels is not None or guidance is not None:
-            raise ValueError("labels and guidance need a class-conditional backbone; this one is unconditional")
-        return None
-    if guidance is not None and null_label is None:
-        raise ValueError("classifier-free guidance needs a backbone with a null label; this one has none")
-    labels = "random" if labels is None else labels
-    if labels == "random":
-        return "random"
-    values = [labels] if isinstance(labels, int) else list(labels)
-    if not values or any(not isinstance(v, int) or not 0 <= v < num_classes for v in values):
-        raise ValueError(f"labels must be 'random' or class indices in 0..{num_classes - 1}, got {labels!r}")
-    return values[0] if isinstance(labels, int) else values
-
-
 def solver_nfe(
     schedule: DiffusionProcess, ts: Tensor, solver: str, indices: Sequence[int], target: Target, options: dict
 ) -> int:
@@ -321,7 +305,7 @@ def plan_collection(
     if "lower_order_final" in options:  # the identity records what ran: None (on below 15 steps) resolved
         options["lower_order_final"] = lower_order_final_default(options["lower_order_final"], c.steps)
     nfe = solver_nfe(backbone.schedule, ts, c.solver, indices, c.target, c.solver_options)
-    labels = _label_mode(c.labels, backbone.num_classes, c.guidance, backbone.null_label)
+    labels = label_mode(c.labels, backbone.num_classes, c.guidance, backbone.null_label)
     precision, choice = resolve_precision(backbone, c, out_dir, device)
     c = replace(c, precision=precision)
     identity = {
@@ -355,34 +339,6 @@ def plan_collection(
 # --------------------------------------------------------------------------------------------------
 # Teacher solves
 # --------------------------------------------------------------------------------------------------
-def example_inputs(
-    seeds: Sequence[int],
-    shape: Sequence[int],
-    labels=None,
-    num_classes: int = 0,
-    schedule: DiffusionProcess | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """x_T (B, *state shape) on CPU float32 and labels (B,) or None, from per-example generators (the process's
-    ``noise_rule``): example seed s draws its prior noise first (``schedule.prior`` for data of ``shape`` (C, ...);
-    no schedule: N(0, I)) and then, for labels="random", its label in [0, num_classes); a fixed label list gives
-    seed s the label list[s mod len]. An example depends on its seed alone. A ``PSLD`` prior draw is the
-    phase-space z_T (B, 2C, ...)."""
-    process = VPLinear() if schedule is None else schedule
-    xs, ys = [], []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        xs.append(process.prior((1, *shape), generator=g, dtype=torch.float32)[0])
-        if labels == "random":
-            ys.append(int(torch.randint(num_classes, (), generator=g)))
-    x = torch.stack(xs)
-    if labels is None:
-        return x, None
-    if labels != "random":
-        values = [labels] if isinstance(labels, int) else list(labels)
-        ys = [values[int(s) % len(values)] for s in seeds]
-    return x, torch.tensor(ys, dtype=torch.long)
-
-
 def record_trajectories(
     eps_fn,
     x: Tensor,
