@@ -5,6 +5,7 @@ COMPLETE, metrics cut back), and the example-index dataset the samplers draw fro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ __all__ = [
     "check_launch",
     "check_in_sync",
     "write_atomic",
+    "micro_seed",
 ]
 
 RUN_INFO = "run.json"
@@ -43,6 +45,14 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 PRECISIONS = ("bf16", "fp16", "no")  # Accelerate's mixed_precision
 LR_DECAYS = ("constant", "cosine", "linear")
+
+
+def micro_seed(tag: str, seed: int, process: int, micro: int) -> int:
+    """The torch seed of one micro-step: a hash of (trainer, run seed, process index, micro-step). Seeding every
+    micro-step with it makes the random draws inside a step (dropout, noise, flips) a function of the step alone,
+    so a resumed run draws what the uninterrupted one drew."""
+    digest = hashlib.sha256(f"{tag}:{seed}:{process}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def write_atomic(path: Path, text: str) -> None:

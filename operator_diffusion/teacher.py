@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import inspect
 import json
 import math
@@ -59,6 +58,7 @@ from .runs import (
     check_run_dir,
     end_of_step,
     learning_rate,
+    micro_seed,
     resumable_batches,
     resume_from_checkpoint,
     start_run,
@@ -206,12 +206,6 @@ def _flip(x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Each image mirrored left-right with probability ½."""
     mask = torch.rand(x0.shape[0], device=x0.device, generator=generator) < 0.5
     return torch.where(mask[:, None, None, None], x0.flip(-1), x0)
-
-
-def _micro_seed(seed: int, process: int, micro: int) -> int:
-    """The torch seed of one micro-step: a hash of (run seed, process index, micro-step)."""
-    digest = hashlib.sha256(f"opdiff-teacher:{seed}:{process}:{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,7 +525,7 @@ def train_teacher(
     max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
     for batch in resumable_batches(accelerator, loader, state, config.max_steps):
         # all of this micro-step's randomness, network dropout included, from (seed, process, micro-step)
-        torch.manual_seed(_micro_seed(config.seed, accelerator.process_index, state.micro))
+        torch.manual_seed(micro_seed("opdiff-teacher", config.seed, accelerator.process_index, state.micro))
         x0 = batch["x0"]
         if config.hflip:
             x0 = _flip(x0)

@@ -47,6 +47,7 @@ from .runs import (  # noqa: F401  (re-exported: the trainers' shared run plumbi
     end_of_step,
     latest_checkpoint,
     learning_rate,
+    micro_seed,
     reset_accelerate_state,
     resumable_batches,
     resume_from_checkpoint,
@@ -312,6 +313,8 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
     schedule = plan.model.backbone.schedule  # draws the teacher's prior (build_backbone checks it)
     unwrapped = accelerator.unwrap_model(model)
     for batch in resumable_batches(accelerator, loader, state, config.max_steps):
+        # dropout's draws are a function of the micro-step: a resumed run repeats the uninterrupted one exactly
+        torch.manual_seed(micro_seed("opdiff-train", config.seed, accelerator.process_index, state.micro))
         # the collection's noise rule (the process's prior draw)
         x_T, _ = example_inputs(batch["seed"].tolist(), image_shape, schedule=schedule)
         x_T = x_T.to(accelerator.device)

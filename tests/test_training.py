@@ -234,9 +234,11 @@ def test_training_brings_the_loss_down_and_exports_a_loadable_model(dataset, tmp
     assert not torch.equal(state[key], last_ckpt[key])
 
 
-def test_resume_gives_the_uninterrupted_loss_sequence(dataset, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # 0.1: the presets' default, whose draws must repeat on resume
+def test_resume_gives_the_uninterrupted_loss_sequence(dataset, tmp_path, dropout):
+    opts = {"backbone_options": {"preset": "tiny", "dropout": dropout}}
     full = tmp_path / "full"
-    train(config(dataset, full, max_steps=24, save_every=8))
+    train(config(dataset, full, max_steps=24, save_every=8, **opts))
 
     class Kill(Exception):
         pass
@@ -247,10 +249,10 @@ def test_resume_gives_the_uninterrupted_loss_sequence(dataset, tmp_path):
 
     part = tmp_path / "part"
     with pytest.raises(Kill):
-        train(config(dataset, part, max_steps=24, save_every=8), progress=kill_at_19)
+        train(config(dataset, part, max_steps=24, save_every=8, **opts), progress=kill_at_19)
     reset_accelerate_state()
     assert [m["step"] for m in metrics(part)][-1] == 19  # logged past the last checkpoint (16) before dying
-    result = train(config(dataset, part, max_steps=24, save_every=8))
+    result = train(config(dataset, part, max_steps=24, save_every=8, **opts))
     assert result.resumed_from == 16
     assert metrics(part) == metrics(full)  # every loss, term and lr identical, nothing logged twice
     a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
