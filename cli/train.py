@@ -144,6 +144,8 @@ def train(
         result = _run(training, config)
     except (ValueError, FileNotFoundError, TypeError) as e:  # TypeError: an unknown backbone option
         fail(str(e))
+    except training.NonFiniteLossError as e:  # not a usage error: the run diverged
+        fail(str(e), code=1)
     msg = f"resumed from step {result.resumed_from}; " if result.resumed_from else ""
     console.print(f"{msg}trained to step {result.step}: {result.model_path or out}")
 

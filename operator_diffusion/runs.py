@@ -38,6 +38,8 @@ __all__ = [
     "check_in_sync",
     "write_atomic",
     "micro_seed",
+    "NonFiniteLossError",
+    "check_finite_loss",
 ]
 
 RUN_INFO = "run.json"
@@ -45,6 +47,23 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 PRECISIONS = ("bf16", "fp16", "no")  # Accelerate's mixed_precision
 LR_DECAYS = ("constant", "cosine", "linear")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss is not finite: nothing was exported, the last good checkpoint is kept."""
+
+
+def check_finite_loss(loss: float, step: int, out: Path) -> None:
+    """Raise ``NonFiniteLossError`` naming the step and the last good checkpoint when ``loss`` is NaN or ±inf
+    (before that step is checkpointed or anything is exported)."""
+    if math.isfinite(loss):
+        return
+    last = latest_checkpoint(out)
+    kept = f"the last good checkpoint ({last.name}) is kept" if last is not None else "no checkpoint was written"
+    raise NonFiniteLossError(
+        f"the loss is {loss} at step {step}: training stopped and exported nothing; {kept}. Lower --lr, or "
+        "check the data for NaN or inf"
+    )
 
 
 def micro_seed(tag: str, seed: int, process: int, micro: int) -> int:

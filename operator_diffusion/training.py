@@ -40,8 +40,10 @@ from .runs import (  # noqa: F401  (re-exported: the trainers' shared run plumbi
     PRECISIONS,
     RUN_INFO,
     Indices,
+    NonFiniteLossError,
     TrainState,
     check_decay,
+    check_finite_loss,
     check_in_sync,
     check_run_dir,
     end_of_step,
@@ -333,6 +335,7 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
         state.step += 1
         ema.update(unwrapped)
         metrics = _metrics(accelerator, loss, terms, weights, optimizer)
+        check_finite_loss(metrics["loss"], state.step, out)  # the loss averaged over processes: all stop together
         if config.trackers and state.step % config.log_every == 0:
             accelerator.log(metrics, step=state.step)
         end_of_step(accelerator, out, state, config, metrics, progress)

@@ -418,3 +418,24 @@ def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
         bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), *flags])
         assert bad.exit_code == 2 and message in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_non_finite_loss_stops_training_and_exports_nothing(dataset, tmp_path, monkeypatch):
+    """The loss turns NaN at step 3: train stops with an error naming the step, keeps the step-2 checkpoint
+    and writes no model (the probe's `--lr 1e9` exported NaN weights with exit 0)."""
+    from operator_diffusion import training as tr
+
+    real, calls = tr.dsno_loss, []
+
+    def nan_at_third(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), terms) if len(calls) == 3 else (loss, terms)
+
+    monkeypatch.setattr(tr, "dsno_loss", nan_at_third)
+    out = tmp_path / "nan"
+    with pytest.raises(tr.NonFiniteLossError, match=r"the loss is nan at step 3: .*step_00000002\) is kept"):
+        train(config(dataset, out, max_steps=10, save_every=2))
+    reset_accelerate_state()
+    assert not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
