@@ -1010,7 +1010,8 @@ def push_to_hub(path: str | os.PathLike, repo_id: str, *, private: bool | None =
 # Training cache
 # --------------------------------------------------------------------------------------------------
 CACHE_META = "opdiff_cache.json"
-CACHE_FORMAT = "opdiff-trajectory-cache/1"
+CACHE_FORMAT = "opdiff-trajectory-cache/2"  # raw little-endian arrays read with numpy.memmap: nothing is unpickled
+CACHE_TENSORS = "tensors"
 
 
 def default_cache_dir(dataset_dir: Path, from_hub: bool, name: str) -> Path:
@@ -1023,10 +1024,33 @@ def default_cache_dir(dataset_dir: Path, from_hub: bool, name: str) -> Path:
     return cache_root() / "trajectories" / name.replace("/", "--")
 
 
+def _cache_columns(ident: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Each cached column's dtype and shape, from the collection's identity alone (never from the cache)."""
+    n = ident["num"]
+    cols = {
+        "trajectory": (np.dtype(ident["dtype"]).newbyteorder("<"), (n, *item_shape(ident))),
+        "seed": (np.dtype("<i8"), (n,)),
+    }
+    if ident["num_classes"]:
+        cols["label"] = (np.dtype("<i8"), (n,))
+    return cols
+
+
+def shards_fingerprint(path: Path, info: dict) -> str:
+    """A cheap fingerprint of a collection: its identity and every shard's name, size and modification time.
+    The content hash is recomputed only when it changes."""
+    stat = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p, _ in _shard_paths(path, info)]
+    blob = json.dumps({"identity": info["collection"], "shards": stat}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class TrajectoryCache:
-    """A collection as a memory-mapped TensorDict (``trajectory`` in the stored dtype, ``seed``, ``label``),
-    tagged with the collection's content hash. ``cache[idx]`` gathers a batch as an in-memory TensorDict."""
+    """A collection as memory-mapped arrays (``trajectory`` in the stored dtype, ``seed``, ``label``) in a
+    TensorDict, tagged with the collection's content hash. ``cache[idx]`` gathers a batch as an in-memory
+    TensorDict. The arrays are raw files whose dtypes and shapes come from the collection's identity, opened with
+    ``numpy.memmap``: loading a cache never unpickles, so a cache folder that travels with a dataset cannot run
+    code."""
 
     path: Path
     data: "TensorDict"
@@ -1035,15 +1059,21 @@ class TrajectoryCache:
 
     @classmethod
     def build(cls, dataset: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> "TrajectoryCache":
-        """Convert a complete collection once (or reuse a cache with the same content hash; rebuild a stale one)."""
+        """Convert a complete collection once, or reuse the cache: when its shards' fingerprint (identity, names,
+        sizes, mtimes) is unchanged, without re-hashing; else when the content hash is unchanged. Rebuilt when
+        stale."""
         path, from_hub = _local_dir(dataset)
         info = _require_complete(path)
-        digest = content_hash(path)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(path, from_hub, str(dataset))
-        meta = cache / CACHE_META
-        if meta.is_file() and json.loads(meta.read_text()).get("content_sha256") == digest:
+        fingerprint = shards_fingerprint(path, info)
+        meta = _read_cache_meta(cache)
+        if meta is not None and meta.get("fingerprint") == fingerprint:
             return cls.load(cache)
-        _write_cache(path, info, cache, digest)
+        digest = content_hash(path)
+        if meta is not None and meta.get("content_sha256") == digest:
+            _atomic_write_text(cache / CACHE_META, json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
+            return cls.load(cache)
+        _write_cache(path, info, cache, digest, fingerprint)
         return cls.load(cache)
 
     @classmethod
@@ -1052,13 +1082,25 @@ class TrajectoryCache:
         from tensordict import TensorDict
 
         cache = Path(cache_dir)
-        meta_path = cache / CACHE_META
-        if not meta_path.is_file():
+        meta = _read_cache_meta(cache)
+        if meta is None:
             raise FileNotFoundError(
-                f"{str(cache)!r} holds no trajectory cache; create it with TrajectoryCache.build(DIR)"
+                f"{str(cache)!r} holds no trajectory cache of this opdiff; create it with TrajectoryCache.build(DIR)"
             )
-        meta = json.loads(meta_path.read_text())
-        return cls(cache, TensorDict.load_memmap(cache / "tensors"), meta["info"], meta["content_sha256"])
+        columns = _cache_columns(meta["info"]["collection"])
+        tensors = {}
+        for name, (dtype, shape) in columns.items():
+            file = cache / CACHE_TENSORS / f"{name}.bin"
+            expected = dtype.itemsize * math.prod(shape)
+            if not file.is_file() or file.stat().st_size != expected:
+                raise ValueError(
+                    f"trajectory cache file {str(file)!r} is missing or has the wrong size; delete {str(cache)!r} "
+                    "and it is rebuilt from the collection"
+                )
+            # copy-on-write: writable views for torch, and the file is never changed
+            tensors[name] = torch.from_numpy(np.memmap(file, dtype=dtype, mode="c", shape=shape))
+        n = columns["seed"][1][0]
+        return cls(cache, TensorDict(tensors, batch_size=[n]), meta["info"], meta["content_sha256"])
 
     def __len__(self) -> int:
         return int(self.data.batch_size[0])
@@ -1076,34 +1118,41 @@ class TrajectoryCache:
         return list(self.info["collection"]["output_indices"])
 
 
-def _write_cache(path: Path, info: dict, cache: Path, digest: str) -> None:
-    """Fill memmapped tensors shard by shard (never the whole set in memory); the meta file goes last."""
-    from tensordict import TensorDict
+def _read_cache_meta(cache: Path) -> dict | None:
+    """The cache's JSON metadata when it is a cache of this format, else None."""
+    meta_path = cache / CACHE_META
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT else None
 
-    ident = info["collection"]
-    n = ident["num"]
-    spec = {
-        "trajectory": torch.empty(n, *item_shape(ident), dtype=getattr(torch, ident["dtype"]), device="meta"),
-        "seed": torch.empty(n, dtype=torch.int64, device="meta"),
-    }
-    if ident["num_classes"]:
-        spec["label"] = torch.empty(n, dtype=torch.int64, device="meta")
+
+def _write_cache(path: Path, info: dict, cache: Path, digest: str, fingerprint: str) -> None:
+    """Fill memory-mapped arrays shard by shard (never the whole set in memory); the meta file goes last."""
     tmp = cache / ".tensors.tmp"
-    for stale in (tmp, cache / "tensors", cache / CACHE_META):
+    for stale in (tmp, cache / CACHE_TENSORS, cache / CACHE_META):
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
-    cache.mkdir(parents=True, exist_ok=True)
-    td = TensorDict(spec, batch_size=[n]).memmap_like(tmp)
+    tmp.mkdir(parents=True)
+    columns = _cache_columns(info["collection"])
+    arrays = {
+        name: np.memmap(tmp / f"{name}.bin", dtype=dtype, mode="w+", shape=shape)
+        for name, (dtype, shape) in columns.items()
+    }
     start = 0
     for shard in iter_shards(path):
         stop = start + len(shard["seed"])
         for name, values in shard.items():
-            td[name][start:stop] = torch.from_numpy(np.array(values))  # copy: Arrow buffers are read-only
+            arrays[name][start:stop] = values
         start = stop
-    del td
-    os.replace(tmp, cache / "tensors")
-    _atomic_write_text(
-        cache / CACHE_META, json.dumps({"format": CACHE_FORMAT, "content_sha256": digest, "info": info}, indent=2)
-    )
+    for a in arrays.values():
+        a.flush()
+    del arrays
+    os.replace(tmp, cache / CACHE_TENSORS)
+    meta = {"format": CACHE_FORMAT, "content_sha256": digest, "fingerprint": fingerprint, "info": info}
+    _atomic_write_text(cache / CACHE_META, json.dumps(meta, indent=2))

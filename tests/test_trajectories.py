@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -642,6 +643,56 @@ def test_push_to_hub_uploads_card_first_and_reloads(done, tmp_path, monkeypatch)
     remote = tmp_path / "hub" / "me" / "trajectories"
     ds = datasets.load_dataset(str(remote), split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.features["trajectory"] == datasets.Array4D((4, *SHAPE), "float16") and ds["seed"] == list(range(10))
+
+
+class _Bomb:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_loading_a_trajectory_cache_never_unpickles(done, tmp_path, monkeypatch):
+    """A cache travels with its dataset folder (``.opdiff-cache``), so loading it must not run code: with pickle
+    files planted in it and every unpickler disabled, build and load still work and nothing ran."""
+    import pickle
+
+    cache_dir = tmp_path / "cache"
+    first = TrajectoryCache.build(done, cache_dir)
+    marker = tmp_path / "marker"
+    for name in ("tensors/other.pickle", "tensors/meta.pkl", "tensors/_tensordict/other.pickle", "evil.pickle"):
+        (cache_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache_dir / name).write_bytes(pickle.dumps(_Bomb(marker)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the trajectory cache unpickled something")
+
+    for mod, name in ((pickle, "load"), (pickle, "loads"), (torch, "load"), (np, "load")):
+        monkeypatch.setattr(mod, name, refuse)
+    again = TrajectoryCache.build(done, cache_dir)
+    loaded = TrajectoryCache.load(cache_dir)
+    assert not marker.exists()
+    idx = torch.arange(10)
+    for c in (again, loaded):
+        assert torch.equal(c[idx]["trajectory"], first[idx]["trajectory"]) and c.content_sha256 == first.content_sha256
+
+
+def test_trajectory_cache_reuse_is_keyed_on_a_cheap_fingerprint(done, tmp_path, monkeypatch):
+    """A second build with unchanged shards (identity, sizes, mtimes) does not re-hash the collection; a shard
+    touched since makes it hash again (and reuse the cache when the content is the same)."""
+    cache_dir = tmp_path / "cache"
+    first = TrajectoryCache.build(done, cache_dir)
+    calls = []
+    real = trajectories.content_hash
+    monkeypatch.setattr(trajectories, "content_hash", lambda path: calls.append(path) or real(path))
+    assert TrajectoryCache.build(done, cache_dir).content_sha256 == first.content_sha256 and calls == []
+    shard = sorted((done / "data").glob("train-*.parquet"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    assert TrajectoryCache.build(done, cache_dir).content_sha256 == first.content_sha256 and len(calls) == 1
+    assert TrajectoryCache.build(done, cache_dir).content_sha256 == first.content_sha256 and len(calls) == 1
 
 
 def test_trajectory_cache_matches_the_arrow_data_and_rebuilds_when_stale(bb, done, tmp_path):
