@@ -196,6 +196,18 @@ def plan_run(config: TrainConfig) -> RunPlan:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not 0 <= config.ema < 1:
         raise ValueError(f"ema must lie in [0, 1), got {config.ema}")
+    check_positive("lr", config.lr)
+    if config.lr is None:
+        raise ValueError("lr (--lr) must be a finite number > 0, got None")
+    if not isinstance(config.warmup, int) or config.warmup < 0:
+        raise ValueError(f"warmup (--warmup) must be an integer >= 0, got {config.warmup!r}")
+    check_positive("weight_min", config.weight_min)
+    check_positive("weight_max", config.weight_max)
+    if config.weight_min > config.weight_max:
+        raise ValueError(
+            f"weight_min ({config.weight_min}) is above weight_max ({config.weight_max}): the clamp would invert; "
+            "swap them"
+        )
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; valid: {', '.join(LOSSES)}")
     check_positive("huber_c", config.huber_c)
@@ -208,6 +220,11 @@ def plan_run(config: TrainConfig) -> RunPlan:
     check_decay(config.lr_decay, config.warmup, config.max_steps)
     if config.mixed_precision not in (*PRECISIONS, None):
         raise ValueError(f"unknown mixed precision {config.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "fp16 mixed precision needs a CUDA GPU (on CPU it would silently train in fp32); "
+            "use --mixed-precision bf16 or no"
+        )
     if config.init_from is not None and not Path(config.init_from).is_file():
         raise FileNotFoundError(
             f"--init-from {config.init_from!r} does not exist; pass the teacher's .safetensors weights"

@@ -414,6 +414,15 @@ def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
     for flags, message in [
         (["--loss", "pseudo-huber", "--huber-c", "-0.5"], "huber_c (--huber-c) must be a finite number > 0"),
         (["--final-weight", "0"], "final_weight (--final-weight) must be a finite number > 0"),
+        # checked before anything is written (the probe's `--lr -1` left a run.json behind that refused the fix)
+        (["--lr", "-1"], "lr (--lr) must be a finite number > 0"),
+        (["--warmup", "-3"], "warmup (--warmup) must be an integer >= 0"),
+        (["--weight-min", "10", "--weight-max", "1"], "the clamp would invert"),
+        *(
+            [(["--mixed-precision", "fp16"], "fp16 mixed precision needs a CUDA GPU")]
+            if not torch.cuda.is_available()
+            else []
+        ),
     ]:
         bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), *flags])
         assert bad.exit_code == 2 and message in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
