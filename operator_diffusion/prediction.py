@@ -22,6 +22,8 @@ def eps_from_prediction(pred: Tensor, x: Tensor, t: Tensor, schedule: Schedule, 
     """ε̂ from a network output ``pred`` of type ``kind`` at state ``x`` and times ``t`` (shape (B,))."""
     if kind == "eps":
         return pred
+    if kind in PREDICTION_TYPES and kind not in schedule.predictions:
+        raise ValueError(f"{schedule.predictions_why or f'the {schedule.name} schedule does not take {kind!r}'}")
     a, s = per_item(schedule.alpha(t), x), per_item(schedule.sigma(t), x)
     if kind == "x0":
         return (x - a * pred) / s

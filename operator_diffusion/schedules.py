@@ -345,6 +345,11 @@ class EDM(Schedule):
     """EDM / variance-exploding: x_σ = x_0 + σ ε with time t = σ (α = 1, σ_t = t, λ = −log t)."""
 
     name: ClassVar[str] = "edm"
+    # v = α ε − σ x_0 is defined for variance-preserving schedules (ε̂ = σ x + α v̂ needs α² + σ² = 1)
+    predictions: ClassVar[tuple[str, ...]] = ("eps", "x0")
+    predictions_why: ClassVar[str] = (
+        "v-prediction needs a variance-preserving schedule (α² + σ² = 1); VE and EDM are not"
+    )
     sigma_min: float = 0.002  # EDM's sampling range
     sigma_max: float = 80.0
     sigma_data: float = 0.5  # for preconditioning in backbones; solvers do not use it

@@ -352,14 +352,15 @@ def test_preset_sizes():
 
 
 @pytest.mark.parametrize(
-    "schedule", [VPLinear(beta_max=15.0), EDM(), DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 50))]
+    "schedule, kind",  # v-prediction is defined on variance-preserving schedules only: EDM round-trips x0
+    [(VPLinear(beta_max=15.0), "v"), (EDM(), "x0"), (DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 50)), "v")],
 )
-def test_config_round_trip(schedule):
-    bb = load_backbone("opdiff-unet", preset="tiny", num_classes=4, schedule=schedule, prediction="v", dropout=0.1)
+def test_config_round_trip(schedule, kind):
+    bb = load_backbone("opdiff-unet", preset="tiny", num_classes=4, schedule=schedule, prediction=kind, dropout=0.1)
     cfg = json.loads(json.dumps(bb.config()))  # JSON-serialisable
-    assert cfg["name"] == "opdiff-unet" and cfg["prediction"] == "v" and cfg["num_classes"] == 4
+    assert cfg["name"] == "opdiff-unet" and cfg["prediction"] == kind and cfg["num_classes"] == 4
     for again in (load_backbone("opdiff-unet", **cfg), load_backbone(**cfg)):
-        assert again.schedule == schedule and again.prediction == "v" and again.num_classes == 4
+        assert again.schedule == schedule and again.prediction == kind and again.num_classes == 4
         ref = {k: v.shape for k, v in bb.network.state_dict().items()}
         assert {k: v.shape for k, v in again.network.state_dict().items()} == ref
         assert again.config() == cfg

@@ -172,3 +172,18 @@ def test_cfg_passes_extra_kwargs():
     eps_c = ref(x, t, labels=labels, offset=0.5)
     eps_u = ref(x, t, labels=torch.full_like(labels, null), offset=0.5)
     torch.testing.assert_close(out, eps_u + 3.0 * (eps_c - eps_u), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["edm", "ve"])
+def test_v_prediction_is_refused_on_a_non_variance_preserving_schedule(name):
+    """ε̂ = σx + αv̂ holds only where α² + σ² = 1: an EDM/VE backbone or conversion with kind v is refused."""
+    from operator_diffusion.backbones import load_backbone
+    from operator_diffusion.schedules import schedule_from_config
+
+    s = schedule_from_config({"name": name})
+    x, t = torch.zeros(2, 1, 4, 4), torch.full((2,), 1.0)
+    with pytest.raises(ValueError, match="v-prediction needs a variance-preserving schedule"):
+        eps_from_prediction(x, x, t, s, "v")
+    with pytest.raises(ValueError, match="v-prediction needs a variance-preserving schedule"):
+        load_backbone("opdiff-unet", preset="tiny", schedule=name, prediction="v")
+    torch.testing.assert_close(eps_from_prediction(x, x, t, s, "x0"), x)  # x0 still converts
