@@ -5,7 +5,7 @@ Fréchet (2-Wasserstein) distance between the two Gaussians,
 
     FID = |μ₁ − μ₂|² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^{1/2}),
 
-computed by clean-fid's ``frechet_distance`` (``cleanfid.fid``). The features come from a
+computed here in float64 (``frechet_distance``, no ``scipy.linalg.sqrtm``). The features come from a
 ``FeatureExtractor``:
 
   * ``InceptionExtractor``: clean-fid's torchscript InceptionV3 (``InceptionV3W``, 2048-d pool3 features)
@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -213,19 +212,27 @@ def check_compatible(stats1: FeatureStats, stats2: FeatureStats) -> None:
         )
 
 
-def frechet_distance(stats1: FeatureStats, stats2: FeatureStats) -> float:
-    """|μ₁ − μ₂|² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^{1/2}) by clean-fid's ``cleanfid.fid.frechet_distance`` (scipy
-    ``sqrtm``, ε·I added to both covariances when the product is singular). Statistics of different
-    extractors are refused (``FIDInputError``)."""
-    from cleanfid.fid import frechet_distance as _cleanfid_fd
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((Σ₁Σ₂)^{1/2}) for symmetric positive semi-definite Σ₁, Σ₂, in float64: Σ₁Σ₂ is similar to the symmetric
+    S = Σ₁^{1/2} Σ₂ Σ₁^{1/2}, so the trace is Σᵢ √λᵢ(S), with Σ₁^{1/2} and the λᵢ from ``eigh`` (eigenvalues that
+    round-off pushes below 0 count as 0). No ``scipy.linalg.sqrtm``, whose ``disp`` argument SciPy removes."""
+    s1 = 0.5 * (np.asarray(sigma1, np.float64) + np.asarray(sigma1, np.float64).T)
+    s2 = 0.5 * (np.asarray(sigma2, np.float64) + np.asarray(sigma2, np.float64).T)
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    sym = root1 @ s2 @ root1
+    lam = np.linalg.eigvalsh(0.5 * (sym + sym.T))
+    return float(np.sqrt(np.clip(lam, 0, None)).sum())
 
+
+def frechet_distance(stats1: FeatureStats, stats2: FeatureStats) -> float:
+    """|μ₁ − μ₂|² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^{1/2}) (Heusel et al. 2017, the FID), in float64 with
+    ``trace_sqrt_product``. Statistics of different extractors are refused (``FIDInputError``)."""
     check_compatible(stats1, stats2)
-    # clean-fid prints its "singular product" notice on stdout; keep stdout clean for --json
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*disp.*", category=DeprecationWarning
-        )  # clean-fid's sqrtm(disp=False)
-        return float(_cleanfid_fd(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma))
+    mu1, mu2 = np.asarray(stats1.mu, np.float64), np.asarray(stats2.mu, np.float64)
+    s1, s2 = np.asarray(stats1.sigma, np.float64), np.asarray(stats2.sigma, np.float64)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2))
 
 
 def small_sample_warning(stats: FeatureStats, what: str = "") -> Optional[str]:
