@@ -70,3 +70,72 @@ def resolve_device(device: str) -> str:
     if dev.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
     return device
+
+
+class PlainProgress:
+    """What a rich ``Progress`` bar offers the commands (``add_task``, ``update``, ``advance``, ``tasks[id]``), as
+    plain lines for output that is not a terminal (nohup, CI, notebooks), where a rich bar shows only when its
+    stage ends: a line when a task starts, then at every further 10% or 30 s, and when it completes."""
+
+    EVERY_FRACTION, EVERY_SECONDS = 0.10, 30.0
+
+    class _Task:
+        def __init__(self, description: str, total: float | None, fields: dict):
+            import time
+
+            self.description, self.total, self.completed, self.fields = description, total, 0.0, dict(fields)
+            self.start = self.last_time = time.monotonic()
+            self.last_step, self.finished = -1, False  # last reported multiple of EVERY_FRACTION
+            self.speed = None  # rich's steps/s column is a terminal nicety
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.tasks: list[PlainProgress._Task] = []
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+        self.tasks.append(self._Task(description, total, fields))
+        self._report(len(self.tasks) - 1, force=True)
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    def update(self, task: int, completed: float | None = None, advance: float | None = None, **fields) -> None:
+        t = self.tasks[task]
+        if completed is not None:
+            t.completed = completed
+        if advance is not None:
+            t.completed += advance
+        t.fields.update({k: v for k, v in fields.items() if k not in ("total", "description")})
+        self._report(task)
+
+    def _report(self, task: int, force: bool = False) -> None:
+        import time
+
+        t, now = self.tasks[task], time.monotonic()
+        fraction = t.completed / t.total if t.total else 0.0
+        step = int(fraction / self.EVERY_FRACTION + 1e-9)  # multiples of 10% reached
+        done = bool(t.total) and t.completed >= t.total
+        due = step > t.last_step or now - t.last_time >= self.EVERY_SECONDS
+        if t.finished or not (force or due or done):
+            return
+        t.last_step, t.last_time, t.finished = step, now, done
+        total = f"/{t.total:g} ({100 * fraction:.0f}%)" if t.total else ""
+        extra = "".join(f", {k} {v}" for k, v in t.fields.items() if v not in (None, "-"))
+        self.console.print(f"{t.description}: {t.completed:g}{total}{extra}, {now - t.start:.0f} s", highlight=False)
+
+
+def progress_bar(*columns, console: Console, transient: bool = False, plain_console: Console | None = None):
+    """A rich ``Progress`` with ``columns`` on ``console`` when it is a terminal, else ``PlainProgress`` lines on
+    ``plain_console`` (default: the same console)."""
+    if console.is_terminal:
+        from rich.progress import Progress
+
+        return Progress(*columns, console=console, transient=transient)
+    return PlainProgress(plain_console or console)

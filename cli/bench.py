@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from ._common import console, err_console, fail, resolve_device
+from ._common import console, err_console, fail, progress_bar, resolve_device
 from .sample import load_run_or_fail, resolve_seeds
 
 DEFAULT_NUM = 1000
@@ -254,9 +254,9 @@ def bench(
         info["collection"]["grid"],
     )
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-    with Progress(
+    with progress_bar(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True
     ) as bar:
         tasks: dict[str, int] = {}

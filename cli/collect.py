@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from ._common import console, err_console, fail, parse_options, print_rows, resolve_device
+from ._common import console, err_console, fail, parse_options, print_rows, progress_bar, resolve_device
 
 data_app = typer.Typer(help="Inspect trajectory datasets written by `opdiff collect`.", no_args_is_help=True)
 
@@ -177,7 +177,7 @@ def collect(
 
 
 def _collect_with_progress(teacher, out: Path, plan, device):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from operator_diffusion.trajectories import collect as run
 
@@ -188,7 +188,7 @@ def _collect_with_progress(teacher, out: Path, plan, device):
         TextColumn("trajectories"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_bar(*columns, console=console, transient=True) as bar:
         task = bar.add_task("collect", total=plan.config.num)
         return run(teacher, out, plan, device=device, progress=lambda n: bar.advance(task, n))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, progress_bar
 
 
 def demo(
@@ -20,12 +20,12 @@ def demo(
     """Collect → train DSNO and the one-step baseline → sample → spectrum → bench on the 8×8 digits (≤ 10 min, CPU)."""
     if out.exists() and not out.is_dir():
         fail(f"--out {str(out)!r} is a file, not a folder")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from operator_diffusion.demo import DEMO, QUICK, run_demo
 
     config = QUICK if quick else DEMO
-    with Progress(
+    with progress_bar(
         TextColumn("{task.description:<34}"),
         BarColumn(),
         MofNCompleteColumn(),

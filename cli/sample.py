@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ._common import console, err_console, fail, resolve_device
+from ._common import console, err_console, fail, progress_bar, resolve_device
 
 DEFAULT_NUM = 64
 
@@ -95,9 +95,9 @@ def load_run_or_fail(path, dev: str, what: str = "the run"):
 
 
 def _progress_loop(batches, total: int, label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    with Progress(
+    with progress_bar(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import console, err_console, fail, parse_options, print_rows, resolve_device
+from ._common import console, err_console, fail, parse_options, print_rows, progress_bar, resolve_device
 
 MIN_POINTS = 16  # below this the spectrum has fewer than 9 modes: too coarse to choose --modes from
 SHOWN_MODES = 8  # rows of the energy table
@@ -76,12 +76,11 @@ def _load_teacher(backbone: Optional[str], checkpoint: Optional[Path], options: 
 def _per_trajectory_spectra(make_batch, num: int, batch: int) -> tuple[list, int, float]:
     """Run ``make_batch(start, size) -> Trajectories`` over all batches with a progress bar on stderr;
     returns the per-trajectory spectra, the NFE spent and Δ."""
-    from rich.progress import Progress
 
     from operator_diffusion.spectrum import per_trajectory_spectrum
 
     rows, nfe, dt = [], 0, 0.0
-    with Progress(console=err_console, transient=True) as progress:
+    with progress_bar(console=err_console, transient=True) as progress:
         task = progress.add_task("trajectories", total=num)
         for start in range(0, num, batch):
             size = min(batch, num - start)

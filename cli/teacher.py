@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import console, err_console, fail, parse_options
+from ._common import console, err_console, fail, parse_options, progress_bar
 
 teacher_app = typer.Typer(
     help="Train diffusion teachers on images (the networks `opdiff collect` samples from).", no_args_is_help=True
@@ -153,14 +153,13 @@ def _run(tt, plan):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
     total = plan.config.max_steps
-    with Progress(
+    with progress_bar(
         TextColumn("teacher"),
         BarColumn(),
         MofNCompleteColumn(),

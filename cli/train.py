@@ -14,7 +14,7 @@ import typer
 
 from operator_diffusion.configs import TrainConfig, field_default
 
-from ._common import console, fail, parse_options
+from ._common import console, fail, parse_options, progress_bar
 
 
 def _default(name: str):
@@ -155,13 +155,12 @@ def _run(training, config):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
-    with Progress(
+    with progress_bar(
         TextColumn("train"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -75,3 +75,27 @@ def test_cli_lists_backbones_from_entry_points():
     rows = {row["name"]: row["provided_by"] for row in __import__("json").loads(out.stdout)}
     assert rows["opdiff-unet"].startswith("operator-diffusion ")
     assert "operator_diffusion.backbones.unet:OpdiffUNetBackbone" in rows["opdiff-unet"]
+
+
+def test_progress_outside_a_terminal_prints_plain_lines_at_intervals():
+    """Under nohup or CI a rich bar shows only at its stage's end; ``progress_bar`` then prints plain lines: at the
+    start, at every further 10% and at completion (and never a line twice)."""
+    import io
+
+    from rich.console import Console
+
+    from opdiff_cli._common import PlainProgress, progress_bar
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    bar = progress_bar(console=console, plain_console=console)
+    assert isinstance(bar, PlainProgress)
+    with bar:
+        task = bar.add_task("train", total=200, loss="-")
+        for step in range(1, 201):
+            bar.update(task, completed=step, loss=f"{1 / step:.3g}")
+        bar.update(task, completed=200)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("train: 0/200 (0%)")
+    assert [int(line.split(": ")[1].split("/")[0]) for line in lines] == [0, *range(20, 201, 20)]
+    assert lines[-1].startswith("train: 200/200 (100%), loss 0.005,")
