@@ -196,13 +196,15 @@ def collect_batches(
 # Teachers of runs
 # --------------------------------------------------------------------------------------------------
 def run_teacher(info: dict, checkpoint: str | os.PathLike | None = None):
-    """The teacher a run was distilled from: the collection's backbone config with ``checkpoint``'s weights.
-    Default weights: the run's ``--init-from`` file when it is the collection's checkpoint, or none when the
-    collection was made without a checkpoint file (the backbone's config loads its own weights, e.g. a
-    diffusers model path). The loaded weights must hash to the collection's ``weights_sha256``: samples of
-    another network would be no comparison."""
+    """The teacher a run was distilled from: the collection's backbone config with the teacher's weights.
+
+    Weights, in order: ``checkpoint`` when given; else, when the collection was made from a checkpoint file, the
+    first file whose sha256 is the collection's ``checkpoint_sha256`` among the run's ``--init-from`` file, the
+    file the collection recorded (``teacher_checkpoint``) and the teachers shipped with opdiff (the digits
+    teacher); else none (the backbone's config loads its own weights, e.g. a diffusers model path). The loaded
+    weights must hash to the collection's ``weights_sha256``: samples of another network would be no comparison."""
     from .backbones import load_backbone
-    from .provenance import file_sha256, weights_sha256
+    from .provenance import weights_sha256
 
     coll = info.get("collection", {})
     if "backbone" not in coll:
@@ -211,16 +213,13 @@ def run_teacher(info: dict, checkpoint: str | os.PathLike | None = None):
             "pass the teacher with --teacher-checkpoint and its backbone options"
         )
     if checkpoint is None and coll.get("checkpoint_sha256") is not None:
-        init = (info.get("train") or {}).get("init_from")
-        if (
-            init
-            and Path(init).is_file()
-            and info.get("init_from_sha256") == coll["checkpoint_sha256"]
-            and file_sha256(init) == coll["checkpoint_sha256"]
-        ):
-            checkpoint = init
-        else:
-            raise ValueError("cannot find the teacher's weights of this run; pass them with --teacher-checkpoint PATH")
+        checkpoint = find_teacher_checkpoint(info)
+        if checkpoint is None:
+            recorded = info.get("teacher_checkpoint")
+            where = f" (the collection's file {recorded!r} is gone or changed)" if recorded else ""
+            raise ValueError(
+                f"cannot find the teacher's weights of this run{where}; pass them with --teacher-checkpoint PATH"
+            )
     backbone = load_backbone(**coll["backbone"])
     if checkpoint is not None:
         backbone.load_weights(checkpoint)
@@ -232,6 +231,25 @@ def run_teacher(info: dict, checkpoint: str | os.PathLike | None = None):
             "collected with"
         )
     return backbone.eval()
+
+
+def find_teacher_checkpoint(info: dict) -> str | None:
+    """The first existing file whose sha256 is the collection's ``checkpoint_sha256``: the run's ``--init-from``,
+    the collection's recorded ``teacher_checkpoint``, then the shipped teachers (``assets/*.safetensors``)."""
+    from .provenance import file_sha256
+
+    want = info.get("collection", {}).get("checkpoint_sha256")
+    assets = Path(__file__).parent / "assets"
+    candidates = [(info.get("train") or {}).get("init_from"), info.get("teacher_checkpoint")]
+    candidates += [str(p) for p in sorted(assets.glob("*.safetensors"))]
+    seen: set[str] = set()
+    for c in candidates:
+        if not c or c in seen or not Path(c).is_file():
+            continue
+        seen.add(c)
+        if file_sha256(c) == want:
+            return c
+    return None
 
 
 def run_solver(

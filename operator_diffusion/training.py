@@ -393,6 +393,7 @@ def _export(model: DSNO, ema: EMA, out: Path, plan: RunPlan, num_processes: int 
         **plan.run_info,
         "model": final.config(),
         "collection": dict(plan.collection),  # the dataset's identity: teacher, solver, grid, seeds, labels, …
+        "teacher_checkpoint": plan.cache.info.get("teacher_checkpoint"),  # the file the collection's weights came from
         "ema_updates": ema.updates,
         "num_processes": num_processes,
         "parameters": final.parameter_report() | {"injection_points": len(final.injection_points)},

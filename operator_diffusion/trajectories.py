@@ -170,6 +170,7 @@ class CollectionPlan:
     indices: tuple[int, ...]  # M grid indices of the outputs, increasing (times decreasing)
     identity: dict[str, Any]  # JSON-normalised; equal identities mean equal data
     precision_choice: dict | None = None  # how precision "auto" was resolved (``resolve_precision``); not identity
+    checkpoint_path: str | None = None  # where the teacher's weights came from (absolute); provenance, not identity
 
     @property
     def num_shards(self) -> int:
@@ -333,7 +334,8 @@ def plan_collection(
         "labels": labels,
         "guidance": None if c.guidance is None else float(c.guidance),
     }
-    return CollectionPlan(c, ts, tuple(indices), json.loads(json.dumps(identity)), choice)
+    path = None if checkpoint is None else str(Path(checkpoint).resolve())
+    return CollectionPlan(c, ts, tuple(indices), json.loads(json.dumps(identity)), choice, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -677,6 +679,8 @@ def write_metadata(out_dir: Path, plan: CollectionPlan) -> dict:
     }
     if old is None and plan.precision_choice is not None and plan.precision_choice["source"] == "measured":
         info["precision_choice"] = plan.precision_choice  # provenance of "auto", outside the identity
+    if old is None and plan.checkpoint_path is not None:
+        info["teacher_checkpoint"] = plan.checkpoint_path  # where bench and sample --teacher find the weights again
     out_dir.mkdir(parents=True, exist_ok=True)
     if old is None:
         _atomic_write_text(out_dir / INFO_NAME, json.dumps(info, indent=2) + "\n")

@@ -300,3 +300,44 @@ def test_fid_of_a_run_samples_it_with_held_out_seeds(tiny_run, tmp_path):
         ["fid", "digits", "--seeds", "0-3", "--ref", "digits", "--feature-extractor", str(tmp_path / "f.safetensors")],
     )
     assert bad.exit_code == 2 and "--seeds only applies" in bad.output
+
+
+def test_the_teacher_of_a_run_is_found_from_what_the_collection_recorded(tiny_run, tmp_path):
+    """bench and sample --teacher rebuild the teacher without --teacher-checkpoint: from the run's --init-from,
+    else the file the collection recorded, else a shipped teacher with the recorded sha256; a missing file with
+    no match is a one-line error. The rebuilt weights hash to the collection's (checked against the file)."""
+    import shutil
+
+    from operator_diffusion.provenance import weights_sha256
+    from operator_diffusion.sampling import run_teacher
+
+    info = json.loads((tiny_run["run"] / "config.json").read_text())
+    assert info["teacher_checkpoint"] == str(Path(tiny_run["teacher"]).resolve())
+    no_init = {**info, "train": {**info["train"], "init_from": None}}
+    teacher = run_teacher(no_init)  # found through the collection's record
+    direct = load_backbone(**info["collection"]["backbone"])
+    direct.load_weights(tiny_run["teacher"])
+    assert weights_sha256(teacher) == weights_sha256(direct)
+    moved = tmp_path / "moved.safetensors"
+    shutil.copy(tiny_run["teacher"], moved)
+    with pytest.raises(ValueError, match=r"cannot find the teacher's weights of this run \(the collection's file"):
+        run_teacher({**no_init, "teacher_checkpoint": str(tmp_path / "gone.safetensors")})
+    assert weights_sha256(run_teacher({**no_init, "teacher_checkpoint": str(moved)})) == weights_sha256(direct)
+
+
+def test_a_run_distilled_from_the_shipped_digits_teacher_finds_it_by_hash():
+    """The collection recorded only the shipped file's hash and a path that no longer exists: the shipped
+    digits teacher is found among opdiff's own assets."""
+    from operator_diffusion.demo import DIGITS_TEACHER
+    from operator_diffusion.provenance import file_sha256, weights_sha256
+    from operator_diffusion.sampling import run_teacher
+
+    direct = load_backbone("opdiff-unet", preset="digits")
+    direct.load_weights(DIGITS_TEACHER)
+    coll = {
+        "backbone": direct.config(),
+        "checkpoint_sha256": file_sha256(DIGITS_TEACHER),
+        "weights_sha256": weights_sha256(direct),
+    }
+    teacher = run_teacher({"collection": coll, "train": {}, "teacher_checkpoint": "/nonexistent/teacher.safetensors"})
+    assert weights_sha256(teacher) == weights_sha256(direct)
