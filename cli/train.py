@@ -27,7 +27,10 @@ def train(
         ..., "--out", help="Run directory (checkpoints, metrics.jsonl, model.safetensors); re-run to resume."
     ),
     init_from: Optional[Path] = typer.Option(
-        None, "--init-from", help="Teacher weights (.safetensors) to start from (the paper does)."
+        None,
+        "--init-from",
+        help="Weights (.safetensors) to start from; default: the collection's teacher (the paper does); "
+        "'scratch': the backbone's own initialisation.",
     ),
     backbone: Optional[str] = typer.Option(
         None, "--backbone", help="Backbone to train; default: the dataset's teacher architecture."
@@ -130,6 +133,7 @@ def train(
                 json.dumps(
                     {
                         "config": dataclasses.asdict(config),
+                        "init_from": plan.init_from,  # resolved: the collection's teacher unless told otherwise
                         "mixed_precision": plan.mixed_precision,
                         "times": plan.model.times.tolist(),
                         "loss_weights": plan.weights.tolist(),

@@ -12,6 +12,7 @@ from typing import Any, Literal
 __all__ = [
     "TrainConfig",
     "field_default",
+    "INIT_SCRATCH",
     "WEIGHTINGS",
     "LOSSES",
     "RESUMABLE_FIELDS",
@@ -37,6 +38,7 @@ HUBER_C_PER_SQRT_DIM = 0.00054  # iCT (Song & Dhariwal, 2023): c = 0.00054·√D
 RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints", "trackers")
 # Fields added after runs were made: left out of the identity while None (their old behaviour), so those runs resume.
 LATER_FIELDS = ("huber_c", "final_weight")
+INIT_SCRATCH = "scratch"  # init_from: the backbone's own initialisation (runs made before the teacher default had None)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class TrainConfig:
 
     data: str  # collection directory or Hub id (``opdiff collect``)
     out: str  # run directory
-    init_from: str | None = None  # teacher weights (.safetensors); None = the backbone's own init
+    init_from: str | None = None  # weights to start from (.safetensors); None: the collection's teacher; "scratch"
     backbone: str | None = None  # default: the backbone recorded in the collection
     backbone_options: dict[str, Any] = field(default_factory=dict)
     modes: int = 2
@@ -80,4 +82,6 @@ class TrainConfig:
         for k in LATER_FIELDS:
             if d[k] is None:
                 d.pop(k)
+        if d["init_from"] == INIT_SCRATCH:  # what None meant before the teacher became the default: those resume
+            d["init_from"] = None
         return json.loads(json.dumps(d))

@@ -62,6 +62,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 from .configs import (  # noqa: E402, F401  (the config lives in the torch-free configs module; re-exported)
     HUBER_C_PER_SQRT_DIM,
+    INIT_SCRATCH,
     LATER_FIELDS,
     LOSSES,
     RESUMABLE_FIELDS,
@@ -145,9 +146,10 @@ class RunPlan:
     weights: Tensor  # (M,) or (1,) float64 loss weights
     mixed_precision: str
     run_info: dict
+    init_from: str | None = None  # the weights it starts from, resolved (``resolve_init_from``)
 
 
-def build_backbone(config: TrainConfig, collection: dict) -> Backbone:
+def build_backbone(config: TrainConfig, collection: dict, init_from: str | None = None) -> Backbone:
     """The backbone to train: the collection's teacher architecture unless ``config.backbone`` names another."""
     if config.backbone is None:
         bb = load_backbone(**{**collection["backbone"], **config.backbone_options})
@@ -173,9 +175,35 @@ def build_backbone(config: TrainConfig, collection: dict) -> Backbone:
             f"backbone has {bb.num_classes} classes but the dataset was collected with {collection['num_classes']}; "
             "use the teacher's backbone configuration"
         )
-    if config.init_from is not None:
-        bb.load_weights(config.init_from)
+    if init_from is not None:
+        bb.load_weights(init_from)
     return bb
+
+
+def resolve_init_from(config: TrainConfig, info: dict) -> str | None:
+    """The weights a run starts from: ``config.init_from``; ``"scratch"``: none (the backbone's initialisation);
+    None: the collection's teacher — the file with its checkpoint's sha256 (``sampling.find_teacher_checkpoint``:
+    the path the collection recorded, the shipped teachers), or none when the collection's backbone config loads
+    the teacher's weights itself; another ``--backbone`` starts from its own initialisation."""
+    from .sampling import find_teacher_checkpoint
+
+    if config.init_from == INIT_SCRATCH:
+        return None
+    if config.init_from is not None or config.backbone is not None:
+        return config.init_from
+    want = info["collection"].get("checkpoint_sha256")
+    if want is None:
+        return None
+    found = find_teacher_checkpoint(
+        {"collection": info["collection"], "teacher_checkpoint": info.get("teacher_checkpoint")}
+    )
+    if found is None:
+        where = info.get("teacher_checkpoint") or "a file the collection did not record"
+        raise FileNotFoundError(
+            f"the collection's teacher weights (sha256 {want[:12]}…, from {where}) are not found, and training starts "
+            "from them by default; pass --init-from PATH (the teacher's .safetensors), or --init-from scratch"
+        )
+    return found
 
 
 def plan_run(config: TrainConfig) -> RunPlan:
@@ -225,7 +253,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
             "fp16 mixed precision needs a CUDA GPU (on CPU it would silently train in fp32); "
             "use --mixed-precision bf16 or no"
         )
-    if config.init_from is not None and not Path(config.init_from).is_file():
+    if config.init_from not in (None, INIT_SCRATCH) and not Path(config.init_from).is_file():
         raise FileNotFoundError(
             f"--init-from {config.init_from!r} does not exist; pass the teacher's .safetensors weights"
         )
@@ -242,7 +270,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
             f"the dataset holds {len(cache)} trajectories, fewer than one batch of {config.batch_size}; "
             "collect more or lower --batch-size"
         )
-    bb = build_backbone(config, collection)
+    init_from = resolve_init_from(config, cache.info)
+    bb = build_backbone(config, collection, init_from)
     model = DSNO(bb, cache.times, modes=config.modes, init=config.init, baseline=config.baseline)
     weights = time_weights(
         bb.schedule, model.times, config.weighting, config.weight_min, config.weight_max, config.final_weight
@@ -251,7 +280,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         precision = "bf16" if torch.cuda.is_available() else "no"
     else:
         precision = config.mixed_precision
-    init_sha = file_sha256(config.init_from) if config.init_from else None  # read the file once
+    init_sha = file_sha256(init_from) if init_from else None  # read the file once
     run_info = {
         "format_version": FORMAT_VERSION,
         "opdiff_version": __version__,
@@ -260,7 +289,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         "init_from_sha256": init_sha,
         "init_is_teacher": init_sha is not None and init_sha == collection.get("checkpoint_sha256"),
     }
-    return RunPlan(config, cache, collection, cache.content_sha256, model, weights, precision, run_info)
+    return RunPlan(config, cache, collection, cache.content_sha256, model, weights, precision, run_info, init_from)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1071,14 +1071,13 @@ class TrajectoryCache:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(path, from_hub, str(dataset))
         fingerprint = shards_fingerprint(path, info)
         meta = _read_cache_meta(cache)
-        if meta is not None and meta.get("fingerprint") == fingerprint:
-            return cls.load(cache)
-        digest = content_hash(path)
-        if meta is not None and meta.get("content_sha256") == digest:
-            _atomic_write_text(cache / CACHE_META, json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
-            return cls.load(cache)
-        _write_cache(path, info, cache, digest, fingerprint)
-        return cls.load(cache)
+        if meta is None or meta.get("fingerprint") != fingerprint:
+            digest = content_hash(path)
+            if meta is not None and meta.get("content_sha256") == digest:
+                _atomic_write_text(cache / CACHE_META, json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
+            else:
+                _write_cache(path, info, cache, digest, fingerprint)
+        return replace(cls.load(cache), info=info)  # the collection's info as it is now (provenance may change)
 
     @classmethod
     def load(cls, cache_dir: str | os.PathLike) -> "TrajectoryCache":

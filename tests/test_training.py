@@ -448,3 +448,31 @@ def test_a_non_finite_loss_stops_training_and_exports_nothing(dataset, tmp_path,
     reset_accelerate_state()
     assert not (out / "model.safetensors").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+def test_training_starts_from_the_collection_teacher_unless_told_scratch(tiny_run, tmp_path):
+    """Without --init-from the student starts from the collection's teacher (found by its recorded sha256);
+    --init-from scratch is the explicit choice of the backbone's own initialisation; a teacher file that is gone
+    is an error that names both ways out."""
+    import shutil
+
+    from operator_diffusion.provenance import file_sha256
+    from operator_diffusion.training import TrainConfig, plan_run
+
+    base = dict(data=str(tiny_run["data"]), batch_size=8, max_steps=2)
+    plan = plan_run(TrainConfig(out=str(tmp_path / "a"), **base))
+    assert plan.init_from == str(Path(tiny_run["teacher"]).resolve())
+    assert plan.run_info["init_from_sha256"] == file_sha256(tiny_run["teacher"])
+    teacher = load_file(tiny_run["teacher"])
+    student = {k.removeprefix("network."): v for k, v in plan.model.state_dict().items() if k.startswith("network.")}
+    assert all(torch.equal(student[k], v) for k, v in teacher.items())
+    scratch = plan_run(TrainConfig(out=str(tmp_path / "b"), init_from="scratch", **base))
+    assert scratch.init_from is None and scratch.run_info["init_from_sha256"] is None
+    assert scratch.config.identity()["init_from"] is None  # resumes runs made when None meant scratch
+    moved = tmp_path / "data"
+    shutil.copytree(tiny_run["data"], moved)
+    info = json.loads((moved / "opdiff_collection.json").read_text())
+    info["teacher_checkpoint"] = str(tmp_path / "gone.safetensors")
+    (moved / "opdiff_collection.json").write_text(json.dumps(info))
+    with pytest.raises(FileNotFoundError, match="pass --init-from PATH .*or --init-from scratch"):
+        plan_run(TrainConfig(out=str(tmp_path / "c"), **{**base, "data": str(moved)}))
