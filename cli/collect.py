@@ -67,7 +67,7 @@ def _load_teacher(name: str, options: dict, checkpoint: Path | None, seed: int):
             backbone.load_weights(checkpoint)
     except ImportError as e:
         fail(str(e), code=1)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a missing path, a Hub id that cannot load
         fail(str(e))
     return backbone
 

@@ -46,7 +46,7 @@ def inspect(
             s = bb.schedule
             grid = torch.linspace(s.t_max, s.t_min, times + 1, dtype=torch.float64)[1:]  # M times; only M matters here
             model = DSNO(bb, grid, modes=modes, placement=placement or None)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # OSError: a missing path, a Hub id that cannot load
         fail(str(e))
     if all_modules:
         rows = _module_rows(model.backbone)

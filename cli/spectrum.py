@@ -66,7 +66,7 @@ def _load_teacher(backbone: Optional[str], checkpoint: Optional[Path], options: 
             model = load_backbone(backbone, **options)
             if checkpoint is not None:
                 model.load_weights(checkpoint)
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
+    except (ValueError, TypeError, ImportError, OSError) as e:  # OSError: a missing path, an unloadable Hub id
         fail(f"cannot load the backbone: {e}")
     if model.state_shape != model.image_shape:
         fail(f"opdiff spectrum takes α/σ teachers; {model.name!r} is a {model.schedule.name} (phase-space) teacher")

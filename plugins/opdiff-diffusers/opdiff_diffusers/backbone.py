@@ -265,8 +265,22 @@ def _scheduler_config_from_arg(arg: Mapping[str, Any] | str | os.PathLike) -> di
 
 
 def _looks_like_local_path(name: str) -> bool:
-    """A Hub id is 'name' or 'owner/name'; anything else (absolute, relative with ./, several parts) is a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    """A Hub id is 'name' or 'owner/name'; anything else (absolute, relative with ./, several parts) is a path, and
+    so is 'a/b' when a folder 'a' exists here (``models/unet`` beside a ``models`` folder)."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    return "/" in name and Path(name.split("/")[0]).expanduser().is_dir()
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` set (in the environment or as huggingface_hub read it at import)."""
+    import huggingface_hub.constants as hc
+
+    return bool(getattr(hc, "HF_HUB_OFFLINE", False)) or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
 
 
 def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwargs: dict[str, Any]):
@@ -304,6 +318,8 @@ def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwarg
         raise ValueError(f"pretrained must be a directory or a Hub model id, got the file {name!r}")
     if _looks_like_local_path(name):
         raise FileNotFoundError(f"pretrained directory {name!r} does not exist (and it is no Hub id 'owner/name')")
+    if _hub_offline():  # no retries against an unreachable Hub: only what is cached locally can load
+        kwargs = {**kwargs, "local_files_only": True}
     # Hub id: flat layout (google/ddpm-*: config.json + scheduler_config.json at the root) or pipeline layout.
     if subfolder is None:
         try:

@@ -502,3 +502,32 @@ def test_hub_id_layouts_without_network(tmp_path, monkeypatch, layout):
         torch.testing.assert_close(bb(x, t), unet(x, reference_timestep(t)).sample, rtol=1e-5, atol=1e-6)
     with pytest.raises(OSError, match="tried its root and unet/"):
         DiffusersUNet2DBackbone("someone/no-such-model")
+
+
+def test_a_missing_relative_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """``models/nonexist`` beside a ``models`` folder is a path that does not exist: a one-line error at once,
+    no Hub request (the probe spent 57 s in retries)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", classmethod(no_hub))
+    with pytest.raises(FileNotFoundError, match=r"pretrained directory 'models/nonexist' does not exist"):
+        load_backbone("diffusers-unet2d", pretrained="models/nonexist")
+
+
+def test_offline_hub_ids_load_only_from_the_local_cache(monkeypatch):
+    """With HF_HUB_OFFLINE set, a Hub id is tried with local_files_only=True: no network retries."""
+    seen = []
+
+    def record(cls, name, subfolder=None, **kwargs):
+        seen.append(kwargs.get("local_files_only"))
+        raise OSError(f"{name} is not in the local cache")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", classmethod(record))
+    with pytest.raises(OSError, match="could not load a UNet2DModel from the Hub id 'someone/ddpm-tiny'"):
+        load_backbone("diffusers-unet2d", pretrained="someone/ddpm-tiny")
+    assert seen and all(seen)
