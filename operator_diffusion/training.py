@@ -20,6 +20,7 @@ skipped, RNG states are restored, and ``metrics.jsonl`` is cut back to the check
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -180,6 +181,26 @@ def build_backbone(config: TrainConfig, collection: dict, init_from: str | None 
     return bb
 
 
+WEIGHT_FILES = (
+    "teacher.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+)
+
+
+def weights_in_directory(folder: Path) -> str:
+    """The weights file of a model folder given as ``--init-from DIR``: an ``opdiff teacher train`` run's
+    ``teacher.safetensors``, or a diffusers model or pipeline folder's ``diffusion_pytorch_model.safetensors``."""
+    found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if len(found) != 1:
+        what = "several weight files" if found else "no weights file"
+        raise FileNotFoundError(
+            f"--init-from {str(folder)!r} is a folder with {what} ({', '.join(WEIGHT_FILES)} looked for); "
+            "pass the .safetensors file itself"
+        )
+    return str(found[0])
+
+
 def resolve_init_from(config: TrainConfig, info: dict) -> str | None:
     """The weights a run starts from: ``config.init_from``; ``"scratch"``: none (the backbone's initialisation);
     None: the collection's teacher — the file with its checkpoint's sha256 (``sampling.find_teacher_checkpoint``:
@@ -253,6 +274,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
             "fp16 mixed precision needs a CUDA GPU (on CPU it would silently train in fp32); "
             "use --mixed-precision bf16 or no"
         )
+    if config.init_from not in (None, INIT_SCRATCH) and Path(config.init_from).is_dir():
+        config = dataclasses.replace(config, init_from=weights_in_directory(Path(config.init_from)))
     if config.init_from not in (None, INIT_SCRATCH) and not Path(config.init_from).is_file():
         raise FileNotFoundError(
             f"--init-from {config.init_from!r} does not exist; pass the teacher's .safetensors weights"

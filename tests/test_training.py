@@ -476,3 +476,22 @@ def test_training_starts_from_the_collection_teacher_unless_told_scratch(tiny_ru
     (moved / "opdiff_collection.json").write_text(json.dumps(info))
     with pytest.raises(FileNotFoundError, match="pass --init-from PATH .*or --init-from scratch"):
         plan_run(TrainConfig(out=str(tmp_path / "c"), **{**base, "data": str(moved)}))
+
+
+def test_init_from_a_model_folder_takes_its_weights_file(tiny_run, tmp_path):
+    """--init-from DIR: an `opdiff teacher train` folder (teacher.safetensors) or a diffusers model folder
+    (diffusion_pytorch_model.safetensors) gives its weights file; a folder without one is a one-line error."""
+    import shutil
+
+    from operator_diffusion.training import TrainConfig, plan_run
+
+    folder = tmp_path / "teacher_run"
+    folder.mkdir()
+    shutil.copy(tiny_run["teacher"], folder / "teacher.safetensors")
+    base = dict(data=str(tiny_run["data"]), batch_size=8, max_steps=2)
+    plan = plan_run(TrainConfig(out=str(tmp_path / "a"), init_from=str(folder), **base))
+    assert plan.init_from == str(folder / "teacher.safetensors")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder with no weights file .*pass the .safetensors file itself"):
+        plan_run(TrainConfig(out=str(tmp_path / "b"), init_from=str(empty), **base))
