@@ -139,3 +139,27 @@ def progress_bar(*columns, console: Console, transient: bool = False, plain_cons
 
         return Progress(*columns, console=console, transient=transient)
     return PlainProgress(plain_console or console)
+
+
+def run_with_training_bar(label: str, total: int, loss_key: str, run, console: Console):
+    """``run(progress)`` under a bar of optimizer steps with the loss (``metrics[loss_key]``), steps/s and ETA:
+    the bar of `opdiff train` and `opdiff teacher train`. Returns what ``run`` returns."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} it/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with progress_bar(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(label, total=total, loss="-", rate="-")
+
+        def progress(step: int, total: int, metrics: dict) -> None:
+            speed = bar.tasks[task].speed
+            bar.update(task, completed=step, loss=f"{metrics[loss_key]:.4g}", rate=f"{speed:.2f}" if speed else "-")
+
+        return run(progress)

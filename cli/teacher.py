@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import console, err_console, fail, parse_options, progress_bar
+from ._common import console, err_console, fail, parse_options, run_with_training_bar
 
 teacher_app = typer.Typer(
     help="Train diffusion teachers on images (the networks `opdiff collect` samples from).", no_args_is_help=True
@@ -149,31 +149,11 @@ def train(
 
 
 def _run(tt, plan):
-    """Train with a rich progress bar (smoothed loss, steps/s, ETA) on stderr."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
+    """Train under the steps bar (``run_with_training_bar``)."""
+    return run_with_training_bar(
+        "teacher",
+        plan.config.max_steps,
+        "loss_avg",
+        lambda progress: tt.train_teacher(plan, progress=progress),
+        err_console,
     )
-
-    total = plan.config.max_steps
-    with progress_bar(
-        TextColumn("teacher"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]} it/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("teacher", total=total, loss="-", rate="-")
-
-        def progress(step: int, total: int, metrics: dict) -> None:
-            speed = bar.tasks[task].speed
-            bar.update(task, completed=step, loss=f"{metrics['loss_avg']:.4g}", rate=f"{speed:.2f}" if speed else "-")
-
-        return tt.train_teacher(plan, progress=progress)

@@ -14,7 +14,7 @@ import typer
 
 from operator_diffusion.configs import TrainConfig, field_default
 
-from ._common import console, fail, parse_options, progress_bar
+from ._common import console, fail, parse_options, run_with_training_bar
 
 
 def _default(name: str):
@@ -155,30 +155,7 @@ def train(
 
 
 def _run(training, config):
-    """Train with a rich progress bar (loss, steps/s, ETA) on the main process."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
+    """Train under the steps bar (``run_with_training_bar``)."""
+    return run_with_training_bar(
+        "train", config.max_steps, "loss", lambda progress: training.train(config, progress=progress), console
     )
-
-    with progress_bar(
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]} it/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("train", total=config.max_steps, loss="-", rate="-")
-
-        def progress(step: int, total: int, metrics: dict) -> None:
-            speed = bar.tasks[task].speed
-            bar.update(task, completed=step, loss=f"{metrics['loss']:.4g}", rate=f"{speed:.2f}" if speed else "-")
-
-        return training.train(config, progress=progress)

@@ -35,16 +35,16 @@ def reference_solver(steps: int, t_end: float):
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of each stage. ``DEMO`` fits ≤ 10 minutes on 2 CPU cores of the slower, AVX2-only kind (measured
-    there: a DSNO step 0.27 s, a baseline step 0.095 s, collection 4.3 ms per trajectory in fp32), ``QUICK`` ≤ 2
-    minutes."""
+    """Sizes of each stage. ``DEMO`` fits ≤ 10 minutes on 2 CPU cores of the slower, AVX2-only kind with a margin
+    for a slow day on a shared machine (measured there on two days: a DSNO step 0.27–0.32 s, a baseline step
+    0.095–0.12 s, collection 4.3–5.1 ms per trajectory in fp32; docs/benchmarks.md, demo), ``QUICK`` ≤ 2 minutes."""
 
-    num: int = 16384  # trajectories collected (docs/benchmarks.md, demo; sized for AVX2-only CPUs)
+    num: int = 12288  # trajectories collected (docs/benchmarks.md, demo; sized for AVX2-only CPUs)
     solver: str = "deis"  # teacher solver of the collection: DEIS-15 (16 NFE) is 0.020 RMSE from
     steps: int = 15  # UniPC-50, closer than UniPC-20 (0.032), at 3/4 of its cost
     precision: str = "auto"  # measured on the machine: bf16 autocast only where it is faster (docs/collect.md)
     times: int = 4  # M output times
-    train_steps: int = 1200  # DSNO optimizer steps (the baseline gets as many); 0.27 s each on AVX2 CPUs
+    train_steps: int = 1000  # DSNO optimizer steps (the baseline gets as many)
     batch_size: int = 64
     lr: float = 2e-3  # 2e-3: RMSE 0.132 / FID 0.534; 1e-3: 0.125 / 0.648 (docs/demo.md)
     lr_decay: str = "cosine"

@@ -38,6 +38,7 @@ __all__ = [
     "check_in_sync",
     "write_atomic",
     "micro_seed",
+    "check_run_numbers",
     "NonFiniteLossError",
     "check_finite_loss",
 ]
@@ -66,6 +67,26 @@ def check_finite_loss(loss: float, step: int, out: Path) -> None:
     )
 
 
+RUN_COUNTS = ("batch_size", "grad_accum", "max_steps", "save_every", "log_every", "keep_checkpoints")
+
+
+def check_run_numbers(config) -> None:
+    """The settings every trainer's config shares: the counts in ``RUN_COUNTS`` are integers >= 1, ``warmup`` an
+    integer >= 0 with a valid ``lr_decay``, ``lr`` finite and > 0, ``ema`` in [0, 1). ValueError names the flag."""
+    for name in RUN_COUNTS:
+        v = getattr(config, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not isinstance(config.warmup, int) or isinstance(config.warmup, bool) or config.warmup < 0:
+        raise ValueError(f"warmup (--warmup) must be an integer >= 0, got {config.warmup!r}")
+    check_decay(config.lr_decay, config.warmup, config.max_steps)
+    lr = config.lr
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number (--lr, finite and > 0), got {lr!r}")
+    if not 0 <= config.ema < 1:
+        raise ValueError(f"ema must lie in [0, 1), got {config.ema}")
+
+
 def micro_seed(tag: str, seed: int, process: int, micro: int) -> int:
     """The torch seed of one micro-step: a hash of (trainer, run seed, process index, micro-step). Seeding every
     micro-step with it makes the random draws inside a step (dropout, noise, flips) a function of the step alone,
@@ -76,7 +97,7 @@ def micro_seed(tag: str, seed: int, process: int, micro: int) -> int:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # hidden: a folder listing or a shard glob never sees it
     tmp.write_text(text)
     tmp.replace(path)
 
@@ -231,7 +252,7 @@ def start_run(
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
-            (out / RUN_INFO).write_text(json.dumps(run_info, indent=2) + "\n")
+            write_atomic(out / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return accelerator
 

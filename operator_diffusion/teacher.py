@@ -53,15 +53,16 @@ from .runs import (
     RUN_INFO,
     Indices,
     TrainState,
-    check_decay,
     check_in_sync,
     check_run_dir,
+    check_run_numbers,
     end_of_step,
     learning_rate,
     micro_seed,
     resumable_batches,
     resume_from_checkpoint,
     start_run,
+    write_atomic,
 )
 from .schedules import PSLD, DiffusionProcess, Schedule, per_item
 
@@ -301,30 +302,13 @@ def _is_variance_preserving(schedule: Schedule) -> bool:
 
 
 def _check_numbers(config: TeacherConfig) -> None:
-    ints = (
-        ("batch_size", config.batch_size),
-        ("grad_accum", config.grad_accum),
-        ("max_steps", config.max_steps),
-        ("save_every", config.save_every),
-        ("log_every", config.log_every),
-        ("keep_checkpoints", config.keep_checkpoints),
-    )
-    for name, v in ints:
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if not isinstance(config.warmup, int) or config.warmup < 0:
-        raise ValueError(f"warmup must be an integer >= 0, got {config.warmup!r}")
-    check_decay(config.lr_decay, config.warmup, config.max_steps)
+    check_run_numbers(config)
     if not isinstance(config.num_classes, int) or config.num_classes < 0:
         raise ValueError(f"num_classes must be an integer >= 0, got {config.num_classes!r}")
     if config.num is not None and (not isinstance(config.num, int) or config.num < 1):
         raise ValueError(f"num must be an integer >= 1, got {config.num!r}")
-    if not (math.isfinite(config.lr) and config.lr > 0):
-        raise ValueError(f"lr must be a positive number, got {config.lr}")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
         raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay}")
-    if not 0 <= config.ema < 1:
-        raise ValueError(f"ema must lie in [0, 1), got {config.ema}")
     if not 0 <= config.label_dropout <= 1:
         raise ValueError(f"label_dropout must lie in [0, 1], got {config.label_dropout}")
     if not (math.isfinite(config.grad_clip) and config.grad_clip >= 0):
@@ -597,5 +581,5 @@ def _export(
         "versions": versions("accelerate"),
         "collect": collect_command(plan, path),
     }
-    (out / TEACHER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    write_atomic(out / TEACHER_INFO, json.dumps(info, indent=2) + "\n")
     return path

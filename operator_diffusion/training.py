@@ -47,6 +47,7 @@ from .runs import (  # noqa: F401  (re-exported: the trainers' shared run plumbi
     check_finite_loss,
     check_in_sync,
     check_run_dir,
+    check_run_numbers,
     end_of_step,
     latest_checkpoint,
     learning_rate,
@@ -55,6 +56,7 @@ from .runs import (  # noqa: F401  (re-exported: the trainers' shared run plumbi
     resumable_batches,
     resume_from_checkpoint,
     start_run,
+    write_atomic,
 )
 from .schedules import schedule_from_config
 
@@ -232,24 +234,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     from .provenance import file_sha256
     from .trajectories import TrajectoryCache
 
-    checks = (
-        ("batch_size", config.batch_size),
-        ("grad_accum", config.grad_accum),
-        ("max_steps", config.max_steps),
-        ("save_every", config.save_every),
-        ("log_every", config.log_every),
-        ("keep_checkpoints", config.keep_checkpoints),
-    )
-    for name, v in checks:
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if not 0 <= config.ema < 1:
-        raise ValueError(f"ema must lie in [0, 1), got {config.ema}")
-    check_positive("lr", config.lr)
-    if config.lr is None:
-        raise ValueError("lr (--lr) must be a finite number > 0, got None")
-    if not isinstance(config.warmup, int) or config.warmup < 0:
-        raise ValueError(f"warmup (--warmup) must be an integer >= 0, got {config.warmup!r}")
+    check_run_numbers(config)
     check_positive("weight_min", config.weight_min)
     check_positive("weight_max", config.weight_max)
     if config.weight_min > config.weight_max:
@@ -266,7 +251,6 @@ def plan_run(config: TrainConfig) -> RunPlan:
             "drop it or pass --loss pseudo-huber"
         )
     check_positive("final_weight", config.final_weight)
-    check_decay(config.lr_decay, config.warmup, config.max_steps)
     if config.mixed_precision not in (*PRECISIONS, None):
         raise ValueError(f"unknown mixed precision {config.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -450,7 +434,7 @@ def _export(model: DSNO, ema: EMA, out: Path, plan: RunPlan, num_processes: int 
         "num_processes": num_processes,
         "parameters": final.parameter_report() | {"injection_points": len(final.injection_points)},
     }
-    (out / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_atomic(out / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
     return path
 
 

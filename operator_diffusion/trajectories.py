@@ -46,6 +46,7 @@ from torch import Tensor
 
 from . import __version__
 from .provenance import file_sha256, versions, weights_sha256
+from .runs import write_atomic
 from .schedules import GRID_KINDS, PSLD, DiffusionProcess, Schedule, VPLinear, time_grid
 from .seeds import example_inputs, label_mode  # noqa: F401  (example_inputs: re-exported)
 from .solvers import NonFiniteError, available_solvers, solve, solver_info
@@ -598,12 +599,6 @@ def check_output_dir(out_dir: Path, plan: CollectionPlan) -> bool:
     return True
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def dataset_card(info: dict) -> str:
     """README.md: YAML front matter (configs/data_files, features, split size) and a description."""
     import datasets
@@ -683,9 +678,9 @@ def write_metadata(out_dir: Path, plan: CollectionPlan) -> dict:
         info["teacher_checkpoint"] = plan.checkpoint_path  # where bench and sample --teacher find the weights again
     out_dir.mkdir(parents=True, exist_ok=True)
     if old is None:
-        _atomic_write_text(out_dir / INFO_NAME, json.dumps(info, indent=2) + "\n")
+        write_atomic(out_dir / INFO_NAME, json.dumps(info, indent=2) + "\n")
     if not (out_dir / CARD_NAME).is_file():
-        _atomic_write_text(out_dir / CARD_NAME, dataset_card(info))
+        write_atomic(out_dir / CARD_NAME, dataset_card(info))
     (out_dir / DATA_DIR).mkdir(exist_ok=True)
     return info
 
@@ -1074,7 +1069,7 @@ class TrajectoryCache:
         if meta is None or meta.get("fingerprint") != fingerprint:
             digest = content_hash(path)
             if meta is not None and meta.get("content_sha256") == digest:
-                _atomic_write_text(cache / CACHE_META, json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
+                write_atomic(cache / CACHE_META, json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
             else:
                 _write_cache(path, info, cache, digest, fingerprint)
         return replace(cls.load(cache), info=info)  # the collection's info as it is now (provenance may change)
@@ -1158,4 +1153,4 @@ def _write_cache(path: Path, info: dict, cache: Path, digest: str, fingerprint: 
     del arrays
     os.replace(tmp, cache / CACHE_TENSORS)
     meta = {"format": CACHE_FORMAT, "content_sha256": digest, "fingerprint": fingerprint, "info": info}
-    _atomic_write_text(cache / CACHE_META, json.dumps(meta, indent=2))
+    write_atomic(cache / CACHE_META, json.dumps(meta, indent=2))

@@ -415,7 +415,7 @@ def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
         (["--loss", "pseudo-huber", "--huber-c", "-0.5"], "huber_c (--huber-c) must be a finite number > 0"),
         (["--final-weight", "0"], "final_weight (--final-weight) must be a finite number > 0"),
         # checked before anything is written (the probe's `--lr -1` left a run.json behind that refused the fix)
-        (["--lr", "-1"], "lr (--lr) must be a finite number > 0"),
+        (["--lr", "-1"], "lr must be a positive number"),
         (["--warmup", "-3"], "warmup (--warmup) must be an integer >= 0"),
         (["--weight-min", "10", "--weight-max", "1"], "the clamp would invert"),
         *(
