@@ -394,7 +394,7 @@ def test_fid_column_and_cli_outputs(mixture_run, tmp_path):
     ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     rows = {(row["method"], row["nfe"]): row for row in out["rows"]}
     assert rows[("teacher reference", 25)]["fid"] == pytest.approx(0.0, abs=1e-6)
     assert rows[("ddim", 2)]["fid"] > rows[("ddim", 10)]["fid"] > 0

@@ -288,7 +288,7 @@ def test_sample_writes_the_x_half_of_dsno_and_the_teachers_solution(pipeline, bb
 def test_bench_compares_with_the_psld_solvers(pipeline):
     res = runner.invoke(app, ["bench", str(pipeline["run"]), "--seeds", "30-33", "--nfe", "1,3,6", "--json"])
     assert res.exit_code == 0, res.output
-    rows = {(r["method"], r["nfe"]): r for r in json.loads(res.output)["rows"]}
+    rows = {(r["method"], r["nfe"]): r for r in json.loads(res.stdout)["rows"]}
     assert rows[("teacher reference", 13)]["rmse"] == 0.0 and ("DSNO", 1) in rows and ("teacher x̂₀(x_T)", 1) in rows
     assert {m for m, _ in rows} >= {"euler", "lambda-ddim", "rse", "csps-d"}
     for args, message in (
