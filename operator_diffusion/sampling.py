@@ -348,6 +348,8 @@ class SampleWriter:
         several = batch.outputs.shape[1] > 1
         if not self._started:
             self.check(several)
+            if self.overwrite:
+                self._remove_old_samples()
             self.out.mkdir(parents=True, exist_ok=True)
             if "png" in self.formats:
                 (self.out / SAMPLES_IMAGES).mkdir(exist_ok=True)
@@ -367,6 +369,16 @@ class SampleWriter:
         self.seeds.extend(batch.seeds)
         if batch.labels is not None:
             self.labels.append(batch.labels.numpy())
+
+    def _remove_old_samples(self) -> None:
+        """``--overwrite``: the PNGs an earlier ``opdiff sample`` wrote here (``NNNNNN.png`` under images/ and
+        trajectories/) go, so the folder holds this run's samples only (``opdiff fid`` reads every PNG in it)."""
+        for sub in (SAMPLES_IMAGES, "trajectories"):
+            folder = self.out / sub
+            if folder.is_dir():
+                for p in folder.glob("*.png"):
+                    if p.stem.isdigit() and p.name == seed_name(int(p.stem)):
+                        p.unlink()
 
     def close(self) -> dict[str, str]:
         """Write the npz, grids and the info file; returns what was written."""

@@ -341,3 +341,17 @@ def test_a_run_distilled_from_the_shipped_digits_teacher_finds_it_by_hash():
     }
     teacher = run_teacher({"collection": coll, "train": {}, "teacher_checkpoint": "/nonexistent/teacher.safetensors"})
     assert weights_sha256(teacher) == weights_sha256(direct)
+
+
+def test_overwrite_leaves_only_the_new_samples(tiny_run, tmp_path):
+    """`sample --overwrite` with fewer seeds: the folder holds exactly the new seeds' PNGs (the probe found 12
+    PNGs for 4 seeds, which `opdiff fid` then read); a file of the user's in it is kept."""
+    out = tmp_path / "s"
+    first = run_cli(tiny_run["run"], "--out", out, "--seeds", "100-111", "--format", "png")
+    assert first.exit_code == 0, first.output
+    (out / "images" / "notes.png").write_bytes(b"not ours")
+    again = run_cli(tiny_run["run"], "--out", out, "--seeds", "200-203", "--format", "png", "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{s:06d}.png" for s in range(200, 204)] + [
+        "notes.png"
+    ]
