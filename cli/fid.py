@@ -15,7 +15,13 @@ CLEANFID_PREFIX = "cleanfid:"
 
 
 def _check_inputs(
-    num: Optional[int], ref_num: Optional[int], batch_size: int, save_stats: Optional[Path], ref: str, source: str
+    num: Optional[int],
+    ref_num: Optional[int],
+    batch_size: int,
+    save_stats: Optional[Path],
+    ref: str,
+    source: str,
+    overwrite: bool = False,
 ) -> None:
     """Refuse bad flags with a one-line error before anything is loaded."""
     checks = [
@@ -25,6 +31,10 @@ def _check_inputs(
         (
             save_stats is None or not save_stats.is_dir(),
             f"--save-stats {str(save_stats)!r} is a folder; give a file path, e.g. stats.npz",
+        ),
+        (
+            save_stats is None or save_stats.is_dir() or not save_stats.exists() or overwrite,
+            f"--save-stats {str(save_stats)!r} already exists; pass --overwrite or choose another file",
         ),
         (
             not source.startswith(CLEANFID_PREFIX),
@@ -144,10 +154,11 @@ def fid(
     save_stats: Optional[Path] = typer.Option(
         None, "--save-stats", help="Write SOURCE's statistics to this .npz (usable later as SOURCE or --ref)."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --save-stats file."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """FID of SOURCE against --ref (clean-fid's Fréchet distance; reference statistics are cached)."""
-    _check_inputs(num, ref_num, batch_size, save_stats, ref, source)
+    _check_inputs(num, ref_num, batch_size, save_stats, ref, source, overwrite)
     dev = resolve_device(device)
 
     from operator_diffusion import fid as F

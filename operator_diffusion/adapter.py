@@ -269,17 +269,7 @@ class DSNO(nn.Module):
         (B, *backbone.state_shape)."""
         bb = self.backbone
         labels = bb.check_inputs(x_T, labels)
-        if times is None:
-            t = self.times
-        else:
-            if self.baseline:
-                raise ValueError("the one-step baseline has a single output time; it cannot be queried at other times")
-            t = check_times(times, bb, minimum=1).to(self.times.device)
-            if len(t) // 2 + 1 < self.modes:
-                raise ValueError(
-                    f"{len(t)} query times carry only {len(t) // 2 + 1} Fourier modes but the temporal layers use "
-                    f"{self.modes}; query at least {2 * (self.modes - 1)} times"
-                )
+        t = self.times if times is None else self.query_times(times)
         b, m = x_T.shape[0], len(t)
         x = x_T.repeat_interleave(m, dim=0)  # (B, C, H, W) -> (B*M, C, H, W), item b*M+i = x_T[b]
         t_items = t.to(x_T.device).repeat(b)  # item b*M+i has time t_i
@@ -288,6 +278,19 @@ class DSNO(nn.Module):
             out = bb.forward(x, t_items, lab)
         out = bb.schedule.data_part(out)  # PSLD: (B*M, 2C, H, W) -> the x half (B*M, C, H, W)
         return out.reshape(b, m, *out.shape[1:])
+
+    def query_times(self, times: Sequence[float] | Tensor) -> Tensor:
+        """Validated query times (App. A.3) as a float64 tensor on the model's device: strictly decreasing, inside
+        the schedule, and enough of them for the temporal layers' Fourier modes (ValueError otherwise)."""
+        if self.baseline:
+            raise ValueError("the one-step baseline has a single output time; it cannot be queried at other times")
+        t = check_times(times, self.backbone, minimum=1).to(self.times.device)
+        if len(t) // 2 + 1 < self.modes:
+            raise ValueError(
+                f"{len(t)} query times carry only {len(t) // 2 + 1} Fourier modes but the temporal layers use "
+                f"{self.modes}; query at least {2 * (self.modes - 1)} times"
+            )
+        return t
 
     @torch.no_grad()
     def sample(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:

@@ -383,6 +383,12 @@ def test_cli_folder_against_itself_with_a_saved_feature_net(folder, netfile, tmp
     assert out["reference_cached"] is False and out["extractor"] == F.FeatureNetExtractor(netfile).id
     again = json.loads(runner.invoke(app, args).stdout)
     assert again["reference_cached"] is True and again["fid"] == out["fid"]
+    before = stats.read_bytes()
+    refused = runner.invoke(app, [*args, "--save-stats", str(stats)])  # an existing file is never overwritten silently
+    assert (
+        refused.exit_code == 2 and "already exists; pass --overwrite" in refused.output and stats.read_bytes() == before
+    )
+    assert runner.invoke(app, [*args, "--save-stats", str(stats), "--overwrite"]).exit_code == 0
     from_stats = runner.invoke(
         app,
         [

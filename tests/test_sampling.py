@@ -245,6 +245,7 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_run, tmp_path):
         ((tiny_run["run"], "--times", "0.3"), "not an output time"),
         ((tiny_run["run"], "--format", "gif"), "unknown --format gif"),
         ((tiny_run["run"], "--query-times", "2.0,0.5"), "bad --query-times"),
+        ((tiny_run["run"], "--query-times", "0.5"), "carry only 1 Fourier modes"),  # was exit 1
         ((tiny_run["run"], "--solver", "ddim"), "only apply with --teacher"),
         ((tiny_run["run"], "--teacher", "--solver", "rk45"), "cannot set up the teacher"),
         (
