@@ -63,6 +63,25 @@ _ZERO_SNR_FLOOR = 2.0**-24  # ᾱ of a zero-terminal-SNR last step (diffusers' E
 # --------------------------------------------------------------------------------------------------
 # Noise schedule from a diffusers scheduler config
 # --------------------------------------------------------------------------------------------------
+# Schedulers whose configs describe a σ (VE / EDM) or flow-matching process, not DDPM betas: read as DDPM they would
+# give linear-β ε-prediction and feed DDPM step numbers to a network conditioned on σ.
+NON_DDPM_SCHEDULERS = ("EDM", "ScoreSdeVe", "KarrasVe", "FlowMatch", "ScoreSdeVp", "CMStochasticIterative")
+
+
+def check_ddpm_family(config: Mapping[str, Any]) -> None:
+    """Refuse a scheduler config outside the DDPM family (betas over discrete steps) in one line."""
+    name = str(config.get("_class_name") or "")
+    sigma_only = ("sigma_max" in config or "sigma_min" in config) and not any(
+        k in config for k in ("beta_start", "beta_schedule", "trained_betas")
+    )
+    if name.startswith(NON_DDPM_SCHEDULERS) or sigma_only:
+        raise ValueError(
+            f"scheduler config {name or '(unnamed)'} describes a σ-parameterised (VE/EDM) or flow process, not DDPM "
+            "betas: diffusers-unet2d supports DDPM-family schedulers (DDPM, DDIM, PNDM, DPM-Solver, UniPC, Euler "
+            "over betas); a VE/EDM UNet2DModel is not supported yet"
+        )
+
+
 def alphas_cumprod_from_scheduler_config(config: Mapping[str, Any]) -> Tensor:
     """ᾱ_n, n = 0..N−1 (float64) of a diffusers DDPM-family scheduler config.
 
@@ -71,6 +90,7 @@ def alphas_cumprod_from_scheduler_config(config: Mapping[str, Any]) -> Tensor:
     goes through ``diffusers.DDPMScheduler.from_config(config).alphas_cumprod``. A zero last ᾱ (zero
     terminal SNR) is floored at 2⁻²⁴, as diffusers' Euler schedulers do, since a DiscreteVP needs ᾱ > 0."""
     cfg = dict(config)
+    check_ddpm_family(cfg)
     n = int(cfg.get("num_train_timesteps") or 1000)
     trained = cfg.get("trained_betas")
     kind = cfg.get("beta_schedule", "linear")

@@ -531,3 +531,18 @@ def test_offline_hub_ids_load_only_from_the_local_cache(monkeypatch):
     with pytest.raises(OSError, match="could not load a UNet2DModel from the Hub id 'someone/ddpm-tiny'"):
         load_backbone("diffusers-unet2d", pretrained="someone/ddpm-tiny")
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5},
+        {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000, "sigma_min": 0.01, "sigma_max": 1348.0},
+        {"sigma_min": 0.002, "sigma_max": 80.0},  # no class name, no betas
+    ],
+)
+def test_scheduler_configs_outside_the_ddpm_family_are_refused(config):
+    """An EDM or VE scheduler config beside a UNet2DModel was silently read as linear-β DDPM; now one line."""
+    with pytest.raises(ValueError, match="describes a σ-parameterised .* not DDPM betas"):
+        load_backbone("diffusers-unet2d", config=dict(TINY_CFG), scheduler_config=config)
+    assert float(alphas_cumprod_from_scheduler_config({"_class_name": "DDIMScheduler"})[0]) == pytest.approx(1 - 1e-4)
