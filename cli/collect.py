@@ -79,6 +79,7 @@ def collect(
         [],
         "--backbone-config",
         "--backbone-option",
+        "-o",
         help="Backbone option key=value (e.g. preset=tiny) or a JSON object; repeatable.",
     ),
     solver: Optional[str] = typer.Option(

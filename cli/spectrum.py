@@ -97,7 +97,7 @@ def spectrum(
         None, "--checkpoint", help="Backbone weights (.safetensors); alone, the backbone is rebuilt from its metadata."
     ),
     backbone_option: list[str] = typer.Option(
-        [], "--backbone-option", help="Backbone constructor option KEY=VALUE (repeatable), e.g. preset=tiny."
+        [], "--backbone-option", "-o", help="Backbone constructor option KEY=VALUE (repeatable), e.g. preset=tiny."
     ),
     oracle: Optional[str] = typer.Option(
         None, "--oracle", help="Exact teacher instead of a backbone: gaussian | mixture."

@@ -413,3 +413,13 @@ def test_non_safetensors_checkpoint_is_rejected(tmp_path):
         tiny().load_weights(path)
     with pytest.raises(FileNotFoundError):
         tiny().load_weights(tmp_path / "missing.safetensors")
+
+
+def test_an_unknown_backbone_option_gets_a_did_you_mean():
+    """`-o presett=tiny` names the option and the close one, instead of Python's keyword-argument message."""
+    with pytest.raises(
+        TypeError, match=r"unknown backbone option 'presett' for 'opdiff-unet'; did you mean 'preset'\?"
+    ):
+        load_backbone("opdiff-unet", presett="tiny")
+    with pytest.raises(TypeError, match=r"unknown backbone option 'drop_out' .*did you mean 'dropout'\?"):
+        load_backbone("opdiff-unet", preset="tiny", drop_out=0.1)

@@ -112,7 +112,36 @@ def load_backbone(name: str | None = None, /, **kwargs) -> Backbone:
         raise ValueError(f"load_backbone needs a backbone name; available: {', '.join(available_backbones())}")
     if name is not None and cfg_name is not None and name != cfg_name:
         raise ValueError(f"load_backbone({name!r}) was given a config of backbone {cfg_name!r}")
-    return backbone_class(name or cfg_name)(**kwargs)
+    cls = backbone_class(name or cfg_name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise TypeError(_with_close_options(str(e), cls)) from None
+
+
+def option_names(cls: type) -> list[str]:
+    """The keyword options a backbone class takes: its ``option_names()`` when it defines one (a backbone that
+    forwards ``**kwargs`` to its network lists them there), else its constructor's named parameters."""
+    import inspect
+
+    own = getattr(cls, "option_names", None)
+    if callable(own):
+        return list(own())
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _with_close_options(message: str, cls: type) -> str:
+    """A TypeError about an unexpected keyword, with the closest options of ``cls`` (did you mean …?)."""
+    import difflib
+    import re
+
+    m = re.search(r"unexpected keyword argument '([^']+)'", message)
+    if m is None:
+        return message
+    close = difflib.get_close_matches(m.group(1), option_names(cls), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown backbone option {m.group(1)!r} for {getattr(cls, 'name', cls.__name__)!r}{hint}"
 
 
 def backbone_from_checkpoint(path: str | Path, **overrides) -> Backbone:

@@ -440,6 +440,12 @@ class OpdiffUNetBackbone(Backbone):
         if checkpoint is not None:
             self.load_weights(checkpoint)
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Its own options and the U-Net's architecture keyword arguments (``OpdiffUNet``)."""
+        own = ["preset", "schedule", "prediction", "checkpoint"]
+        return own + [p for p in inspect.signature(OpdiffUNet).parameters if p not in own]
+
     def config(self) -> dict[str, Any]:
         arch = {**self.network.config(), "in_channels": self.image_shape[0]}  # the data's C (PSLD: the network has 2C)
         return {"name": self.name, **arch, "schedule": self.schedule.config(), "prediction": self.prediction}

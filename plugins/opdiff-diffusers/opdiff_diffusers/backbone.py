@@ -434,7 +434,28 @@ class DiffusersUNet2DBackbone(Backbone):
             cfg = {k: v for k, v in dict(config or {}).items() if not k.startswith("_")}  # drop _class_name, ...
             cfg.update(unet_kwargs)
             if unknown := sorted(set(cfg) - _unet_constructor_keys()):
-                raise ValueError(f"unknown UNet2DModel config keys: {', '.join(unknown)}")
+                import difflib
+
+                names = sorted(
+                    _unet_constructor_keys() | {"pretrained", "subfolder", "scheduler_config", "prediction", "config"}
+                )
+                synonyms = {
+                    "path": "pretrained",
+                    "model": "pretrained",
+                    "model_path": "pretrained",
+                    "repo": "pretrained",
+                    "hub_id": "pretrained",
+                    "repo_id": "pretrained",
+                    "model_id": "pretrained",
+                }
+                close = {
+                    k: [synonyms[k]] if k in synonyms else difflib.get_close_matches(k, names, n=2, cutoff=0.5)
+                    for k in unknown
+                }
+                hints = "".join(
+                    f"; {k}: did you mean {' or '.join(repr(c) for c in v)}?" for k, v in close.items() if v
+                )
+                raise ValueError(f"unknown UNet2DModel config keys: {', '.join(unknown)}{hints}")
             unet = UNet2DModel(**cfg)
 
         if scheduler_config is not None:

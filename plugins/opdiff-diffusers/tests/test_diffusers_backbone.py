@@ -546,3 +546,8 @@ def test_scheduler_configs_outside_the_ddpm_family_are_refused(config):
     with pytest.raises(ValueError, match="describes a σ-parameterised .* not DDPM betas"):
         load_backbone("diffusers-unet2d", config=dict(TINY_CFG), scheduler_config=config)
     assert float(alphas_cumprod_from_scheduler_config({"_class_name": "DDIMScheduler"})[0]) == pytest.approx(1 - 1e-4)
+
+
+def test_an_unknown_option_suggests_pretrained_for_path():
+    with pytest.raises(ValueError, match=r"unknown UNet2DModel config keys: path; path: did you mean 'pretrained'\?"):
+        load_backbone("diffusers-unet2d", path="models/unet")
