@@ -158,8 +158,7 @@ class Schedule(DiffusionProcess):
 
     def prior(self, shape, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> Tensor:
         """x_T = ``prior_std`` · N(0, I) of ``shape`` (B, C, ...)."""
-        x = torch.randn(*shape, generator=generator, dtype=dtype, device=device)
-        return x if self.prior_std == 1.0 else x * self.prior_std
+        return torch.randn(*shape, generator=generator, dtype=dtype, device=device) * self.prior_std
 
     def prior_config(self) -> dict:
         return {"prior": "gaussian", "std": self.prior_std}

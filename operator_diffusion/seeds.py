@@ -114,14 +114,8 @@ def parse_labels(spec: str | int | Sequence[int] | None, num_classes: int) -> st
     if spec in (None, "", "random"):
         return "random"
     if isinstance(spec, str):
-        try:
-            values = [int(v) for v in spec.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"bad --labels {spec!r}: use 'random', one class (e.g. 3) or a list (e.g. 0,1,2)"
-            ) from None
-    else:
-        values = [int(spec)] if isinstance(spec, int) else [int(v) for v in spec]
+        spec = parse_label_spec(spec)
+    values = [int(spec)] if isinstance(spec, int) else [int(v) for v in spec]
     bad = [v for v in values if not 0 <= v < num_classes]
     if bad:
         raise ValueError(f"labels {bad} are outside [0, {num_classes}) of this model")

@@ -203,20 +203,21 @@ def weights_in_directory(folder: Path) -> str:
     return str(found[0])
 
 
-def resolve_init_from(config: TrainConfig, info: dict) -> str | None:
-    """The weights a run starts from: ``config.init_from``; ``"scratch"``: none (the backbone's initialisation);
-    None: the collection's teacher — the file with its checkpoint's sha256 (``sampling.find_teacher_checkpoint``:
-    the path the collection recorded, the shipped teachers), or none when the collection's backbone config loads
+def resolve_init_from(config: TrainConfig, info: dict) -> tuple[str | None, str | None]:
+    """The weights a run starts from and their sha256 when already known (else None): ``config.init_from``;
+    ``"scratch"``: none (the backbone's initialisation); None: the collection's teacher — the file with its
+    checkpoint's sha256 (``sampling.find_teacher_checkpoint``: the path the collection recorded, the shipped
+    teachers; found by that hash, so it is not hashed again), or none when the collection's backbone config loads
     the teacher's weights itself; another ``--backbone`` starts from its own initialisation."""
     from .sampling import find_teacher_checkpoint
 
     if config.init_from == INIT_SCRATCH:
-        return None
+        return None, None
     if config.init_from is not None or config.backbone is not None:
-        return config.init_from
+        return config.init_from, None
     want = info["collection"].get("checkpoint_sha256")
     if want is None:
-        return None
+        return None, None
     found = find_teacher_checkpoint(
         {"collection": info["collection"], "teacher_checkpoint": info.get("teacher_checkpoint")}
     )
@@ -226,7 +227,7 @@ def resolve_init_from(config: TrainConfig, info: dict) -> str | None:
             f"the collection's teacher weights (sha256 {want[:12]}…, from {where}) are not found, and training starts "
             "from them by default; pass --init-from PATH (the teacher's .safetensors), or --init-from scratch"
         )
-    return found
+    return found, want
 
 
 def plan_run(config: TrainConfig) -> RunPlan:
@@ -277,7 +278,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
             f"the dataset holds {len(cache)} trajectories, fewer than one batch of {config.batch_size}; "
             "collect more or lower --batch-size"
         )
-    init_from = resolve_init_from(config, cache.info)
+    init_from, init_sha = resolve_init_from(config, cache.info)
     bb = build_backbone(config, collection, init_from)
     model = DSNO(bb, cache.times, modes=config.modes, init=config.init, baseline=config.baseline)
     weights = time_weights(
@@ -287,7 +288,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
         precision = "bf16" if torch.cuda.is_available() else "no"
     else:
         precision = config.mixed_precision
-    init_sha = file_sha256(init_from) if init_from else None  # read the file once
+    if init_from is not None and init_sha is None:
+        init_sha = file_sha256(init_from)
     run_info = {
         "format_version": FORMAT_VERSION,
         "opdiff_version": __version__,
