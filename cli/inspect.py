@@ -25,7 +25,8 @@ def inspect(
         [],
         "--placement",
         "-p",
-        help="Injection point: module name or dotted glob (repeatable; default: the backbone's).",
+        help="Injection point: a placement preset (full, through-mid, through-up1 for opdiff-unet), a module name "
+        "or a dotted glob (repeatable; default: the backbone's full placement).",
     ),
     all_modules: bool = typer.Option(
         False, "--all-modules", help="List every module with its output shape (to choose --placement)."
@@ -71,6 +72,14 @@ def inspect(
         f"backbone {report['backbone_parameters']:,} parameters; temporal layers {report['temporal_parameters']:,} "
         f"(+{100 * report['overhead']:.2f}%) at {len(report['injection_points'])} injection points"
     )
+    cut = report["frame_cut_point"]
+    console.print(
+        f"frame pruning: a sample runs the network after {cut!r} on its last frame only"
+        if cut
+        else "frame pruning: none (the backbone declares no item cut points); a sample runs every frame to the end"
+    )
+    presets = model.backbone.placement_presets
+    console.print(f"placement presets (--placement): {', '.join(presets)}")
 
 
 def _module_rows(bb) -> list[dict]:

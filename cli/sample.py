@@ -226,16 +226,13 @@ def sample(
 
     import torch
 
-    def frames(batch):
-        batch.outputs, batch.times = batch.outputs[:, keep], [batch.times[i] for i in keep]
-        return batch
-
     try:
-        batches = sp.dsno_batches(model, seed_list, label_mode, query, batch_size, dev)
+        # only the frames asked for: the blocks after the last temporal layer run on them alone (frame pruning)
+        batches = sp.dsno_batches(model, seed_list, label_mode, query, batch_size, dev, frames=keep)
         for batch in _progress_loop(batches, len(seed_list), "DSNO (1 NFE)"):
             if not torch.isfinite(batch.outputs).all():
                 fail(f"DSNO produced NaN/Inf for seeds among {batch.seeds[:5]}…; the checkpoint is broken", code=1)
-            writer.add(frames(batch))
+            writer.add(batch)
         files = writer.close()
         if teacher_writer is not None:
             tb = sp.teacher_batches(teacher_model, seed_list, teacher_solver, label_mode, batch_size, dev)

@@ -41,6 +41,12 @@ def train(
     modes: int = typer.Option(
         _default("modes"), "--modes", help="Fourier modes per temporal layer (see `opdiff spectrum`)."
     ),
+    placement: Optional[str] = typer.Option(
+        None,
+        "--placement",
+        help="Where the temporal layers go: full (default), through-mid or through-up1 (opdiff-unet: they end "
+        "early, and a sample runs the rest of the network on one frame), or comma-separated module names/globs.",
+    ),
     weighting: str = typer.Option(
         _default("weighting"), "--weighting", help="Per-time loss weight: sqrt-snr (paper), snr or uniform."
     ),
@@ -104,6 +110,7 @@ def train(
         backbone=backbone,
         backbone_options=parse_options(backbone_option),
         modes=modes,
+        placement=placement,
         weighting=weighting,
         weight_min=weight_min,
         weight_max=weight_max,

@@ -8,7 +8,11 @@
   frames) mixes the copies of one example. The blocks are attached with forward hooks that are active only
   inside ``DSNO.forward``: the backbone's modules, names and ``state_dict`` keys are untouched, so teacher
   weights load unchanged and ``backbone.eps_fn`` is still the plain teacher;
-* channel counts are found by tracing one forward pass, so a new U-Net needs no table.
+* channel counts are found by tracing one forward pass, so a new U-Net needs no table;
+* frame pruning: after the last temporal layer the M frames of an example no longer interact, so a sample
+  (frame t_M only) runs the rest of the network on B items instead of B·M. The backbone says where it can
+  drop items (``Backbone.item_cut_points``, ``keep_items``); DSNO cuts at the first such point after its last
+  temporal layer. Placements that end early (``through-mid``) leave the whole decoder to one frame.
 
 Output parameterisation: the network's raw output on item (b, i) is taken as the prediction of the training
 target at t_i (the teacher's denoised x̂_0 or the state x(t_i), chosen when collecting data), as in the
@@ -30,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,15 +81,23 @@ def _segment_glob(pattern: str) -> re.Pattern:
     return re.compile(body + r"\Z")
 
 
-def resolve_placement(network: nn.Module, placement: Sequence[str | type] | None, default: Sequence[str]) -> list[str]:
-    """Module names for ``placement``: exact names, dotted globs (``"up.*.res.*"``) or ``nn.Module`` types.
-    A selector that matches nothing raises ValueError with close names. Order is fixed later by tracing."""
+def resolve_placement(
+    network: nn.Module,
+    placement: str | Sequence[str | type] | None,
+    default: Sequence[str],
+    presets: dict[str, list[str]] | None = None,
+) -> list[str]:
+    """Module names for ``placement``: a preset name of ``presets`` (``"through-mid"``), or exact names, dotted
+    globs (``"up.*.res.*"``) or ``nn.Module`` types. A selector that matches nothing raises ValueError with close
+    names. Order is fixed later by tracing."""
     names = [n for n, _ in network.named_modules() if n]
     modules = dict(network.named_modules())
+    presets = presets or {}
     if placement is None:
         placement = list(default)
     if isinstance(placement, (str, type)):
         placement = [placement]
+    placement = [n for sel in placement for n in (presets[sel] if isinstance(sel, str) and sel in presets else [sel])]
     chosen: set[str] = set()
     for sel in placement:
         if isinstance(sel, type):
@@ -98,10 +111,11 @@ def resolve_placement(network: nn.Module, placement: Sequence[str | type] | None
             hits = [sel] if sel in modules and sel else []
             what = f"module name {sel!r}"
         if not hits:
-            close = difflib.get_close_matches(str(sel), names, n=4) or names[:4]
+            close = difflib.get_close_matches(str(sel), [*presets, *names], n=4) or names[:4]
+            known = f"; placement presets: {', '.join(presets)}" if presets else ""
             raise ValueError(
                 f"injection point {what} matches no module of the backbone network; close names: "
-                f"{', '.join(close)} (list them with `opdiff inspect --all-modules`)"
+                f"{', '.join(close)} (list them with `opdiff inspect --all-modules`){known}"
             )
         chosen.update(hits)
     nested = sorted(a for a in chosen for b in chosen if a != b and a.startswith(b + "."))
@@ -143,10 +157,12 @@ def trace_outputs(backbone: Backbone, names: Sequence[str]) -> dict[str, tuple[i
     return shapes
 
 
-def trace_injection_points(backbone: Backbone, names: Sequence[str]) -> list[InjectionPoint]:
-    """Each named module's output channels and resolution from one traced forward pass (``trace_outputs``);
-    the points come back in the order the forward pass reaches them."""
-    shapes = trace_outputs(backbone, names)
+def trace_injection_points(
+    backbone: Backbone, names: Sequence[str], shapes: dict[str, tuple[int, ...] | str] | None = None
+) -> list[InjectionPoint]:
+    """Each named module's output channels and resolution from one traced forward pass (``trace_outputs``, or
+    its result ``shapes``); the points come back in the order the forward pass reaches them."""
+    shapes = trace_outputs(backbone, names) if shapes is None else shapes
     points = []
     for n in sorted(names, key=lambda n: list(shapes).index(n) if n in shapes else -1):
         shape = shapes.get(n)
@@ -161,6 +177,21 @@ def trace_injection_points(backbone: Backbone, names: Sequence[str]) -> list[Inj
             )
         points.append(InjectionPoint(n, int(shape[1]), (int(shape[2]), int(shape[3]))))
     return points
+
+
+def frame_cut_point(order: Sequence[str], last: str, cuts: Sequence[str]) -> str | None:
+    """The earliest of the backbone's item cut points ``cuts`` that completes no earlier than the last temporal
+    layer's module ``last``, in the completion order ``order`` of one traced forward pass; None if there is
+    none. After it the frames of an example no longer interact, so dropping frames there is exact."""
+    rank = {n: i for i, n in enumerate(order)}
+    after = [c for c in cuts if c in rank and rank[c] >= rank[last]]
+    return min(after, key=rank.__getitem__) if after else None
+
+
+def frame_items(batch: int, num_frames: int, frames: Sequence[int]) -> Tensor:
+    """Items b·M + i of the kept frames i (in the order given) of every example b: (B·K,) long, example-major."""
+    f = torch.as_tensor(list(frames), dtype=torch.long)
+    return (torch.arange(batch)[:, None] * num_frames + f[None, :]).flatten()
 
 
 def _block_key(name: str) -> str:
@@ -193,14 +224,17 @@ class DSNO(nn.Module):
         backbone: the teacher's ``Backbone`` (its weights are the initialisation).
         times: the M output times t_1 > … > t_M of the training grid (schedule time, e.g. the dataset's).
         modes: Fourier modes J kept by every temporal layer (1 ≤ J ≤ M//2 + 1; the paper uses 2 for M = 4).
-        placement: injection points (names, glob patterns or module types); default
-            ``backbone.default_injection_points`` (after every ResBlock and the mid block).
+        placement: injection points: a preset of ``backbone.placement_presets`` (``"full"``, and for opdiff-unet
+            ``"through-mid"`` and ``"through-up1"``, which end the temporal layers early), or names, glob patterns
+            or module types; default ``backbone.default_injection_points`` (after every ResBlock and the mid block).
         init: ``"zero"`` (exact identity: DSNO starts as the teacher network) or ``"small"`` (reference init).
         negative_slope: LeakyReLU slope of the temporal layers (0.01 in the paper).
         baseline: the one-step distillation baseline (no temporal layers, one output at t_M).
 
-    ``forward(x_T, labels=None, times=None)`` → (B, M, C, H, W). ``times`` evaluates the operator on other
-    query times (App. A.3): the temporal layers treat the times as equispaced samples in index, as in training.
+    ``forward(x_T, labels=None, times=None, frames=None)`` → (B, M, C, H, W). ``times`` evaluates the operator on
+    other query times (App. A.3): the temporal layers treat the times as equispaced samples in index, as in
+    training. ``frames`` keeps only those output frames and, where the backbone can drop items
+    (``item_cut_points``), runs everything after the last temporal layer on them alone (``cut_point``).
     With a PSLD backbone x_T is the state z_T (B, 2C, H, W) and the output the x half, still (B, M, C, H, W).
     """
 
@@ -229,6 +263,8 @@ class DSNO(nn.Module):
         self.train_times = all_times
         self.temporal = nn.ModuleDict()
         self.injection_points: list[InjectionPoint] = []
+        # the baseline has no temporal layer: its one frame is the whole output
+        self.cut_point: str | None = None
         self._num_frames: int | None = None  # set only inside forward: hooks are inert otherwise
         if self.baseline:
             return
@@ -237,8 +273,14 @@ class DSNO(nn.Module):
             raise ValueError(
                 f"modes={self.modes} is out of range for M={m} output times: use 1 <= modes <= {m // 2 + 1} (M//2+1)"
             )
-        names = resolve_placement(backbone.network, placement, backbone.default_injection_points)
-        self.injection_points = trace_injection_points(backbone, names)
+        names = resolve_placement(
+            backbone.network, placement, backbone.default_injection_points, backbone.placement_presets
+        )
+        cuts = backbone.item_cut_points
+        shapes = trace_outputs(backbone, [*names, *(c for c in cuts if c not in names)])
+        self.injection_points = trace_injection_points(backbone, names, shapes)
+        # frame pruning: where the forward pass may continue on the requested frames only (None: never)
+        self.cut_point = frame_cut_point(list(shapes), self.injection_points[-1].name, cuts)
         from .operators import TemporalBlock  # lazy: neuralop is a heavy import
 
         modules = dict(backbone.network.named_modules())
@@ -263,21 +305,56 @@ class DSNO(nn.Module):
         return len(self.times)
 
     def forward(
-        self, x_T: Tensor, labels: Tensor | None = None, times: Sequence[float] | Tensor | None = None
+        self,
+        x_T: Tensor,
+        labels: Tensor | None = None,
+        times: Sequence[float] | Tensor | None = None,
+        frames: Sequence[int] | None = None,
     ) -> Tensor:
         """Predicted trajectory (B, M, C, H, W) at ``times`` (default: the training times) from noise x_T
-        (B, *backbone.state_shape)."""
+        (B, *backbone.state_shape).
+
+        ``frames`` (indices into the times, e.g. ``[-1]`` for the sample at t_M) returns only those frames,
+        (B, K, C, H, W), and runs every block after the last temporal layer on them alone (frame pruning, at
+        ``cut_point``): the same numbers as the full output's frames, for less compute."""
         bb = self.backbone
         labels = bb.check_inputs(x_T, labels)
         t = self.times if times is None else self.query_times(times)
         b, m = x_T.shape[0], len(t)
+        keep = None if frames is None else self.check_frames(frames, m)
         x = x_T.repeat_interleave(m, dim=0)  # (B, C, H, W) -> (B*M, C, H, W), item b*M+i = x_T[b]
         t_items = t.to(x_T.device).repeat(b)  # item b*M+i has time t_i
         lab = None if labels is None else labels.repeat_interleave(m)
-        with self._frames(m):
+        prune = keep is not None and self.cut_point is not None and len(keep) < m
+        with self._frames(m), contextlib.ExitStack() as stack:
+            if prune:
+                stack.enter_context(bb.keep_items(self.cut_point, frame_items(b, m, keep).to(x_T.device)))
             out = bb.forward(x, t_items, lab)
         out = bb.schedule.data_part(out)  # PSLD: (B*M, 2C, H, W) -> the x half (B*M, C, H, W)
-        return out.reshape(b, m, *out.shape[1:])
+        if prune:
+            return out.reshape(b, len(keep), *out.shape[1:])
+        out = out.reshape(b, m, *out.shape[1:])
+        return out if keep is None else out[:, keep]
+
+    @staticmethod
+    def check_frames(frames: Sequence[int], num_frames: int) -> list[int]:
+        """Frame indices in [0, M) (negative ones count from the end, as in Python), in the order given."""
+        out = []
+        for f in frames:
+            try:
+                i = operator.index(f) if not isinstance(f, bool) else None
+            except TypeError:
+                i = None
+            if i is None:
+                raise TypeError(f"frames must be integer indices into the output times, got {f!r}")
+            if not -num_frames <= i < num_frames:
+                raise ValueError(f"frame index {i} is out of range for {num_frames} output times")
+            out.append(i % num_frames)
+        if not out:
+            raise ValueError("frames is empty: ask for at least one output frame (e.g. [-1], the sample)")
+        if len(set(out)) != len(out):
+            raise ValueError(f"frames {list(frames)} repeat an output time")
+        return out
 
     def query_times(self, times: Sequence[float] | Tensor) -> Tensor:
         """Validated query times (App. A.3) as a float64 tensor on the model's device: strictly decreasing, inside
@@ -294,8 +371,8 @@ class DSNO(nn.Module):
 
     @torch.no_grad()
     def sample(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
-        """One-NFE sample: the output at the last time t_M, (B, C, H, W) (PSLD: the x half)."""
-        return self.forward(x_T, labels)[:, -1]
+        """One-NFE sample: the output at the last time t_M, (B, C, H, W) (PSLD: the x half), frame-pruned."""
+        return self.forward(x_T, labels, frames=[-1])[:, 0]
 
     # ----------------------------------------------------------------------------------------------
     def parameter_report(self) -> dict[str, Any]:
@@ -316,6 +393,7 @@ class DSNO(nn.Module):
             "temporal_parameters": temporal,
             "overhead": temporal / backbone,
             "injection_points": rows,
+            "frame_cut_point": self.cut_point,
         }
 
     def config(self) -> dict[str, Any]:

@@ -37,7 +37,7 @@ HUBER_C_PER_SQRT_DIM = 0.00054  # iCT (Song & Dhariwal, 2023): c = 0.00054·√D
 # Fields that may change between a run and its resumption (they do not change what is trained).
 RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints", "trackers")
 # Fields added after runs were made: left out of the identity while None (their old behaviour), so those runs resume.
-LATER_FIELDS = ("huber_c", "final_weight")
+LATER_FIELDS = ("huber_c", "final_weight", "placement")
 INIT_SCRATCH = "scratch"  # init_from: the backbone's own initialisation (runs made before the teacher default had None)
 
 
@@ -51,6 +51,9 @@ class TrainConfig:
     backbone: str | None = None  # default: the backbone recorded in the collection
     backbone_options: dict[str, Any] = field(default_factory=dict)
     modes: int = 2
+    # where the temporal layers go: a backbone placement preset ("full", "through-mid", "through-up1" for
+    # opdiff-unet) or comma-separated module names/globs; None: the backbone's default (full)
+    placement: str | None = None
     weighting: Literal["sqrt-snr", "snr", "uniform"] = "sqrt-snr"
     weight_min: float = 1.0
     weight_max: float = 1e4
@@ -74,6 +77,13 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     trackers: tuple[str, ...] = ()  # accelerate trackers, e.g. ("tensorboard",) or ("wandb",)
+
+    @property
+    def placement_selectors(self) -> list[str] | None:
+        """``placement`` as DSNO's selectors (None: the backbone's default)."""
+        if self.placement is None:
+            return None
+        return [p.strip() for p in self.placement.split(",") if p.strip()]
 
     def identity(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

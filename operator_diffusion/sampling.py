@@ -84,14 +84,19 @@ def dsno_batches(
     times: Sequence[float] | None = None,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    frames: Sequence[int] | None = None,
 ) -> Iterator[SampleBatch]:
-    """DSNO's outputs, one forward pass per batch: at its training times, or at ``times`` (App. A.3)."""
+    """DSNO's outputs, one forward pass per batch: at its training times, or at ``times`` (App. A.3); only the
+    output frames ``frames`` (indices into those times, e.g. ``[-1]``: the samples), frame-pruned, when given."""
     bb = model.backbone
     model.to(device).eval()
     out_times = [float(t) for t in (model.times if times is None else times)]
+    if frames is not None:
+        frames = model.check_frames(frames, len(out_times))
+        out_times = [out_times[i] for i in frames]
     for chunk, x, y in seed_inputs(seeds, bb, labels, batch_size, device):
         with torch.inference_mode():
-            out = model(x, y, times=times)
+            out = model(x, y, times=times, frames=frames)
         yield SampleBatch(chunk, None if y is None else y.cpu(), out.float().cpu(), out_times)
 
 

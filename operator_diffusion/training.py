@@ -252,6 +252,14 @@ def plan_run(config: TrainConfig) -> RunPlan:
             "drop it or pass --loss pseudo-huber"
         )
     check_positive("final_weight", config.final_weight)
+    if config.baseline and config.placement is not None:
+        raise ValueError(
+            "placement (--placement) places temporal layers, which the one-step baseline has none of; drop it"
+        )
+    if config.placement is not None and not config.placement_selectors:
+        raise ValueError(
+            f"placement (--placement) {config.placement!r} names no module; omit it for the full placement"
+        )
     if config.mixed_precision not in (*PRECISIONS, None):
         raise ValueError(f"unknown mixed precision {config.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -280,7 +288,14 @@ def plan_run(config: TrainConfig) -> RunPlan:
         )
     init_from, init_sha = resolve_init_from(config, cache.info)
     bb = build_backbone(config, collection, init_from)
-    model = DSNO(bb, cache.times, modes=config.modes, init=config.init, baseline=config.baseline)
+    model = DSNO(
+        bb,
+        cache.times,
+        modes=config.modes,
+        placement=None if config.baseline else config.placement_selectors,
+        init=config.init,
+        baseline=config.baseline,
+    )
     weights = time_weights(
         bb.schedule, model.times, config.weighting, config.weight_min, config.weight_max, config.final_weight
     )

@@ -8,6 +8,7 @@ and safetensors round trips.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -287,3 +288,114 @@ def test_check_times_accepts_the_schedule_range():
     bb = tiny()
     t = check_times([bb.schedule.t_max, bb.schedule.t_min], bb)
     assert t.dtype == torch.float64 and t.tolist() == [bb.schedule.t_max, bb.schedule.t_min]
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame pruning: after the last temporal layer a sample needs only its requested frames
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def items_seen(*modules: torch.nn.Module):
+    """Yields one list per module: the batch sizes it is called on inside the block (forward pre-hooks)."""
+    seen: list[list[int]] = [[] for _ in modules]
+    handles = [
+        m.register_forward_pre_hook(lambda m, args, s=s: s.append(args[0].shape[0])) for m, s in zip(modules, seen)
+    ]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("placement", [None, "through-mid", "through-up1", ["down.1.res.0.attn"]])
+@pytest.mark.parametrize("frames", [[-1], [0, 2], [3, 1]])
+@torch.no_grad()
+def test_frame_pruning_gives_the_full_forward_frames_in_float64(placement, frames):
+    """The reference is the unpruned forward pass (every frame to the end), in float64 so that the only possible
+    difference is arithmetic order; the network after the cut really runs on B·K items."""
+    bb = tiny(num_classes=3)
+    bb.network.double()
+    model = small_dsno(bb, placement=placement).double().eval()
+    x = torch.randn(5, *bb.image_shape, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 1])  # 3 is the null label
+    full = model(x, labels)
+    with items_seen(bb.network.out_conv) as (out_conv,):
+        pruned = model(x, labels, frames=frames)
+    assert pruned.shape == (5, len(frames), *bb.image_shape)
+    torch.testing.assert_close(pruned, full[:, frames], rtol=1e-12, atol=1e-12)
+    assert out_conv == [5 * len(frames)]
+    assert model.cut_point is not None
+
+
+def test_placement_presets_end_the_temporal_layers_where_they_say():
+    """tiny: two levels of one ResBlock (two on the way up), attention at 4×4. ``through-mid`` is the encoder and
+    the mid block, ``through-up1`` adds the 4×4 up level; the cut follows the last temporal layer."""
+    bb = tiny()
+    encoder = ["down.0.res.0", "down.1.res.0", "mid"]
+    expected = {
+        None: (encoder + ["up.1.res.0", "up.1.res.1", "up.0.res.0", "up.0.res.1"], "up.0.res.1"),
+        "full": (encoder + ["up.1.res.0", "up.1.res.1", "up.0.res.0", "up.0.res.1"], "up.0.res.1"),
+        "through-mid": (encoder, "mid"),
+        "through-up1": (encoder + ["up.1.res.0", "up.1.res.1"], "up.1.res.1"),
+        # inside a block: the cut is after the block that contains it
+        ("down.1.res.0.attn",): (["down.1.res.0.attn"], "down.1.res.0"),
+    }
+    for placement, (names, cut) in expected.items():
+        model = DSNO(bb, TIMES, placement=list(placement) if isinstance(placement, tuple) else placement)
+        assert [p.name for p in model.injection_points] == names
+        assert model.cut_point == cut
+        assert model.parameter_report()["frame_cut_point"] == cut
+    # the config records the names, so a saved model rebuilds the same placement
+    assert DSNO(bb, TIMES, placement="through-mid").config()["placement"] == encoder
+
+
+@torch.no_grad()
+def test_through_mid_runs_the_whole_decoder_on_the_sample_frame_only():
+    bb = tiny()
+    model = small_dsno(bb, placement="through-mid").eval()
+    x = torch.randn(3, *bb.image_shape)
+    with items_seen(bb.network.mid, bb.network.up[1].res[0]) as (mid, up):
+        sample = model.sample(x)
+    assert mid == [3 * 4] and up == [3]
+    torch.testing.assert_close(sample, model(x)[:, -1], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_backbone_without_cut_points_selects_the_frames_after_a_full_pass():
+    from operator_diffusion.backbones.unet import OpdiffUNetBackbone
+
+    class NoCuts(OpdiffUNetBackbone):
+        item_cut_points = []  # what a plugin that declares none gets from the base class
+
+    torch.manual_seed(0)
+    bb = NoCuts(preset="tiny")
+    for p in bb.network.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    model = small_dsno(bb).eval()
+    assert model.cut_point is None
+    x = torch.randn(2, *bb.image_shape)
+    with items_seen(bb.network.out_conv) as (out_conv,):
+        torch.testing.assert_close(model(x, frames=[1, 3]), model(x)[:, [1, 3]], rtol=0, atol=0)
+    assert out_conv == [8, 8]  # every frame ran to the end both times
+
+
+@pytest.mark.parametrize(
+    "frames, error, match",
+    [
+        ([4], ValueError, "frame index 4 is out of range for 4 output times"),
+        ([-5], ValueError, "out of range"),
+        ([], ValueError, "frames is empty"),
+        ([1, -3], ValueError, "repeat an output time"),
+        ([0.5], TypeError, "integer indices"),
+        ([True], TypeError, "integer indices"),
+    ],
+)
+def test_bad_frames_are_refused(frames, error, match):
+    model = DSNO(tiny(), TIMES)
+    with pytest.raises(error, match=match):
+        model(torch.randn(1, *model.backbone.image_shape), frames=frames)
+
+
+def test_an_unknown_preset_names_the_presets():
+    with pytest.raises(ValueError, match="placement presets: full, through-mid, through-up1"):
+        DSNO(tiny(), TIMES, placement="through-middle")

@@ -495,3 +495,23 @@ def test_init_from_a_model_folder_takes_its_weights_file(tiny_run, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="is a folder with no weights file .*pass the .safetensors file itself"):
         plan_run(TrainConfig(out=str(tmp_path / "b"), init_from=str(empty), **base))
+
+
+def test_placement_is_part_of_the_run_and_refused_where_it_cannot_apply(tiny_run, tmp_path):
+    """--placement reaches the model (a preset or comma-separated names); runs made before the field existed keep
+    their identity (None is left out of it); the baseline, which has no temporal layers, refuses it."""
+    from operator_diffusion.training import TrainConfig, plan_run
+
+    base = dict(data=str(tiny_run["data"]), batch_size=8, max_steps=2)
+    plan = plan_run(TrainConfig(out=str(tmp_path / "a"), placement="through-mid", **base))
+    assert [p.name for p in plan.model.injection_points] == ["down.0.res.0", "down.1.res.0", "mid"]
+    assert plan.model.cut_point == "mid"
+    listed = plan_run(TrainConfig(out=str(tmp_path / "b"), placement="down.0.res.0, mid", **base))
+    assert [p.name for p in listed.model.injection_points] == ["down.0.res.0", "mid"]
+    assert "placement" not in TrainConfig(out="x", **base).identity()
+    assert TrainConfig(out="x", placement="through-mid", **base).identity()["placement"] == "through-mid"
+    with pytest.raises(ValueError, match="one-step baseline has none"):
+        plan_run(TrainConfig(out=str(tmp_path / "c"), placement="through-mid", baseline=True, **base))
+    with pytest.raises(ValueError, match="names no module"):
+        plan_run(TrainConfig(out=str(tmp_path / "d"), placement=" , ", **base))
+    assert not any((tmp_path / n).exists() for n in "abcd")  # planning writes nothing

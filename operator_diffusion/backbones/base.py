@@ -20,6 +20,7 @@ is then registered under ``name`` in the ``opdiff.backbones`` entry-point group 
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -109,6 +110,30 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def default_injection_points(self) -> list[str]:
         """Module names of ``network`` after which DSNO's temporal layers go, in forward order."""
+
+    @property
+    def placement_presets(self) -> dict[str, list[str]]:
+        """Named DSNO placements (``DSNO(placement="NAME")``): module names of ``network`` in forward order.
+        Always holds ``"full"`` (``default_injection_points``); a backbone may add placements whose temporal
+        layers end early, so that frame pruning (``item_cut_points``) leaves more of the network to one frame."""
+        return {"full": self.default_injection_points}
+
+    @property
+    def item_cut_points(self) -> list[str]:
+        """Modules of ``network`` after which ``keep_items`` can continue the forward pass on a subset of the
+        batch's items, in forward order. Default: none (DSNO then runs every frame to the end and selects)."""
+        return []
+
+    @contextlib.contextmanager
+    def keep_items(self, after: str, index: Tensor):
+        """Inside the block, ``forward`` continues after module ``after`` (one of ``item_cut_points``) on the
+        items ``index`` (a (K,) long tensor) only, and returns K outputs. Exact for the kept items whenever
+        every later operation works per item (convolutions, group norm, per-item attention; dropout in eval
+        mode): DSNO uses it after its last temporal layer, where the M frames of an example no longer interact
+        (frame pruning). A backbone that supports it lists its cut points and narrows every per-item tensor
+        still alive at the cut (features, skip connections, embeddings)."""
+        raise ValueError(f"backbone {self.name!r} cannot drop items after {after!r}: it declares no item cut points")
+        yield  # pragma: no cover - makes this a generator for contextmanager
 
     def eps_fn(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """The solvers' contract: ε̂(x, t) from the network output (``prediction.eps_from_prediction``)."""

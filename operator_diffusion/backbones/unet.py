@@ -23,6 +23,7 @@ is after its attention) and ``mid``, in forward order; never a resample block.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Any, Literal
@@ -334,16 +335,35 @@ class OpdiffUNet(nn.Module):
         self.up = nn.ModuleList(up)
         self.out_norm = _group_norm(ch)
         self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+        # (block name, item index): forward continues after that block on those items only (``cut_points``)
+        self.keep: tuple[str, Tensor] | None = None
 
     def config(self) -> dict[str, Any]:
         """The constructor kwargs (JSON-serialisable): ``OpdiffUNet(**net.config())`` rebuilds the architecture."""
         return {k: list(v) if isinstance(v, list) else v for k, v in self._config.items()}
 
-    def injection_points(self) -> list[str]:
-        """DSNO placement in forward order: every down and up ResBlock (after its attention) and the mid block."""
+    def injection_points(self, through: Literal["full", "mid", "up1"] = "full") -> list[str]:
+        """DSNO placement in forward order: every down ResBlock (after its attention) and the mid block, then
+        the up ResBlocks of every up level (``"full"``), of none (``"mid"``) or of the lowest-resolution up
+        level only (``"up1"``). The shorter placements leave the rest of the decoder frame-independent."""
         down = [f"down.{l}.res.{j}" for l, lvl in enumerate(self.down) for j in range(len(lvl.res))]
-        up = [f"up.{l}.res.{j}" for l in reversed(range(len(self.up))) for j in range(len(self.up[l].res))]
+        levels = {"full": len(self.up), "mid": 0, "up1": 1}[through]
+        up_levels = list(reversed(range(len(self.up))))[:levels]
+        up = [f"up.{l}.res.{j}" for l in up_levels for j in range(len(self.up[l].res))]
         return [*down, "mid", *up]
+
+    def cut_points(self) -> list[str]:
+        """The blocks after which ``forward`` can drop items (``keep``), in forward order: the stem, every
+        ResBlock and resample block, and the mid block."""
+        names = ["stem"]
+        for l, level in enumerate(self.down):
+            names += [f"down.{l}.res.{j}" for j in range(len(level.res))]
+            names += [f"down.{l}.downsample"] if level.downsample is not None else []
+        names.append("mid")
+        for l in reversed(range(len(self.up))):
+            names += [f"up.{l}.res.{j}" for j in range(len(self.up[l].res))]
+            names += [f"up.{l}.upsample"] if self.up[l].upsample is not None else []
+        return names
 
     def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
         emb = self.time_mlp(self.time_embed(c_noise).to(x.dtype))  # (B, 4·model_channels)
@@ -354,21 +374,36 @@ class OpdiffUNet(nn.Module):
         elif labels is not None:
             raise ValueError("this U-Net is unconditional (num_classes=0) but labels were given")
         emb = F.silu(emb)  # every ResBlock's emb_proj sees SiLU(emb) (ADM's emb_layers)
+        keep = self.keep
+
+        def cut(name: str, h: Tensor, hs: list[Tensor], emb: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+            """After block ``name``: continue on the kept items only (``keep``), skips and embedding included."""
+            if keep is None or keep[0] != name:
+                return h, hs, emb
+            return h[keep[1]], [s[keep[1]] for s in hs], emb[keep[1]]
+
         h = self.stem(x)
         hs = [h]
-        for level in self.down:
-            for block in level.res:
+        h, hs, emb = cut("stem", h, hs, emb)
+        for l, level in enumerate(self.down):
+            for j, block in enumerate(level.res):
                 h = block(h, emb)
                 hs.append(h)
+                h, hs, emb = cut(f"down.{l}.res.{j}", h, hs, emb)
             if level.downsample is not None:
                 h = level.downsample(h)
                 hs.append(h)
+                h, hs, emb = cut(f"down.{l}.downsample", h, hs, emb)
         h = self.mid(h, emb)
-        for level in reversed(self.up):
-            for block in level.res:
+        h, hs, emb = cut("mid", h, hs, emb)
+        for l in reversed(range(len(self.up))):
+            level = self.up[l]
+            for j, block in enumerate(level.res):
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)
+                h, hs, emb = cut(f"up.{l}.res.{j}", h, hs, emb)
             if level.upsample is not None:
                 h = level.upsample(h)
+                h, hs, emb = cut(f"up.{l}.upsample", h, hs, emb)
         return self.out_conv(F.silu(self.out_norm(h)))
 
 
@@ -453,6 +488,33 @@ class OpdiffUNetBackbone(Backbone):
     @property
     def default_injection_points(self) -> list[str]:
         return self.network.injection_points()
+
+    @property
+    def placement_presets(self) -> dict[str, list[str]]:
+        """``full`` (every ResBlock and the mid block), ``through-mid`` (the encoder and the mid block: the whole
+        decoder runs on the requested frames only) and ``through-up1`` (also the lowest-resolution up level)."""
+        net = self.network
+        return {
+            "full": net.injection_points("full"),
+            "through-mid": net.injection_points("mid"),
+            "through-up1": net.injection_points("up1"),
+        }
+
+    @property
+    def item_cut_points(self) -> list[str]:
+        return self.network.cut_points()
+
+    @contextlib.contextmanager
+    def keep_items(self, after: str, index: Tensor):
+        if after not in self.item_cut_points:
+            raise ValueError(
+                f"{after!r} is not an item cut point of opdiff-unet; valid: {', '.join(self.item_cut_points)}"
+            )
+        self.network.keep = (after, index)
+        try:
+            yield
+        finally:
+            self.network.keep = None
 
     def noise_conditioning(self, t: Tensor) -> Tensor:
         """c_noise(t), what the network's time embedding sees: the schedule's (``DiffusionProcess.c_noise``)."""
