@@ -75,23 +75,25 @@ def adapter_section() -> str:
         "Command: `python -m operator_diffusion.benchmarks adapter`  ",
         f"Machine: {machine()}",
         "",
-        "DSNO with M = 4 output times and 2 Fourier modes at the default placement (after every ResBlock and "
-        "the mid block), `opdiff-unet` presets, float32, medians of 5 interleaved runs. *DSNO / 1 NFE* is the "
-        "cost of one DSNO sample against one teacher evaluation on the same B examples; *temporal overhead* "
-        "compares DSNO with the plain network on the same B·M items, forward and forward+backward (training; "
-        "target ≤ 15%).",
+        "DSNO with M = 4 output times and 2 Fourier modes, `opdiff-unet` presets, float32, medians of 5 interleaved "
+        "runs, at each placement preset: `full` (after every ResBlock and the mid block, the default), `through-up1` "
+        "(the encoder, the mid block and the lowest-resolution up level) and `through-mid` (the encoder and the mid "
+        "block). *DSNO / 1 NFE* is the cost of one DSNO sample (the frame t_M; every block after the last temporal "
+        "layer runs on that frame only, which is exact: frame pruning) against one teacher evaluation on the same B "
+        "examples; *trajectory* is the cost of all M frames. *Temporal overhead* compares DSNO's whole trajectory "
+        "with the plain network on the same B·M items, forward and forward+backward (a training step; target "
+        "≤ 10%). Quality per placement: the placements section.",
         "",
-        "| backbone | B | params added | 1 NFE | network on B·M | DSNO | DSNO / 1 NFE | temporal overhead (fwd) | "
-        "(fwd+bwd) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backbone | B | placement | pruned after | params added | 1 NFE | DSNO sample | DSNO / 1 NFE | "
+        "trajectory / 1 NFE | temporal overhead (fwd) | (fwd+bwd) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         train = "-" if r.dsno_train is None else f"{100 * (r.dsno_train / r.teacher_bm_train - 1):+.1f}%"
         lines.append(
-            f"| {r.preset} | {r.batch} | {100 * r.overhead_params:.1f}% | {1e3 * r.teacher:.1f} ms | "
-            f"{1e3 * r.teacher_bm:.1f} ms "
-            f"| {1e3 * r.dsno:.1f} ms | {r.dsno / r.teacher:.2f}× | {100 * (r.dsno / r.teacher_bm - 1):+.1f}% | "
-            f"{train} |"
+            f"| {r.preset} | {r.batch} | {r.placement} | {r.cut_point} | {100 * r.overhead_params:.1f}% | "
+            f"{1e3 * r.teacher:.1f} ms | {1e3 * r.sample:.1f} ms | **{r.sample / r.teacher:.2f}×** | "
+            f"{r.dsno / r.teacher:.2f}× | {100 * (r.dsno / r.teacher_bm - 1):+.1f}% | {train} |"
         )
     lines.append("")
     return "\n".join(lines)
@@ -417,6 +419,42 @@ def quality_section() -> str:
     return "\n".join(lines)
 
 
+def placements_section() -> str:
+    """Quality against cost of the placement presets (issue 18): one DSNO per preset on the demo's data and budget."""
+    from ..demo import DEMO
+    from .ablations import EVAL_SEEDS, PLACEMENT_SCALE, run_placements
+    from .quality import best_solver
+
+    rows = run_placements()
+    full = rows[0]["rmse"]
+    s = rows[0]["solvers"]
+    lines = [
+        "## Placement presets: one-step quality against the cost of a sample (issue 18)",
+        "",
+        "Command: `python -m operator_diffusion.benchmarks placements`  ",
+        f"Machine: {machine()}",
+        "",
+        f"Each row: DSNO trained at one placement preset on the demo's data ({DEMO.num} trajectories, "
+        f"{DEMO.solver}-{DEMO.steps}, M = {DEMO.times}) and settings ({DEMO.train_steps} steps, lr {DEMO.lr:g}), from "
+        f"the shipped teacher; teacher-match RMSE of the one-NFE sample on {len(EVAL_SEEDS)} held-out seeds against "
+        f"UniPC-{DEMO.reference_steps}. *Compute* is the bench's measured seconds per sample (frame-pruned) over one "
+        "teacher evaluation's, at the bench's batch; the forward-pass section has the same ratio at batch 1 and 256. "
+        "Best fair solver on the same seeds (each on its own grid and options, every NFE advancing the solution): "
+        + ", ".join(f"{n} NFE {best_solver(s, n):.4f}" for n in PLACEMENT_SCALE[1])
+        + ". Single runs: differences of a few percent are noise.",
+        "",
+        "| placement | DSNO@1 RMSE | vs full | compute (× 1 eval) | training s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['placement']} | {r['rmse']:.4f} | {100 * (r['rmse'] / full - 1):+.1f}% | {r['compute']:.2f} | "
+            f"{r['train_s']:.0f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
 SECTIONS = {
     "solvers": solvers_section,
     "levers": levers_section,
@@ -424,6 +462,7 @@ SECTIONS = {
     "quality": quality_section,
     "solver-grids": solver_grids_section,
     "adapter": adapter_section,
+    "placements": placements_section,
     "collect": collect_section,
     "train": train_section,
     "demo": demo_section,

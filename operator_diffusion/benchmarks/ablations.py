@@ -119,6 +119,7 @@ def run_ablations(
                 {
                     "variant": v.name,
                     "rmse": result.row("m").rmse,
+                    "compute": result.row("m").compute,  # the sample's measured cost / one teacher evaluation
                     "train_s": seconds,
                     **kw,
                     "times": v.times,
@@ -130,6 +131,23 @@ def run_ablations(
                 }
             )
     return rows
+
+
+PLACEMENT_SCALE = (("ddim", "dpmpp-2m", "unipc"), (3, 5, 10))
+
+
+def placement_variants(lr: float) -> list[Variant]:
+    """DSNO at each opdiff-unet placement preset, the demo's settings otherwise (issue 18's quality check)."""
+    return [
+        Variant(f"placement {p}", train=(("lr", lr), ("placement", p))) for p in ("full", "through-up1", "through-mid")
+    ]
+
+
+def run_placements(root: Path | None = None) -> list[dict]:
+    """Quality of each placement preset on the demo's data and budget, with the fair solvers on the same seeds."""
+    from ..demo import DEMO
+
+    return run_ablations(root, placement_variants(DEMO.lr), DEMO.lr, scale=PLACEMENT_SCALE)
 
 
 def x0_teacher(root: Path) -> Path:

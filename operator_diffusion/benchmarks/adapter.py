@@ -1,8 +1,9 @@
 """Cost of DSNO's one forward pass against the teacher network (``python -m operator_diffusion.benchmarks adapter``).
 
-Three timings per (backbone, batch B), interleaved in one run so that their ratios hold on a shared machine:
-the teacher network on B items (one NFE of a solver), the same network on B·M items (what DSNO runs), and
-DSNO on B examples (B·M items plus the temporal layers); forward only, and forward+backward for training.
+Timings per (backbone, batch B), interleaved in one run so that their ratios hold on a shared machine: the
+teacher network on B items (one NFE of a solver), the same network on B·M items (what DSNO trains on), and per
+placement preset DSNO's sample (the frame t_M, frame-pruned after the last temporal layer: what one-step
+sampling costs) and its whole trajectory (all M frames); forward only, and forward+backward for training.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..backbones import load_backbone
 # (preset, batch, time training too): the 58M-parameter cifar10 preset costs ~8 s per forward pass of
 # 4 images on 2 CPU cores, so on CPU it is timed forward-only at batch 1.
 CASES = (("digits", 1, True), ("digits", 256, True), ("cifar10", 1, False))
+PLACEMENTS = ("full", "through-up1", "through-mid")
 
 
 @dataclass
@@ -26,10 +28,13 @@ class AdapterTiming:
     preset: str
     batch: int
     num_times: int
+    placement: str
+    cut_point: str | None  # where the sample continues on one frame
     overhead_params: float
     teacher: float  # seconds, network on B items
     teacher_bm: float  # network on B·M items
-    dsno: float  # DSNO forward on B examples
+    dsno: float  # DSNO forward on B examples, all M frames
+    sample: float  # DSNO forward on B examples, the last frame only (frame-pruned)
     teacher_bm_train: float | None  # forward+backward, network on B·M items
     dsno_train: float | None  # forward+backward, DSNO
 
@@ -48,13 +53,19 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def time_adapter(
-    preset: str, batch: int, with_training: bool = True, num_times: int = 4, repeats: int = 5
-) -> AdapterTiming:
+    preset: str,
+    batch: int,
+    with_training: bool = True,
+    num_times: int = 4,
+    repeats: int = 5,
+    placements: tuple[str, ...] = PLACEMENTS,
+) -> list[AdapterTiming]:
+    """One row per placement; every timing of the backbone and batch is interleaved with every other."""
     torch.manual_seed(0)
     bb = load_backbone("opdiff-unet", preset=preset)
     s = bb.schedule
     times = torch.linspace(s.t_max, s.t_min, num_times + 1, dtype=torch.float64)[1:]
-    model = DSNO(bb, times, modes=2, init="small")
+    models = {p: DSNO(bb, times, modes=2, init="small", placement=p) for p in placements}
     x = torch.randn(batch, *bb.image_shape)
     x_bm = x.repeat_interleave(num_times, 0)
     t_b, t_bm = torch.full((batch,), 0.5), times.repeat(batch)
@@ -68,18 +79,40 @@ def time_adapter(
 
     def train(f):
         def run():
-            model.zero_grad(set_to_none=True)
+            bb.network.zero_grad(set_to_none=True)
             f().square().mean().backward()
 
         return run
 
-    model.eval()  # dropout off in both: the same arithmetic
-    fns = {"teacher": fwd(lambda: bb(x, t_b)), "teacher_bm": fwd(lambda: bb(x_bm, t_bm)), "dsno": fwd(lambda: model(x))}
+    bb.network.eval()  # dropout off in every call: the same arithmetic
+    fns = {"teacher": fwd(lambda: bb(x, t_b)), "teacher_bm": fwd(lambda: bb(x_bm, t_bm))}
+    for p, model in models.items():
+        model.eval()
+        fns[f"dsno {p}"] = fwd(lambda model=model: model(x))
+        fns[f"sample {p}"] = fwd(lambda model=model: model(x, frames=[-1]))
     if with_training:
-        fns |= {"teacher_bm_train": train(lambda: bb(x_bm, t_bm)), "dsno_train": train(lambda: model(x))}
-    m = {"teacher_bm_train": None, "dsno_train": None, **_interleaved_medians(fns, repeats)}
-    return AdapterTiming(preset, batch, num_times, model.parameter_report()["overhead"], **m)
+        fns["teacher_bm_train"] = train(lambda: bb(x_bm, t_bm))
+        for p, model in models.items():
+            fns[f"train {p}"] = train(lambda model=model: model(x))
+    m = _interleaved_medians(fns, repeats)
+    return [
+        AdapterTiming(
+            preset,
+            batch,
+            num_times,
+            p,
+            model.cut_point,
+            model.parameter_report()["overhead"],
+            m["teacher"],
+            m["teacher_bm"],
+            m[f"dsno {p}"],
+            m[f"sample {p}"],
+            m.get("teacher_bm_train"),
+            m.get(f"train {p}"),
+        )
+        for p, model in models.items()
+    ]
 
 
 def adapter_rows(cases=CASES) -> list[AdapterTiming]:
-    return [time_adapter(p, b, train) for p, b, train in cases]
+    return [row for p, b, train in cases for row in time_adapter(p, b, train)]
