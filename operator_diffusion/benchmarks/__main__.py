@@ -455,6 +455,12 @@ def placements_section() -> str:
     return "\n".join(lines)
 
 
+def gpu_section() -> str:
+    from .gpu import report
+
+    return report(machine)
+
+
 SECTIONS = {
     "solvers": solvers_section,
     "levers": levers_section,
@@ -463,6 +469,7 @@ SECTIONS = {
     "solver-grids": solver_grids_section,
     "adapter": adapter_section,
     "placements": placements_section,
+    "gpu": gpu_section,
     "collect": collect_section,
     "train": train_section,
     "demo": demo_section,

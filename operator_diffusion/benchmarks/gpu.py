@@ -1,0 +1,244 @@
+"""GPU figures (``python -m operator_diffusion.benchmarks gpu``; issue 18): one short script for a lent GPU.
+
+It carries nothing but the project and needs no network: the backbones are built from presets (throughput does
+not depend on the weights) and the data is collected on the spot. In one run, on one CUDA device, in float32
+and under bf16 autocast:
+
+* DSNO / 1 NFE at batch 1, 16 and 256 for the digits and cifar10 presets, per placement preset, eager and (where
+  ``torch.compile`` works) compiled with ``mode="reduce-overhead"`` (CUDA graphs): the frame-pruned sample against
+  one teacher evaluation, timed side by side with ``torch.cuda.synchronize`` around every call;
+* the training step of DSNO and of the one-step baseline (``opdiff train`` itself, through Accelerate);
+* collection throughput (``opdiff collect`` end to end: teacher solves and parquet shards);
+* peak GPU memory of each measurement.
+
+On a machine without CUDA it measures nothing and says so; ``sample_rows(device="cpu", ...)`` runs the same code
+on the CPU, which is how the tests keep it working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PRESETS = ("digits", "cifar10")
+BATCHES = (1, 16, 256)
+PRECISIONS = ("fp32", "bf16")
+PLACEMENTS = ("full", "through-mid")
+COMPILE_MODE = "reduce-overhead"
+
+
+@dataclass
+class SampleRow:
+    preset: str
+    batch: int
+    precision: str
+    compiled: bool
+    teacher_ms: float
+    ratio: dict[str, float] = field(default_factory=dict)  # placement -> DSNO sample / 1 NFE
+    peak_mib: float | None = None
+    error: str | None = None  # why a compiled row could not be measured
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _medians(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each function called in turn ``repeats`` times after two warm-ups (compilation and CUDA
+    graph capture happen in the warm-ups), synchronising the device around every call."""
+    for fn in fns.values():
+        fn()
+        fn()
+    _sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def sample_rows(
+    device: str = "cuda",
+    presets=PRESETS,
+    batches=BATCHES,
+    precisions=PRECISIONS,
+    placements=PLACEMENTS,
+    compile_modes=(None, COMPILE_MODE),
+    repeats: int = 20,
+    num_times: int = 4,
+) -> list[SampleRow]:
+    """DSNO / 1 NFE per (preset, batch, precision, eager or compiled), one column per placement."""
+    from ..adapter import DSNO
+    from ..backbones import load_backbone
+
+    dev = torch.device(device)
+    rows = []
+    for preset in presets:
+        torch.manual_seed(0)
+        bb = load_backbone("opdiff-unet", preset=preset).to(dev).eval()
+        s = bb.schedule
+        times = torch.linspace(s.t_max, s.t_min, num_times + 1, dtype=torch.float64)[1:]
+        models = {p: DSNO(bb, times, modes=2, init="small", placement=p).to(dev).eval() for p in placements}
+        for precision in precisions:
+            for mode in compile_modes:
+                for batch in batches:
+                    x = torch.randn(batch, *bb.image_shape, device=dev)
+                    t = torch.full((batch,), 0.5, device=dev)
+                    teacher = lambda x=x, t=t: bb(x, t)  # noqa: E731
+                    samples = {p: (lambda x=x, m=m: m(x, frames=[-1])) for p, m in models.items()}
+                    row = SampleRow(preset, batch, precision, mode is not None, float("nan"))
+                    try:
+                        if mode is not None:
+                            teacher = torch.compile(teacher, mode=mode)
+                            samples = {p: torch.compile(f, mode=mode) for p, f in samples.items()}
+                        fns = {"teacher": teacher, **samples}
+
+                        def call(f):
+                            def run():
+                                with torch.inference_mode(), _autocast(dev, precision):
+                                    f()
+
+                            return run
+
+                        if dev.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(dev)
+                        m = _medians({k: call(f) for k, f in fns.items()}, repeats, dev)
+                    except Exception as e:  # a compiler that is missing or fails: recorded, the run goes on
+                        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                        rows.append(row)
+                        continue
+                    row.teacher_ms = 1e3 * m["teacher"]
+                    row.ratio = {p: m[p] / m["teacher"] for p in placements}
+                    row.peak_mib = _peak_mib(dev)
+                    rows.append(row)
+    return rows
+
+
+def training_rows(device: str = "cuda", precisions=PRECISIONS, batch: int = 256, steps: int = 30) -> list[dict]:
+    """Median seconds per ``opdiff train`` step of DSNO and the baseline on a digits-shaped collection."""
+    from ..backbones import load_backbone
+    from ..training import TrainConfig
+    from ..trajectories import CollectConfig, collect
+    from .train import _step_seconds
+
+    dev = torch.device(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        torch.manual_seed(0)
+        collect(
+            load_backbone("opdiff-unet", preset="digits"),
+            root / "data",
+            CollectConfig(num=2 * batch, steps=8, solver="ddim", shard_size=2 * batch, batch_size=batch),
+            device=dev,
+        )
+        for precision in precisions:
+            common = dict(
+                data=str(root / "data"),
+                init_from="scratch",
+                batch_size=batch,
+                max_steps=steps,
+                save_every=10**6,
+                log_every=10**6,
+                warmup=0,
+                mixed_precision="no" if precision == "fp32" else precision,
+            )
+            out = {}
+            for name, extra in (("dsno", {}), ("baseline", {"baseline": True})):
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                out[name] = _step_seconds(TrainConfig(out=str(root / f"{name}-{precision}"), **common, **extra), steps)
+                out[f"{name}_peak_mib"] = _peak_mib(dev)
+            rows.append({"precision": precision, "batch": batch, **out})
+    return rows
+
+
+def collection_rows(device: str = "cuda", precisions=PRECISIONS, num: int = 4096, batch: int = 1024) -> list[dict]:
+    """Trajectories per second of ``collect`` (its default solver and steps) for the digits and cifar10 presets."""
+    from ..backbones import load_backbone
+    from ..trajectories import CollectConfig, collect
+
+    dev = torch.device(device)
+    rows = []
+    for preset, n in (("digits", num), ("cifar10", max(batch, num // 16))):
+        torch.manual_seed(0)
+        bb = load_backbone("opdiff-unet", preset=preset)
+        with torch.no_grad():  # a zero output layer would make the data trivial
+            for p in bb.network.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        for precision in precisions:
+            config = CollectConfig(num=n, batch_size=min(batch, n), shard_size=n, precision=precision)
+            with tempfile.TemporaryDirectory() as tmp:
+                collect(bb, Path(tmp) / "warm-up", CollectConfig(num=2, batch_size=2, precision=precision), device=dev)
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                t0 = time.perf_counter()
+                collect(bb, Path(tmp) / "c", config, device=dev)
+                seconds = time.perf_counter() - t0
+            rows.append(
+                {"preset": preset, "precision": precision, "num": n, "per_s": n / seconds, "peak_mib": _peak_mib(dev)}
+            )
+    return rows
+
+
+def report(machine) -> str:
+    """The benchmarks page section (``__main__``); without CUDA, a line saying nothing was measured."""
+    lines = [
+        "## GPU figures (issue 18)",
+        "",
+        "Command: `python -m operator_diffusion.benchmarks gpu`  ",
+        f"Machine: {machine()}",
+        "",
+    ]
+    if not torch.cuda.is_available():
+        return "\n".join(lines + ["No CUDA device on this machine: nothing measured.", ""])
+    lines += [
+        f"GPU: {torch.cuda.get_device_name(0)}. DSNO / 1 NFE: the frame-pruned DSNO sample (M = 4, 2 modes) against "
+        "one teacher evaluation on the same batch, medians of 20 interleaved calls with the device synchronised "
+        f"around each; *compiled*: both under `torch.compile(mode={COMPILE_MODE!r})` (CUDA graphs).",
+        "",
+        "| preset | B | precision | compiled | 1 NFE | " + " | ".join(f"DSNO / 1 NFE ({p})" for p in PLACEMENTS),
+        "|---|---:|---|---|---:|" + "---:|" * len(PLACEMENTS),
+    ]
+    for r in sample_rows():
+        if r.error:
+            lines.append(f"| {r.preset} | {r.batch} | {r.precision} | {r.compiled} | failed: {r.error} |")
+            continue
+        cells = " | ".join(f"{r.ratio[p]:.2f}×" for p in PLACEMENTS)
+        lines.append(f"| {r.preset} | {r.batch} | {r.precision} | {r.compiled} | {r.teacher_ms:.2f} ms | {cells} |")
+    lines += [
+        "",
+        "| training step (digits) | B | DSNO | baseline | DSNO / baseline | peak MiB (DSNO) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in training_rows():
+        lines.append(
+            f"| {r['precision']} | {r['batch']} | {1e3 * r['dsno']:.1f} ms | {1e3 * r['baseline']:.1f} ms | "
+            f"{r['dsno'] / r['baseline']:.2f} | {r['dsno_peak_mib']:.0f} |"
+        )
+    lines += ["", "| collection | precision | trajectories | per second | peak MiB |", "|---|---|---:|---:|---:|"]
+    for r in collection_rows():
+        lines.append(f"| {r['preset']} | {r['precision']} | {r['num']} | {r['per_s']:.0f} | {r['peak_mib']:.0f} |")
+    lines.append("")
+    return "\n".join(lines)
