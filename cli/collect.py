@@ -1,7 +1,7 @@
 """`opdiff collect` (teacher trajectories → a Hugging Face dataset folder) and `opdiff data info`.
 
-The commands map flags to ``operator_diffusion.trajectories`` and print; bad input exits with code 2
-(nothing written), a fault while collecting (NaN from the teacher, I/O) with code 1.
+The commands map flags to the collect stage (``operator_diffusion.collection`` and its modules) and print;
+bad input exits with code 2 (nothing written), a fault while collecting (NaN from the teacher, I/O) with code 1.
 """
 
 from __future__ import annotations
@@ -134,9 +134,10 @@ def collect(
     ),
 ) -> None:
     """Collect teacher PF-ODE trajectories at M grid times into a sharded, resumable Hugging Face dataset."""
-    from operator_diffusion import trajectories as tr
+    from operator_diffusion import collection_store as store
+    from operator_diffusion.collection_plan import CollectConfig, plan_collection
 
-    config = tr.CollectConfig(
+    config = CollectConfig(
         num=num,
         solver=solver,
         steps=steps,
@@ -157,8 +158,8 @@ def collect(
     device = resolve_device(device)
     teacher = _load_teacher(backbone, parse_config(backbone_config, "--backbone-config"), checkpoint, seed)
     try:
-        plan = tr.plan_collection(teacher, config, checkpoint, out_dir=out, device=device)
-        tr.check_output_dir(out, plan)
+        plan = plan_collection(teacher, config, checkpoint, out_dir=out, device=device)
+        store.check_output_dir(out, plan)
     except ValueError as e:
         fail(str(e))
     if plan.precision_choice is not None:
@@ -171,7 +172,7 @@ def collect(
     _report(result, plan, time.perf_counter() - started)
     if push_to_hub:
         try:
-            url = tr.push_to_hub(out, push_to_hub)
+            url = store.push_to_hub(out, push_to_hub)
         except Exception as e:  # network, authentication, repository errors: report them in one line
             fail(f"upload to {push_to_hub!r} failed: {type(e).__name__}: {e}", code=1)
         console.print(f"uploaded to {url}")
@@ -180,7 +181,7 @@ def collect(
 def _collect_with_progress(teacher, out: Path, plan, device):
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from operator_diffusion.trajectories import collect as run
+    from operator_diffusion.collection import collect as run
 
     columns = (
         TextColumn("collecting"),
@@ -223,7 +224,7 @@ def data_info(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show a trajectory dataset's configuration, completeness and storage per trajectory."""
-    from operator_diffusion.trajectories import collection_status
+    from operator_diffusion.collection_store import collection_status
 
     try:
         status = collection_status(path)

@@ -20,7 +20,7 @@ reference implementation whose teacher predicted x directly. The teacher's own o
 at state x_{t_i}) cannot be converted — DSNO never sees x_{t_i}, only x_T — so the head is a warm start
 that training re-targets.
 
-PSLD teachers: DSNO maps the phase-space noise z_T (B, 2C, H, W) (the PSLD prior, ``trajectories.example_inputs``)
+PSLD teachers: DSNO maps the phase-space noise z_T (B, 2C, H, W) (the PSLD prior, ``seeds.example_inputs``)
 to the data's trajectory. The network's output on item (b, i) has 2C channels (a PSLD network predicts the HSM ε
 of x and m); its x half (the first C channels) is the prediction of the target at t_i, and the m half is
 dropped — the collected targets (x̂_0, or the x half of the states) have C channels.

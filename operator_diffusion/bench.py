@@ -243,7 +243,7 @@ def denoiser_batches(
     """The teacher's one-shot x̂_0(x_T, t_max) (1 NFE), as (B, 1, C, H, W) batches (PSLD: from z_T, C channels)."""
     from .prediction import denoised_from_eps
     from .sampling import seed_inputs
-    from .trajectories import EpsFunction
+    from .teacher_solve import EpsFunction
 
     teacher = EpsFunction.from_backbone(backbone, guidance, device)
     t = torch.tensor(teacher.schedule.t_max, dtype=torch.float64)
@@ -353,8 +353,8 @@ def verdict(result: "BenchResult", model: str = "DSNO") -> list[str]:
 
 def teacher_eval_seconds(backbone, batch: int, device, guidance: float | None = None, repeats: int = 5) -> float:
     """Seconds per image of one teacher evaluation ε̂(x, t) at ``batch`` images (median of ``repeats`` after a
-    warm-up, ``trajectories.time_calls``): the unit of the bench's compute column."""
-    from .trajectories import EpsFunction, time_calls
+    warm-up, ``teacher_solve.time_calls``): the unit of the bench's compute column."""
+    from .teacher_solve import EpsFunction, time_calls
 
     teacher = EpsFunction.from_backbone(backbone, guidance, device)
     x = torch.randn(batch, *backbone.state_shape, device=device)

@@ -121,11 +121,12 @@ class DemoResult:
 def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | None = None) -> DemoResult:
     """Run every stage into ``out`` and write ``out/report.md``."""
     from .bench import BenchSetup, run_bench, training_seeds
+    from .collection import collect
+    from .collection_plan import CollectConfig
     from .fid import FeatureStats, fid_of_pixels, load_extractor
     from .images import load_images
     from .sampling import SampleWriter, dsno_batches, side_by_side, teacher_batches
     from .training import TrainConfig, load_run, reset_accelerate_state, train
-    from .trajectories import CollectConfig, collect
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Every sample is a function of its seed alone: x_T (z_T for a PSLD teacher, whose samples are the x half) and
 (for ``labels="random"``) the class label come from
-``trajectories.example_inputs`` — the noise rule of `opdiff collect` — so seed s gives the same image
+``seeds.example_inputs`` — the noise rule of `opdiff collect` — so seed s gives the same image
 whatever the batch size, and DSNO's sample for seed s is comparable with the teacher's trajectory for s.
 (On CPU, convolutions round differently at different batch sizes: values agree to float round-off, not bit
 for bit.)
@@ -132,7 +132,7 @@ class TeacherSolver:
     def nfe(self, schedule) -> int:
         """Network evaluations per sample (a dry run on a free ε: the solvers' own count); also validates the
         solver, its options and the grid, and refuses a stochastic (PSLD reverse-SDE) solver."""
-        from .trajectories import check_deterministic, solver_nfe
+        from .collection_plan import check_deterministic, solver_nfe
 
         check_deterministic(self.solver, schedule, "a sample must be a function of its seed")
         ts = self.grid_times(schedule)
@@ -154,7 +154,7 @@ def teacher_batches(
     guidance: float | None = None,
 ) -> Iterator[SampleBatch]:
     """The teacher's outputs (B, 1, C, H, W) at ``solver.t_end`` for the same seeds (same noise rule)."""
-    from .trajectories import EpsFunction, record_trajectories
+    from .teacher_solve import EpsFunction, record_trajectories
 
     teacher = EpsFunction.from_backbone(backbone, guidance, device)
     ts = solver.grid_times(backbone.schedule)

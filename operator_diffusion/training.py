@@ -142,7 +142,7 @@ def dsno_loss(
 @dataclass
 class RunPlan:
     config: TrainConfig
-    cache: Any  # trajectories.TrajectoryCache
+    cache: Any  # trajectory_cache.TrajectoryCache
     collection: dict  # the collection identity (info["collection"])
     content_sha256: str
     model: DSNO
@@ -233,7 +233,7 @@ def resolve_init_from(config: TrainConfig, info: dict) -> tuple[str | None, str 
 def plan_run(config: TrainConfig) -> RunPlan:
     """Validate the configuration, open the data (building its training cache once) and build the model."""
     from .provenance import file_sha256
-    from .trajectories import TrajectoryCache
+    from .trajectory_cache import TrajectoryCache
 
     check_run_numbers(config)
     check_positive("weight_min", config.weight_min)

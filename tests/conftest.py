@@ -42,8 +42,9 @@ def tiny_run(tmp_path_factory):
     48 trajectories (seeds 0–47, unipc 16 steps, M = 4), 12 training steps from the teacher's weights.
     Returns the paths {"teacher", "data", "run"}."""
     from operator_diffusion.backbones import load_backbone
+    from operator_diffusion.collection import collect
+    from operator_diffusion.collection_plan import CollectConfig
     from operator_diffusion.training import TrainConfig, train
-    from operator_diffusion.trajectories import CollectConfig, collect
 
     root = tmp_path_factory.mktemp("tiny_run")
     torch.manual_seed(0)

@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 from opdiff_cli.main import app
 from operator_diffusion.backbones import register_backbone
 from operator_diffusion.bench import BenchSetup, run_bench, steps_for_nfe, teacher_match
+from operator_diffusion.collection import collect
+from operator_diffusion.collection_plan import CollectConfig
 from operator_diffusion.sampling import TeacherSolver, run_solver, teacher_batches
 from operator_diffusion.schedules import VPLinear, time_grid
 from operator_diffusion.solvers import solve
 from operator_diffusion.training import TrainConfig, load_run, train
-from operator_diffusion.trajectories import CollectConfig, collect
 
 from conftest import MixtureTeacher, reset_accelerate
 
@@ -264,7 +265,7 @@ def test_heun_final_euler_is_heun_then_one_euler_step():
 
 def test_tuning_never_sees_the_reported_seeds_and_picks_the_best_candidate():
     from operator_diffusion.bench import SolverChoice, tune_solvers
-    from operator_diffusion.trajectories import example_inputs
+    from operator_diffusion.seeds import example_inputs
 
     teacher = CountingTeacher()
     reported, tune = list(range(40, 44)), list(range(60, 66))

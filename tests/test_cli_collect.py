@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import operator_diffusion.backbones as backbones
 from opdiff_cli.main import app
-from operator_diffusion import trajectories
+from operator_diffusion import collection_plan, collection_store, teacher_solve
 from operator_diffusion.backbones import load_backbone, register_backbone
 from operator_diffusion.backbones.unet import OpdiffUNetBackbone
 from operator_diffusion.schedules import time_grid
@@ -42,9 +42,9 @@ def done(tmp_path_factory):
 
 
 def test_collect_writes_a_collection_and_resumes(done):
-    info = trajectories.read_info(done)["collection"]
+    info = collection_store.read_info(done)["collection"]
     assert info["backbone"]["name"] == "opdiff-unet" and info["steps"] == 10 and info["num"] == 6
-    assert info["solver"] == trajectories.DEFAULT_SOLVER and info["grid"] == trajectories.DEFAULT_GRID
+    assert info["solver"] == collection_plan.DEFAULT_SOLVER and info["grid"] == collection_plan.DEFAULT_GRID
     before = tree(done / "data")
     res = runner.invoke(app, ["collect", *RUN, "--out", str(done)])  # random init is seeded by --seed: same weights
     assert res.exit_code == 0, res.output
@@ -88,7 +88,7 @@ def test_collect_options_reach_the_library(tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
-    c = trajectories.read_info(out)["collection"]
+    c = collection_store.read_info(out)["collection"]
     assert (c["solver"], c["solver_options"]["order"], c["grid"], c["output_indices"]) == (
         "unipc",
         2,
@@ -109,7 +109,7 @@ def test_precision_auto_prints_the_measured_choice_and_a_resume_keeps_it(tmp_pat
     """With a fake timing bf16 is twice as fast: chosen, recorded, and both timings printed on one stderr line;
     resumed where the timing says fp32 is faster, the folder's bf16 is kept without measuring."""
     out = tmp_path / "auto"
-    monkeypatch.setattr(trajectories, "time_calls", lambda calls, *a, **k: {"fp32": 0.2, "bf16": 0.1})
+    monkeypatch.setattr(teacher_solve, "time_calls", lambda calls, *a, **k: {"fp32": 0.2, "bf16": 0.1})
     res = runner.invoke(app, ["collect", *RUN, "--precision", "auto", "--out", str(out)])
     assert res.exit_code == 0, res.output
     cap = torch.backends.cpu.get_cpu_capability()
@@ -118,8 +118,8 @@ def test_precision_auto_prints_the_measured_choice_and_a_resume_keeps_it(tmp_pat
         == f"precision auto: bf16 (per network evaluation at batch 3 on cpu, CPU capability {cap}: fp32 200 ms, bf16 "
         "100 ms)\n"
     )
-    assert trajectories.read_info(out)["collection"]["precision"] == "bf16"
-    monkeypatch.setattr(trajectories, "time_calls", lambda *a, **k: pytest.fail("measured again on resume"))
+    assert collection_store.read_info(out)["collection"]["precision"] == "bf16"
+    monkeypatch.setattr(teacher_solve, "time_calls", lambda *a, **k: pytest.fail("measured again on resume"))
     again = runner.invoke(app, ["collect", *RUN, "--precision", "auto", "--out", str(out)])
     assert again.exit_code == 0, again.output
     assert again.stderr == f"precision auto: bf16, as recorded in the collection in {out} (not measured again)\n"
@@ -130,10 +130,10 @@ def test_help_states_the_library_defaults():
     import typer
 
     helps = {p.name: p.help for p in typer.main.get_command(app).commands["collect"].params}
-    assert f"default {trajectories.DEFAULT_SOLVER} " in helps["solver"]
+    assert f"default {collection_plan.DEFAULT_SOLVER} " in helps["solver"]
     assert (
-        f"default {trajectories.DEFAULT_STEPS}." in helps["steps"]
-        and f"default {trajectories.DEFAULT_GRID}." in helps["grid"]
+        f"default {collection_plan.DEFAULT_STEPS}." in helps["steps"]
+        and f"default {collection_plan.DEFAULT_GRID}." in helps["grid"]
     )
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import operator_diffusion.fid as F
+import operator_diffusion.fid.stats as fid_stats  # where load_extractor looks up DIGITS_FEATURENET
 from opdiff_cli.main import app
 from operator_diffusion.images import ImageSet, load_images, save_png
 
@@ -342,10 +343,10 @@ def test_feature_net_save_load_and_refusals(tmp_path, netfile):
 
 
 def test_digits_name_is_reserved_for_the_shipped_network(tmp_path, monkeypatch, netfile):
-    monkeypatch.setattr(F, "DIGITS_FEATURENET", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(fid_stats, "DIGITS_FEATURENET", tmp_path / "absent.safetensors")
     with pytest.raises(FileNotFoundError, match="shipped digits feature network is missing"):
         F.load_extractor("digits")
-    monkeypatch.setattr(F, "DIGITS_FEATURENET", netfile)
+    monkeypatch.setattr(fid_stats, "DIGITS_FEATURENET", netfile)
     assert F.load_extractor("digits").id == F.FeatureNetExtractor(netfile).id
     with pytest.raises(FileNotFoundError, match="unknown feature extractor"):
         F.load_extractor("no-such-extractor")

@@ -22,12 +22,14 @@ from typer.testing import CliRunner
 from opdiff_cli.main import app
 from operator_diffusion.adapter import DSNO
 from operator_diffusion.backbones import load_backbone
+from operator_diffusion.collection import collect
+from operator_diffusion.collection_plan import CollectConfig, output_indices
+from operator_diffusion.collection_store import INFO_NAME, item_shape, read_shard
 from operator_diffusion.images import to_uint8
 from operator_diffusion.schedules import PSLD, time_grid
 from operator_diffusion.solvers import solve
 from operator_diffusion.teacher import denoising_loss, hsm_loss, sample_times
 from operator_diffusion.training import TrainConfig, load_run, reset_accelerate_state, time_weights, train
-from operator_diffusion.trajectories import INFO_NAME, CollectConfig, collect, item_shape, output_indices, read_shard
 
 runner = CliRunner()
 SHAPE = (1, 8, 8)  # the data: C = 1; the state has 2 channels

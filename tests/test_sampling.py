@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 from opdiff_cli.main import app
 from operator_diffusion.adapter import DSNO
 from operator_diffusion.backbones import load_backbone
+from operator_diffusion.collection_store import load_collection
 from operator_diffusion.images import read_image, read_image_folder, to_uint8
 from operator_diffusion.sampling import parse_labels, parse_seeds
 from operator_diffusion.schedules import time_grid
+from operator_diffusion.seeds import example_inputs
 from operator_diffusion.solvers import solve
-from operator_diffusion.trajectories import example_inputs, load_collection
 
 from conftest import TINY_TEACHER
 

@@ -23,6 +23,8 @@ from typer.testing import CliRunner
 
 from opdiff_cli.main import app
 from operator_diffusion.backbones import load_backbone, register_backbone
+from operator_diffusion.collection import collect
+from operator_diffusion.collection_plan import CollectConfig
 from operator_diffusion.schedules import VPLinear
 from operator_diffusion.training import (
     EMA,
@@ -34,7 +36,6 @@ from operator_diffusion.training import (
     time_weights,
     train,
 )
-from operator_diffusion.trajectories import CollectConfig, collect
 
 from conftest import MixtureTeacher, vp_linear_alpha_sigma
 from conftest import train_config as config

@@ -1,5 +1,5 @@
-"""Trajectory collection (``operator_diffusion.trajectories``): what is stored, how it is laid out,
-resumption, sharding across processes, refusals, the Hub upload and the training cache.
+"""Trajectory collection (the collect stage: ``operator_diffusion.collection`` and its modules): what is stored,
+how it is laid out, resumption, sharding across processes, refusals, the Hub upload and the training cache.
 
 References are independent of the writer: a direct ``solve`` on noise drawn here from the documented
 per-seed rule, the grid from ``time_grid``, ``datasets.load_dataset`` for the Hub layout, and content
@@ -19,30 +19,26 @@ import numpy as np
 import pytest
 import torch
 
-from operator_diffusion import trajectories
+from operator_diffusion import collection_store, teacher_solve, trajectory_cache
 from operator_diffusion.backbones import load_backbone
-from operator_diffusion.prediction import classifier_free_guidance
-from operator_diffusion.schedules import time_grid
-from operator_diffusion.solvers import solve
-from operator_diffusion.trajectories import (
+from operator_diffusion.collection import NonFiniteTrajectoryError, collect
+from operator_diffusion.collection_plan import CollectConfig, output_indices, plan_collection
+from operator_diffusion.collection_store import (
     CARD_NAME,
     INFO_NAME,
-    CollectConfig,
     CollectionMismatchError,
-    NonFiniteTrajectoryError,
-    TrajectoryCache,
-    choose_precision,
-    collect,
     collection_status,
     content_hash,
     item_shape,
     load_collection,
-    output_indices,
-    plan_collection,
     push_to_hub,
     read_shard,
-    time_calls,
 )
+from operator_diffusion.prediction import classifier_free_guidance
+from operator_diffusion.schedules import time_grid
+from operator_diffusion.solvers import solve
+from operator_diffusion.teacher_solve import choose_precision, time_calls
+from operator_diffusion.trajectory_cache import TrajectoryCache
 
 # UniPC's former defaults, pinned: the round-off bounds below were measured on this computation (UniPC-2 rounds
 # differently across batch sizes: up to 4 float16 ulp on 4 of 1,920 values)
@@ -396,7 +392,7 @@ def test_accelerate_auto_precision_other_processes_adopt_the_main_processes_choi
     main_out, out = tmp_path / "main", tmp_path / "b"
     fake_timing(monkeypatch, {"fp32": 0.2, "bf16": 0.1})
     collect(bb, main_out, cfg, process_index=0, num_processes=2)  # what the main process writes: bf16, measured
-    monkeypatch.setattr(trajectories, "time_calls", lambda *a, **k: pytest.fail("a non-main process measured"))
+    monkeypatch.setattr(teacher_solve, "time_calls", lambda *a, **k: pytest.fail("a non-main process measured"))
     other = FakeState(1)
 
     def barrier():
@@ -494,7 +490,7 @@ def fake_timing(monkeypatch, seconds):
     """Replace the clock-based measurement of ``choose_precision``; returns the list of measured call sets."""
     measured = []
     monkeypatch.setattr(
-        trajectories, "time_calls", lambda calls, *a, **k: measured.append(sorted(calls)) or dict(seconds)
+        teacher_solve, "time_calls", lambda calls, *a, **k: measured.append(sorted(calls)) or dict(seconds)
     )
     return measured
 
@@ -534,7 +530,7 @@ def test_auto_precision_adopts_the_precision_of_the_collection_it_resumes(bb, tm
     # without the folder, this machine's (fake) measurement decides, and the folder refuses that collection
     assert plan_collection(bb, replace(cfg, precision="auto")).identity["precision"] == "fp32" and len(measured) == 1
     with pytest.raises(CollectionMismatchError, match="precision"):
-        trajectories.check_output_dir(out, plan_collection(bb, replace(cfg, precision="fp32")))
+        collection_store.check_output_dir(out, plan_collection(bb, replace(cfg, precision="fp32")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -686,8 +682,8 @@ def test_trajectory_cache_reuse_is_keyed_on_a_cheap_fingerprint(done, tmp_path, 
     cache_dir = tmp_path / "cache"
     first = TrajectoryCache.build(done, cache_dir)
     calls = []
-    real = trajectories.content_hash
-    monkeypatch.setattr(trajectories, "content_hash", lambda path: calls.append(path) or real(path))
+    real = trajectory_cache.content_hash
+    monkeypatch.setattr(trajectory_cache, "content_hash", lambda path: calls.append(path) or real(path))
     assert TrajectoryCache.build(done, cache_dir).content_sha256 == first.content_sha256 and calls == []
     shard = sorted((done / "data").glob("train-*.parquet"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))

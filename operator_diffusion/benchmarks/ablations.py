@@ -55,9 +55,10 @@ def run_ablations(
     ``scale`` solvers at their NFEs (each on its own grid, ``bench.SOLVER_DEFAULTS``) on the same seeds."""
     from ..backbones import backbone_from_checkpoint
     from ..bench import BenchSetup, run_bench
+    from ..collection import collect
+    from ..collection_plan import CollectConfig
     from ..demo import DEMO, DIGITS_TEACHER, digits_teacher, reference_solver
     from ..training import TrainConfig, load_run, reset_accelerate_state, train
-    from ..trajectories import CollectConfig, collect
 
     c = DEMO
     max_steps = train_steps or c.train_steps

@@ -1,6 +1,6 @@
 """Trajectory collection benchmark: (a) collection throughput and storage per trajectory against the
 reference DSNO format, (b) the teacher solvers' accuracy at the recorded outputs on an exact mixture
-flow (which picks ``trajectories.DEFAULT_*``), (c) training-cache reads against Arrow reads.
+flow (which picks ``collection_plan.DEFAULT_*``), (c) training-cache reads against Arrow reads.
 
 Run: ``python -m operator_diffusion.benchmarks collect`` (rewrites its section of docs/benchmarks.md).
 The functions return rows; ``__main__`` formats them.
@@ -18,21 +18,14 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone, load_backbone
+from ..collection import collect
+from ..collection_plan import DEFAULT_GRID, DEFAULT_SOLVER, DEFAULT_STEPS, CollectConfig, output_indices
+from ..collection_store import collection_status, load_collection
 from ..oracles import GaussianMixtureOracle
 from ..schedules import VPLinear, time_grid
-from ..trajectories import (
-    DEFAULT_GRID,
-    DEFAULT_SOLVER,
-    DEFAULT_STEPS,
-    CollectConfig,
-    TrajectoryCache,
-    collect,
-    collection_status,
-    example_inputs,
-    load_collection,
-    output_indices,
-    record_trajectories,
-)
+from ..seeds import example_inputs
+from ..teacher_solve import record_trajectories
+from ..trajectory_cache import TrajectoryCache
 
 # (a) two teachers: the digits preset (1×8×8) and a small 3×32×32 U-Net (CIFAR's shape, 1.2M parameters)
 THROUGHPUT_TEACHERS = {

@@ -28,9 +28,11 @@ def _step_seconds(config, steps: int) -> float:
 
 def benchmark_training(batch: int = 64, num: int = 1024, steps: int = 20) -> dict:
     from ..backbones import load_backbone
+    from ..collection import collect
+    from ..collection_plan import CollectConfig
     from ..runs import Indices
     from ..training import GatherBatch, TrainConfig
-    from ..trajectories import CollectConfig, TrajectoryCache, collect
+    from ..trajectory_cache import TrajectoryCache
 
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="opdiff-bench-train-"))

@@ -1,0 +1,93 @@
+"""clean-fid's InceptionV3 as a feature extractor: ``InceptionExtractor`` (2048-d pool3 features of the torchscript
+weights, never downloaded) and ``clean_preprocess`` (clean-fid's "clean" resize to 299×299).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..images import as_rgb
+from .extractor import FeatureExtractor
+from .files import oneline
+
+INCEPTION_NAME = "inception-2015-12-05.pt"  # clean-fid's file name (cleanfid/inception_torchscript.py)
+# clean-fid's hard-coded location (cleanfid/features.py: "./" on Windows, "/tmp" elsewhere)
+INCEPTION_FILE = os.path.join("./" if platform.system() == "Windows" else "/tmp", INCEPTION_NAME)
+# where clean-fid downloads it from (cleanfid/downloads_helper.py: inception_url)
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+
+
+def clean_preprocess(pixels: np.ndarray) -> Tensor:
+    """clean-fid's "clean" preprocessing of uint8 (N, H, W, C) pixels: grayscale → RGB, then per image
+    ``cleanfid.resize.build_resizer("clean")`` (PIL bicubic to 299×299 on float32, clipped to [0, 255]),
+    then (N, 3, 299, 299) float32 in [0, 255], as ``cleanfid.utils.ResizeDataset`` hands it to the model
+    (``ToTensor`` does not rescale float arrays)."""
+    from cleanfid.resize import build_resizer
+
+    resize = build_resizer("clean")
+    rgb = as_rgb(pixels)
+    return torch.from_numpy(np.stack([resize(im) for im in rgb]).transpose(0, 3, 1, 2).copy())
+
+
+def _inception_module(path: str):
+    """clean-fid's ``InceptionV3W`` (its ``forward``: (x − 128)/128 through the torchscript ``layers`` to
+    2048 features, no resizing inside) over the torchscript weights at ``path`` (any file name)."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    class _InceptionFile(InceptionV3W):
+        def __init__(self, file: str):  # InceptionV3W.__init__ only allows <folder>/inception-2015-12-05.pt
+            nn.Module.__init__(self)
+            with warnings.catch_warnings():  # torch ≥ 2.9 deprecates TorchScript; clean-fid's weights are TorchScript
+                warnings.simplefilter("ignore", FutureWarning)
+                self.base = torch.jit.load(file, map_location="cpu").eval()
+            self.layers = self.base.layers
+            self.resize_inside = False
+
+    return _InceptionFile(path).eval()
+
+
+class InceptionExtractor(FeatureExtractor):
+    """clean-fid's InceptionV3 features in "clean" mode (``build_feature_extractor("clean")``: the torchscript
+    model, resize outside the network). ``path``: the torchscript weights, default clean-fid's own
+    ``/tmp/inception-2015-12-05.pt``. Never downloads: a missing file is a ``FileNotFoundError`` saying
+    where to put it and where clean-fid gets it from. The model is loaded on first use."""
+
+    dim = 2048
+
+    def __init__(self, path: Optional[str | os.PathLike] = None, device: str = "cpu"):
+        self.path = Path(path) if path is not None else Path(INCEPTION_FILE)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"the Inception weights {str(self.path)!r} are missing (opdiff never downloads): fetch {INCEPTION_URL} "
+                f"on a machine with network and copy it to {INCEPTION_FILE} or pass --inception-path PATH"
+            )
+        from ..provenance import file_sha256
+
+        self.sha256 = file_sha256(self.path)
+        self.id = f"inception_v3:clean:{self.sha256[:12]}"
+        self.device = device
+        self._model = None
+
+    def model(self, device: Optional[str] = None):
+        if self._model is None:
+            try:
+                self._model = _inception_module(str(self.path))
+            except RuntimeError as e:
+                raise ValueError(
+                    f"{str(self.path)!r} is not clean-fid's torchscript Inception ({oneline(e)}); get {INCEPTION_URL}"
+                ) from None
+        return self._model.to(device or self.device)
+
+    def features(self, pixels, batch_size=64, device=None, progress=None):
+        """2048-d pool3 features of clean-fid's clean mode (see ``clean_preprocess``)."""
+        device = device or self.device
+        model = self.model(device)
+        return self._run(pixels, batch_size, progress, lambda b: model(clean_preprocess(b).to(device)))
