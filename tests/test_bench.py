@@ -432,3 +432,23 @@ def test_bad_input_is_a_usage_error(mixture_run, tmp_path, args, message):
 def test_a_bare_checkpoint_is_refused(mixture_run, tmp_path):
     r = CliRunner().invoke(app, ["bench", str(mixture_run / "model.safetensors"), "--num", "2"])
     assert r.exit_code == 2 and "bench needs the run folder" in " ".join(r.output.split())
+
+
+def test_the_gpu_script_runs_its_code_paths_on_the_cpu(tmp_path):
+    """The GPU figures script (benchmarks/gpu.py) is run only where a GPU is lent; its measurement functions run
+    here on the CPU with the tiny preset, so the script cannot rot between lent machines."""
+    import math
+
+    from operator_diffusion.benchmarks import gpu
+
+    rows = gpu.sample_rows(
+        "cpu", presets=("tiny",), batches=(2,), precisions=("fp32",), compile_modes=(None,), repeats=1
+    )
+    assert [(r.preset, r.batch, r.compiled, r.error) for r in rows] == [("tiny", 2, False, None)]
+    assert set(rows[0].ratio) == set(gpu.PLACEMENTS) and all(math.isfinite(v) and v > 0 for v in rows[0].ratio.values())
+    (train,) = gpu.training_rows("cpu", precisions=("fp32",), batch=4, steps=4)
+    assert train["dsno"] > 0 and train["baseline"] > 0
+    (coll,) = gpu.collection_rows("cpu", precisions=("fp32",), num=4, batch=4, presets=("tiny",))
+    assert coll["num"] == 4 and coll["per_s"] > 0
+    if not torch.cuda.is_available():
+        assert "No CUDA device on this machine: nothing measured." in gpu.report(lambda: "this machine")

@@ -138,8 +138,9 @@ def sample_rows(
 def training_rows(device: str = "cuda", precisions=PRECISIONS, batch: int = 256, steps: int = 30) -> list[dict]:
     """Median seconds per ``opdiff train`` step of DSNO and the baseline on a digits-shaped collection."""
     from ..backbones import load_backbone
+    from ..collection import collect
+    from ..collection_plan import CollectConfig
     from ..training import TrainConfig
-    from ..trajectories import CollectConfig, collect
     from .train import _step_seconds
 
     dev = torch.device(device)
@@ -150,7 +151,7 @@ def training_rows(device: str = "cuda", precisions=PRECISIONS, batch: int = 256,
         collect(
             load_backbone("opdiff-unet", preset="digits"),
             root / "data",
-            CollectConfig(num=2 * batch, steps=8, solver="ddim", shard_size=2 * batch, batch_size=batch),
+            CollectConfig(num=2 * batch, steps=16, solver="ddim", shard_size=2 * batch, batch_size=batch),
             device=dev,
         )
         for precision in precisions:
@@ -174,14 +175,18 @@ def training_rows(device: str = "cuda", precisions=PRECISIONS, batch: int = 256,
     return rows
 
 
-def collection_rows(device: str = "cuda", precisions=PRECISIONS, num: int = 4096, batch: int = 1024) -> list[dict]:
-    """Trajectories per second of ``collect`` (its default solver and steps) for the digits and cifar10 presets."""
+def collection_rows(
+    device: str = "cuda", precisions=PRECISIONS, num: int = 4096, batch: int = 1024, presets=PRESETS
+) -> list[dict]:
+    """Trajectories per second of ``collect`` (its default solver and steps) per preset (cifar10: num / 16)."""
     from ..backbones import load_backbone
-    from ..trajectories import CollectConfig, collect
+    from ..collection import collect
+    from ..collection_plan import CollectConfig
 
     dev = torch.device(device)
     rows = []
-    for preset, n in (("digits", num), ("cifar10", max(batch, num // 16))):
+    for preset in presets:
+        n = max(min(batch, num), num // 16) if preset == "cifar10" else num
         torch.manual_seed(0)
         bb = load_backbone("opdiff-unet", preset=preset)
         with torch.no_grad():  # a zero output layer would make the data trivial
