@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..prediction import PREDICTION_TYPES, Prediction, eps_from_prediction
 from ..schedules import DiffusionProcess
 
-__all__ = ["Backbone", "CHECKPOINT_CONFIG_KEY"]
+__all__ = ["Backbone", "CHECKPOINT_CONFIG_KEY", "keep_items_by_hooks"]
 
 CHECKPOINT_CONFIG_KEY = "opdiff.backbone"  # safetensors metadata entry holding the backbone's JSON config
 _SHOW = 3  # how many offending keys a mismatch error names
@@ -297,6 +297,50 @@ class Backbone(abc.ABC):
             f"schedule={self.schedule.name!r}, "
             f"prediction={self.prediction!r}{cond}, params={self.num_parameters():,})"
         )
+
+
+def _narrow(value: Any, index: Tensor, full: int) -> Any:
+    """``value`` with every tensor whose first dimension is ``full`` (a per-item tensor of the whole batch) cut
+    to the items ``index``, inside tuples and lists too; anything else is returned as it is."""
+    if isinstance(value, Tensor):
+        return value[index] if value.dim() and value.shape[0] == full else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_narrow(v, index, full) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def keep_items_by_hooks(network: nn.Module, after: str, consumers: list[str], index: Tensor):
+    """``Backbone.keep_items`` for networks whose later blocks receive every per-item tensor as an argument
+    (diffusers' ``UNet2DModel``: the up blocks take the features, their skip connections and the embedding): a
+    forward hook cuts the output of module ``after`` to the items ``index``, and a forward pre-hook on each module
+    of ``consumers`` (the blocks called after it by the parent's ``forward``) cuts every argument that still has
+    the whole batch (the batch ``after`` was called with). Not for a parent that combines whole-batch tensors
+    itself between its blocks (``opdiff-unet`` concatenates its skips in its own ``forward``, so it narrows there
+    instead)."""
+    modules = dict(network.named_modules())
+    full: list[int] = []  # the whole batch, seen on the way into ``after``
+
+    def record_batch(module, args):
+        first = next(a for a in args if isinstance(a, Tensor))
+        full[:] = [first.shape[0]]
+
+    def narrow_output(module, args, output):
+        return _narrow(output, index, full[0])
+
+    def narrow_inputs(module, args, kwargs):
+        return _narrow(args, index, full[0]), {k: _narrow(v, index, full[0]) for k, v in kwargs.items()}
+
+    handles = [
+        modules[after].register_forward_pre_hook(record_batch),
+        modules[after].register_forward_hook(narrow_output),
+    ]
+    handles += [modules[c].register_forward_pre_hook(narrow_inputs, with_kwargs=True) for c in consumers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _checkpoint_origin(path: Path) -> str:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from operator_diffusion.backbones import Backbone
+from operator_diffusion.backbones.base import keep_items_by_hooks
 from operator_diffusion.schedules import DiscreteVP
 
 __all__ = [
@@ -537,13 +538,36 @@ class DiffusersUNet2DBackbone(Backbone):
         """Output channels at each default injection point."""
         return injection_point_channels(self.network)
 
-    def noise_conditioning(self, t: Tensor) -> Tensor:
-        """What the UNet's time embedding sees: the fractional DDPM step tN − 1 (float32), rounded and clamped
-        to 0..N−1 for a ``learned`` (lookup-table) time embedding."""
-        steps = self.schedule.timestep(t).to(torch.float32)
-        if self.network.config.time_embedding_type == "learned":
-            steps = steps.round().clamp(0, self.schedule.num_steps - 1).long()
-        return steps
+    @property
+    def placement_presets(self) -> dict[str, list[str]]:
+        """``full`` (the discovered points), ``through-mid`` (the down blocks' points and the mid block: the whole
+        decoder runs on the requested frames only) and ``through-up1`` (also the first, lowest-resolution up
+        block), as for opdiff-unet."""
+        full = self.default_injection_points
+        up = [p for p in full if p.startswith("up_blocks.")]
+        encoder = [p for p in full if p not in up]
+        return {
+            "full": full,
+            "through-mid": encoder,
+            "through-up1": encoder + [p for p in up if p.startswith("up_blocks.0.")],
+        }
+
+    @property
+    def item_cut_points(self) -> list[str]:
+        """After the mid block and after each up block: ``UNet2DModel.forward`` hands every per-item tensor (the
+        features, the skip connections, the embedding) to the up blocks as arguments, so forward hooks can cut
+        them (``keep_items_by_hooks``)."""
+        net = self.network
+        return (["mid_block"] if net.mid_block is not None else []) + [
+            f"up_blocks.{i}" for i in range(len(net.up_blocks))
+        ]
+
+    def keep_items(self, after: str, index: Tensor):
+        cuts = self.item_cut_points
+        if after not in cuts:
+            raise ValueError(f"{after!r} is not an item cut point of {self.name}; valid: {', '.join(cuts)}")
+        later = [c for c in cuts[cuts.index(after) + 1 :] if c != "mid_block"]
+        return keep_items_by_hooks(self.network, after, later, index)
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         labels = self.check_inputs(x, labels)
@@ -552,3 +576,11 @@ class DiffusersUNet2DBackbone(Backbone):
         if self._learned_variance:
             out = out[:, : self.image_shape[0]]
         return out.to(x.dtype)
+
+    def noise_conditioning(self, t: Tensor) -> Tensor:
+        """What the UNet's time embedding sees: the fractional DDPM step tN − 1 (float32), rounded and clamped
+        to 0..N−1 for a ``learned`` (lookup-table) time embedding."""
+        steps = self.schedule.timestep(t).to(torch.float32)
+        if self.network.config.time_embedding_type == "learned":
+            steps = steps.round().clamp(0, self.schedule.num_steps - 1).long()
+        return steps

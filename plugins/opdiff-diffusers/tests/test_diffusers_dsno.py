@@ -54,3 +54,29 @@ def test_parameter_overhead_on_the_ddpm_cifar10_config():
     assert report["temporal_parameters"] == 4 * sum(c * c for c in table.values())  # J=2 complex C×C per point
     assert report["backbone_parameters"] == 35_746_307
     assert report["overhead"] == pytest.approx(4 * 1_130_496 / 35_746_307)  # 12.65%: the paper reports ~10%
+
+
+@pytest.mark.parametrize("placement", [None, "through-mid", "through-up1"])
+@torch.no_grad()
+def test_frame_pruning_on_a_diffusers_unet_gives_the_full_forward_frames(placement):
+    """The hook-based cut (keep_items_by_hooks) against the unpruned pass, in float64, with class labels; the
+    blocks after the cut see B·K items."""
+    bb = DiffusersUNet2DBackbone(perturbed(tiny_unet(num_class_embeds=3)).double())
+    model = DSNO(bb, TIMES, modes=2, init="small", placement=placement).double().eval()
+    for p in model.temporal.parameters():
+        p.copy_(0.2 * torch.randn_like(p))
+    expected_cut = {None: "up_blocks.1", "through-mid": "mid_block", "through-up1": "up_blocks.0"}[placement]
+    assert model.cut_point == expected_cut
+    x, labels = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2, 1])
+    full = model(x, labels)
+    seen: list[int] = []
+    handle = bb.network.conv_out.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        pruned = model(x, labels, frames=[0, 3])
+    finally:
+        handle.remove()
+    assert seen == [3 * 2]
+    torch.testing.assert_close(pruned, full[:, [0, 3]], rtol=1e-12, atol=1e-12)
+    if placement == "through-mid":
+        names = [p.name for p in model.injection_points]
+        assert names == [n for n in TINY_POINTS if not n.startswith("up_blocks.")]
