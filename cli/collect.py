@@ -13,7 +13,16 @@ from typing import Any, List, Optional
 
 import typer
 
-from ._common import console, err_console, fail, parse_options, print_rows, progress_bar, resolve_device
+from ._common import (
+    console,
+    err_console,
+    fail,
+    parse_options,
+    print_rows,
+    progress_bar,
+    read_prompts,
+    resolve_device,
+)
 
 data_app = typer.Typer(help="Inspect trajectory datasets written by `opdiff collect`.", no_args_is_help=True)
 
@@ -42,20 +51,6 @@ def parse_labels(text: str | None):
     try:
         return parse_label_spec(text)
     except ValueError as e:
-        fail(str(e))
-
-
-def read_prompts(path: Path | None, column: str | None) -> tuple[str, ...] | None:
-    """The prompts of ``--prompts FILE`` (``prompts.read_prompt_file``), or None without the flag."""
-    from operator_diffusion.prompts import read_prompt_file
-
-    if path is None:
-        if column is not None:
-            fail("--prompt-column needs --prompts FILE")
-        return None
-    try:
-        return read_prompt_file(path, column)
-    except (OSError, ValueError) as e:
         fail(str(e))
 
 
