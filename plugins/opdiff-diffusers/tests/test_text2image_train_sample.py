@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from text2image_doubles import register, write_tiny_pipeline
 from typer.testing import CliRunner
 
 from operator_diffusion.adapter import DSNO
@@ -16,8 +17,6 @@ from operator_diffusion.collection import collect
 from operator_diffusion.collection_plan import CollectConfig
 from operator_diffusion.images import read_image
 from operator_diffusion.training import TrainConfig, load_run, train
-
-from text2image_doubles import register, write_tiny_pipeline
 
 PROMPTS = ("a cat", "a dog", "do a cat")
 SEEDS = [100, 101, 102]
@@ -105,3 +104,18 @@ def test_teacher_samples_with_prompts_and_bad_sample_input(run, tmp_path):
     assert (tmp_path / "t" / "side_by_side.png").is_file()
     meta = json.loads((tmp_path / "t" / "teacher" / "opdiff_samples.json").read_text())
     assert meta["guidance"] == 2.0 and meta["negative_prompt"] == ""
+
+
+def test_bench_on_latents_reports_latent_rmse_and_decoded_psnr(run):
+    from opdiff_cli.main import app
+    from operator_diffusion.bench import latent_rmse
+
+    assert latent_rmse(torch.full((1, 4, 2, 2), 3.0), torch.zeros(1, 4, 2, 2)) == 3.0  # latents are not clipped
+    args = ["bench", str(run / "run"), "--num", "2", "--solvers", "ddim", "--nfe", "2", "--device", "cpu", "--json"]
+    r = CliRunner().invoke(app, [*args, "--prompt", "a cat"])
+    assert r.exit_code == 0, r.output
+    rows = {row["method"]: row for row in json.loads(r.stdout[r.stdout.index("{") :])["rows"]}
+    assert rows["teacher reference"]["rmse"] == 0 and rows["teacher reference"]["psnr"] == float("inf")
+    assert rows["DSNO"]["rmse"] > 0 and np.isfinite(rows["DSNO"]["psnr"])
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "text-conditioned: pass --prompt" in r.output
