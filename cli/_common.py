@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 import typer
@@ -163,3 +164,17 @@ def run_with_training_bar(label: str, total: int, loss_key: str, run, console: C
             bar.update(task, completed=step, loss=f"{metrics[loss_key]:.4g}", rate=f"{speed:.2f}" if speed else "-")
 
         return run(progress)
+
+
+def read_prompts(path: Path | None, column: str | None) -> tuple[str, ...] | None:
+    """The prompts of ``--prompts FILE`` (``prompts.read_prompt_file``), or None without the flag."""
+    from operator_diffusion.prompts import read_prompt_file
+
+    if path is None:
+        if column is not None:
+            fail("--prompt-column needs --prompts FILE")
+        return None
+    try:
+        return read_prompt_file(path, column)
+    except (OSError, ValueError) as e:
+        fail(str(e))

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from ._common import console, err_console, fail, progress_bar, resolve_device
+from ._common import console, err_console, fail, progress_bar, read_prompts, resolve_device
 from .sample import load_run_or_fail, resolve_seeds
 
 DEFAULT_NUM = 1000
@@ -108,6 +108,12 @@ def bench(
     labels: Optional[str] = typer.Option(
         None, "--labels", help="Class-conditional teachers: random (default), one class or a list."
     ),
+    prompt: list[str] = typer.Option(
+        [], "--prompt", help="Text-conditioned teachers: a prompt (repeatable; seed s gets prompt s mod their number)."
+    ),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="Text-conditioned teachers: a file of prompts, one per line (after any --prompt)."
+    ),
     ref: Optional[str] = typer.Option(
         None,
         "--ref",
@@ -186,6 +192,8 @@ def bench(
         reference = sp.run_solver(info, reference_solver, reference_steps)
         teacher = sp.run_teacher(info, teacher_checkpoint)
         reference.nfe(teacher.schedule)
+        negative = (info["collection"].get("prompts") or {}).get("negative_prompt", "")
+        prompt_table = sp.sample_prompts(teacher, [*prompt, *(read_prompts(prompts, None) or ())], negative)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
         fail(f"cannot set up the teacher: {e}")
     from operator_diffusion.solvers import available_solvers
@@ -252,6 +260,7 @@ def bench(
         tune_list,
         tuple(training_seeds(i) for i in infos),
         info["collection"]["grid"],
+        prompts=prompt_table,
     )
 
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn

@@ -13,7 +13,16 @@ from typing import Any, List, Optional
 
 import typer
 
-from ._common import console, err_console, fail, parse_options, print_rows, progress_bar, resolve_device
+from ._common import (
+    console,
+    err_console,
+    fail,
+    parse_options,
+    print_rows,
+    progress_bar,
+    read_prompts,
+    resolve_device,
+)
 
 data_app = typer.Typer(help="Inspect trajectory datasets written by `opdiff collect`.", no_args_is_help=True)
 
@@ -111,7 +120,21 @@ def collect(
     labels: Optional[str] = typer.Option(
         None, "--labels", help="Conditional teachers: random (default), a class, or a comma list."
     ),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+    guidance: Optional[float] = typer.Option(
+        None, "--guidance", help="Classifier-free guidance scale W >= 0 (class labels: needs a null label)."
+    ),
+    prompts: Optional[Path] = typer.Option(
+        None,
+        "--prompts",
+        help="Text-conditioned teachers: a file of prompts, one per line (or a .csv/.json/.jsonl/.parquet table's "
+        "text column); example k takes line k mod the number of lines.",
+    ),
+    prompt_column: Optional[str] = typer.Option(
+        None, "--prompt-column", help="The column of a --prompts table (default: text, prompt or caption)."
+    ),
+    negative_prompt: Optional[str] = typer.Option(
+        None, "--negative-prompt", help="The null branch of --guidance for prompts (default: the empty prompt)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Example k uses seed+k."),
     batch_size: int = typer.Option(
         64, "--batch-size", help="Trajectories per solve (changes only float round-off; keep it to resume bit-exactly)."
@@ -152,6 +175,8 @@ def collect(
         shard_size=shard_size,
         labels=parse_labels(labels),
         guidance=guidance,
+        prompts=read_prompts(prompts, prompt_column),
+        negative_prompt=negative_prompt,
         batch_size=batch_size,
         solver_options=parse_options(solver_option, "--solver-option"),
     )
@@ -251,6 +276,14 @@ def _info_rows(status: dict) -> list[dict[str, Any]]:
         "target / dtype": f"{c['target']} / {c['dtype']}",
         "seeds": f"{c['seed']} .. {c['seed'] + c['num'] - 1}",
         "labels / guidance": f"{c['labels']} / {c['guidance']}",
+        **(
+            {
+                "prompts": f"{c['prompts']['num_distinct']} distinct of {c['prompts']['num_lines']} lines, negative "
+                f"prompt {c['prompts']['negative_prompt']!r}, embeddings in {c['prompts']['file']}"
+            }
+            if "prompts" in c
+            else {}
+        ),
         "shards complete": f"{status['complete_shards']} of {status['num_shards']} ({c['shard_size']} examples each)",
         "examples complete": f"{status['complete_examples']} of {c['num']}",
         "bytes per trajectory": f"{status['bytes_per_trajectory']:,} stored"

@@ -80,9 +80,7 @@ def _run_samples(spec: str, num: Optional[int], seeds: Optional[str], dev: str):
     model, info = load_run_or_fail(spec, dev)
     seed_list = resolve_seeds(seeds, num if num is not None or seeds is not None else RUN_NUM, info, (info,))
     labels = parse_labels(None, model.backbone.num_classes)
-    pixels = np.concatenate(
-        [to_uint8(b.outputs[:, -1]) for b in dsno_batches(model, seed_list, labels, None, 256, dev)]
-    )
+    pixels = np.concatenate([to_uint8(b.pixels[:, -1]) for b in dsno_batches(model, seed_list, labels, None, 256, dev)])
     name = f"{spec} (DSNO, seeds {seed_list[0]}-{seed_list[-1]})" if seeds is None else f"{spec} (DSNO, seeds {seeds})"
     return ImageSet(
         pixels, None, name, {"kind": "run", "run": spec, "seeds": [seed_list[0], seed_list[-1], len(seed_list)]}

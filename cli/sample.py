@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ._common import console, err_console, fail, progress_bar, resolve_device
+from ._common import console, err_console, fail, progress_bar, read_prompts, resolve_device
 
 DEFAULT_NUM = 64
 
@@ -139,6 +139,12 @@ def sample(
         "--labels",
         help="Class-conditional models: random (default), one class, or a list (seed s gets list[s mod len]).",
     ),
+    prompt: list[str] = typer.Option(
+        [], "--prompt", help="Text-conditioned models: a prompt (repeatable; seed s gets prompt s mod their number)."
+    ),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="Text-conditioned models: a file of prompts, one per line (after any --prompt)."
+    ),
     batch_size: int = typer.Option(256, "--batch-size", help="Samples per forward pass (does not change the images)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     teacher: bool = typer.Option(
@@ -172,8 +178,11 @@ def sample(
     model, info = load_run_or_fail(run, dev)
     bb = model.backbone
     seed_list = resolve_seeds(seeds, num, info)
+    prompt_list = [*prompt, *(read_prompts(prompts, None) or ())]
+    coll_prompts = info.get("collection", {}).get("prompts") or {}
     try:
         label_mode = sp.parse_labels(labels, bb.num_classes)
+        table = sp.sample_prompts(bb, prompt_list, coll_prompts.get("negative_prompt", ""))
     except ValueError as e:
         fail(str(e))
     query = None
@@ -187,6 +196,7 @@ def sample(
     keep = select_times(times, out_times)
 
     teacher_solver = teacher_model = teacher_nfe = None
+    guidance = info.get("collection", {}).get("guidance") if table is not None else None  # the teacher's W
     if teacher:
         if not info:
             fail("--teacher needs a run folder (a bare checkpoint does not record its teacher)")
@@ -203,6 +213,7 @@ def sample(
         "seeds": seeds or f"{seed_list[0]}-{seed_list[-1]}",
         "labels": label_mode,
         "query_times": query,
+        **({"prompts": prompt_list} if table is not None else {}),
         **sp.summary(model, info),
     }
     writer = sp.SampleWriter(out, fmts, meta, overwrite)
@@ -215,6 +226,11 @@ def sample(
             "labels": label_mode,
             "solver": teacher_solver.describe(),
             "nfe": teacher_nfe,
+            **(
+                {"prompts": prompt_list, "guidance": guidance, "negative_prompt": table.negative_prompt}
+                if table
+                else {}
+            ),
         }
         teacher_writer = sp.SampleWriter(out / "teacher", fmts, tmeta, overwrite)
     try:
@@ -228,14 +244,16 @@ def sample(
 
     try:
         # only the frames asked for: the blocks after the last temporal layer run on them alone (frame pruning)
-        batches = sp.dsno_batches(model, seed_list, label_mode, query, batch_size, dev, frames=keep)
+        batches = sp.dsno_batches(model, seed_list, label_mode, query, batch_size, dev, frames=keep, prompts=table)
         for batch in _progress_loop(batches, len(seed_list), "DSNO (1 NFE)"):
             if not torch.isfinite(batch.outputs).all():
                 fail(f"DSNO produced NaN/Inf for seeds among {batch.seeds[:5]}…; the checkpoint is broken", code=1)
             writer.add(batch)
         files = writer.close()
         if teacher_writer is not None:
-            tb = sp.teacher_batches(teacher_model, seed_list, teacher_solver, label_mode, batch_size, dev)
+            tb = sp.teacher_batches(
+                teacher_model, seed_list, teacher_solver, label_mode, batch_size, dev, guidance, prompts=table
+            )
             for batch in _progress_loop(tb, len(seed_list), f"teacher {teacher_solver.describe()}"):
                 teacher_writer.add(batch)
             tfiles = teacher_writer.close()

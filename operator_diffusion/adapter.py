@@ -3,7 +3,8 @@
 ``DSNO(backbone, times)`` maps x_T to the trajectory {x(t_1), …, x(t_M)} in one forward pass:
 
 * the backbone runs once on B·M items — item ``b*M + i`` is x_T of example b with the time embedding of
-  t_i (labels repeated likewise), so every ResBlock, GroupNorm and attention layer works per frame;
+  t_i (labels and every other conditioning input, e.g. a prompt embedding, repeated likewise: each frame of an
+  example gets the example's conditioning), so every ResBlock, GroupNorm and attention layer works per frame;
 * after each injection point a ``TemporalBlock`` (u + LeakyReLU(K u), K a spectral convolution over the M
   frames) mixes the copies of one example. The blocks are attached with forward hooks that are active only
   inside ``DSNO.forward``: the backbone's modules, names and ``state_dict`` keys are untouched, so teacher
@@ -145,11 +146,12 @@ def trace_outputs(backbone: Backbone, names: Sequence[str]) -> dict[str, tuple[i
     labels = None
     if backbone.num_classes:
         labels = torch.full((1,), backbone.null_label if backbone.null_label is not None else 0, device=backbone.device)
+    cond = {k: torch.zeros(1, *s, device=backbone.device) for k, s in backbone.conditioning_shapes.items()}
     was_training = backbone.network.training
     try:
         backbone.network.eval()
         with torch.no_grad():
-            backbone.forward(x, t, labels)
+            backbone.forward(x, t, labels, **cond)
     finally:
         backbone.network.train(was_training)
         for h in handles:
@@ -310,26 +312,30 @@ class DSNO(nn.Module):
         labels: Tensor | None = None,
         times: Sequence[float] | Tensor | None = None,
         frames: Sequence[int] | None = None,
+        **cond: Tensor,
     ) -> Tensor:
         """Predicted trajectory (B, M, C, H, W) at ``times`` (default: the training times) from noise x_T
-        (B, *backbone.state_shape).
+        (B, *backbone.state_shape); ``cond``: the backbone's conditioning inputs beyond labels
+        (``Backbone.conditioning_shapes``, e.g. ``encoder_hidden_states``), one per example, given to all its frames.
 
         ``frames`` (indices into the times, e.g. ``[-1]`` for the sample at t_M) returns only those frames,
         (B, K, C, H, W), and runs every block after the last temporal layer on them alone (frame pruning, at
         ``cut_point``): the same numbers as the full output's frames, for less compute."""
         bb = self.backbone
         labels = bb.check_inputs(x_T, labels)
+        cond = bb.check_conditioning(x_T, cond)
         t = self.times if times is None else self.query_times(times)
         b, m = x_T.shape[0], len(t)
         keep = None if frames is None else self.check_frames(frames, m)
         x = x_T.repeat_interleave(m, dim=0)  # (B, C, H, W) -> (B*M, C, H, W), item b*M+i = x_T[b]
         t_items = t.to(x_T.device).repeat(b)  # item b*M+i has time t_i
         lab = None if labels is None else labels.repeat_interleave(m)
+        cond_items = {k: v.repeat_interleave(m, dim=0) for k, v in cond.items()}  # every frame: its example's input
         prune = keep is not None and self.cut_point is not None and len(keep) < m
         with self._frames(m), contextlib.ExitStack() as stack:
             if prune:
                 stack.enter_context(bb.keep_items(self.cut_point, frame_items(b, m, keep).to(x_T.device)))
-            out = bb.forward(x, t_items, lab)
+            out = bb.forward(x, t_items, lab, **cond_items)
         out = bb.schedule.data_part(out)  # PSLD: (B*M, 2C, H, W) -> the x half (B*M, C, H, W)
         if prune:
             return out.reshape(b, len(keep), *out.shape[1:])
@@ -370,9 +376,9 @@ class DSNO(nn.Module):
         return t
 
     @torch.no_grad()
-    def sample(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
+    def sample(self, x_T: Tensor, labels: Tensor | None = None, **cond: Tensor) -> Tensor:
         """One-NFE sample: the output at the last time t_M, (B, C, H, W) (PSLD: the x half), frame-pruned."""
-        return self.forward(x_T, labels, frames=[-1])[:, 0]
+        return self.forward(x_T, labels, frames=[-1], **cond)[:, 0]
 
     # ----------------------------------------------------------------------------------------------
     def parameter_report(self) -> dict[str, Any]:

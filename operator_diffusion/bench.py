@@ -212,6 +212,13 @@ def teacher_match(x: Tensor, reference: Tensor) -> tuple[float, float]:
     return math.sqrt(mse), psnr
 
 
+def latent_rmse(x: Tensor, reference: Tensor) -> float:
+    """RMSE of latents ``x`` against ``reference``, unclipped (latents are not pixels in [-1, 1])."""
+    if x.shape != reference.shape:
+        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(reference.shape)}")
+    return float((x.double() - reference.double()).square().mean().sqrt())
+
+
 def steps_for_nfe(
     schedule,
     solver: str,
@@ -238,21 +245,25 @@ def default_solvers(schedule) -> tuple[str, ...]:
 
 
 def denoiser_batches(
-    backbone, seeds: Sequence[int], labels, batch_size: int, device, guidance: float | None = None
+    backbone, seeds: Sequence[int], labels, batch_size: int, device, guidance: float | None = None, prompts=None
 ) -> Any:
-    """The teacher's one-shot x̂_0(x_T, t_max) (1 NFE), as (B, 1, C, H, W) batches (PSLD: from z_T, C channels)."""
+    """The teacher's one-shot x̂_0(x_T, t_max) (1 NFE), as (B, 1, C, H, W) batches (PSLD: from z_T, C channels);
+    with ``prompts`` (``sampling.sample_prompts``) guided as in ``teacher_batches``, a latent teacher's decoded."""
     from .prediction import denoised_from_eps
-    from .sampling import seed_inputs
+    from .sampling import decode_outputs, seed_conditioning, seed_inputs
     from .teacher_solve import EpsFunction
 
-    teacher = EpsFunction.from_backbone(backbone, guidance, device)
+    nulls = None if prompts is None else prompts.null_inputs()
+    teacher = EpsFunction.from_backbone(backbone, guidance, device, null_inputs=nulls)
     t = torch.tensor(teacher.schedule.t_max, dtype=torch.float64)
     for chunk, x, y in seed_inputs(seeds, backbone, labels, batch_size, device):
         tt = t.to(device).expand(len(chunk))
         extra = {} if y is None else {"labels": y}
+        extra.update(seed_conditioning(prompts, chunk, device))
         with torch.inference_mode():
             x0 = denoised_from_eps(teacher.eps_fn(x, tt, **extra), x, tt, teacher.schedule)
-        yield SampleBatch(chunk, None if y is None else y.cpu(), x0[:, None].float().cpu(), [float(t)])
+        out = x0[:, None].float().cpu()
+        yield SampleBatch(chunk, None if y is None else y.cpu(), out, [float(t)], decode_outputs(backbone, out))
 
 
 def solver_choice(
@@ -356,12 +367,15 @@ def teacher_eval_seconds(backbone, batch: int, device, guidance: float | None = 
     warm-up, ``teacher_solve.time_calls``): the unit of the bench's compute column."""
     from .teacher_solve import EpsFunction, time_calls
 
-    teacher = EpsFunction.from_backbone(backbone, guidance, device)
+    # conditioning inputs beyond labels (prompt embeddings): zeros of their shapes, as in choose_precision
+    cond = {k: torch.zeros(batch, *s, device=device) for k, s in backbone.conditioning_shapes.items()}
+    teacher = EpsFunction.from_backbone(backbone, guidance, device, null_inputs={k: v[0] for k, v in cond.items()})
     x = torch.randn(batch, *backbone.state_shape, device=device)
     t = torch.full(
         (batch,), 0.5 * (teacher.schedule.t_max + teacher.schedule.t_min), dtype=torch.float32, device=device
     )
     extra = {} if not backbone.num_classes else {"labels": torch.zeros(batch, dtype=torch.long, device=device)}
+    extra.update(cond)
     with torch.inference_mode():
         seconds = time_calls({"eval": lambda: teacher.eps_fn(x, t, **extra)}, repeats, _sync(device))
     return seconds["eval"] / batch
@@ -396,6 +410,7 @@ class BenchSetup:
     tune_seeds: list[int] | None = None
     training_seeds: tuple[range, ...] = ()
     fallback_grid: str = "quadratic"  # PSLD teachers' solver grid (the collection's)
+    prompts: Any = None  # text-conditioned teachers: sampling.sample_prompts (seed s takes prompt s mod P)
 
 
 def _sync(device: str) -> Callable[[], None] | None:
@@ -424,7 +439,10 @@ def tune_solvers(
     seeds = list(su.tune_seeds or [])
     check_tune_seeds(seeds, su.seeds, su.training_seeds)
     ref, _ = collect_batches(
-        teacher_batches(su.teacher, seeds, su.reference, su.labels, su.batch_size, su.device, su.guidance), len(seeds)
+        teacher_batches(
+            su.teacher, seeds, su.reference, su.labels, su.batch_size, su.device, su.guidance, prompts=su.prompts
+        ),
+        len(seeds),
     )
     choices: dict[tuple[str, int], SolverChoice] = {}
     table: list[dict] = []
@@ -440,12 +458,15 @@ def tune_solvers(
                     continue
                 try:
                     out, _ = collect_batches(
-                        teacher_batches(su.teacher, seeds, run, su.labels, su.batch_size, su.device, su.guidance),
+                        teacher_batches(
+                            su.teacher, seeds, run, su.labels, su.batch_size, su.device, su.guidance, prompts=su.prompts
+                        ),
                         len(seeds),
                     )
                 except NonFiniteError:
                     continue
-                rmse = teacher_match(out.outputs[:, -1], ref.outputs[:, -1])[0]
+                x, x_ref = out.outputs[:, -1], ref.outputs[:, -1]
+                rmse = teacher_match(x, x_ref)[0] if out.images is None else latent_rmse(x, x_ref)
                 table.append(
                     {
                         "solver": solver,
@@ -482,8 +503,12 @@ def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | Non
 
     def add(method: str, nfe: int, depth: int, batch: SampleBatch, seconds: float, detail: str, kind: str) -> None:
         x = batch.outputs[:, -1]
-        rmse, psnr = teacher_match(x, ref.outputs[:, -1])
-        fid = None if su.fid is None else float(su.fid(to_uint8(x)))
+        if batch.images is None:
+            rmse, psnr = teacher_match(x, ref.outputs[:, -1])
+        else:  # a latent teacher: RMSE of the latents (not clipped), PSNR of the decoded images
+            rmse = latent_rmse(x, ref.outputs[:, -1])
+            psnr = teacher_match(batch.images[:, -1], ref.images[:, -1])[1]
+        fid = None if su.fid is None else float(su.fid(to_uint8(batch.pixels[:, -1])))
         rows.append(
             BenchRow(
                 method,
@@ -505,7 +530,9 @@ def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | Non
     ref_nfe = su.reference.nfe(su.teacher.schedule)
     ref, ref_s = run(
         "reference",
-        teacher_batches(su.teacher, su.seeds, su.reference, su.labels, su.batch_size, su.device, su.guidance),
+        teacher_batches(
+            su.teacher, su.seeds, su.reference, su.labels, su.batch_size, su.device, su.guidance, prompts=su.prompts
+        ),
     )
     add("teacher reference", ref_nfe, ref_nfe, ref, ref_s, su.reference.describe(), "reference")
     for name, model in su.models.items():
@@ -513,7 +540,10 @@ def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | Non
         if abs(times[-1] - t_end) > 1e-9 * max(1.0, t_end):
             raise ValueError(f"{name}'s last output time {times[-1]:g} differs from the reference's {t_end:g}")
         # the sample only (frame-pruned): what one-step sampling computes, and what the row is charged
-        batch, s = run(name, dsno_batches(model, su.seeds, su.labels, None, su.batch_size, su.device, frames=[-1]))
+        batch, s = run(
+            name,
+            dsno_batches(model, su.seeds, su.labels, None, su.batch_size, su.device, frames=[-1], prompts=su.prompts),
+        )
         add(
             name,
             1,
@@ -525,7 +555,10 @@ def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | Non
         )
     if target == "denoised" and 1 in su.nfes:
         batch, s = run(
-            "denoiser", denoiser_batches(su.teacher, su.seeds, su.labels, su.batch_size, su.device, su.guidance)
+            "denoiser",
+            denoiser_batches(
+                su.teacher, su.seeds, su.labels, su.batch_size, su.device, su.guidance, prompts=su.prompts
+            ),
         )
         add("teacher x̂₀(x_T)", 1, 1, batch, s, "the teacher's one-shot denoiser", "denoiser")
     for solver in solvers:
@@ -542,7 +575,9 @@ def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | Non
                 continue
             batch, s = run(
                 f"{solver} {nfe} NFE",
-                teacher_batches(su.teacher, su.seeds, ts, su.labels, su.batch_size, su.device, su.guidance),
+                teacher_batches(
+                    su.teacher, su.seeds, ts, su.labels, su.batch_size, su.device, su.guidance, prompts=su.prompts
+                ),
             )
             add(solver, nfe, nfe, batch, s, ts.describe(), "solver")
     meta = {

@@ -56,12 +56,28 @@ class NonFiniteTrajectoryError(NonFiniteError):
         self.seeds = seeds
 
 
-def solve_examples(teacher: EpsFunction, plan: CollectionPlan, examples: range) -> tuple[np.ndarray, np.ndarray | None]:
-    """Stored trajectories (B, M, C, H, W) in the storage dtype and labels for a range of example indices."""
+def example_conditions(plan: CollectionPlan, examples: range) -> dict[str, np.ndarray]:
+    """The per-example columns beyond labels: a text-conditioned collection's prompt rows and guidance scales W
+    (1.0 when unguided: the conditional ε); none otherwise."""
+    if plan.prompts is None:
+        return {}
+    w = 1.0 if plan.config.guidance is None else float(plan.config.guidance)
+    rows = plan.prompts.rows(examples).numpy()
+    return {"prompt": rows, "guidance": np.full(len(rows), w, dtype=np.float32)}
+
+
+def solve_examples(
+    teacher: EpsFunction, plan: CollectionPlan, examples: range
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+    """Stored trajectories (B, M, C, H, W) in the storage dtype, labels and the other per-example columns
+    (``example_conditions``) for a range of example indices."""
     cfg, ident = plan.config, plan.identity
     seeds = [cfg.seed + k for k in examples]
     x, labels = example_inputs(seeds, ident["image_shape"], ident["labels"], ident["num_classes"], teacher.schedule)
-    extra = None if labels is None else {"labels": labels.to(teacher.device)}
+    conditions = example_conditions(plan, examples)
+    extra = {} if labels is None else {"labels": labels.to(teacher.device)}
+    if plan.prompts is not None:  # the stored float16 embeddings, as training will see them
+        extra.update({k: v.to(teacher.device) for k, v in plan.prompts.inputs(conditions["prompt"]).items()})
     try:
         with torch.inference_mode():
             traj = record_trajectories(
@@ -85,7 +101,7 @@ def solve_examples(teacher: EpsFunction, plan: CollectionPlan, examples: range) 
             bad,
         ) from None
     stored = traj.to(getattr(torch, cfg.dtype)).cpu().numpy()
-    return stored, None if labels is None else labels.numpy()
+    return stored, None if labels is None else labels.numpy(), conditions
 
 
 @dataclass(frozen=True)
@@ -166,7 +182,8 @@ def collect(
         plan = make_plan() if deferred else plan
         check_output_dir(out, plan)
     config = plan.config
-    teacher = EpsFunction.from_backbone(backbone, config.guidance, device, plan.identity["precision"])
+    nulls = None if plan.prompts is None else plan.prompts.null_inputs()
+    teacher = EpsFunction.from_backbone(backbone, config.guidance, device, plan.identity["precision"], nulls)
     feats = features(plan.identity)
     written, skipped = [], []
     for k in range(p, plan.num_shards, n):
@@ -199,16 +216,24 @@ def _collect_shard(
     in the last bits with the batch size, so the stored bits are reproducible for a given batch size and
     device (resume, any number of processes), and agree to about one float16 ulp across batch sizes."""
     bs = plan.config.batch_size
-    trajs, labels = [], []
+    trajs, labels, conditions = [], [], []
     for b0 in range(rows.start, rows.stop, bs):
         batch = range(b0, min(b0 + bs, rows.stop))
-        traj, lab = solve_examples(teacher, plan, batch)
+        traj, lab, cond = solve_examples(teacher, plan, batch)
         trajs.append(traj)
         labels.append(lab)
+        conditions.append(cond)
         if progress is not None:
             progress(len(batch))
     seeds = np.arange(rows.start, rows.stop, dtype=np.int64) + plan.config.seed
     provenance = {"batch_size": bs, "device": str(teacher.device), **versions()}
+    columns = {k: np.concatenate([c[k] for c in conditions]) for k in conditions[0]}
     write_shard(
-        path, feats, np.concatenate(trajs), seeds, None if labels[0] is None else np.concatenate(labels), provenance
+        path,
+        feats,
+        np.concatenate(trajs),
+        seeds,
+        None if labels[0] is None else np.concatenate(labels),
+        provenance,
+        columns,
     )

@@ -26,6 +26,7 @@ from .teacher_solve import PRECISIONS, TARGETS, Target, choose_precision
 
 if TYPE_CHECKING:
     from .backbones import Backbone
+    from .prompts import PromptTable
 
 __all__ = [
     "CollectConfig",
@@ -77,7 +78,9 @@ class CollectConfig:
     seed: int = 0  # example k uses seed + k
     shard_size: int = 1000  # examples per parquet shard (~25 MB at 4×3×32×32 fp16)
     labels: str | int | tuple[int, ...] | None = None  # "random", one class, or a list: seed s gets list[s % len]
-    guidance: float | None = None  # classifier-free guidance scale (needs a null label)
+    guidance: float | None = None  # classifier-free guidance scale (needs a null label, or prompts)
+    prompts: tuple[str, ...] | None = None  # text-conditioned teachers: example k takes prompt k mod len (``prompts``)
+    negative_prompt: str | None = None  # the guided ε's null branch for prompts; None: the empty prompt ""
     solver_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64  # trajectories per solve; changes float round-off only
 
@@ -103,6 +106,7 @@ class CollectionPlan:
     identity: dict[str, Any]  # JSON-normalised; equal identities mean equal data
     precision_choice: dict | None = None  # how precision "auto" was resolved (``resolve_precision``); not identity
     checkpoint_path: str | None = None  # where the teacher's weights came from (absolute); provenance, not identity
+    prompts: "PromptTable | None" = None  # a text-conditioned teacher's prompt table (its identity: "prompts")
 
     @property
     def num_shards(self) -> int:
@@ -229,7 +233,13 @@ def plan_collection(
     if "lower_order_final" in options:  # the identity records what ran: None (on below 15 steps) resolved
         options["lower_order_final"] = lower_order_final_default(options["lower_order_final"], c.steps)
     nfe = solver_nfe(backbone.schedule, ts, c.solver, indices, c.target, c.solver_options)
-    labels = label_mode(c.labels, backbone.num_classes, c.guidance, backbone.null_label)
+    check_guidance(c.guidance)
+    if backbone.takes_prompts or c.prompts is not None or c.negative_prompt is not None:
+        table = prompt_table(backbone, c)
+        labels = None
+    else:
+        table = None
+        labels = label_mode(c.labels, backbone.num_classes, c.guidance, backbone.null_label)
     precision, choice = resolve_precision(backbone, c, out_dir, device)
     c = replace(c, precision=precision)
     identity = {
@@ -257,8 +267,41 @@ def plan_collection(
         "labels": labels,
         "guidance": None if c.guidance is None else float(c.guidance),
     }
+    if table is not None:
+        identity["prompts"] = table.identity()
     path = None if checkpoint is None else str(Path(checkpoint).resolve())
-    return CollectionPlan(c, ts, tuple(indices), json.loads(json.dumps(identity)), choice, path)
+    return CollectionPlan(c, ts, tuple(indices), json.loads(json.dumps(identity)), choice, path, table)
+
+
+def check_guidance(guidance: float | None) -> None:
+    """Refuse a guidance scale that is not a finite number >= 0 (None: unguided)."""
+    if guidance is None:
+        return
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    if guidance < 0:
+        raise ValueError(
+            f"guidance {guidance} is below 0: classifier-free guidance takes W >= 0 (1: the conditional model, 0: the "
+            "unconditional one, > 1: stronger guidance; Stable Diffusion uses 7.5)"
+        )
+
+
+def prompt_table(backbone: "Backbone", config: CollectConfig) -> "PromptTable":
+    """The prompt table of a text-conditioned teacher's collection (each distinct prompt encoded once), after
+    checking that the backbone takes prompts, that there are some, and that no class labels are asked for."""
+    from .prompts import PromptTable
+
+    if not backbone.takes_prompts:
+        raise ValueError(f"backbone {backbone.name!r} takes no text prompts: drop --prompts and --negative-prompt")
+    if config.labels is not None:
+        raise ValueError(f"backbone {backbone.name!r} is conditioned on text prompts, not class labels: drop --labels")
+    if not config.prompts:
+        raise ValueError(
+            f"backbone {backbone.name!r} is text-conditioned: pass the prompts (--prompts FILE, one prompt per line)"
+        )
+    if any(not isinstance(p, str) or not p.strip() for p in config.prompts):
+        raise ValueError("prompts must be non-empty strings")
+    return PromptTable.build(backbone, config.prompts, config.negative_prompt or "")
 
 
 def resolve_precision(

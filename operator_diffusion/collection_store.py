@@ -9,7 +9,9 @@ A collection is a folder in the Hub layout, written by ``collect`` (``operator_d
 
 Each row holds ``trajectory`` (M, C, H, W) in float16 (or float32) — the teacher's x̂_0 predictions (DSNO's
 targets, ``target="denoised"``) or its states x(t_i) (``target="state"``) at the output times t_1 > … > t_M, all
-points of the solver grid (no interpolation) — plus ``seed`` and, for class-conditional teachers, ``label``.
+points of the solver grid (no interpolation) — plus ``seed`` and, for class-conditional teachers, ``label``; for
+text-conditioned teachers ``prompt`` (the row of its prompt in ``prompts.safetensors``, where each distinct prompt's
+embedding is stored once: ``operator_diffusion.prompts``) and ``guidance`` (its scale W).
 x_T is never stored: it is regenerated from the seed (the noise rule: ``operator_diffusion.collection``).
 
 ``load_collection`` opens a collection (a folder or a Hub id) with ``datasets``; ``push_to_hub`` uploads one;
@@ -94,7 +96,12 @@ def features(identity: dict) -> "datasets.Features":
     feats = {"trajectory": datasets.Array4D(item_shape(identity), identity["dtype"]), "seed": datasets.Value("int64")}
     if identity["num_classes"]:
         feats["label"] = datasets.Value("int64")
+    if "prompts" in identity:
+        feats.update(prompt=datasets.Value("int64"), guidance=datasets.Value("float32"))
     return datasets.Features(feats)
+
+
+CONDITION_COLUMNS = ("label", "prompt", "guidance")  # the optional per-example columns, in schema order
 
 
 def read_info(path: str | os.PathLike) -> dict | None:
@@ -177,6 +184,13 @@ def _card_text(info: dict) -> str:
         if ident["labels"] is None
         else f" and `label` (int64; labels: {ident['labels']}, guidance: {ident['guidance']})"
     )
+    if "prompts" in ident:
+        p = ident["prompts"]
+        label = (
+            f", `prompt` (int64: the row of its prompt in `{p['file']}`, which stores each of the {p['num_distinct']}"
+            f" distinct prompts' embedding once, in {p['dtype']}; example k takes line k mod {p['num_lines']}) and"
+            f" `guidance` (float32: W = {ident['guidance']}; negative prompt {p['negative_prompt']!r})"
+        )
     options = ", ".join(f"{k}={v!r}" for k, v in ident["solver_options"].items()) or "no options"
     what = "x̂_0 predictions of the teacher" if ident["target"] == "denoised" else "states x(t_i) of the teacher's ODE"
     arithmetic = {"fp32": "float32", "bf16": "bf16 autocast (ε̂ cast back to float32 for the solver)"}[
@@ -229,6 +243,10 @@ def write_metadata(out_dir: Path, plan: CollectionPlan) -> dict:
     if old is None and plan.checkpoint_path is not None:
         info["teacher_checkpoint"] = plan.checkpoint_path  # where bench and sample --teacher find the weights again
     out_dir.mkdir(parents=True, exist_ok=True)
+    if plan.prompts is not None:  # before the info: a folder with an info always has its prompt table
+        table_path = out_dir / plan.identity["prompts"]["file"]
+        if not table_path.is_file():
+            plan.prompts.save(table_path)
     if old is None:
         write_atomic(out_dir / INFO_NAME, json.dumps(info, indent=2) + "\n")
     if not (out_dir / CARD_NAME).is_file():
@@ -256,9 +274,11 @@ def write_shard(
     seeds: np.ndarray,
     labels: np.ndarray | None,
     provenance: dict | None = None,
+    conditions: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write one shard to a hidden temporary name and rename it atomically when complete; ``provenance``
-    (batch size, device, torch version: what decides the float round-off) goes in the schema metadata."""
+    (batch size, device, torch version: what decides the float round-off) goes in the schema metadata;
+    ``conditions``: the per-example columns beyond labels (``prompt``, ``guidance``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -266,8 +286,10 @@ def write_shard(
     if provenance is not None:
         schema = schema.with_metadata({**schema.metadata, b"opdiff": json.dumps(provenance).encode()})
     columns = [_arrow_array4d(trajectory, schema.field("trajectory").type), pa.array(seeds, pa.int64())]
-    if labels is not None:
-        columns.append(pa.array(labels, pa.int64()))
+    values = {"label": labels, **(conditions or {})}
+    for name in CONDITION_COLUMNS:
+        if name in schema.names:
+            columns.append(pa.array(values[name], schema.field(name).type))
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(pa.Table.from_arrays(columns, schema=schema), tmp)
     os.replace(tmp, path)
@@ -287,8 +309,9 @@ def read_shard(path: Path, shape: Sequence[int]) -> dict[str, np.ndarray]:
         "trajectory": arr.to_numpy(zero_copy_only=False).reshape(len(table), *shape),
         "seed": table.column("seed").to_numpy(),
     }
-    if "label" in table.column_names:
-        out["label"] = table.column("label").to_numpy()
+    for name in CONDITION_COLUMNS:
+        if name in table.column_names:
+            out[name] = table.column(name).to_numpy()
     return out
 
 
@@ -364,15 +387,18 @@ def iter_shards(path: str | os.PathLike):
 
 def content_hash(path: str | os.PathLike) -> str:
     """sha256 over the trajectories (stored bytes), seeds and labels in example order (each column
-    hashed on its own, then the three digests): independent of shard size, batch size and processes."""
+    hashed on its own, then the three digests; a text-conditioned collection's prompt rows and guidance scales
+    are two more columns): independent of shard size, batch size and processes."""
     cols = {"trajectory": hashlib.sha256(), "seed": hashlib.sha256(), "label": hashlib.sha256()}
+    extra = {"prompt": hashlib.sha256(), "guidance": hashlib.sha256()}
+    seen: set[str] = set()
     for shard in iter_shards(path):
-        for name, h in cols.items():
+        for name, h in {**cols, **extra}.items():
             if name in shard:
+                seen.add(name)
                 h.update(np.ascontiguousarray(shard[name]).tobytes())
-    return hashlib.sha256(
-        ("opdiff-trajectories/1:" + ":".join(h.hexdigest() for h in cols.values())).encode()
-    ).hexdigest()
+    digests = [h.hexdigest() for h in cols.values()] + [h.hexdigest() for n, h in extra.items() if n in seen]
+    return hashlib.sha256(("opdiff-trajectories/1:" + ":".join(digests)).encode()).hexdigest()
 
 
 def local_dir(dir_or_hub_id: str | os.PathLike) -> tuple[Path, bool]:

@@ -7,7 +7,7 @@ assumes a variance-preserving schedule, α_t² + σ_t² = 1, which is where v-pr
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -66,17 +66,53 @@ def autocast_eps(
     return eps_lowp
 
 
-def classifier_free_guidance(eps_fn: Callable[..., Tensor], scale: float, null_label: int) -> Callable[..., Tensor]:
-    """ε̃ = ε(x, ∅) + s·(ε(x, y) − ε(x, ∅)) (Ho & Salimans 2022), both branches in one batched call.
+def classifier_free_guidance(
+    eps_fn: Callable[..., Tensor],
+    scale: float,
+    null_label: int | None = None,
+    null_inputs: Mapping[str, Tensor] | None = None,
+) -> Callable[..., Tensor]:
+    """ε̃ = ε(x, ∅) + s·(ε(x, c) − ε(x, ∅)) (Ho & Salimans 2022), both branches in one batched call of 2B items.
 
-    The wrapped function takes ``labels`` as a keyword; ``null_label`` is the class index the network
-    was trained to treat as "no label". ``scale = 1`` is plain conditional sampling.
-    """
+    The wrapped function takes ``labels`` and any other conditioning as keywords. Every per-item input is
+    doubled (``double_inputs``): x, t, the labels (null branch: ``null_label``, the class index the network was
+    trained to treat as "no label") and every tensor keyword whose first dimension is the batch (null branch:
+    its entry of ``null_inputs``, one item's tensor or a (B, ...) batch, e.g. a negative prompt's embedding;
+    the input itself when it has none, as for inputs both branches share). Other keywords pass unchanged.
+    ``scale = 1`` is plain conditional sampling."""
+    if null_label is None and not null_inputs:
+        raise ValueError("classifier-free guidance needs a null label or null conditioning inputs (the ∅ branch)")
+    null_inputs = dict(null_inputs or {})
 
-    def guided(x: Tensor, t: Tensor, labels: Tensor, **kwargs) -> Tensor:
-        null = torch.full_like(labels, null_label)
-        eps = eps_fn(torch.cat([x, x]), torch.cat([t, t]), labels=torch.cat([labels, null]), **kwargs)
+    def guided(x: Tensor, t: Tensor, labels: Tensor | None = None, **kwargs) -> Tensor:
+        if missing := sorted(set(null_inputs) - set(kwargs)):
+            raise ValueError(f"classifier-free guidance has null inputs for {', '.join(missing)} but none was given")
+        inputs = double_inputs(x.shape[0], kwargs, null_inputs)
+        if labels is not None:
+            null = labels if null_label is None else torch.full_like(labels, null_label)
+            inputs["labels"] = torch.cat([labels, null])
+        elif null_label is not None:
+            raise ValueError("classifier-free guidance with a null label needs labels")
+        eps = eps_fn(torch.cat([x, x]), torch.cat([t, t]), **inputs)
         eps_c, eps_u = eps.chunk(2)
         return eps_u + scale * (eps_c - eps_u)
 
     return guided
+
+
+def double_inputs(batch: int, inputs: Mapping[str, Any], nulls: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword inputs for the 2B items [conditional; null] of a guided call: a tensor whose first dimension is
+    ``batch`` becomes cat([v, null]) with its ``nulls`` entry (one item's tensor, broadcast to the batch, or a
+    batch of them) or cat([v, v]) without one; a dict (e.g. diffusers' ``added_cond_kwargs``) is doubled entry by
+    entry; anything else is passed as it is."""
+    out: dict[str, Any] = {}
+    for name, v in inputs.items():
+        null = nulls.get(name)
+        if isinstance(v, Mapping):
+            out[name] = double_inputs(batch, v, null or {})
+        elif isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch:
+            n = v if null is None else torch.as_tensor(null).to(device=v.device, dtype=v.dtype).expand_as(v)
+            out[name] = torch.cat([v, n])
+        else:
+            out[name] = v
+    return out

@@ -54,12 +54,52 @@ Progress = Callable[[int, int], None]
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class SampleBatch:
-    """Outputs (B, T, C, H, W) float32 on CPU for ``seeds`` at ``times`` (descending; the last is the sample)."""
+    """Outputs (B, T, C, H, W) float32 on CPU for ``seeds`` at ``times`` (descending; the last is the sample); for
+    a latent backbone, ``images``: the outputs decoded to pixels in [-1, 1] (B, T, 3, H', W'), what is written."""
 
     seeds: list[int]
     labels: Tensor | None
     outputs: Tensor
     times: list[float]
+    images: Tensor | None = None
+
+    @property
+    def pixels(self) -> Tensor:
+        """What the writers turn into images: the decoded images of a latent backbone, else the outputs."""
+        return self.outputs if self.images is None else self.images
+
+
+def decode_outputs(backbone, outputs: Tensor) -> Tensor | None:
+    """(B, T, C, H, W) data-space outputs decoded frame by frame with ``backbone.decode`` (float32, CPU), or None for
+    a backbone whose states are the images themselves (``decoded_shape`` equal to ``image_shape``)."""
+    if tuple(backbone.decoded_shape) == tuple(backbone.image_shape):
+        return None
+    b, t = outputs.shape[:2]
+    with torch.inference_mode():
+        images = backbone.decode(outputs.flatten(0, 1))  # the decoder moves them where it runs
+    return images.float().cpu().reshape(b, t, *images.shape[1:])
+
+
+def sample_prompts(backbone, prompts: Sequence[str] | None, negative_prompt: str = ""):
+    """A ``prompts.PromptTable`` of the prompts to sample (seed s takes prompt s mod their number), encoded and
+    stored in float16 as a collection's are; None for a backbone without prompts. ValueError on a mismatch."""
+    from .prompts import PromptTable
+
+    if not backbone.takes_prompts:
+        if prompts:
+            raise ValueError(f"this model ({backbone.name}) takes no text prompts; drop --prompt/--prompts")
+        return None
+    if not prompts:
+        raise ValueError("this model is text-conditioned: pass --prompt TEXT or --prompts FILE")
+    return PromptTable.build(backbone, list(prompts), negative_prompt)
+
+
+def seed_conditioning(prompts, seeds: Sequence[int], device) -> dict[str, Tensor]:
+    """The conditioning inputs beyond labels of ``seeds``: seed s takes row s mod L of the prompt ``prompts``
+    table's list (the stored float16 embeddings); none without prompts."""
+    if prompts is None:
+        return {}
+    return {k: v.to(device) for k, v in prompts.inputs(prompts.rows(seeds)).items()}
 
 
 def seed_inputs(
@@ -85,9 +125,11 @@ def dsno_batches(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     frames: Sequence[int] | None = None,
+    prompts=None,
 ) -> Iterator[SampleBatch]:
     """DSNO's outputs, one forward pass per batch: at its training times, or at ``times`` (App. A.3); only the
-    output frames ``frames`` (indices into those times, e.g. ``[-1]``: the samples), frame-pruned, when given."""
+    output frames ``frames`` (indices into those times, e.g. ``[-1]``: the samples), frame-pruned, when given.
+    A text-conditioned model takes ``prompts`` (``sample_prompts``); a latent one's outputs are also decoded."""
     bb = model.backbone
     model.to(device).eval()
     out_times = [float(t) for t in (model.times if times is None else times)]
@@ -95,9 +137,10 @@ def dsno_batches(
         frames = model.check_frames(frames, len(out_times))
         out_times = [out_times[i] for i in frames]
     for chunk, x, y in seed_inputs(seeds, bb, labels, batch_size, device):
+        cond = seed_conditioning(prompts, chunk, device)
         with torch.inference_mode():
-            out = model(x, y, times=times, frames=frames)
-        yield SampleBatch(chunk, None if y is None else y.cpu(), out.float().cpu(), out_times)
+            out = model(x, y, times=times, frames=frames, **cond).float().cpu()
+        yield SampleBatch(chunk, None if y is None else y.cpu(), out, out_times, decode_outputs(bb, out))
 
 
 @dataclass(frozen=True)
@@ -152,14 +195,18 @@ def teacher_batches(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     guidance: float | None = None,
+    prompts=None,
 ) -> Iterator[SampleBatch]:
-    """The teacher's outputs (B, 1, C, H, W) at ``solver.t_end`` for the same seeds (same noise rule)."""
+    """The teacher's outputs (B, 1, C, H, W) at ``solver.t_end`` for the same seeds (same noise rule); with
+    ``prompts`` (``sample_prompts``) guided against its negative prompt; a latent teacher's are also decoded."""
     from .teacher_solve import EpsFunction, record_trajectories
 
-    teacher = EpsFunction.from_backbone(backbone, guidance, device)
+    nulls = None if prompts is None else prompts.null_inputs()
+    teacher = EpsFunction.from_backbone(backbone, guidance, device, null_inputs=nulls)
     ts = solver.grid_times(backbone.schedule)
     for chunk, x, y in seed_inputs(seeds, backbone, labels, batch_size, device):
-        extra = None if y is None else {"labels": y}
+        extra = {} if y is None else {"labels": y}
+        extra.update(seed_conditioning(prompts, chunk, device))
         with torch.inference_mode():
             out = record_trajectories(
                 teacher.eps_fn,
@@ -172,7 +219,8 @@ def teacher_batches(
                 extra,
                 **solver.options,
             )
-        yield SampleBatch(chunk, None if y is None else y.cpu(), out.float().cpu(), [float(ts[-1])])
+        out = out.float().cpu()
+        yield SampleBatch(chunk, None if y is None else y.cpu(), out, [float(ts[-1])], decode_outputs(backbone, out))
 
 
 def collect_batches(
@@ -191,8 +239,9 @@ def collect_batches(
         sync()
     seconds = time.perf_counter() - start
     labels = None if parts[0].labels is None else torch.cat([b.labels for b in parts])
+    images = None if parts[0].images is None else torch.cat([b.images for b in parts])
     merged = SampleBatch(
-        [s for b in parts for s in b.seeds], labels, torch.cat([b.outputs for b in parts]), parts[0].times
+        [s for b in parts for s in b.seeds], labels, torch.cat([b.outputs for b in parts]), parts[0].times, images
     )
     return merged, seconds
 
@@ -361,7 +410,7 @@ class SampleWriter:
                 if several:
                     (self.out / "trajectories").mkdir(exist_ok=True)
             self.times, self._started = batch.times, True
-        pixels = to_uint8(batch.outputs)  # (B, T, H, W, C)
+        pixels = to_uint8(batch.pixels)  # (B, T, H, W, C)
         if "png" in self.formats:
             factor = view_factor(pixels.shape[2])
             for seed, frames in zip(batch.seeds, pixels):

@@ -77,8 +77,16 @@ class EpsFunction:
 
     @classmethod
     def from_backbone(
-        cls, backbone: "Backbone", guidance: float | None, device, precision: str = "fp32"
+        cls,
+        backbone: "Backbone",
+        guidance: float | None,
+        device,
+        precision: str = "fp32",
+        null_inputs: dict[str, Tensor] | None = None,
     ) -> "EpsFunction":
+        """The backbone's ε on ``device``, guided at scale ``guidance`` (None: unguided) against its null label
+        and the null branch's conditioning inputs ``null_inputs`` (a text backbone: the negative prompt's
+        embedding, one item's tensor per input)."""
         from .prediction import autocast_eps, classifier_free_guidance
 
         backbone.to(device).eval()
@@ -87,7 +95,8 @@ class EpsFunction:
         if precision == "bf16":
             eps_fn = autocast_eps(eps_fn, device.type, torch.bfloat16)
         if guidance is not None:
-            eps_fn = classifier_free_guidance(eps_fn, float(guidance), backbone.null_label)
+            nulls = {k: v.to(device) for k, v in (null_inputs or {}).items()}
+            eps_fn = classifier_free_guidance(eps_fn, float(guidance), backbone.null_label, nulls)
         return cls(eps_fn, backbone.schedule, device)
 
 
@@ -150,7 +159,11 @@ def choose_precision(
     x = x.to(device)
     t = torch.full((batch_size,), 0.5 * (backbone.schedule.t_min + backbone.schedule.t_max), device=device)
     extra = {} if y is None else {"labels": y.to(device)}
-    eps = {p: EpsFunction.from_backbone(backbone, guidance, device, p).eps_fn for p in PRECISIONS}
+    # conditioning inputs beyond labels: zeros of their shapes (the time per evaluation does not depend on values)
+    cond = {k: torch.zeros(batch_size, *s, device=device) for k, s in backbone.conditioning_shapes.items()}
+    extra.update(cond)
+    nulls = {k: v[0] for k, v in cond.items()}
+    eps = {p: EpsFunction.from_backbone(backbone, guidance, device, p, nulls).eps_fn for p in PRECISIONS}
     calls = {p: (lambda f=f: f(x, t, **extra)) for p, f in eps.items()}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     with torch.inference_mode():

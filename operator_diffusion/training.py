@@ -150,6 +150,7 @@ class RunPlan:
     mixed_precision: str
     run_info: dict
     init_from: str | None = None  # the weights it starts from, resolved (``resolve_init_from``)
+    prompts: Any = None  # prompts.PromptTable of a text-conditioned collection (its embeddings condition the student)
 
 
 def build_backbone(config: TrainConfig, collection: dict, init_from: str | None = None) -> Backbone:
@@ -287,6 +288,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
             "collect more or lower --batch-size"
         )
     init_from, init_sha = resolve_init_from(config, cache.info)
+    prompts = collection_prompts(config.data, collection)
     bb = build_backbone(config, collection, init_from)
     model = DSNO(
         bb,
@@ -313,7 +315,20 @@ def plan_run(config: TrainConfig) -> RunPlan:
         "init_from_sha256": init_sha,
         "init_is_teacher": init_sha is not None and init_sha == collection.get("checkpoint_sha256"),
     }
-    return RunPlan(config, cache, collection, cache.content_sha256, model, weights, precision, run_info, init_from)
+    return RunPlan(
+        config, cache, collection, cache.content_sha256, model, weights, precision, run_info, init_from, prompts
+    )
+
+
+def collection_prompts(data: str, collection: dict):
+    """The prompt table of a text-conditioned collection (checked against its identity's sha256), else None."""
+    if "prompts" not in collection:
+        return None
+    from .collection_store import local_dir
+    from .prompts import PromptTable
+
+    folder, _ = local_dir(data)
+    return PromptTable.load(folder / collection["prompts"]["file"], collection["prompts"]["sha256"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,8 +344,9 @@ class GatherBatch:
         td = self.cache[torch.as_tensor(idx)]
         traj = td["trajectory"]
         batch = {"trajectory": traj[:, -1:] if self.baseline else traj, "seed": td["seed"]}
-        if "label" in td.keys():
-            batch["label"] = td["label"]
+        for name in ("label", "prompt"):
+            if name in td.keys():
+                batch[name] = td[name]
         return batch
 
 
@@ -391,8 +407,9 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
         x_T, _ = example_inputs(batch["seed"].tolist(), image_shape, schedule=schedule)
         x_T = x_T.to(accelerator.device)
         target = batch["trajectory"].to(torch.float32)
+        cond = batch_conditioning(plan.prompts, batch, accelerator.device)
         with accelerator.accumulate(model):
-            pred = model(x_T, batch.get("label"))
+            pred = model(x_T, batch.get("label"), **cond)
             loss, terms = dsno_loss(pred, target, weights, config.loss, config.huber_c)
             accelerator.backward(loss)
             for group in optimizer.param_groups:
@@ -419,6 +436,14 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None
     if config.trackers:
         accelerator.end_training()
     return TrainResult(out, state.step, resumed_from, model_path)
+
+
+def batch_conditioning(prompts, batch: dict[str, Tensor], device) -> dict[str, Tensor]:
+    """The conditioning inputs beyond labels of a training batch: its prompts' stored embeddings (every frame of an
+    example gets its example's, in DSNO.forward); none for a collection without prompts."""
+    if prompts is None:
+        return {}
+    return {k: v.to(device) for k, v in prompts.inputs(batch["prompt"]).items()}
 
 
 def _metrics(accelerator, loss: Tensor, terms: Tensor, weights: Tensor, optimizer) -> dict[str, float]:

@@ -53,6 +53,9 @@ def _cache_columns(ident: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     }
     if ident["num_classes"]:
         cols["label"] = (np.dtype("<i8"), (n,))
+    if "prompts" in ident:
+        cols["prompt"] = (np.dtype("<i8"), (n,))
+        cols["guidance"] = (np.dtype("<f4"), (n,))
     return cols
 
 

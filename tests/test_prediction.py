@@ -174,6 +174,34 @@ def test_cfg_passes_extra_kwargs():
     torch.testing.assert_close(out, eps_u + 3.0 * (eps_c - eps_u), rtol=1e-13, atol=1e-13)
 
 
+def test_cfg_doubles_every_per_item_conditioning_input():
+    """Per-item keyword tensors (a prompt embedding, a nested dict of added inputs) are doubled too: the null branch
+    gets their null counterparts, or the input itself where there is none; the result equals two separate calls."""
+    b = 3
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(b, 2, dtype=F64, generator=g), torch.rand(b, dtype=F64, generator=g)
+    emb, null_emb = torch.randn(b, 4, 2, dtype=F64, generator=g), torch.randn(4, 2, dtype=F64, generator=g)
+    time_ids = torch.randn(b, 2, dtype=F64, generator=g)  # shared by both branches (no null given)
+    pooled, null_pooled = torch.randn(b, 2, dtype=F64, generator=g), torch.randn(2, dtype=F64, generator=g)
+    calls = []
+
+    def fn(x, t, emb, added, scale=1.0):
+        calls.append(x.shape[0])
+        assert emb.shape[0] == added["time_ids"].shape[0] == added["pooled"].shape[0] == x.shape[0]
+        return scale * (x * emb.sum(1) + t[:, None]) + added["time_ids"] * added["pooled"]
+
+    guided = classifier_free_guidance(fn, 4.0, null_inputs={"emb": null_emb, "added": {"pooled": null_pooled}})
+    out = guided(x, t, emb=emb, added={"time_ids": time_ids, "pooled": pooled}, scale=0.5)
+    assert calls == [2 * b]
+    eps_c = fn(x, t, emb, {"time_ids": time_ids, "pooled": pooled}, 0.5)
+    eps_u = fn(x, t, null_emb.expand(b, 4, 2), {"time_ids": time_ids, "pooled": null_pooled.expand(b, 2)}, 0.5)
+    torch.testing.assert_close(out, eps_u + 4.0 * (eps_c - eps_u), rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="null inputs for emb but none was given"):
+        guided(x, t, added={"time_ids": time_ids, "pooled": pooled})
+    with pytest.raises(ValueError, match="needs a null label or null conditioning inputs"):
+        classifier_free_guidance(fn, 2.0)
+
+
 @pytest.mark.parametrize("name", ["edm", "ve"])
 def test_v_prediction_is_refused_on_a_non_variance_preserving_schedule(name):
     """ε̂ = σx + αv̂ holds only where α² + σ² = 1: an EDM/VE backbone or conversion with kind v is refused."""

@@ -23,7 +23,7 @@ import abc
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,9 +48,10 @@ class Backbone(abc.ABC):
 
     Subclasses implement:
       * ``name`` (class attribute): the registry name;
-      * ``forward(x, t, labels=None)``: the raw network output in its prediction type, for states ``x`` of
-        shape (B, *state_shape) and continuous schedule times ``t`` of shape (B,) (the backbone maps them to
-        what the network embeds);
+      * ``forward(x, t, labels=None, **cond)``: the raw network output in its prediction type, for states ``x``
+        of shape (B, *state_shape) and continuous schedule times ``t`` of shape (B,) (the backbone maps them to
+        what the network embeds); ``cond`` holds the per-item conditioning inputs beyond class labels that the
+        backbone declares in ``conditioning_shapes`` (e.g. a text encoder's ``encoder_hidden_states``);
       * ``config()``: a JSON-serialisable dict with ``name`` from which ``load_backbone(**config)``
         rebuilds the same architecture (weights excluded);
       * ``default_injection_points``: names of modules of ``network`` after whose output a temporal layer
@@ -99,8 +100,9 @@ class Backbone(abc.ABC):
     # The contract
     # ----------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Raw network output (in ``self.prediction``) at states ``x`` (B, *state_shape) and times ``t`` (B,)."""
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None, **cond: Tensor) -> Tensor:
+        """Raw network output (in ``self.prediction``) at states ``x`` (B, *state_shape) and times ``t`` (B,);
+        ``cond``: the per-item conditioning inputs of ``conditioning_shapes`` (none by default)."""
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
@@ -135,10 +137,64 @@ class Backbone(abc.ABC):
         raise ValueError(f"backbone {self.name!r} cannot drop items after {after!r}: it declares no item cut points")
         yield  # pragma: no cover - makes this a generator for contextmanager
 
-    def eps_fn(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    # ----------------------------------------------------------------------------------------------
+    # Conditioning beyond class labels, text prompts and latent states (defaults: none of them)
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The per-item conditioning inputs ``forward`` takes as keywords beyond ``labels``: name → the shape of
+        one item's tensor (a batch of B items is (B, *shape)). Every stage passes them on unchanged per item:
+        the solvers through ``extra_args``, classifier-free guidance doubles them with their null counterparts,
+        DSNO gives every frame of an example the example's input. Default: none."""
+        return {}
+
+    @property
+    def takes_prompts(self) -> bool:
+        """True for a text-conditioned backbone: ``encode_prompts`` turns prompts into its conditioning inputs."""
+        return False
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """The conditioning inputs (name → (P, *shape) float32 on CPU) of P text prompts; only for backbones that
+        ``takes_prompts``."""
+        raise ValueError(f"backbone {self.name!r} takes no text prompts (it has no text encoder)")
+
+    @property
+    def decoded_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images ``decode`` returns: ``image_shape`` unless the states are latents."""
+        return self.image_shape
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] (B, *decoded_shape) from data-space samples (B, *image_shape): the identity, unless the
+        backbone works on latents (then its decoder, e.g. a VAE)."""
+        return x
+
+    def check_conditioning(self, x: Tensor, cond: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
+        """Validate the conditioning inputs of a batch ``x`` against ``conditioning_shapes``: every declared input
+        present with shape (B, *shape), nothing else; returns them on x's device. One clear ValueError otherwise."""
+        shapes = self.conditioning_shapes
+        given = {k: v for k, v in cond.items() if v is not None}
+        if unknown := sorted(set(given) - set(shapes)):
+            takes = ", ".join(shapes) or "none"
+            raise ValueError(f"{self.name} takes no conditioning input {', '.join(unknown)} (it takes: {takes})")
+        out = {}
+        for name, shape in shapes.items():
+            if name not in given:
+                raise ValueError(
+                    f"{self.name} needs the conditioning input {name} of shape (B, {', '.join(map(str, shape))})"
+                    + (" (encode prompts with encode_prompts)" if self.takes_prompts else "")
+                )
+            v = torch.as_tensor(given[name], device=x.device)
+            if tuple(v.shape) != (x.shape[0], *shape):
+                raise ValueError(
+                    f"{name} must have shape ({x.shape[0]}, {', '.join(map(str, shape))}), got {tuple(v.shape)}"
+                )
+            out[name] = v
+        return out
+
+    def eps_fn(self, x: Tensor, t: Tensor, labels: Tensor | None = None, **cond: Tensor) -> Tensor:
         """The solvers' contract: ε̂(x, t) from the network output (``prediction.eps_from_prediction``)."""
         t = self.expand_times(t, x)
-        return eps_from_prediction(self.forward(x, t, labels=labels), x, t, self.schedule, self.prediction)
+        return eps_from_prediction(self.forward(x, t, labels=labels, **cond), x, t, self.schedule, self.prediction)
 
     @property
     def state_shape(self) -> tuple[int, int, int]:
@@ -147,9 +203,9 @@ class Backbone(abc.ABC):
         c, h, w = self.image_shape
         return (self.schedule.state_channels(c), h, w)
 
-    def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None = None, **cond: Tensor) -> Tensor:
         """A backbone is called like a module: ``bb(x, t, labels)`` is ``bb.forward(x, t, labels)``."""
-        return self.forward(x, t, labels=labels)
+        return self.forward(x, t, labels=labels, **cond)
 
     # ----------------------------------------------------------------------------------------------
     # Input checks shared by implementations
