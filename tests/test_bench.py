@@ -140,6 +140,11 @@ def test_rows_equal_direct_solves_and_error_falls_with_nfe(mixture_run):
         dsno = model(noise(SEEDS))[:, -1]
     assert result.row("DSNO").rmse == pytest.approx(teacher_match(dsno, ref)[0], rel=1e-4)
     assert result.row("DSNO").depth == 1
+    # the median over seeds of each seed's own RMSE, written out here (clipped to [-1, 1] as the pooled one)
+    own = [
+        float((dsno[i].double().clamp(-1, 1) - ref[i].clamp(-1, 1)).square().mean().sqrt()) for i in range(len(SEEDS))
+    ]
+    assert result.row("DSNO").median_rmse == pytest.approx(float(torch.tensor(own).median()), rel=1e-4)
     x0 = (
         x
         - s.sigma(torch.tensor(1.0, dtype=torch.float64))
@@ -452,3 +457,19 @@ def test_the_gpu_script_runs_its_code_paths_on_the_cpu(tmp_path):
     assert coll["num"] == 4 and coll["per_s"] > 0
     if not torch.cuda.is_available():
         assert "No CUDA device on this machine: nothing measured." in gpu.report(lambda: "this machine")
+
+
+def test_per_seed_rmse_is_each_seeds_own_error_and_its_median_ignores_an_outlier():
+    """Seed b is off by a constant c_b everywhere, so its RMSE is |c_b|; one bad seed moves the pooled RMSE (the
+    root of the mean square) far more than the median."""
+    from operator_diffusion.bench import per_seed_rmse
+
+    ref = torch.zeros(5, 1, 4, 4)
+    c = torch.tensor([0.01, -0.02, 0.03, -0.04, 0.9])
+    x = ref + c[:, None, None, None]
+    torch.testing.assert_close(per_seed_rmse(x, ref), c.abs().double(), rtol=1e-6, atol=1e-9)
+    assert float(per_seed_rmse(x, ref).median()) == pytest.approx(0.03)
+    assert teacher_match(x, ref)[0] == pytest.approx(float(c.square().mean().sqrt()))  # 0.40: the outlier's
+    clipped = per_seed_rmse(ref + 3.0, ref)  # images clip at 1: an error of 1 per pixel, latents keep 3
+    torch.testing.assert_close(clipped, torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(per_seed_rmse(ref + 3.0, ref, clip=False), torch.full((5,), 3.0, dtype=torch.float64))
