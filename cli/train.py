@@ -133,7 +133,7 @@ def train(
                 json.dumps(
                     {
                         "config": dataclasses.asdict(config),
-                        "init_from": plan.init_from,  # resolved: the collection's teacher unless told otherwise
+                        "init_from": plan.init_from or _source_text(plan.init_source),  # resolved: the teacher
                         "mixed_precision": plan.mixed_precision,
                         "times": plan.model.times.tolist(),
                         "loss_weights": plan.weights.tolist(),
@@ -152,6 +152,13 @@ def train(
         fail(str(e), code=1)
     msg = f"resumed from step {result.resumed_from}; " if result.resumed_from else ""
     console.print(f"{msg}trained to step {result.step}: {result.model_path or out}")
+
+
+def _source_text(source: dict | None) -> str | None:
+    """The collection's teacher a run starts from when it loads its own weights (a diffusers folder or Hub id)."""
+    if source is None:
+        return None
+    return f"the collection's teacher, {source['name']} from {source.get('pretrained') or source.get('checkpoint')}"
 
 
 def _run(training, config):

@@ -172,6 +172,7 @@ class CollectionPlan:
     identity: dict[str, Any]  # JSON-normalised; equal identities mean equal data
     precision_choice: dict | None = None  # how precision "auto" was resolved (``resolve_precision``); not identity
     checkpoint_path: str | None = None  # where the teacher's weights came from (absolute); provenance, not identity
+    teacher_source: dict | None = None  # ``Backbone.source()``: load_backbone options that reload the weights
 
     @property
     def num_shards(self) -> int:
@@ -336,7 +337,7 @@ def plan_collection(
         "guidance": None if c.guidance is None else float(c.guidance),
     }
     path = None if checkpoint is None else str(Path(checkpoint).resolve())
-    return CollectionPlan(c, ts, tuple(indices), json.loads(json.dumps(identity)), choice, path)
+    return CollectionPlan(c, ts, tuple(indices), json.loads(json.dumps(identity)), choice, path, backbone.source())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -676,6 +677,8 @@ def write_metadata(out_dir: Path, plan: CollectionPlan) -> dict:
         info["precision_choice"] = plan.precision_choice  # provenance of "auto", outside the identity
     if old is None and plan.checkpoint_path is not None:
         info["teacher_checkpoint"] = plan.checkpoint_path  # where bench and sample --teacher find the weights again
+    if old is None and plan.teacher_source is not None:  # how they rebuild a teacher that loads its own weights
+        info["teacher_source"] = plan.teacher_source
     out_dir.mkdir(parents=True, exist_ok=True)
     if old is None:
         write_atomic(out_dir / INFO_NAME, json.dumps(info, indent=2) + "\n")

@@ -93,6 +93,7 @@ class Backbone(abc.ABC):
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = int(num_classes)
         self.null_label = null_label
+        self.weights_file: str | None = None  # the .safetensors file ``load_weights`` last read (absolute)
 
     # ----------------------------------------------------------------------------------------------
     # The contract
@@ -109,6 +110,15 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def default_injection_points(self) -> list[str]:
         """Module names of ``network`` after which DSNO's temporal layers go, in forward order."""
+
+    def source(self) -> dict[str, Any] | None:
+        """Where the weights came from, as ``load_backbone`` keyword arguments (with ``name``) that rebuild this
+        backbone *with* them; None when nothing records them (random or in-memory weights). The default: ``config()``
+        with the .safetensors file ``load_weights`` last read. A backbone that loads its weights from elsewhere (a
+        diffusers model folder or Hub id) overrides it. A collection records it (``teacher_source``), and `train`,
+        `sample --teacher` and `bench` rebuild the teacher from it, checked against the collection's weights hash."""
+        weights = getattr(self, "weights_file", None)  # a subclass that skipped Backbone.__init__ has none
+        return None if weights is None else {**self.config(), "checkpoint": weights}
 
     def eps_fn(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """The solvers' contract: ε̂(x, t) from the network output (``prediction.eps_from_prediction``)."""
@@ -238,6 +248,7 @@ class Backbone(abc.ABC):
         if not strict:
             state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
         self.network.load_state_dict(state, strict=strict)
+        self.weights_file = str(path.resolve())
 
     # ----------------------------------------------------------------------------------------------
     # Conveniences delegating to the network

@@ -233,17 +233,20 @@ def _unet_config(unet: nn.Module) -> dict[str, Any]:
     return {k: _jsonable(v) for k, v in dict(unet.config).items() if k in keys}
 
 
-def _scheduler_json(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A scheduler config reduced to its JSON-serialisable entries (private ``_`` keys but ``_class_name`` dropped)."""
+def _json_entries(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-serialisable entries of a mapping (the others, e.g. a torch dtype, dropped)."""
     out = {}
     for k, v in config.items():
-        if k.startswith("_") and k != "_class_name":
-            continue
         try:
             out[k] = _jsonable(v)
         except TypeError:
             continue
     return out
+
+
+def _scheduler_json(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A scheduler config reduced to its JSON-serialisable entries (private ``_`` keys but ``_class_name`` dropped)."""
+    return _json_entries({k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"})
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -303,11 +306,25 @@ def _hub_offline() -> bool:
     )
 
 
-def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwargs: dict[str, Any]):
-    """(UNet2DModel, scheduler config or None) from a local directory or a Hub id.
+def pickle_only_message(model_dir: Path) -> str:
+    """The one-line refusal of a model folder whose weights are only pickles (``*.bin``), with the conversion."""
+    names = ", ".join(sorted(p.name for p in model_dir.glob("*.bin"))[:3])
+    where = str(model_dir)
+    return (
+        f"{where!r} holds only pickled weights ({names}) and opdiff reads safetensors only, since unpickling a file "
+        f'can run code; if you trust the file, convert it once: python -c "from diffusers import UNet2DModel; '
+        f"UNet2DModel.from_pretrained({where!r}, use_safetensors=False).save_pretrained({where!r}, "
+        f'safe_serialization=True)"'
+    )
 
-    Weights are read from safetensors only (opdiff never unpickles a downloaded file); a checkpoint that
-    ships only pickled ``.bin`` weights needs an explicit ``use_safetensors=False`` from the user."""
+
+def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwargs: dict[str, Any]):
+    """(UNet2DModel, scheduler config or None, where, subfolder) from a local directory or a Hub id; ``where`` is
+    the directory's absolute path or the Hub id, and ``subfolder`` the one the UNet was found in.
+
+    Weights are read from safetensors only (opdiff never unpickles a user's file): a folder that holds only
+    pickled ``.bin`` weights is refused with the command that converts them (``pickle_only_message``); diffusers'
+    own ``use_safetensors=False`` is the explicit opt-in that loads them anyway (``torch.load(weights_only=True)``)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     kwargs = {"use_safetensors": True, **kwargs}
@@ -331,8 +348,10 @@ def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwarg
                 f"{str(model_dir / _UNET_CONFIG)!r} describes a {class_name}, not a UNet2DModel; the "
                 f"diffusers-unet2d backbone supports unconditional / class-conditional UNet2DModel checkpoints only"
             )
+        if kwargs["use_safetensors"] and not any(model_dir.glob("*.safetensors")) and any(model_dir.glob("*.bin")):
+            raise ValueError(pickle_only_message(model_dir))
         unet = UNet2DModel.from_pretrained(str(path), subfolder=subfolder, **kwargs)
-        return unet, _local_scheduler_config(path, model_dir)
+        return unet, _local_scheduler_config(path, model_dir), str(path.resolve()), subfolder
     name = str(pretrained)
     if path.exists():
         raise ValueError(f"pretrained must be a directory or a Hub model id, got the file {name!r}")
@@ -361,7 +380,7 @@ def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwarg
             break
         except OSError:
             continue
-    return unet, scheduler
+    return unet, scheduler, name, subfolder
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,7 +429,7 @@ class DiffusersUNet2DBackbone(Backbone):
                 "diffusers-unet2d takes its noise schedule from the scheduler config (scheduler_config=...); other "
                 "schedules, PSLD included, are not supported: use the opdiff-unet backbone for a PSLD teacher"
             )
-        found_scheduler = None
+        found_scheduler = loaded_from = None
         if pretrained is not None and config is not None:
             raise ValueError("pass either pretrained (a directory, Hub id or UNet2DModel) or config, not both")
         if isinstance(pretrained, nn.Module):
@@ -422,7 +441,8 @@ class DiffusersUNet2DBackbone(Backbone):
                 )
             unet = pretrained
         elif pretrained is not None:
-            unet, found_scheduler = _load_pretrained(pretrained, subfolder, unet_kwargs)
+            unet, found_scheduler, where, found_in = _load_pretrained(pretrained, subfolder, unet_kwargs)
+            loaded_from = {"pretrained": where, "subfolder": found_in, **_json_entries(unet_kwargs)}
         else:
             if subfolder is not None:
                 raise ValueError("subfolder only applies with pretrained (a directory or Hub id)")
@@ -511,6 +531,7 @@ class DiffusersUNet2DBackbone(Backbone):
             null_label=None if null_label is None else int(null_label),
         )
         self._unet_config = _unet_config(unet)
+        self._loaded_from = loaded_from  # the folder or Hub id the weights came from (``source``)
         if checkpoint is not None:
             self.load_weights(checkpoint)
 
@@ -520,6 +541,21 @@ class DiffusersUNet2DBackbone(Backbone):
             "name": self.name,
             "config": json.loads(json.dumps(self._unet_config)),
             "scheduler_config": json.loads(json.dumps(self._scheduler_config)),
+            "prediction": self.prediction,
+            "null_label": self.null_label,
+        }
+
+    def source(self) -> dict[str, Any] | None:
+        """``load_backbone`` options that load these weights again: the model folder (absolute) or Hub id with its
+        subfolder and ``from_pretrained`` options, and this scheduler config, prediction and null label (so the
+        rebuilt backbone's ``config()`` is this one's); a checkpoint file loaded since wins (``Backbone.source``);
+        None for random or in-memory weights."""
+        if self.weights_file is not None or self._loaded_from is None:
+            return super().source()
+        return {
+            "name": self.name,
+            **json.loads(json.dumps(self._loaded_from)),
+            "scheduler_config": self.scheduler_config,
             "prediction": self.prediction,
             "null_label": self.null_label,
         }
