@@ -42,6 +42,23 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def one_line_warnings() -> None:
+    """Show each Python warning of this command once, as one ``warning:`` line on stderr (not Python's two lines
+    with a file name and a source line): a backbone built several times in one run (the student, the teacher)
+    warns once."""
+    import warnings
+
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            err_console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
+
+
 def parse_options(items: Sequence[str] | None, flag: str = "--backbone-option") -> dict[str, Any]:
     """``["preset=tiny", "num_classes=10"]`` → ``{"preset": "tiny", "num_classes": 10}`` (values parsed as
     JSON when they are JSON, else kept as strings); a malformed item is a usage error."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from ._common import console, fail, print_rows
+from ._common import console, fail, one_line_warnings, print_rows
 
 app = typer.Typer(
     help="opdiff: one-step sampling of pretrained diffusion models by operator learning (DSNO).",
@@ -19,6 +19,7 @@ app = typer.Typer(
 def _root(
     version: bool = typer.Option(False, "--version", help="Print the opdiff version and exit.", is_eager=True),
 ) -> None:
+    one_line_warnings()
     if version:
         from operator_diffusion import __version__
 

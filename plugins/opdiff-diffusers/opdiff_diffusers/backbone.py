@@ -36,6 +36,9 @@ from operator_diffusion.schedules import DiscreteVP
 __all__ = [
     "DiffusersUNet2DBackbone",
     "DEFAULT_SCHEDULER_CONFIG",
+    "SAMPLING_ONLY_SETTINGS",
+    "SchedulerSettingsIgnored",
+    "ignored_settings",
     "PREDICTION_FROM_DIFFUSERS",
     "alphas_cumprod_from_scheduler_config",
     "discover_injection_points",
@@ -80,6 +83,29 @@ def check_ddpm_family(config: Mapping[str, Any]) -> None:
             "betas: diffusers-unet2d supports DDPM-family schedulers (DDPM, DDIM, PNDM, DPM-Solver, UniPC, Euler "
             "over betas); a VE/EDM UNet2DModel is not supported yet"
         )
+
+
+class SchedulerSettingsIgnored(UserWarning):
+    """A scheduler config sets what diffusers' sampling loops do but opdiff's solvers do not (``ignored_settings``)."""
+
+
+# Settings that shape diffusers' sampling loops, not the network's probability-flow ODE, which opdiff solves on its
+# own grid (--solver, --steps, --grid) and whose x̂_0 it never clips: key → whether its value departs from opdiff.
+SAMPLING_ONLY_SETTINGS: dict[str, Any] = {
+    "clip_sample": bool,  # x̂_0 clamped to ±clip_sample_range at every step
+    "thresholding": bool,  # dynamic thresholding of x̂_0
+    "timestep_spacing": lambda v: v is not None,  # the scheduler's own timesteps (leading, trailing, linspace)
+    "steps_offset": bool,  # those timesteps shifted
+    "set_alpha_to_one": lambda v: v is False,  # the final step to ᾱ_0 rather than to x̂_0
+    "use_karras_sigmas": bool,  # σ grids of the multistep and Euler schedulers
+    "use_exponential_sigmas": bool,
+    "use_beta_sigmas": bool,
+}
+
+
+def ignored_settings(config: Mapping[str, Any]) -> list[str]:
+    """``key=value`` of each setting of ``config`` that opdiff's sampling ignores (``SAMPLING_ONLY_SETTINGS``)."""
+    return [f"{k}={config[k]!r}" for k, departs in SAMPLING_ONLY_SETTINGS.items() if k in config and departs(config[k])]
 
 
 def alphas_cumprod_from_scheduler_config(config: Mapping[str, Any]) -> Tensor:
@@ -492,6 +518,14 @@ class DiffusersUNet2DBackbone(Backbone):
                 )
             sched = dict(DEFAULT_SCHEDULER_CONFIG)
         self._scheduler_config = _scheduler_json(sched)
+        if ignored := ignored_settings(self._scheduler_config):
+            warnings.warn(
+                f"the scheduler config's {', '.join(ignored)} shape diffusers' sampling loops, which opdiff does not "
+                "run: it solves the probability-flow ODE on its own grid (--solver/--steps/--grid) and never clips or "
+                "thresholds x̂_0 (the opdiff-diffusers README says which command is nearest to DDIMPipeline)",
+                SchedulerSettingsIgnored,
+                stacklevel=2,
+            )
         schedule = DiscreteVP.from_alphas_cumprod(alphas_cumprod_from_scheduler_config(sched))
         if prediction is None:
             prediction = _prediction_from_scheduler(sched)

@@ -30,7 +30,7 @@ from operator_diffusion.backbones import (
     load_backbone,
 )
 
-from diffusers_doubles import DDPM_CIFAR10_CFG, TINY_CFG, TINY_POINTS, tiny_unet
+from diffusers_doubles import DDPM_CIFAR10_CFG, TINY_CFG, TINY_POINTS, one_thread, tiny_unet  # noqa: F401 (an autouse fixture)
 
 N_STEPS = 1000
 DDPM_CIFAR10_SCHEDULER = {
@@ -43,15 +43,6 @@ DDPM_CIFAR10_SCHEDULER = {
     "trained_betas": None,
     "variance_type": "fixed_small",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from intra-op threads; on a shared 2-core machine they oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def inputs(batch: int = 2, seed: int = 1, shape=(3, 16, 16)):

@@ -133,3 +133,14 @@ def test_a_moved_model_folder_is_found_through_the_runs_init_from_or_named(diffu
     changed = {**info, "teacher_source": {**info["teacher_source"], "pretrained": str(tmp_path / "other")}}
     with pytest.raises(ValueError, match="holds other weights now"):
         run_teacher(changed)
+
+
+def test_the_ignored_scheduler_settings_get_one_warning_line_per_run(diffusers_run, tmp_path):
+    """DDPMScheduler's saved config has clip_sample=True and timestep_spacing='leading', which opdiff ignores: one
+    line names them, although `sample --teacher` builds the backbone twice (the student's and the teacher)."""
+    root = diffusers_run["root"]
+    sampled = cli("sample", root / "run", "--out", tmp_path / "s", "--num", "2", "--teacher", "--format", "npz")
+    assert sampled.exit_code == 0, sampled.output
+    lines = [line for line in sampled.stderr.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1, sampled.stderr
+    assert "clip_sample=True, timestep_spacing='leading'" in lines[0] and "Warning" not in sampled.stderr
