@@ -13,7 +13,16 @@ from typing import Any, List, Optional
 
 import typer
 
-from ._common import console, err_console, fail, parse_options, print_rows, progress_bar, resolve_device
+from ._common import (
+    check_seed_flag,
+    console,
+    err_console,
+    fail,
+    parse_options,
+    print_rows,
+    progress_bar,
+    resolve_device,
+)
 
 data_app = typer.Typer(help="Inspect trajectory datasets written by `opdiff collect`.", no_args_is_help=True)
 
@@ -135,6 +144,8 @@ def collect(
 ) -> None:
     """Collect teacher PF-ODE trajectories at M grid times into a sharded, resumable Hugging Face dataset."""
     from operator_diffusion import trajectories as tr
+
+    check_seed_flag(seed, max(num, 1))  # before the teacher's random initialisation is seeded with it
 
     config = tr.CollectConfig(
         num=num,

@@ -124,10 +124,10 @@ def train(
         log_every=log_every,
         trackers=tuple(tracker),
     )
-    try:
+    try:  # everything is checked before the training bar starts
+        plan = training.plan_run(config)
+        training.check_run_dir(out, plan.run_info)
         if dry_run:
-            plan = training.plan_run(config)
-            training.check_run_dir(out, plan.run_info)
             report = plan.model.parameter_report()
             typer.echo(
                 json.dumps(
@@ -145,7 +145,7 @@ def train(
                 )
             )
             return
-        result = _run(training, config)
+        result = _run(training, config, plan)
     except (ValueError, FileNotFoundError, TypeError) as e:  # TypeError: an unknown backbone option
         fail(str(e))
     except training.NonFiniteLossError as e:  # not a usage error: the run diverged
@@ -161,8 +161,8 @@ def _source_text(source: dict | None) -> str | None:
     return f"the collection's teacher, {source['name']} from {source.get('pretrained') or source.get('checkpoint')}"
 
 
-def _run(training, config):
+def _run(training, config, plan):
     """Train under the steps bar (``run_with_training_bar``)."""
     return run_with_training_bar(
-        "train", config.max_steps, "loss", lambda progress: training.train(config, progress=progress), console
+        "train", config.max_steps, "loss", lambda progress: training.train(config, progress, plan), console
     )

@@ -52,6 +52,7 @@ from .runs import (  # noqa: F401  (re-exported: the trainers' shared run plumbi
     latest_checkpoint,
     learning_rate,
     micro_seed,
+    read_json,
     reset_accelerate_state,
     resumable_batches,
     resume_from_checkpoint,
@@ -359,13 +360,15 @@ class TrainResult:
     model_path: Path | None
 
 
-def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None = None) -> TrainResult:
-    """Train (or resume) the run described by ``config``; ``progress(step, max_steps, metrics)`` is called after
-    every optimizer step on the main process. Writes ``model.safetensors`` (EMA weights) and ``config.json`` at
-    the end."""
+def train(
+    config: TrainConfig, progress: Callable[[int, int, dict], None] | None = None, plan: RunPlan | None = None
+) -> TrainResult:
+    """Train (or resume) the run described by ``config`` (its ``plan_run``, when not given); ``progress(step,
+    max_steps, metrics)`` is called after every optimizer step on the main process. Writes ``model.safetensors``
+    (EMA weights) and ``config.json`` at the end."""
     from .seeds import example_inputs
 
-    plan = plan_run(config)
+    plan = plan_run(config) if plan is None else plan
     out = Path(config.out)
     resume = check_run_dir(out, plan.run_info)
     accelerator = start_run(
@@ -482,7 +485,7 @@ def load_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> t
             f"{str(run_dir)!r} holds no {MODEL_FILE}; it is not a finished `opdiff train` run (resume it to finish)"
         )
     config_path = run_dir / CONFIG_FILE
-    info = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    info = read_json(config_path, "restore it from a copy, or train the run again") if config_path.is_file() else {}
     version = info.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise ValueError(f"run {str(run_dir)!r} has format_version {version}; this opdiff reads {FORMAT_VERSION}")

@@ -46,9 +46,9 @@ from torch import Tensor
 
 from . import __version__
 from .provenance import file_sha256, versions, weights_sha256
-from .runs import write_atomic
+from .runs import read_json, write_atomic
 from .schedules import GRID_KINDS, PSLD, DiffusionProcess, Schedule, VPLinear, time_grid
-from .seeds import example_inputs, label_mode  # noqa: F401  (example_inputs: re-exported)
+from .seeds import check_seed, example_inputs, label_mode  # noqa: F401  (example_inputs: re-exported)
 from .solvers import NonFiniteError, available_solvers, solve, solver_info
 from .solvers.base import lower_order_final_default
 
@@ -289,6 +289,7 @@ def plan_collection(
     ):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    check_seed(c.seed, c.num, "seed")
     for name, v, valid in (
         ("target", c.target, TARGETS),
         ("dtype", c.dtype, DTYPES),
@@ -549,7 +550,7 @@ def features(identity: dict) -> "datasets.Features":
 def read_info(path: str | os.PathLike) -> dict | None:
     """The collection info of a folder, or None if it holds none."""
     p = Path(path) / INFO_NAME
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_json(p, "restore it from a copy, or collect again into a new folder") if p.is_file() else None
 
 
 def identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -217,10 +217,7 @@ class Backbone(abc.ABC):
         try:
             state = load_file(str(path), device="cpu")
         except SafetensorError as e:
-            raise ValueError(
-                f"{str(path)!r} is not a safetensors file ({e}); opdiff loads weights from .safetensors only "
-                f"(convert a pickled checkpoint once with safetensors.torch.save_file)"
-            ) from None
+            raise not_safetensors(path, e) from None
         own = self.network.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
@@ -283,6 +280,14 @@ class Backbone(abc.ABC):
             f"schedule={self.schedule.name!r}, "
             f"prediction={self.prediction!r}{cond}, params={self.num_parameters():,})"
         )
+
+
+def not_safetensors(path: str | Path, error: Exception) -> ValueError:
+    """The error for a weights file that safetensors cannot read (a pickle, a damaged or foreign file)."""
+    return ValueError(
+        f"{str(path)!r} is not a safetensors file ({error}); opdiff loads weights from .safetensors only "
+        f"(convert a pickled checkpoint once with safetensors.torch.save_file)"
+    )
 
 
 def _checkpoint_origin(path: Path) -> str:
