@@ -204,3 +204,11 @@ def test_bad_input_gets_one_line_and_changes_nothing(places, case, args, code, m
         assert not new.exists() and set(after) == set(before), sorted(set(after) - set(before))[:3]
         assert result.stdout == "", result.stdout
     shutil.rmtree(new, ignore_errors=True)
+
+
+def test_version_is_printed_without_a_command():
+    """`opdiff --version` answered "Missing command" (exit 2)."""
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.split() == ["opdiff", version("operator-diffusion")], result.output
