@@ -9,6 +9,7 @@ from typing import Any, NoReturn, Sequence
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,10 +38,60 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def print_error(message: str) -> None:
+    """The one ``error:`` line on stderr."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print a one-line error (what is wrong and what to do) to stderr and exit with ``code`` (2: usage)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
+
+
+class OneLineErrors(TyperGroup):
+    """The command group whose command-line errors (a flag of the wrong type, a missing or unknown flag, an unknown
+    command) are one ``error:`` line naming the help to read, exit code 2, like every other usage error; Click
+    prints the usage, a hint and (through Typer) a framed box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        import sys
+
+        try:  # Typer >= 0.20 runs on its own copy of Click
+            from typer._click.exceptions import ClickException
+        except ImportError:
+            from click.exceptions import ClickException
+
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # an Exit's code, or the command's None
+        except ClickException as e:
+            message, ctx = " ".join(e.format_message().split()), getattr(e, "ctx", None)
+            if message:  # (none when a group without its command printed its help)
+                print_error(message + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""))
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err_console.print("Aborted!")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def one_line_warnings() -> None:
+    """Show each Python warning of this command once, as one ``warning:`` line on stderr (not Python's two lines
+    with a file name and a source line): a backbone built several times in one run (the student, the teacher)
+    warns once."""
+    import warnings
+
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            err_console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
 
 
 def parse_options(items: Sequence[str] | None, flag: str = "--backbone-option") -> dict[str, Any]:
@@ -56,6 +107,16 @@ def parse_options(items: Sequence[str] | None, flag: str = "--backbone-option") 
         except json.JSONDecodeError:
             options[key.strip()] = value
     return options
+
+
+def check_seed_flag(seed: int, count: int = 1) -> None:
+    """``--seed`` (the first of ``count`` consecutive seeds) in 0..2^63 − 1, else a usage error."""
+    from operator_diffusion.seeds import check_seed
+
+    try:
+        check_seed(seed, count)
+    except ValueError as e:
+        fail(str(e))
 
 
 def resolve_device(device: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any, List, Optional
 import typer
 
 from ._common import (
+    check_seed_flag,
     console,
     err_console,
     fail,
@@ -159,6 +160,8 @@ def collect(
     """Collect teacher PF-ODE trajectories at M grid times into a sharded, resumable Hugging Face dataset."""
     from operator_diffusion import collection_store as store
     from operator_diffusion.collection_plan import CollectConfig, plan_collection
+
+    check_seed_flag(seed, max(num, 1))  # before the teacher's random initialisation is seeded with it
 
     config = CollectConfig(
         num=num,

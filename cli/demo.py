@@ -18,11 +18,15 @@ def demo(
     ),
 ) -> None:
     """Collect → train DSNO and the one-step baseline → sample → spectrum → bench on the 8×8 digits (≤ 10 min, CPU)."""
-    if out.exists() and not out.is_dir():
-        fail(f"--out {str(out)!r} is a file, not a folder")
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    from operator_diffusion.demo import DEMO, QUICK, run_demo
+    from operator_diffusion.demo import DEMO, QUICK, check_demo_out, run_demo
+
+    if out.exists():
+        try:
+            check_demo_out(out)
+        except ValueError as e:
+            fail(f"{e}; choose a new or empty --out")
 
     config = QUICK if quick else DEMO
     with progress_bar(

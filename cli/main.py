@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import typer
 
-from ._common import console, fail, print_rows
+from ._common import OneLineErrors, console, fail, one_line_warnings, print_rows
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="opdiff: one-step sampling of pretrained diffusion models by operator learning (DSNO).",
     no_args_is_help=True,
     add_completion=False,
@@ -15,15 +16,22 @@ app = typer.Typer(
 )
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the opdiff version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    """--version, handled while the flags are parsed (a group callback would first demand a command)."""
+    if value:
         from operator_diffusion import __version__
 
         console.print(f"opdiff {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the opdiff version and exit.", is_eager=True, callback=_print_version
+    ),
+) -> None:
+    one_line_warnings()
 
 
 @app.command()

@@ -9,7 +9,16 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import console, err_console, fail, parse_options, print_rows, progress_bar, resolve_device
+from ._common import (
+    check_seed_flag,
+    console,
+    err_console,
+    fail,
+    parse_options,
+    print_rows,
+    progress_bar,
+    resolve_device,
+)
 
 MIN_POINTS = 16  # below this the spectrum has fewer than 9 modes: too coarse to choose --modes from
 SHOWN_MODES = 8  # rows of the energy table
@@ -130,6 +139,7 @@ def spectrum(
     _check_inputs(
         backbone, checkpoint, backbone_option, oracle, points, num, batch, energy, solver, what, steps_per_interval, dim
     )
+    check_seed_flag(seed)
     options = parse_options(backbone_option, "--backbone-option")
     if out is not None and not overwrite:
         from operator_diffusion.spectrum import report_paths

@@ -131,16 +131,16 @@ def train(
         log_every=log_every,
         trackers=tuple(tracker),
     )
-    try:
+    try:  # everything is checked before the training bar starts
+        plan = training.plan_run(config)
+        training.check_run_dir(out, plan.run_info)
         if dry_run:
-            plan = training.plan_run(config)
-            training.check_run_dir(out, plan.run_info)
             report = plan.model.parameter_report()
             typer.echo(
                 json.dumps(
                     {
                         "config": dataclasses.asdict(config),
-                        "init_from": plan.init_from,  # resolved: the collection's teacher unless told otherwise
+                        "init_from": plan.init_from or _source_text(plan.init_source),  # resolved: the teacher
                         "mixed_precision": plan.mixed_precision,
                         "times": plan.model.times.tolist(),
                         "loss_weights": plan.weights.tolist(),
@@ -152,7 +152,7 @@ def train(
                 )
             )
             return
-        result = _run(training, config)
+        result = _run(training, config, plan)
     except (ValueError, FileNotFoundError, TypeError) as e:  # TypeError: an unknown backbone option
         fail(str(e))
     except training.NonFiniteLossError as e:  # not a usage error: the run diverged
@@ -161,8 +161,15 @@ def train(
     console.print(f"{msg}trained to step {result.step}: {result.model_path or out}")
 
 
-def _run(training, config):
+def _source_text(source: dict | None) -> str | None:
+    """The collection's teacher a run starts from when it loads its own weights (a diffusers folder or Hub id)."""
+    if source is None:
+        return None
+    return f"the collection's teacher, {source['name']} from {source.get('pretrained') or source.get('checkpoint')}"
+
+
+def _run(training, config, plan):
     """Train under the steps bar (``run_with_training_bar``)."""
     return run_with_training_bar(
-        "train", config.max_steps, "loss", lambda progress: training.train(config, progress=progress), console
+        "train", config.max_steps, "loss", lambda progress: training.train(config, progress, plan), console
     )

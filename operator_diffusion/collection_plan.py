@@ -19,7 +19,7 @@ from torch import Tensor
 from .collection_store import read_info, shard_name
 from .provenance import file_sha256, weights_sha256
 from .schedules import GRID_KINDS, PSLD, DiffusionProcess, Schedule, VPLinear, time_grid
-from .seeds import label_mode
+from .seeds import check_seed, label_mode
 from .solvers import available_solvers, solve, solver_info
 from .solvers.base import lower_order_final_default
 from .teacher_solve import PRECISIONS, TARGETS, Target, choose_precision
@@ -107,6 +107,7 @@ class CollectionPlan:
     precision_choice: dict | None = None  # how precision "auto" was resolved (``resolve_precision``); not identity
     checkpoint_path: str | None = None  # where the teacher's weights came from (absolute); provenance, not identity
     prompts: "PromptTable | None" = None  # a text-conditioned teacher's prompt table (its identity: "prompts")
+    teacher_source: dict | None = None  # ``Backbone.source()``: load_backbone options that reload the weights
 
     @property
     def num_shards(self) -> int:
@@ -214,6 +215,7 @@ def plan_collection(
     ):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    check_seed(c.seed, c.num, "seed")
     for name, v, valid in (
         ("target", c.target, TARGETS),
         ("dtype", c.dtype, DTYPES),
@@ -270,7 +272,9 @@ def plan_collection(
     if table is not None:
         identity["prompts"] = table.identity()
     path = None if checkpoint is None else str(Path(checkpoint).resolve())
-    return CollectionPlan(c, ts, tuple(indices), json.loads(json.dumps(identity)), choice, path, table)
+    return CollectionPlan(
+        c, ts, tuple(indices), json.loads(json.dumps(identity)), choice, path, table, backbone.source()
+    )
 
 
 def check_guidance(guidance: float | None) -> None:

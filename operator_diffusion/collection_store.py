@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from . import __version__
-from .runs import write_atomic
+from .runs import read_json, write_atomic
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import datasets
@@ -107,7 +107,7 @@ CONDITION_COLUMNS = ("label", "prompt", "guidance")  # the optional per-example 
 def read_info(path: str | os.PathLike) -> dict | None:
     """The collection info of a folder, or None if it holds none."""
     p = Path(path) / INFO_NAME
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_json(p, "restore it from a copy, or collect again into a new folder") if p.is_file() else None
 
 
 def identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -242,6 +242,8 @@ def write_metadata(out_dir: Path, plan: CollectionPlan) -> dict:
         info["precision_choice"] = plan.precision_choice  # provenance of "auto", outside the identity
     if old is None and plan.checkpoint_path is not None:
         info["teacher_checkpoint"] = plan.checkpoint_path  # where bench and sample --teacher find the weights again
+    if old is None and plan.teacher_source is not None:  # how they rebuild a teacher that loads its own weights
+        info["teacher_source"] = plan.teacher_source
     out_dir.mkdir(parents=True, exist_ok=True)
     if plan.prompts is not None:  # before the info: a folder with an info always has its prompt table
         table_path = out_dir / plan.identity["prompts"]["file"]

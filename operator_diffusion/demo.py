@@ -118,8 +118,36 @@ class DemoResult:
     bench: Any
 
 
+# what run_demo writes into its folder (a demo folder holds nothing else)
+DEMO_ENTRIES = (
+    "data",
+    "run",
+    "baseline",
+    "samples",
+    "trajectories",
+    "spectrum",
+    "side_by_side.png",
+    "bench.json",
+    "report.md",
+)
+
+
+def check_demo_out(out: Path) -> None:
+    """Refuse a --out that holds anything the demo does not write (the user's files, another tool's output):
+    the demo overwrites its own report, samples and bench.json there."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES and not p.name.startswith("."))
+    if out.is_dir() and foreign:
+        raise ValueError(
+            f"--out {str(out)!r} holds files the demo does not write ({', '.join(foreign[:3])}), and the demo "
+            "replaces its own files there"
+        )
+
+
 def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | None = None) -> DemoResult:
-    """Run every stage into ``out`` and write ``out/report.md``."""
+    """Run every stage into ``out`` (new, or an earlier demo's folder: ``check_demo_out``) and write
+    ``out/report.md``."""
     from .bench import BenchSetup, run_bench, training_seeds
     from .collection import collect
     from .collection_plan import CollectConfig
@@ -129,6 +157,8 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     from .training import TrainConfig, load_run, reset_accelerate_state, train
 
     out = Path(out)
+    if out.exists():
+        check_demo_out(out)
     out.mkdir(parents=True, exist_ok=True)
     c = config
     report = lambda stage: (lambda done, total: progress(stage, done, total)) if progress else None  # noqa: E731

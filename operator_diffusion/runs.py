@@ -72,7 +72,8 @@ RUN_COUNTS = ("batch_size", "grad_accum", "max_steps", "save_every", "log_every"
 
 def check_run_numbers(config) -> None:
     """The settings every trainer's config shares: the counts in ``RUN_COUNTS`` are integers >= 1, ``warmup`` an
-    integer >= 0 with a valid ``lr_decay``, ``lr`` finite and > 0, ``ema`` in [0, 1). ValueError names the flag."""
+    integer >= 0 with a valid ``lr_decay``, ``lr`` finite and > 0, ``ema`` in [0, 1), ``seed`` a torch seed in
+    0..2^63 − 1. ValueError names the flag."""
     for name in RUN_COUNTS:
         v = getattr(config, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -85,6 +86,9 @@ def check_run_numbers(config) -> None:
         raise ValueError(f"lr must be a positive number (--lr, finite and > 0), got {lr!r}")
     if not 0 <= config.ema < 1:
         raise ValueError(f"ema must lie in [0, 1), got {config.ema}")
+    from .seeds import check_seed
+
+    check_seed(config.seed)
 
 
 def micro_seed(tag: str, seed: int, process: int, micro: int) -> int:
@@ -100,6 +104,20 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")  # hidden: a folder listing or a shard glob never sees it
     tmp.write_text(text)
     tmp.replace(path)
+
+
+RUN_JSON_FIX = "restore it from a copy, or train into a new --out"
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """The JSON object in ``path``; a damaged file is a ValueError naming it, what is wrong and ``fix`` (what to do)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is damaged (not valid JSON: {e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} is damaged (a JSON {type(data).__name__}, not an object); {fix}")
+    return data
 
 
 def check_decay(decay: str, warmup: int, max_steps: int | None) -> None:
@@ -173,11 +191,13 @@ class TrainState:
 def check_run_dir(out: Path, run_info: dict) -> bool:
     """True when ``out`` holds this run (resume), False when it is new or empty; ValueError for another run."""
     info_path = out / RUN_INFO
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder; choose a new --out")
     if not info_path.is_file():
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"--out {str(out)!r} exists and is not an opdiff run directory; choose a new --out")
         return False
-    old = json.loads(info_path.read_text())
+    old = read_json(info_path, RUN_JSON_FIX)
     keys = ("format_version", "train", "data_content_sha256", "init_from_sha256")
     diff = [k for k in keys if old.get(k) != run_info.get(k)]
     if diff:

@@ -252,20 +252,23 @@ def collect_batches(
 def run_teacher(info: dict, checkpoint: str | os.PathLike | None = None):
     """The teacher a run was distilled from: the collection's backbone config with the teacher's weights.
 
-    Weights, in order: ``checkpoint`` when given; else, when the collection was made from a checkpoint file, the
-    first file whose sha256 is the collection's ``checkpoint_sha256`` among the run's ``--init-from`` file, the
-    file the collection recorded (``teacher_checkpoint``) and the teachers shipped with opdiff (the digits
-    teacher); else none (the backbone's config loads its own weights, e.g. a diffusers model path). The loaded
-    weights must hash to the collection's ``weights_sha256``: samples of another network would be no comparison."""
-    from .backbones import load_backbone
-    from .provenance import weights_sha256
-
+    Weights, in order: ``checkpoint`` when given (a .safetensors file, or a model folder holding one:
+    ``training.weights_in_directory``); else, when the collection was made from a checkpoint file, the first file
+    whose sha256 is the collection's ``checkpoint_sha256`` among the run's ``--init-from`` file, the file the
+    collection recorded (``teacher_checkpoint``) and the teachers shipped with opdiff (the digits teacher); else
+    the backbone rebuilt from where its weights came from (``teacher_source``: a diffusers model folder or Hub id),
+    else the run's ``--init-from`` file, else the backbone's config itself. The weights must hash to the
+    collection's ``weights_sha256``: samples of another network would be no comparison."""
     coll = info.get("collection", {})
     if "backbone" not in coll:
         raise ValueError(
             "this run's config.json does not record the teacher (trained by an older opdiff); "
             "pass the teacher with --teacher-checkpoint and its backbone options"
         )
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        from .training import weights_in_directory
+
+        checkpoint = weights_in_directory(Path(checkpoint), "--teacher-checkpoint")
     if checkpoint is None and coll.get("checkpoint_sha256") is not None:
         checkpoint = find_teacher_checkpoint(info)
         if checkpoint is None:
@@ -274,17 +277,68 @@ def run_teacher(info: dict, checkpoint: str | os.PathLike | None = None):
             raise ValueError(
                 f"cannot find the teacher's weights of this run{where}; pass them with --teacher-checkpoint PATH"
             )
-    backbone = load_backbone(**coll["backbone"])
-    if checkpoint is not None:
-        backbone.load_weights(checkpoint)
-    expected = coll.get("weights_sha256")
-    if expected is not None and weights_sha256(backbone) != expected:
+    why = None
+    if checkpoint is None:  # weights the backbone loads itself: its recorded source, the run's --init-from file
+        teacher, why = teacher_from_source(info)
+        if teacher is not None:
+            return teacher.eval()
+        init = (info.get("train") or {}).get("init_from")
+        if init and Path(init).is_file():
+            try:
+                teacher = _teacher_with(coll, init)
+            except ValueError:  # another architecture's file
+                teacher = None
+            if teacher is not None and _holds_teacher(teacher, coll):
+                return teacher.eval()
+    backbone = _teacher_with(coll, checkpoint)
+    if not _holds_teacher(backbone, coll):
+        if why is not None:
+            raise ValueError(
+                f"cannot find the teacher's weights of this run: {why}; pass them with --teacher-checkpoint PATH "
+                "(the teacher's .safetensors, or its model folder)"
+            )
         raise ValueError(
             f"{str(checkpoint or 'the configured backbone')!r} is not the teacher this run was distilled "
             "from (its weights differ from the collection's); pass the checkpoint the trajectories were "
             "collected with"
         )
     return backbone.eval()
+
+
+def _teacher_with(coll: dict, checkpoint: str | os.PathLike | None):
+    """The collection's backbone architecture, with the weights of ``checkpoint`` when given."""
+    from .backbones import load_backbone
+
+    backbone = load_backbone(**coll["backbone"])
+    if checkpoint is not None:
+        backbone.load_weights(checkpoint)
+    return backbone
+
+
+def _holds_teacher(backbone, coll: dict) -> bool:
+    """Whether ``backbone``'s weights are the collection's (``weights_sha256``; True when none was recorded)."""
+    from .provenance import weights_sha256
+
+    expected = coll.get("weights_sha256")
+    return expected is None or weights_sha256(backbone) == expected
+
+
+def teacher_from_source(info: dict):
+    """(teacher, None) rebuilt from the collection's ``teacher_source`` (``Backbone.source()``: e.g. the diffusers
+    model folder or Hub id it was collected from) when its weights are still the collection's, else (None, why)."""
+    from .backbones import load_backbone
+
+    source = info.get("teacher_source")
+    if not source:
+        return None, "the collection does not record where its teacher's weights came from"
+    where = source.get("pretrained") or source.get("checkpoint") or source.get("name")
+    try:
+        teacher = load_backbone(**source)
+    except (OSError, ValueError, TypeError, ImportError) as e:  # gone, moved, offline, another plugin version
+        return None, f"its source {str(where)!r} does not load ({' '.join(str(e).split())})"
+    if not _holds_teacher(teacher, info.get("collection", {})):
+        return None, f"its source {str(where)!r} holds other weights now"
+    return teacher, None
 
 
 def find_teacher_checkpoint(info: dict) -> str | None:

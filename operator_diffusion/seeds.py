@@ -28,9 +28,21 @@ __all__ = [
     "default_tune_seeds",
     "held_out_seeds",
     "TUNE_NUM",
+    "SEED_MAX",
+    "check_seed",
 ]
 
 TUNE_NUM = 128  # tuning seeds of `opdiff bench --tune` (disjoint from the reported ones)
+SEED_MAX = 2**63 - 1  # seeds seed torch generators and are stored as int64 (a collection's seed column)
+SEEDS_MAX = 10_000_000  # seeds in one list: a typo such as 0-10000000000 is refused, not enumerated
+
+
+def check_seed(seed: int, count: int = 1, flag: str = "--seed") -> None:
+    """Refuse a first seed ``seed`` of ``count`` consecutive ones (seed, seed + 1, …) outside 0..2^63 − 1."""
+    top = SEED_MAX - max(count - 1, 0)
+    if not 0 <= seed <= top:
+        more = f" for {count} consecutive seeds" if count > 1 else ""
+        raise ValueError(f"{flag} {seed} is out of range: it must be an integer from 0 to {top}{more}, e.g. {flag} 0")
 
 
 def example_inputs(
@@ -92,13 +104,16 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
                 raise ValueError(f"bad seed list {spec!r}: {part!r} is not N or A-B (e.g. 0-49999 or 0,5,9)") from None
             if b < a:
                 raise ValueError(f"bad seed range {part!r} in {spec!r}: the end is below the start")
+            if b - a + 1 + len(seeds) > SEEDS_MAX:
+                raise ValueError(f"the seed list {spec!r} holds more than {SEEDS_MAX:,} seeds; give fewer")
             seeds.extend(range(a, b + 1))
     else:
         seeds = [int(s) for s in spec]
     if not seeds:
         raise ValueError("no seeds given")
-    if min(seeds) < 0:
-        raise ValueError(f"seeds must be non-negative, got {min(seeds)}")
+    if min(seeds) < 0 or max(seeds) > SEED_MAX:
+        bad = min(seeds) if min(seeds) < 0 else max(seeds)
+        raise ValueError(f"seeds must be integers from 0 to {SEED_MAX} (2^63 − 1), got {bad}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"the seed list {spec!r} repeats seeds; every sample needs its own seed")
     return seeds

@@ -51,6 +51,7 @@ from .runs import (
     EMA,
     PRECISIONS,
     RUN_INFO,
+    RUN_JSON_FIX,
     Indices,
     TrainState,
     check_in_sync,
@@ -59,6 +60,7 @@ from .runs import (
     end_of_step,
     learning_rate,
     micro_seed,
+    read_json,
     resumable_batches,
     resume_from_checkpoint,
     start_run,
@@ -362,7 +364,7 @@ def check_out_dir(out: str | Path, run_info: dict) -> bool:
     out = Path(out)
     info_path = out / RUN_INFO
     if info_path.is_file():
-        kind = json.loads(info_path.read_text()).get("kind")
+        kind = read_json(info_path, RUN_JSON_FIX).get("kind")
         if kind != RUN_KIND:
             raise ValueError(f"--out {str(out)!r} holds an `opdiff train` run, not a teacher run; choose a new --out")
     return check_run_dir(out, run_info)

@@ -52,6 +52,7 @@ from .runs import (  # noqa: F401  (re-exported: the trainers' shared run plumbi
     latest_checkpoint,
     learning_rate,
     micro_seed,
+    read_json,
     reset_accelerate_state,
     resumable_batches,
     resume_from_checkpoint,
@@ -150,6 +151,7 @@ class RunPlan:
     mixed_precision: str
     run_info: dict
     init_from: str | None = None  # the weights it starts from, resolved (``resolve_init_from``)
+    init_source: dict | None = None  # or the collection's ``teacher_source`` they were loaded from
     prompts: Any = None  # prompts.PromptTable of a text-conditioned collection (its embeddings condition the student)
 
 
@@ -191,14 +193,14 @@ WEIGHT_FILES = (
 )
 
 
-def weights_in_directory(folder: Path) -> str:
-    """The weights file of a model folder given as ``--init-from DIR``: an ``opdiff teacher train`` run's
-    ``teacher.safetensors``, or a diffusers model or pipeline folder's ``diffusion_pytorch_model.safetensors``."""
+def weights_in_directory(folder: Path, flag: str = "--init-from") -> str:
+    """The weights file of a model folder given as ``--init-from DIR`` (or ``flag``): an ``opdiff teacher train``
+    run's ``teacher.safetensors``, or a diffusers model or pipeline folder's ``diffusion_pytorch_model.safetensors``."""
     found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
     if len(found) != 1:
         what = "several weight files" if found else "no weights file"
         raise FileNotFoundError(
-            f"--init-from {str(folder)!r} is a folder with {what} ({', '.join(WEIGHT_FILES)} looked for); "
+            f"{flag} {str(folder)!r} is a folder with {what} ({', '.join(WEIGHT_FILES)} looked for); "
             "pass the .safetensors file itself"
         )
     return str(found[0])
@@ -229,6 +231,33 @@ def resolve_init_from(config: TrainConfig, info: dict) -> tuple[str | None, str 
             "from them by default; pass --init-from PATH (the teacher's .safetensors), or --init-from scratch"
         )
     return found, want
+
+
+def load_teacher_source(bb: Backbone, config: TrainConfig, info: dict) -> dict | None:
+    """Start ``bb`` from the collection's teacher when that teacher loads its own weights (a diffusers model folder
+    or Hub id: ``info["teacher_source"]``, checked against the collection's weights hash) and the run takes the
+    default start (no --init-from, no other --backbone); returns the source used, or None."""
+    from .sampling import teacher_from_source
+
+    source = info.get("teacher_source")
+    if source is None or config.init_from is not None or config.backbone is not None:
+        return None
+    if info["collection"].get("checkpoint_sha256") is not None:  # the teacher is a file (resolve_init_from)
+        return None
+    teacher, why = teacher_from_source(info)
+    if teacher is None:
+        raise FileNotFoundError(
+            f"the collection's teacher weights are not found ({why}), and training starts from them by default; "
+            "pass --init-from PATH (the teacher's .safetensors, or its model folder), or --init-from scratch"
+        )
+    try:
+        bb.network.load_state_dict(teacher.network.state_dict())
+    except RuntimeError as e:
+        raise ValueError(
+            f"the backbone options change the teacher's architecture, so it cannot start from the teacher's weights "
+            f"({' '.join(str(e).split())[:200]}); drop those options, or pass --init-from scratch"
+        ) from None
+    return source
 
 
 def plan_run(config: TrainConfig) -> RunPlan:
@@ -290,6 +319,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     init_from, init_sha = resolve_init_from(config, cache.info)
     prompts = collection_prompts(config.data, collection)
     bb = build_backbone(config, collection, init_from)
+    init_source = load_teacher_source(bb, config, cache.info) if init_from is None else None
     model = DSNO(
         bb,
         cache.times,
@@ -313,10 +343,21 @@ def plan_run(config: TrainConfig) -> RunPlan:
         "train": config.identity(),
         "data_content_sha256": cache.content_sha256,
         "init_from_sha256": init_sha,
-        "init_is_teacher": init_sha is not None and init_sha == collection.get("checkpoint_sha256"),
+        "init_is_teacher": init_source is not None
+        or (init_sha is not None and init_sha == collection.get("checkpoint_sha256")),
     }
     return RunPlan(
-        config, cache, collection, cache.content_sha256, model, weights, precision, run_info, init_from, prompts
+        config,
+        cache,
+        collection,
+        cache.content_sha256,
+        model,
+        weights,
+        precision,
+        run_info,
+        init_from,
+        init_source,
+        prompts,
     )
 
 
@@ -358,13 +399,15 @@ class TrainResult:
     model_path: Path | None
 
 
-def train(config: TrainConfig, progress: Callable[[int, int, dict], None] | None = None) -> TrainResult:
-    """Train (or resume) the run described by ``config``; ``progress(step, max_steps, metrics)`` is called after
-    every optimizer step on the main process. Writes ``model.safetensors`` (EMA weights) and ``config.json`` at
-    the end."""
+def train(
+    config: TrainConfig, progress: Callable[[int, int, dict], None] | None = None, plan: RunPlan | None = None
+) -> TrainResult:
+    """Train (or resume) the run described by ``config`` (its ``plan_run``, when not given); ``progress(step,
+    max_steps, metrics)`` is called after every optimizer step on the main process. Writes ``model.safetensors``
+    (EMA weights) and ``config.json`` at the end."""
     from .seeds import example_inputs
 
-    plan = plan_run(config)
+    plan = plan_run(config) if plan is None else plan
     out = Path(config.out)
     resume = check_run_dir(out, plan.run_info)
     accelerator = start_run(
@@ -472,6 +515,7 @@ def _export(model: DSNO, ema: EMA, out: Path, plan: RunPlan, num_processes: int 
         "model": final.config(),
         "collection": dict(plan.collection),  # the dataset's identity: teacher, solver, grid, seeds, labels, …
         "teacher_checkpoint": plan.cache.info.get("teacher_checkpoint"),  # the file the collection's weights came from
+        "teacher_source": plan.cache.info.get("teacher_source"),  # how a teacher that loads its own weights rebuilds
         "ema_updates": ema.updates,
         "num_processes": num_processes,
         "parameters": final.parameter_report() | {"injection_points": len(final.injection_points)},
@@ -489,7 +533,7 @@ def load_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> t
             f"{str(run_dir)!r} holds no {MODEL_FILE}; it is not a finished `opdiff train` run (resume it to finish)"
         )
     config_path = run_dir / CONFIG_FILE
-    info = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    info = read_json(config_path, "restore it from a copy, or train the run again") if config_path.is_file() else {}
     version = info.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise ValueError(f"run {str(run_dir)!r} has format_version {version}; this opdiff reads {FORMAT_VERSION}")

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from opdiff_cli.main import app
 from operator_diffusion.backbones import load_backbone
-from operator_diffusion.demo import DIGITS_TEACHER, digits_teacher
+from operator_diffusion.demo import DIGITS_TEACHER, check_demo_out, digits_teacher
 from operator_diffusion.fid import DIGITS_FEATURENET, DIGITS_STATS, FeatureNetExtractor, FeatureStats, stats_of_images
 from operator_diffusion.images import load_images, read_image_folder
 
@@ -43,3 +43,4 @@ def test_quick_demo_runs_the_pipeline_and_reports(tmp_path):
     assert reference["fid"] < 0.5 * denoiser["fid"]
     assert rows[("ddim", 10)]["rmse"] < rows[("ddim", 2)]["rmse"]
     assert len(read_image_folder(out / "samples")) == 16
+    check_demo_out(out)  # a demo's own folder may be run again (resumed); a folder of anything else is refused

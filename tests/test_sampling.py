@@ -345,6 +345,27 @@ def test_a_run_distilled_from_the_shipped_digits_teacher_finds_it_by_hash():
     assert weights_sha256(teacher) == weights_sha256(direct)
 
 
+def test_a_teacher_that_loads_its_own_weights_file_is_rebuilt_from_the_collections_record(tiny_run, tmp_path):
+    """`collect -o checkpoint=F` (the backbone option, not --checkpoint): the collection's identity has no checkpoint
+    hash and the config drops the option, so the teacher was rebuilt with random weights; the collection now records
+    the backbone's source (config and file), and bench / sample --teacher rebuild it from that."""
+    from operator_diffusion.collection import collect
+    from operator_diffusion.collection_plan import CollectConfig
+    from operator_diffusion.collection_store import read_info
+    from operator_diffusion.provenance import weights_sha256
+    from operator_diffusion.sampling import run_teacher
+
+    teacher = load_backbone("opdiff-unet", **TINY_TEACHER, checkpoint=str(tiny_run["teacher"]))
+    collect(teacher, tmp_path / "data", CollectConfig(num=2, steps=16, shard_size=2, batch_size=2))
+    info = read_info(tmp_path / "data")
+    assert info["collection"]["checkpoint_sha256"] is None
+    assert info["teacher_source"]["checkpoint"] == str(Path(tiny_run["teacher"]).resolve())
+    direct = load_backbone(**info["collection"]["backbone"])
+    direct.load_weights(tiny_run["teacher"])
+    rebuilt = run_teacher({"collection": info["collection"], "train": {}, "teacher_source": info["teacher_source"]})
+    assert weights_sha256(rebuilt) == weights_sha256(direct) == info["collection"]["weights_sha256"]
+
+
 def test_overwrite_leaves_only_the_new_samples(tiny_run, tmp_path):
     """`sample --overwrite` with fewer seeds: the folder holds exactly the new seeds' PNGs (the probe found 12
     PNGs for 4 seeds, which `opdiff fid` then read); a file of the user's in it is kept."""

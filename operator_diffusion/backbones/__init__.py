@@ -16,7 +16,7 @@ import warnings
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
-from .base import CHECKPOINT_CONFIG_KEY, Backbone
+from .base import CHECKPOINT_CONFIG_KEY, Backbone, not_safetensors
 
 __all__ = [
     "Backbone",
@@ -117,6 +117,34 @@ def load_backbone(name: str | None = None, /, **kwargs) -> Backbone:
         return cls(**kwargs)
     except TypeError as e:
         raise TypeError(_with_close_options(str(e), cls)) from None
+    except ValueError as e:
+        wrong = _mistyped_option(str(e), kwargs, cls)
+        if wrong is None:
+            raise
+        raise ValueError(wrong) from None
+
+
+# what int() and float() say of a string that is no number
+_NOT_A_NUMBER = (
+    (r"could not convert string to float: (.+)$", "a number (e.g. 0.1)"),
+    (r"invalid literal for int\(\) with base 10: (.+)$", "an integer (e.g. 2)"),
+)
+
+
+def _mistyped_option(message: str, kwargs: dict, cls: type) -> str | None:
+    """'backbone option dropout takes a number ..., got '{bad'' for the ValueError int() or float() raise on an
+    option's string value, naming that option; None for any other error."""
+    import re
+
+    for pattern, wants in _NOT_A_NUMBER:
+        m = re.search(pattern, message)
+        if m is None:
+            continue
+        keys = [k for k, v in kwargs.items() if isinstance(v, str) and repr(v) == m.group(1)]
+        if keys:
+            backbone = getattr(cls, "name", cls.__name__)
+            return f"backbone option {keys[0]} of {backbone!r} takes {wants}, got {kwargs[keys[0]]!r}"
+    return None
 
 
 def option_names(cls: type) -> list[str]:
@@ -147,10 +175,15 @@ def _with_close_options(message: str, cls: type) -> str:
 def backbone_from_checkpoint(path: str | Path, **overrides) -> Backbone:
     """Rebuild a backbone from a checkpoint written by ``Backbone.save_weights`` (config in its metadata),
     then load its weights. ``overrides`` replace config entries (e.g. ``dropout=0.0``)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"backbone checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise not_safetensors(path, e) from None
     if CHECKPOINT_CONFIG_KEY not in meta:
         raise ValueError(
             f"checkpoint {str(path)!r} carries no backbone config in its metadata; "

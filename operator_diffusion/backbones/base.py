@@ -95,6 +95,7 @@ class Backbone(abc.ABC):
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = int(num_classes)
         self.null_label = null_label
+        self.weights_file: str | None = None  # the .safetensors file ``load_weights`` last read (absolute)
 
     # ----------------------------------------------------------------------------------------------
     # The contract
@@ -190,6 +191,15 @@ class Backbone(abc.ABC):
                 )
             out[name] = v
         return out
+
+    def source(self) -> dict[str, Any] | None:
+        """Where the weights came from, as ``load_backbone`` keyword arguments (with ``name``) that rebuild this
+        backbone *with* them; None when nothing records them (random or in-memory weights). The default: ``config()``
+        with the .safetensors file ``load_weights`` last read. A backbone that loads its weights from elsewhere (a
+        diffusers model folder or Hub id) overrides it. A collection records it (``teacher_source``), and `train`,
+        `sample --teacher` and `bench` rebuild the teacher from it, checked against the collection's weights hash."""
+        weights = getattr(self, "weights_file", None)  # a subclass that skipped Backbone.__init__ has none
+        return None if weights is None else {**self.config(), "checkpoint": weights}
 
     def eps_fn(self, x: Tensor, t: Tensor, labels: Tensor | None = None, **cond: Tensor) -> Tensor:
         """The solvers' contract: ε̂(x, t) from the network output (``prediction.eps_from_prediction``)."""
@@ -288,10 +298,7 @@ class Backbone(abc.ABC):
         try:
             state = load_file(str(path), device="cpu")
         except SafetensorError as e:
-            raise ValueError(
-                f"{str(path)!r} is not a safetensors file ({e}); opdiff loads weights from .safetensors only "
-                f"(convert a pickled checkpoint once with safetensors.torch.save_file)"
-            ) from None
+            raise not_safetensors(path, e) from None
         own = self.network.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
@@ -319,6 +326,7 @@ class Backbone(abc.ABC):
         if not strict:
             state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
         self.network.load_state_dict(state, strict=strict)
+        self.weights_file = str(path.resolve())
 
     # ----------------------------------------------------------------------------------------------
     # Conveniences delegating to the network
@@ -397,6 +405,14 @@ def keep_items_by_hooks(network: nn.Module, after: str, consumers: list[str], in
     finally:
         for h in handles:
             h.remove()
+
+
+def not_safetensors(path: str | Path, error: Exception) -> ValueError:
+    """The error for a weights file that safetensors cannot read (a pickle, a damaged or foreign file)."""
+    return ValueError(
+        f"{str(path)!r} is not a safetensors file ({error}); opdiff loads weights from .safetensors only "
+        f"(convert a pickled checkpoint once with safetensors.torch.save_file)"
+    )
 
 
 def _checkpoint_origin(path: Path) -> str:

@@ -37,6 +37,9 @@ from operator_diffusion.schedules import DiscreteVP
 __all__ = [
     "DiffusersUNet2DBackbone",
     "DEFAULT_SCHEDULER_CONFIG",
+    "SAMPLING_ONLY_SETTINGS",
+    "SchedulerSettingsIgnored",
+    "ignored_settings",
     "PREDICTION_FROM_DIFFUSERS",
     "alphas_cumprod_from_scheduler_config",
     "discover_injection_points",
@@ -81,6 +84,29 @@ def check_ddpm_family(config: Mapping[str, Any]) -> None:
             "betas: diffusers-unet2d supports DDPM-family schedulers (DDPM, DDIM, PNDM, DPM-Solver, UniPC, Euler "
             "over betas); a VE/EDM UNet2DModel is not supported yet"
         )
+
+
+class SchedulerSettingsIgnored(UserWarning):
+    """A scheduler config sets what diffusers' sampling loops do but opdiff's solvers do not (``ignored_settings``)."""
+
+
+# Settings that shape diffusers' sampling loops, not the network's probability-flow ODE, which opdiff solves on its
+# own grid (--solver, --steps, --grid) and whose x̂_0 it never clips: key → whether its value departs from opdiff.
+SAMPLING_ONLY_SETTINGS: dict[str, Any] = {
+    "clip_sample": bool,  # x̂_0 clamped to ±clip_sample_range at every step
+    "thresholding": bool,  # dynamic thresholding of x̂_0
+    "timestep_spacing": lambda v: v is not None,  # the scheduler's own timesteps (leading, trailing, linspace)
+    "steps_offset": bool,  # those timesteps shifted
+    "set_alpha_to_one": lambda v: v is False,  # the final step to ᾱ_0 rather than to x̂_0
+    "use_karras_sigmas": bool,  # σ grids of the multistep and Euler schedulers
+    "use_exponential_sigmas": bool,
+    "use_beta_sigmas": bool,
+}
+
+
+def ignored_settings(config: Mapping[str, Any]) -> list[str]:
+    """``key=value`` of each setting of ``config`` that opdiff's sampling ignores (``SAMPLING_ONLY_SETTINGS``)."""
+    return [f"{k}={config[k]!r}" for k, departs in SAMPLING_ONLY_SETTINGS.items() if k in config and departs(config[k])]
 
 
 def alphas_cumprod_from_scheduler_config(config: Mapping[str, Any]) -> Tensor:
@@ -128,7 +154,7 @@ def alphas_cumprod_from_scheduler_config(config: Mapping[str, Any]) -> Tensor:
     return ac
 
 
-def _prediction_from_scheduler(config: Mapping[str, Any]) -> str:
+def prediction_from_scheduler(config: Mapping[str, Any]) -> str:
     kind = config.get("prediction_type") or "epsilon"
     if kind not in PREDICTION_FROM_DIFFUSERS:
         raise ValueError(
@@ -209,12 +235,12 @@ def injection_point_channels(unet: nn.Module, points: list[str] | None = None) -
 # --------------------------------------------------------------------------------------------------
 # Config handling
 # --------------------------------------------------------------------------------------------------
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Tuples → lists (recursively); raises TypeError for anything JSON cannot hold."""
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if hasattr(value, "tolist"):  # numpy / torch arrays (trained_betas)
@@ -231,23 +257,26 @@ def _unet_constructor_keys() -> set[str]:
 def _unet_config(unet: nn.Module) -> dict[str, Any]:
     """``unet.config`` restricted to ``UNet2DModel`` constructor arguments, JSON-serialisable."""
     keys = _unet_constructor_keys()
-    return {k: _jsonable(v) for k, v in dict(unet.config).items() if k in keys}
+    return {k: jsonable(v) for k, v in dict(unet.config).items() if k in keys}
 
 
-def _scheduler_json(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A scheduler config reduced to its JSON-serialisable entries (private ``_`` keys but ``_class_name`` dropped)."""
+def _json_entries(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-serialisable entries of a mapping (the others, e.g. a torch dtype, dropped)."""
     out = {}
     for k, v in config.items():
-        if k.startswith("_") and k != "_class_name":
-            continue
         try:
-            out[k] = _jsonable(v)
+            out[k] = jsonable(v)
         except TypeError:
             continue
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def scheduler_json(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A scheduler config reduced to its JSON-serialisable entries (private ``_`` keys but ``_class_name`` dropped)."""
+    return _json_entries({k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"})
+
+
+def read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -263,7 +292,7 @@ def _local_scheduler_config(root: Path, model_dir: Path) -> dict[str, Any] | Non
     UNet's config (flat ``google/ddpm-*`` layout) or at the root; None if there is none."""
     for candidate in (root / "scheduler" / _SCHEDULER_CONFIG, model_dir / _SCHEDULER_CONFIG, root / _SCHEDULER_CONFIG):
         if candidate.is_file():
-            return _read_json(candidate)
+            return read_json(candidate)
     return None
 
 
@@ -274,7 +303,7 @@ def _scheduler_config_from_arg(arg: Mapping[str, Any] | str | os.PathLike) -> di
         return dict(arg)
     path = Path(arg)
     if path.is_file():
-        return _read_json(path)
+        return read_json(path)
     if path.is_dir():
         found = _local_scheduler_config(path, path)
         if found is not None:
@@ -285,7 +314,7 @@ def _scheduler_config_from_arg(arg: Mapping[str, Any] | str | os.PathLike) -> di
     )
 
 
-def _looks_like_local_path(name: str) -> bool:
+def looks_like_local_path(name: str) -> bool:
     """A Hub id is 'name' or 'owner/name'; anything else (absolute, relative with ./, several parts) is a path, and
     so is 'a/b' when a folder 'a' exists here (``models/unet`` beside a ``models`` folder)."""
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
@@ -293,7 +322,7 @@ def _looks_like_local_path(name: str) -> bool:
     return "/" in name and Path(name.split("/")[0]).expanduser().is_dir()
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` set (in the environment or as huggingface_hub read it at import)."""
     import huggingface_hub.constants as hc
 
@@ -304,11 +333,25 @@ def _hub_offline() -> bool:
     )
 
 
-def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwargs: dict[str, Any]):
-    """(UNet2DModel, scheduler config or None) from a local directory or a Hub id.
+def pickle_only_message(model_dir: Path) -> str:
+    """The one-line refusal of a model folder whose weights are only pickles (``*.bin``), with the conversion."""
+    names = ", ".join(sorted(p.name for p in model_dir.glob("*.bin"))[:3])
+    where = str(model_dir)
+    return (
+        f"{where!r} holds only pickled weights ({names}) and opdiff reads safetensors only, since unpickling a file "
+        f'can run code; if you trust the file, convert it once: python -c "from diffusers import UNet2DModel; '
+        f"UNet2DModel.from_pretrained({where!r}, use_safetensors=False).save_pretrained({where!r}, "
+        f'safe_serialization=True)"'
+    )
 
-    Weights are read from safetensors only (opdiff never unpickles a downloaded file); a checkpoint that
-    ships only pickled ``.bin`` weights needs an explicit ``use_safetensors=False`` from the user."""
+
+def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwargs: dict[str, Any]):
+    """(UNet2DModel, scheduler config or None, where, subfolder) from a local directory or a Hub id; ``where`` is
+    the directory's absolute path or the Hub id, and ``subfolder`` the one the UNet was found in.
+
+    Weights are read from safetensors only (opdiff never unpickles a user's file): a folder that holds only
+    pickled ``.bin`` weights is refused with the command that converts them (``pickle_only_message``); diffusers'
+    own ``use_safetensors=False`` is the explicit opt-in that loads them anyway (``torch.load(weights_only=True)``)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     kwargs = {"use_safetensors": True, **kwargs}
@@ -326,20 +369,22 @@ def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwarg
         elif not (path / subfolder / _UNET_CONFIG).is_file():
             raise FileNotFoundError(f"no UNet found in {str(path / subfolder)!r}: it has no {_UNET_CONFIG}")
         model_dir = path / subfolder if subfolder else path
-        class_name = _read_json(model_dir / _UNET_CONFIG).get("_class_name", "UNet2DModel")
+        class_name = read_json(model_dir / _UNET_CONFIG).get("_class_name", "UNet2DModel")
         if class_name != "UNet2DModel":
             raise ValueError(
                 f"{str(model_dir / _UNET_CONFIG)!r} describes a {class_name}, not a UNet2DModel; the "
                 f"diffusers-unet2d backbone supports unconditional / class-conditional UNet2DModel checkpoints only"
             )
+        if kwargs["use_safetensors"] and not any(model_dir.glob("*.safetensors")) and any(model_dir.glob("*.bin")):
+            raise ValueError(pickle_only_message(model_dir))
         unet = UNet2DModel.from_pretrained(str(path), subfolder=subfolder, **kwargs)
-        return unet, _local_scheduler_config(path, model_dir)
+        return unet, _local_scheduler_config(path, model_dir), str(path.resolve()), subfolder
     name = str(pretrained)
     if path.exists():
         raise ValueError(f"pretrained must be a directory or a Hub model id, got the file {name!r}")
-    if _looks_like_local_path(name):
+    if looks_like_local_path(name):
         raise FileNotFoundError(f"pretrained directory {name!r} does not exist (and it is no Hub id 'owner/name')")
-    if _hub_offline():  # no retries against an unreachable Hub: only what is cached locally can load
+    if hub_offline():  # no retries against an unreachable Hub: only what is cached locally can load
         kwargs = {**kwargs, "local_files_only": True}
     # Hub id: flat layout (google/ddpm-*: config.json + scheduler_config.json at the root) or pipeline layout.
     if subfolder is None:
@@ -362,7 +407,7 @@ def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwarg
             break
         except OSError:
             continue
-    return unet, scheduler
+    return unet, scheduler, name, subfolder
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,7 +456,7 @@ class DiffusersUNet2DBackbone(Backbone):
                 "diffusers-unet2d takes its noise schedule from the scheduler config (scheduler_config=...); other "
                 "schedules, PSLD included, are not supported: use the opdiff-unet backbone for a PSLD teacher"
             )
-        found_scheduler = None
+        found_scheduler = loaded_from = None
         if pretrained is not None and config is not None:
             raise ValueError("pass either pretrained (a directory, Hub id or UNet2DModel) or config, not both")
         if isinstance(pretrained, nn.Module):
@@ -423,7 +468,8 @@ class DiffusersUNet2DBackbone(Backbone):
                 )
             unet = pretrained
         elif pretrained is not None:
-            unet, found_scheduler = _load_pretrained(pretrained, subfolder, unet_kwargs)
+            unet, found_scheduler, where, found_in = _load_pretrained(pretrained, subfolder, unet_kwargs)
+            loaded_from = {"pretrained": where, "subfolder": found_in, **_json_entries(unet_kwargs)}
         else:
             if subfolder is not None:
                 raise ValueError("subfolder only applies with pretrained (a directory or Hub id)")
@@ -472,10 +518,18 @@ class DiffusersUNet2DBackbone(Backbone):
                     stacklevel=2,
                 )
             sched = dict(DEFAULT_SCHEDULER_CONFIG)
-        self._scheduler_config = _scheduler_json(sched)
+        self._scheduler_config = scheduler_json(sched)
+        if ignored := ignored_settings(self._scheduler_config):
+            warnings.warn(
+                f"the scheduler config's {', '.join(ignored)} shape diffusers' sampling loops, which opdiff does not "
+                "run: it solves the probability-flow ODE on its own grid (--solver/--steps/--grid) and never clips or "
+                "thresholds x̂_0 (the opdiff-diffusers README says which command is nearest to DDIMPipeline)",
+                SchedulerSettingsIgnored,
+                stacklevel=2,
+            )
         schedule = DiscreteVP.from_alphas_cumprod(alphas_cumprod_from_scheduler_config(sched))
         if prediction is None:
-            prediction = _prediction_from_scheduler(sched)
+            prediction = prediction_from_scheduler(sched)
 
         uc = unet.config
         if uc.time_embedding_type == "fourier":
@@ -512,6 +566,7 @@ class DiffusersUNet2DBackbone(Backbone):
             null_label=None if null_label is None else int(null_label),
         )
         self._unet_config = _unet_config(unet)
+        self._loaded_from = loaded_from  # the folder or Hub id the weights came from (``source``)
         if checkpoint is not None:
             self.load_weights(checkpoint)
 
@@ -521,6 +576,21 @@ class DiffusersUNet2DBackbone(Backbone):
             "name": self.name,
             "config": json.loads(json.dumps(self._unet_config)),
             "scheduler_config": json.loads(json.dumps(self._scheduler_config)),
+            "prediction": self.prediction,
+            "null_label": self.null_label,
+        }
+
+    def source(self) -> dict[str, Any] | None:
+        """``load_backbone`` options that load these weights again: the model folder (absolute) or Hub id with its
+        subfolder and ``from_pretrained`` options, and this scheduler config, prediction and null label (so the
+        rebuilt backbone's ``config()`` is this one's); a checkpoint file loaded since wins (``Backbone.source``);
+        None for random or in-memory weights."""
+        if self.weights_file is not None or self._loaded_from is None:
+            return super().source()
+        return {
+            "name": self.name,
+            **json.loads(json.dumps(self._loaded_from)),
+            "scheduler_config": self.scheduler_config,
             "prediction": self.prediction,
             "null_label": self.null_label,
         }

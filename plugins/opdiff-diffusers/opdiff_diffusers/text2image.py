@@ -37,15 +37,15 @@ from operator_diffusion.backbones import Backbone
 from operator_diffusion.schedules import DiscreteVP
 
 from .backbone import (
-    _hub_offline,
-    _jsonable,
-    _looks_like_local_path,
-    _prediction_from_scheduler,
-    _read_json,
-    _scheduler_json,
     alphas_cumprod_from_scheduler_config,
     discover_injection_points,
+    hub_offline,
     injection_point_channels,
+    jsonable,
+    looks_like_local_path,
+    prediction_from_scheduler,
+    read_json,
+    scheduler_json,
 )
 
 __all__ = [
@@ -88,7 +88,7 @@ def check_pipeline_folder(path: Path) -> dict[str, Any]:
             f"{str(path)!r} is no diffusers pipeline folder: it has no {MODEL_INDEX} (expected "
             f"{MODEL_INDEX} with {', '.join(c + '/' for c in COMPONENTS)})"
         )
-    index = _read_json(index_file)
+    index = read_json(index_file)
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
         raise ValueError(f"{str(path)!r} holds {index.get('_class_name') or 'an SDXL pipeline'}: {_SDXL_HINT}")
     missing = [c for c in COMPONENTS if not (path / c).is_dir() or index.get(c) in (None, [None, None])]
@@ -130,7 +130,7 @@ def unet_config_from_arg(arg: Mapping[str, Any] | str) -> dict[str, Any]:
             raise FileNotFoundError(
                 f"unet_config {arg!r} is neither a preset ({', '.join(UNET_PRESETS)}) nor a config.json file"
             )
-        arg = _read_json(path)
+        arg = read_json(path)
     return {k: v for k, v in dict(arg).items() if not k.startswith("_")}
 
 
@@ -185,9 +185,9 @@ def load_pipeline(pretrained: str | os.PathLike, **kwargs) -> PipelineComponents
         name = str(pretrained)
         if path.exists():
             raise ValueError(f"pretrained must be a pipeline folder or a Hub id, got the file {name!r}")
-        if _looks_like_local_path(name):
+        if looks_like_local_path(name):
             raise FileNotFoundError(f"pipeline folder {name!r} does not exist (and it is no Hub id 'owner/name')")
-        if _hub_offline():
+        if hub_offline():
             kwargs["local_files_only"] = True
         index = dict(DiffusionPipeline.load_config(name, local_files_only=kwargs.get("local_files_only", False)))
         if "text_encoder_2" in index:
@@ -282,9 +282,9 @@ class DiffusersText2ImageBackbone(Backbone):
                 unet = unet.to(dtype)
             self._unet_preset = cfg
         sched = dict(scheduler_config) if scheduler_config is not None else found_scheduler or DEFAULT_SCHEDULER_CONFIG
-        self._scheduler_config = _scheduler_json(sched)
+        self._scheduler_config = scheduler_json(sched)
         schedule = DiscreteVP.from_alphas_cumprod(alphas_cumprod_from_scheduler_config(sched))
-        prediction = prediction or _prediction_from_scheduler(sched)
+        prediction = prediction or prediction_from_scheduler(sched)
         uc = unet.config
         if uc.sample_size is None and resolution is None:
             raise ValueError("the UNet config has no sample_size: give resolution=<image side in pixels>")
@@ -378,7 +378,7 @@ class DiffusersText2ImageBackbone(Backbone):
         if self._source is not None:
             cfg["pretrained"] = self._source
         else:
-            cfg["unet_config"] = _jsonable(self._unet_preset)
+            cfg["unet_config"] = jsonable(self._unet_preset)
         cfg.update(
             scheduler_config=json.loads(json.dumps(self._scheduler_config)),
             prediction=self.prediction,

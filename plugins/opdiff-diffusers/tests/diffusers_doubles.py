@@ -4,8 +4,20 @@ conftest.py: the main suite's conftest would shadow a second ``conftest`` on the
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import UNet2DModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks gain nothing from intra-op threads; on a shared 2-core machine they oversubscribe (a test module
+    uses it by importing it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 TINY_CFG = dict(
     sample_size=16,

@@ -30,7 +30,7 @@ from operator_diffusion.backbones import (
     load_backbone,
 )
 
-from diffusers_doubles import DDPM_CIFAR10_CFG, TINY_CFG, TINY_POINTS, tiny_unet
+from diffusers_doubles import DDPM_CIFAR10_CFG, TINY_CFG, TINY_POINTS, one_thread, tiny_unet  # noqa: F401 (an autouse fixture)
 
 N_STEPS = 1000
 DDPM_CIFAR10_SCHEDULER = {
@@ -43,15 +43,6 @@ DDPM_CIFAR10_SCHEDULER = {
     "trained_betas": None,
     "variance_type": "fixed_small",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from intra-op threads; on a shared 2-core machine they oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def inputs(batch: int = 2, seed: int = 1, shape=(3, 16, 16)):
@@ -500,6 +491,14 @@ def test_hub_id_layouts_without_network(tmp_path, monkeypatch, layout):
     x, t = inputs()
     with torch.no_grad():
         torch.testing.assert_close(bb(x, t), unet(x, reference_timestep(t)).sample, rtol=1e-5, atol=1e-6)
+    # what a collection records to rebuild this teacher with its weights: the Hub id and the subfolder found
+    source = bb.source()
+    assert source["pretrained"] == "someone/ddpm-tiny" and source["subfolder"] == (None if layout == "flat" else "unet")
+    rebuilt = load_backbone(**json.loads(json.dumps(source))).eval()
+    assert rebuilt.config() == bb.config()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, t), unet(x, reference_timestep(t)).sample, rtol=1e-5, atol=1e-6)
+    assert DiffusersUNet2DBackbone(config=TINY_CFG).source() is None  # random weights come from nowhere
     with pytest.raises(OSError, match="tried its root and unet/"):
         DiffusersUNet2DBackbone("someone/no-such-model")
 
@@ -551,3 +550,37 @@ def test_scheduler_configs_outside_the_ddpm_family_are_refused(config):
 def test_an_unknown_option_suggests_pretrained_for_path():
     with pytest.raises(ValueError, match=r"unknown UNet2DModel config keys: path; path: did you mean 'pretrained'\?"):
         load_backbone("diffusers-unet2d", path="models/unet")
+
+
+def test_a_folder_with_only_pickled_weights_is_refused_with_the_conversion(tmp_path):
+    """A `.bin`-only model folder (issue 16, item 5) gave diffusers' "no file named ….safetensors" and a log line:
+    a pickle is never loaded silently; the one-line error names the file and the command that converts it, which
+    works; diffusers' own use_safetensors=False stays the explicit opt-in."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from opdiff_cli.main import app
+
+    unet = tiny_unet(seed=6)
+    unet.save_pretrained(tmp_path / "bin" / "unet", safe_serialization=False)
+    DDPMScheduler().save_pretrained(tmp_path / "bin" / "scheduler")
+    assert sorted(p.name for p in (tmp_path / "bin" / "unet").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.bin",
+    ]
+    with pytest.raises(ValueError, match=r"holds only pickled weights \(diffusion_pytorch_model.bin\)") as caught:
+        load_backbone("diffusers-unet2d", pretrained=str(tmp_path / "bin"))
+    message = str(caught.value)
+    assert "\n" not in message and "safe_serialization=True" in message
+    result = CliRunner().invoke(app, ["inspect", "-b", "diffusers-unet2d", "-o", f"pretrained={tmp_path / 'bin'}"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.count("\n") == 1 and "holds only pickled weights" in " ".join(result.stderr.split())
+    x, t = inputs()
+    with torch.no_grad():
+        ref = unet(x, reference_timestep(t)).sample
+        opted_in = load_backbone("diffusers-unet2d", pretrained=str(tmp_path / "bin"), use_safetensors=False).eval()
+        torch.testing.assert_close(opted_in(x, t), ref, rtol=1e-5, atol=1e-6)
+        exec(re.search(r'python -c "(.*)"$', message).group(1))  # the conversion the message gives
+        converted = load_backbone("diffusers-unet2d", pretrained=str(tmp_path / "bin")).eval()
+        torch.testing.assert_close(converted(x, t), ref, rtol=1e-5, atol=1e-6)
