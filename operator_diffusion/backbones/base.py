@@ -385,8 +385,8 @@ def keep_items_by_hooks(network: nn.Module, after: str, consumers: list[str], in
     modules = dict(network.named_modules())
     full: list[int] = []  # the whole batch, seen on the way into ``after``
 
-    def record_batch(module, args):
-        first = next(a for a in args if isinstance(a, Tensor))
+    def record_batch(module, args, kwargs):  # the first tensor argument, positional or keyword: the features
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
         full[:] = [first.shape[0]]
 
     def narrow_output(module, args, output):
@@ -396,7 +396,7 @@ def keep_items_by_hooks(network: nn.Module, after: str, consumers: list[str], in
         return _narrow(args, index, full[0]), {k: _narrow(v, index, full[0]) for k, v in kwargs.items()}
 
     handles = [
-        modules[after].register_forward_pre_hook(record_batch),
+        modules[after].register_forward_pre_hook(record_batch, with_kwargs=True),
         modules[after].register_forward_hook(narrow_output),
     ]
     handles += [modules[c].register_forward_pre_hook(narrow_inputs, with_kwargs=True) for c in consumers]

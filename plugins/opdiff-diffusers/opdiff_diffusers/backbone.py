@@ -413,7 +413,43 @@ def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwarg
 # --------------------------------------------------------------------------------------------------
 # The backbone
 # --------------------------------------------------------------------------------------------------
-class DiffusersUNet2DBackbone(Backbone):
+class UNetBlockCuts:
+    """Frame pruning and placement presets for diffusers U-Nets (``UNet2DModel``, ``UNet2DConditionModel``): their
+    ``forward`` hands every per-item tensor (the features, the skip connections, the time embedding, the prompt
+    embedding) to the mid and up blocks as arguments, so forward hooks can cut them (``keep_items_by_hooks``).
+    Mixed into a ``Backbone`` whose ``network`` has ``down_blocks``/``mid_block``/``up_blocks``."""
+
+    @property
+    def placement_presets(self) -> dict[str, list[str]]:
+        """``full`` (the discovered points), ``through-mid`` (the down blocks' points and the mid block: the whole
+        decoder runs on the requested frames only) and ``through-up1`` (also the first, lowest-resolution up
+        block), as for opdiff-unet."""
+        full = self.default_injection_points
+        up = [p for p in full if p.startswith("up_blocks.")]
+        encoder = [p for p in full if p not in up]
+        return {
+            "full": full,
+            "through-mid": encoder,
+            "through-up1": encoder + [p for p in up if p.startswith("up_blocks.0.")],
+        }
+
+    @property
+    def item_cut_points(self) -> list[str]:
+        """After the mid block and after each up block (the blocks whose inputs ``forward`` passes as arguments)."""
+        net = self.network
+        return (["mid_block"] if net.mid_block is not None else []) + [
+            f"up_blocks.{i}" for i in range(len(net.up_blocks))
+        ]
+
+    def keep_items(self, after: str, index: Tensor):
+        cuts = self.item_cut_points
+        if after not in cuts:
+            raise ValueError(f"{after!r} is not an item cut point of {self.name}; valid: {', '.join(cuts)}")
+        later = [c for c in cuts[cuts.index(after) + 1 :] if c != "mid_block"]
+        return keep_items_by_hooks(self.network, after, later, index)
+
+
+class DiffusersUNet2DBackbone(UNetBlockCuts, Backbone):
     """A diffusers ``UNet2DModel`` with the schedule of its scheduler config (see the module docstring).
 
     ``DiffusersUNet2DBackbone(pretrained=None, *, config=None, subfolder=None, scheduler_config=None,
@@ -607,37 +643,6 @@ class DiffusersUNet2DBackbone(Backbone):
     def injection_point_channels(self) -> dict[str, int]:
         """Output channels at each default injection point."""
         return injection_point_channels(self.network)
-
-    @property
-    def placement_presets(self) -> dict[str, list[str]]:
-        """``full`` (the discovered points), ``through-mid`` (the down blocks' points and the mid block: the whole
-        decoder runs on the requested frames only) and ``through-up1`` (also the first, lowest-resolution up
-        block), as for opdiff-unet."""
-        full = self.default_injection_points
-        up = [p for p in full if p.startswith("up_blocks.")]
-        encoder = [p for p in full if p not in up]
-        return {
-            "full": full,
-            "through-mid": encoder,
-            "through-up1": encoder + [p for p in up if p.startswith("up_blocks.0.")],
-        }
-
-    @property
-    def item_cut_points(self) -> list[str]:
-        """After the mid block and after each up block: ``UNet2DModel.forward`` hands every per-item tensor (the
-        features, the skip connections, the embedding) to the up blocks as arguments, so forward hooks can cut
-        them (``keep_items_by_hooks``)."""
-        net = self.network
-        return (["mid_block"] if net.mid_block is not None else []) + [
-            f"up_blocks.{i}" for i in range(len(net.up_blocks))
-        ]
-
-    def keep_items(self, after: str, index: Tensor):
-        cuts = self.item_cut_points
-        if after not in cuts:
-            raise ValueError(f"{after!r} is not an item cut point of {self.name}; valid: {', '.join(cuts)}")
-        later = [c for c in cuts[cuts.index(after) + 1 :] if c != "mid_block"]
-        return keep_items_by_hooks(self.network, after, later, index)
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         labels = self.check_inputs(x, labels)

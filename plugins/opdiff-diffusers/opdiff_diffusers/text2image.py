@@ -37,6 +37,7 @@ from operator_diffusion.backbones import Backbone
 from operator_diffusion.schedules import DiscreteVP
 
 from .backbone import (
+    UNetBlockCuts,
     alphas_cumprod_from_scheduler_config,
     discover_injection_points,
     hub_offline,
@@ -224,7 +225,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
 # --------------------------------------------------------------------------------------------------
 # The backbone
 # --------------------------------------------------------------------------------------------------
-class DiffusersText2ImageBackbone(Backbone):
+class DiffusersText2ImageBackbone(UNetBlockCuts, Backbone):
     """A Stable-Diffusion-style pipeline: ``UNet2DConditionModel`` on VAE latents, conditioned on CLIP text
     embeddings (see the module docstring).
 

@@ -270,3 +270,31 @@ def _tiny_unet_config() -> dict:
     from text2image_doubles import TINY_UNET
 
     return {k: v for k, v in TINY_UNET.items() if k != "sample_size"}
+
+
+@pytest.mark.parametrize("placement", ["full", "through-mid"])
+@torch.no_grad()
+def test_frame_pruning_on_the_conditional_unet_gives_the_full_forward_frames(bb, placement):
+    """UNet2DConditionModel hands the prompt embedding to its mid and up blocks as an argument: the hook-based cut
+    narrows it with the features and skips. Reference: the unpruned pass, in float64."""
+    bb.network.double()
+    try:
+        model = DSNO(bb, TIMES, modes=2, init="small", placement=placement).double().eval()
+        for p in model.temporal.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+        assert model.cut_point == (
+            "mid_block" if placement == "through-mid" else f"up_blocks.{len(bb.network.up_blocks) - 1}"
+        )
+        e = bb.encode_prompts(PROMPTS)["encoder_hidden_states"].double()
+        x = torch.randn(3, *bb.image_shape, dtype=torch.float64)
+        full = model(x, encoder_hidden_states=e)
+        seen: list[int] = []
+        handle = bb.network.conv_out.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+        try:
+            pruned = model(x, frames=[-1], encoder_hidden_states=e)
+        finally:
+            handle.remove()
+        assert seen == [3]
+        torch.testing.assert_close(pruned, full[:, [-1]], rtol=1e-12, atol=1e-12)
+    finally:
+        bb.network.float()
