@@ -394,6 +394,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     raise FileNotFoundError(f"{str(path)!r} is neither an `opdiff train` run folder nor a DSNO checkpoint")
 
 
+def open_run(path: str | os.PathLike, device: str | torch.device = "cpu", what: str = "the run"):
+    """(DSNO, info) of a run folder or DSNO checkpoint (``load_model``); anything unloadable is a one-line
+    ValueError naming ``what``."""
+    try:
+        return load_model(path, device=device)
+    except FileNotFoundError as e:
+        raise ValueError(f"{what}: {e}") from None
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot load {what} {str(path)!r}: {e}") from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
