@@ -94,6 +94,11 @@ def one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def as_text(path: Path | None) -> str | None:
+    """A path flag as a config's text field (None stays None)."""
+    return None if path is None else str(path)
+
+
 def parse_options(items: Sequence[str] | None, flag: str = "--backbone-option") -> dict[str, Any]:
     """``["preset=tiny", "num_classes=10"]`` → ``{"preset": "tiny", "num_classes": 10}`` (``configs.parse_key_values``);
     a malformed item is a usage error."""

@@ -13,7 +13,7 @@ import typer
 
 from operator_diffusion.configs import BENCH_NUM, BenchConfig, field_default
 
-from ._common import console, err_console, fail, progress_bar, read_prompts, stage_progress
+from ._common import as_text, console, err_console, fail, progress_bar, read_prompts, stage_progress
 
 
 def _default(name: str):
@@ -109,11 +109,10 @@ def bench(
     """DSNO at 1 NFE vs the baseline and the solvers at k NFE: teacher-match error, FID, wall time."""
     from operator_diffusion import configs as C
 
-    optional = lambda path: None if path is None else str(path)  # noqa: E731
     try:
         config = BenchConfig(
             run=str(run),
-            baseline=optional(baseline),
+            baseline=as_text(baseline),
             num=num,
             seeds=seeds,
             solvers=None if solvers is None else C.split_items([solvers]),
@@ -125,17 +124,17 @@ def bench(
             tune_seeds=tune_seeds,
             reference_solver=reference_solver,
             reference_steps=reference_steps,
-            teacher_checkpoint=optional(teacher_checkpoint),
+            teacher_checkpoint=as_text(teacher_checkpoint),
             labels=labels,
             prompts=(*prompt, *(read_prompts(prompts, None) or ())),
             ref=ref,
             feature_extractor=feature_extractor,
-            inception_path=optional(inception_path),
+            inception_path=as_text(inception_path),
             ref_num=ref_num,
-            cache_dir=optional(cache_dir),
+            cache_dir=as_text(cache_dir),
             batch_size=batch_size,
             device=device,
-            out=optional(out),
+            out=as_text(out),
             overwrite=overwrite,
         )
         from operator_diffusion.bench import FIDComputeError, plan_bench, run_bench

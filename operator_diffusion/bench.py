@@ -14,6 +14,9 @@ range 2). FID against a reference image set when one is given (``operator_diffus
 
 A PSLD teacher: x_T is the phase-space z_T, every method's image is the data (x) part, and the solvers are the
 deterministic PSLD integrators (``PSLD_DEFAULT_SOLVERS`` by default; a stochastic one is refused).
+
+The stage: ``plan_bench(BenchConfig)`` checks and resolves everything into a frozen ``BenchSetup``, ``run_bench``
+runs it and ``BenchResult.save`` writes bench.md and bench.json (`opdiff bench`, the demo and the ablations).
 """
 
 from __future__ import annotations
