@@ -94,19 +94,20 @@ def one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def as_text(path: Path | None) -> str | None:
+    """A path flag as a config's text field (None stays None)."""
+    return None if path is None else str(path)
+
+
 def parse_options(items: Sequence[str] | None, flag: str = "--backbone-option") -> dict[str, Any]:
-    """``["preset=tiny", "num_classes=10"]`` → ``{"preset": "tiny", "num_classes": 10}`` (values parsed as
-    JSON when they are JSON, else kept as strings); a malformed item is a usage error."""
-    options: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            fail(f"{flag} {item!r} is not KEY=VALUE (e.g. {flag} preset=tiny)")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
+    """``["preset=tiny", "num_classes=10"]`` → ``{"preset": "tiny", "num_classes": 10}`` (``configs.parse_key_values``);
+    a malformed item is a usage error."""
+    from operator_diffusion.configs import parse_key_values
+
+    try:
+        return parse_key_values(items, flag)
+    except ValueError as e:
+        fail(str(e))
 
 
 def check_seed_flag(seed: int, count: int = 1) -> None:
@@ -121,17 +122,12 @@ def check_seed_flag(seed: int, count: int = 1) -> None:
 
 def resolve_device(device: str) -> str:
     """``--device``: "auto" (CUDA when available, else the CPU) or a torch device that exists here (else exit 2)."""
-    import torch
+    from operator_diffusion.provenance import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        fail(f"bad --device {device!r}: {e}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
-    return device
+        return resolve(device)
+    except ValueError as e:
+        fail(str(e))
 
 
 class PlainProgress:
@@ -201,6 +197,19 @@ def progress_bar(*columns, console: Console, transient: bool = False, plain_cons
 
         return Progress(*columns, console=console, transient=transient)
     return PlainProgress(plain_console or console)
+
+
+def stage_progress(bar):
+    """A ``progress(label, done, total)`` callback of the library's stages on ``bar`` (``progress_bar``): one task
+    per label, added on its first report."""
+    tasks: dict[str, int] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total)
+        bar.update(tasks[label], completed=done)
+
+    return progress
 
 
 def run_with_training_bar(label: str, total: int, loss_key: str, run, console: Console):

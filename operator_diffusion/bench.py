@@ -14,6 +14,9 @@ range 2). FID against a reference image set when one is given (``operator_diffus
 
 A PSLD teacher: x_T is the phase-space z_T, every method's image is the data (x) part, and the solvers are the
 deterministic PSLD integrators (``PSLD_DEFAULT_SOLVERS`` by default; a stochastic one is refused).
+
+The stage: ``plan_bench(BenchConfig)`` checks and resolves everything into a frozen ``BenchSetup``, ``run_bench``
+runs it and ``BenchResult.save`` writes bench.md and bench.json (`opdiff bench`, the demo and the ablations).
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from .configs import BENCH_NUM, DEFAULT_NFES, BenchConfig
 from .sampling import SampleBatch, TeacherSolver, collect_batches, dsno_batches, teacher_batches
 from .schedules import GRID_KINDS, PSLD, Schedule
 from .seeds import (  # noqa: F401  (the held-out seed rules, re-exported)
@@ -40,7 +45,7 @@ from .seeds import (  # noqa: F401  (the held-out seed rules, re-exported)
 # deterministic integrators from the plain to the most accurate (docs/benchmarks.md, "psld").
 DEFAULT_SOLVERS = Schedule.bench_solvers
 PSLD_DEFAULT_SOLVERS = PSLD.bench_solvers
-DEFAULT_NFES = (1, 2, 3, 5, 10, 20)
+BENCH_FILES = ("bench.md", "bench.json")  # what ``BenchResult.save`` writes
 PSNR_RANGE = 2.0  # images in [-1, 1]
 
 
@@ -140,6 +145,15 @@ class BenchResult:
 
     def to_json(self) -> str:
         return json.dumps({"meta": self.meta, "rows": [asdict(r) for r in self.rows]}, indent=2)
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write ``bench.md`` (``report``) and ``bench.json`` into ``folder``; returns their paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        md, js = (folder / f for f in BENCH_FILES)
+        md.write_text(self.report() + "\n")
+        js.write_text(self.to_json() + "\n")
+        return [md, js]
 
     def report(self, with_verdict: bool = True) -> str:
         """The table with a header saying what was compared, on which machine, and how to reproduce it, then
@@ -398,14 +412,16 @@ def teacher_eval_seconds(backbone, batch: int, device, guidance: float | None = 
 # --------------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class BenchSetup:
-    """What `run_bench` compares; ``fid`` is a callable pixels → FID (None: no FID column).
+    """What `run_bench` compares, resolved by ``plan_bench`` from a ``BenchConfig`` (or built directly from
+    objects in memory, as the solver-grid study does); ``fid`` is a callable pixels → FID (None: no FID column).
 
     Solvers run on their own ``SOLVER_DEFAULTS`` grid and options unless ``grid`` (all solvers) or
     ``solver_grids`` / ``solver_options`` (per solver) say otherwise; with ``tune_seeds`` each solver's grid and
     options are chosen per NFE among ``tune_candidates`` by RMSE on those seeds, which must be disjoint from
-    ``seeds`` (and from ``training_seeds``)."""
+    ``seeds`` (and from ``training_seeds``). ``meta`` goes into the result's meta; ``warnings`` are what the plan
+    found worth saying (the caller prints them)."""
 
     teacher: Any  # Backbone
     reference: TeacherSolver
@@ -425,6 +441,156 @@ class BenchSetup:
     training_seeds: tuple[range, ...] = ()
     fallback_grid: str = "quadratic"  # PSLD teachers' solver grid (the collection's)
     prompts: Any = None  # text-conditioned teachers: sampling.sample_prompts (seed s takes prompt s mod P)
+    meta: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+class FIDComputeError(ValueError):
+    """The FID of a bench row could not be computed from its pixels (a usage error: the reference does not fit)."""
+
+
+def plan_bench(config: BenchConfig) -> BenchSetup:
+    """Resolve ``config`` into a ``BenchSetup``, checking everything before anything runs: the output folder, the
+    device, the runs (a bare checkpoint is refused; the baseline must make images of the DSNO run's shape), the
+    held-out seeds (``seeds.resolve_seeds``) and tuning seeds, the teacher and its reference solution, the solvers
+    with their grids and options, and the FID reference. ValueError says what to change."""
+    from .provenance import machine, resolve_device
+    from .sampling import open_run, run_solver, run_teacher, sample_prompts
+    from .seeds import parse_labels, parse_seeds, resolve_seeds, seeds_text
+
+    c, notes = config, []
+    if c.out is not None:
+        out = Path(c.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+        existing = [str(out / f) for f in BENCH_FILES if (out / f).exists()]
+        if existing and not c.overwrite:
+            raise ValueError(f"{', '.join(existing)} already exist(s); pass --overwrite or choose another --out")
+    dev = resolve_device(c.device)
+    if c.grid is not None and c.grid not in GRID_KINDS:
+        raise ValueError(f"unknown --grid {c.grid!r}; valid: {', '.join(GRID_KINDS)}")
+    model, info = open_run(c.run, dev, "the DSNO run")
+    if not info:
+        raise ValueError(
+            f"{str(c.run)!r} is a bare checkpoint; bench needs the run folder (it records the teacher and its data)"
+        )
+    models = {"DSNO": model} if not model.baseline else {"one-step baseline": model}
+    infos = (info,)
+    if c.baseline is not None:
+        base, binfo = open_run(c.baseline, dev, "the baseline run")
+        if tuple(base.backbone.image_shape) != tuple(model.backbone.image_shape):
+            raise ValueError(
+                f"the baseline makes images of shape {base.backbone.image_shape}, the DSNO run "
+                f"{model.backbone.image_shape}"
+            )
+        if binfo.get("data_content_sha256") != info.get("data_content_sha256"):
+            notes.append("the baseline was trained on other data than the DSNO run")
+        models["one-step baseline" if base.baseline else "second model"] = base
+        infos = (info, binfo)
+    seed_list = resolve_seeds(c.seeds, c.num, BENCH_NUM, info, infos)
+    held = [training_seeds(i) for i in infos]
+    tune_list = None
+    if c.tune:
+        tune_list = parse_seeds(c.tune_seeds) if c.tune_seeds is not None else default_tune_seeds(seed_list)
+        check_tune_seeds(tune_list, seed_list, held)
+    coll = info["collection"]
+    try:
+        label_mode = parse_labels(c.labels, model.backbone.num_classes)
+        reference = run_solver(info, c.reference_solver, c.reference_steps, c.reference_grid, c.reference_options)
+        teacher = run_teacher(info, c.teacher_checkpoint)
+        reference.nfe(teacher.schedule)
+        prompt_table = sample_prompts(teacher, list(c.prompts), (coll.get("prompts") or {}).get("negative_prompt", ""))
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+        raise ValueError(f"cannot set up the teacher: {e}") from None
+    solvers = list(default_solvers(teacher.schedule) if c.solvers is None else c.solvers)
+    _check_solvers(c, teacher.schedule, solvers, reference.t_end, coll["grid"])
+    fid, fid_meta = (None, None) if c.ref is None else _fid_of_reference(c, dev, notes)
+    meta = {
+        "run": str(c.run),
+        "seeds": seeds_text(c.seeds, seed_list),
+        "machine": machine(),
+        "command": None,  # the caller's command line, when it has one
+        "fid": fid_meta,
+        "baseline": None if c.baseline is None else str(c.baseline),
+    }
+    return BenchSetup(
+        teacher,
+        reference,
+        seed_list,
+        label_mode,
+        solvers,
+        c.nfes,
+        c.grid,
+        models,
+        fid,
+        c.batch_size,
+        dev,
+        coll.get("guidance"),
+        dict(c.solver_grids),
+        {k: dict(v) for k, v in c.solver_options.items()},
+        tune_list,
+        tuple(held),
+        coll["grid"],
+        prompts=prompt_table,
+        meta=meta,
+        warnings=tuple(notes),
+    )
+
+
+def _check_solvers(c: BenchConfig, schedule, solvers: list[str], t_end: float, fallback_grid: str) -> None:
+    """Every solver is the teacher process's, every per-solver grid and option names one of them, and each
+    choice runs (deterministic, on a grid the schedule takes; PSLD: uniform or quadratic)."""
+    from .solvers import available_solvers
+
+    valid = available_solvers(schedule)  # a PSLD teacher has its own solvers
+    unknown = [s for s in solvers if s not in valid]
+    if unknown:
+        raise ValueError(
+            f"unknown --solvers {', '.join(unknown)} for the {schedule.name} teacher; valid: {', '.join(valid)}"
+        )
+    for name, g in c.solver_grids.items():
+        if name not in solvers or g not in GRID_KINDS:
+            raise ValueError(
+                f"bad --solver-grid {f'{name}={g}'!r}: give SOLVER=GRID with SOLVER among --solvers "
+                f"({', '.join(solvers)}) and GRID among {', '.join(GRID_KINDS)}"
+            )
+    for name in c.solver_options:
+        if name not in solvers:
+            raise ValueError(
+                f"bad --solver-options {name!r}: give SOLVER:KEY=VALUE[,KEY=VALUE] with SOLVER among --solvers "
+                f"({', '.join(solvers)}), e.g. unipc:order=2"
+            )
+    try:
+        for name in solvers:
+            choice = solver_choice(
+                name, schedule, c.grid or c.solver_grids.get(name), c.solver_options.get(name), fallback_grid
+            )
+            TeacherSolver(name, 1, choice.grid, t_end, "state", choice.options).nfe(schedule)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"bad --solvers/--grid/--solver-grid/--solver-options: {e}") from None
+
+
+def _fid_of_reference(c: BenchConfig, device: str, notes: list[str]) -> tuple[Callable[[Any], float], dict]:
+    """The FID column's closure pixels → FID against ``c.ref`` (its statistics computed or loaded once), and the
+    meta that describes it."""
+    from . import fid as F
+
+    try:
+        extractor = F.load_extractor(c.feature_extractor, c.inception_path, device)
+        ref_stats = F.reference_stats(c.ref, extractor, c.ref_num, cache_dir=c.cache_dir, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"cannot set up FID: {e}") from None
+    warn = F.small_sample_warning(ref_stats, "the reference")
+    if warn:
+        notes.append(warn)
+
+    def fid(pixels) -> float:
+        try:
+            return F.fid_of_pixels(pixels, ref_stats, extractor, device=device)
+        except ValueError as e:
+            raise FIDComputeError(f"cannot compute FID: {e}") from None
+
+    return fid, {"reference": c.ref, "extractor": extractor.id, "n_reference": ref_stats.n}
 
 
 def _sync(device: str) -> Callable[[], None] | None:
@@ -606,6 +772,7 @@ def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | Non
         "device": str(su.device),
         "batch_size": min(su.batch_size, n),
         "eval_seconds_per_image": eval_s,
+        **su.meta,
     }
     if su.tune_seeds is not None:
         meta["tune"] = {

@@ -1,16 +1,29 @@
 """The frozen configs of the pipeline's stages, in a module that imports no torch: the CLI reads its flags'
 defaults from their fields (``field_default``) without paying torch's import at start-up. Each stage's module
-(``training`` for ``TrainConfig``) re-exports its config and does the work."""
+does the work from its config: ``training.train`` (``TrainConfig``), ``sampling.plan_sample`` / ``run_sample``
+(``SampleConfig``), ``bench.plan_bench`` / ``run_bench`` (``BenchConfig``) and ``fid.evaluate_fid``
+(``FIDConfig``). The sample, bench and FID configs check their plain values in ``__post_init__`` (one-line
+ValueErrors naming the flag and what to do); what needs the run, the teacher or the files is checked when the
+stage plans."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence, Union
 
 __all__ = [
     "TrainConfig",
+    "SampleConfig",
+    "BenchConfig",
+    "FIDConfig",
+    "parse_int_list",
+    "parse_time_list",
+    "parse_key_values",
+    "split_items",
+    "parse_solver_grids",
+    "parse_solver_options",
     "field_default",
     "INIT_SCRATCH",
     "WEIGHTINGS",
@@ -95,3 +108,242 @@ class TrainConfig:
         if d["init_from"] == INIT_SCRATCH:  # what None meant before the teacher became the default: those resume
             d["init_from"] = None
         return json.loads(json.dumps(d))
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsers of the flags' text (torch-free; ValueError names the flag)
+# --------------------------------------------------------------------------------------------------
+def _parse_list(spec: str, flag: str, kind: type, what: str, example: str, empty: str) -> tuple:
+    try:
+        values = tuple(kind(v) for v in spec.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"bad {flag} {spec!r}: give comma-separated {what}, e.g. {example}") from None
+    if not values:
+        raise ValueError(empty)
+    return values
+
+
+def parse_int_list(spec: str, flag: str) -> tuple[int, ...]:
+    """``"1,2,5"`` → ``(1, 2, 5)``; text that is not a non-empty list of integers is a ValueError."""
+    return _parse_list(spec, flag, int, "integers", "1,2,3,5,10,20", f"{flag} needs positive integers, got {spec!r}")
+
+
+def parse_time_list(spec: str, flag: str) -> tuple[float, ...]:
+    """``"0.5,0.25"`` → ``(0.5, 0.25)``; text that is not a non-empty list of numbers is a ValueError."""
+    return _parse_list(spec, flag, float, "times", "0.5,0.25,0.001", f"{flag} is empty")
+
+
+def split_items(items: Sequence[str]) -> tuple[str, ...]:
+    """Repeatable, comma-separated flag values as one tuple: ``["png,npz", "grid"]`` → ``("png", "npz", "grid")``."""
+    return tuple(f.strip() for item in items for f in item.split(",") if f.strip())
+
+
+def parse_key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """``["preset=tiny", "num_classes=10"]`` → ``{"preset": "tiny", "num_classes": 10}`` (values parsed as JSON
+    when they are JSON, else kept as strings); a malformed item is a ValueError."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {item!r} is not KEY=VALUE (e.g. {flag} preset=tiny)")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def parse_solver_grids(items: Sequence[str]) -> dict[str, str]:
+    """``["unipc=logsnr"]`` → ``{"unipc": "logsnr"}`` (which solvers and grids exist is the bench plan's check)."""
+    out = {}
+    for item in items:
+        name, sep, grid = item.partition("=")
+        if not sep or not name.strip() or not grid.strip():
+            raise ValueError(f"bad --solver-grid {item!r}: give SOLVER=GRID, e.g. unipc=logsnr")
+        out[name.strip()] = grid.strip()
+    return out
+
+
+def parse_solver_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["unipc:order=2,variant=bh1"]`` → ``{"unipc": {"order": 2, "variant": "bh1"}}`` (values parsed as JSON)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"bad --solver-options {item!r}: give SOLVER:KEY=VALUE[,KEY=VALUE], e.g. unipc:order=2")
+        out.setdefault(name.strip(), {}).update(parse_key_values(rest.split(","), "--solver-options"))
+    return out
+
+
+def _refuse(checks: Sequence[tuple[bool, str]]) -> None:
+    """Raise ValueError with the message of the first check that fails (``__post_init__``'s shared checker)."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def _at_least(value: int | None, low: int, flag: str, why: str = "") -> tuple[bool, str]:
+    return (value is None or value >= low, f"{flag} must be at least {low}{why} (got {value})")
+
+
+# --------------------------------------------------------------------------------------------------
+# sample, bench, fid
+# --------------------------------------------------------------------------------------------------
+SAMPLE_FORMATS = ("png", "npz", "grid")  # a sample folder's parts (``sampling.SampleWriter``)
+SAMPLE_NUM = 64  # samples when neither num nor seeds is given
+BENCH_NUM = 1000  # held-out seeds of a bench when neither num nor seeds is given
+FID_RUN_NUM = 10_000  # samples drawn from a run SOURCE when num is not given
+DEFAULT_NFES = (1, 2, 3, 5, 10, 20)  # the bench's solver budgets
+CLEANFID_PREFIX = "cleanfid:"  # clean-fid's published statistics as an FID reference
+Seeds = Union[str, int, Sequence[int], None]  # a seed list as ``seeds.parse_seeds`` takes it; None: held out
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """What `opdiff sample` draws (``sampling.plan_sample`` checks it against the run, ``run_sample`` writes)."""
+
+    run: str  # an `opdiff train` run folder, or a DSNO .safetensors checkpoint
+    out: str  # the sample folder
+    num: int | None = None  # None: SAMPLE_NUM, or the number of seeds
+    seeds: Seeds = None  # None: num seeds right after the training seeds
+    formats: tuple[str, ...] = ("png", "grid")  # among SAMPLE_FORMATS
+    times: str = "final"  # the outputs kept: "final" (the sample), "all", or comma-separated output times
+    query_times: tuple[float, ...] | None = None  # evaluate the operator at these times (App. A.3)
+    labels: str | None = None  # class-conditional models: "random" (None), one class or a comma list
+    prompts: tuple[str, ...] = ()  # text-conditioned models: seed s takes prompt s mod len
+    batch_size: int = 256  # does not change the images
+    device: str = "auto"
+    teacher: bool = False  # also sample the teacher into out/teacher
+    teacher_checkpoint: str | None = None  # the teacher's weights (default: found from the run)
+    solver: str | None = None  # teacher solver, steps and grid (default: the collection's)
+    steps: int | None = None
+    grid: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", tuple(dict.fromkeys(self.formats)))
+        bad = [f for f in self.formats if f not in SAMPLE_FORMATS]
+        teacher_only = self.teacher_checkpoint or self.solver or self.steps or self.grid
+        _refuse(
+            [
+                (
+                    not bad and bool(self.formats),
+                    f"unknown --format {', '.join(bad) or '(empty)'}; valid: {', '.join(SAMPLE_FORMATS)} "
+                    "(repeatable or comma-separated)",
+                ),
+                _at_least(self.batch_size, 1, "--batch-size"),
+                (
+                    self.teacher or not teacher_only,
+                    "--teacher-checkpoint/--solver/--steps/--grid only apply with --teacher",
+                ),
+                (
+                    not (self.teacher and self.query_times),
+                    "--teacher samples the final time only; drop --query-times (or run twice)",
+                ),
+                _at_least(self.steps, 1, "--steps"),
+                _at_least(self.num, 1, "--num"),
+            ]
+        )
+        if self.times not in ("final", "all"):
+            parse_time_list(self.times, "--times")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `opdiff bench` compares (``bench.plan_bench`` resolves it into a ``BenchSetup``, ``run_bench`` runs
+    it): DSNO at 1 NFE, the baseline and the solvers at ``nfes`` against the teacher's reference solution."""
+
+    run: str  # the DSNO run folder
+    baseline: str | None = None  # a one-step baseline run on the same data
+    num: int | None = None  # held-out seeds (None: BENCH_NUM, or the number of seeds)
+    seeds: Seeds = None  # None: num seeds right after every run's training seeds
+    solvers: tuple[str, ...] | None = None  # None: the teacher process's bench_solvers
+    nfes: tuple[int, ...] = DEFAULT_NFES  # the solvers' budgets (sorted, each once)
+    grid: str | None = None  # one time grid for every solver (None: each solver's own)
+    solver_grids: dict[str, str] = field(default_factory=dict)  # a solver's grid
+    solver_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # a solver's options
+    tune: bool = False  # pick each solver's grid and options per NFE on tuning seeds
+    tune_seeds: Seeds = None  # None: TUNE_NUM seeds after the reported ones
+    reference_solver: str | None = None  # the reference solution (default: the collection's solver and steps)
+    reference_steps: int | None = None
+    reference_grid: str | None = None  # default: the collection's grid
+    reference_options: dict[str, Any] | None = None  # default: the collection's options for its own solver
+    teacher_checkpoint: str | None = None  # the teacher's weights (default: found from the run)
+    labels: str | None = None  # class-conditional teachers: "random" (None), one class or a comma list
+    prompts: tuple[str, ...] = ()  # text-conditioned teachers: seed s takes prompt s mod len
+    ref: str | None = None  # FID reference (fid.reference_stats); None: no FID column
+    feature_extractor: str = "inception"
+    inception_path: str | None = None
+    ref_num: int | None = None
+    cache_dir: str | None = None
+    batch_size: int = 256  # does not change the results
+    device: str = "auto"
+    out: str | None = None  # folder of bench.md and bench.json
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nfes", tuple(sorted(set(self.nfes))))
+        if self.solvers is not None:
+            object.__setattr__(self, "solvers", tuple(self.solvers))
+        _refuse(
+            [
+                (
+                    all(k >= 1 for k in self.nfes),
+                    f"--nfe needs positive integers, got {','.join(map(str, self.nfes))!r}",
+                ),
+                _at_least(self.batch_size, 1, "--batch-size"),
+                _at_least(self.reference_steps, 1, "--reference-steps"),
+                (
+                    self.ref is not None
+                    or (self.ref_num is None and self.inception_path is None and self.cache_dir is None),
+                    "--ref-num/--inception-path/--cache-dir only apply with --ref",
+                ),
+                (self.tune or self.tune_seeds is None, "--tune-seeds only applies with --tune"),
+                _at_least(self.num, 1, "--num"),
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class FIDConfig:
+    """What `opdiff fid` compares (``fid.evaluate_fid``): SOURCE's features against REF's."""
+
+    source: str  # an `opdiff train` run (sampled), digits, an image folder, an .npz, statistics, a dataset
+    ref: str  # the same kinds, or cleanfid:NAME/RES/SPLIT
+    num: int | None = None  # the first num images of SOURCE (a run draws FID_RUN_NUM)
+    seeds: Seeds = None  # a run SOURCE: the seeds to sample (None: held out)
+    ref_num: int | None = None
+    feature_extractor: str = "inception"  # inception | digits | path of a FeatureNet .safetensors
+    inception_path: str | None = None
+    split: str = "train"  # of a datasets source
+    column: str | None = None  # image column of a datasets source
+    device: str = "auto"
+    batch_size: int = 64
+    cache_dir: str | None = None  # reference statistics cache
+    save_stats: str | None = None  # write SOURCE's statistics here
+    overwrite: bool = False  # replace an existing save_stats file
+
+    def __post_init__(self) -> None:
+        cover = " (a covariance needs 2 images)"
+        _refuse(
+            [
+                (self.num is None or self.num >= 2, f"--num must be at least 2{cover}, got {self.num}"),
+                (
+                    self.ref_num is None or self.ref_num >= 2,
+                    f"--ref-num must be at least 2{cover}, got {self.ref_num}",
+                ),
+                (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+                (
+                    not self.source.startswith(CLEANFID_PREFIX),
+                    f"SOURCE {self.source!r}: clean-fid's published statistics can only be the --ref",
+                ),
+                (
+                    not (self.ref.startswith(CLEANFID_PREFIX) and self.ref_num is not None),
+                    "--ref-num does not apply to precomputed cleanfid: statistics",
+                ),
+                (
+                    not self.ref.startswith(CLEANFID_PREFIX) or len(self.ref[len(CLEANFID_PREFIX) :].split("/")) == 3,
+                    f"bad --ref {self.ref!r}: use cleanfid:NAME/RES/SPLIT, e.g. cleanfid:cifar10/32/train",
+                ),
+            ]
+        )

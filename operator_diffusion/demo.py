@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from .configs import BenchConfig
 from .fid import ASSETS, DIGITS_FEATURENET, DIGITS_STATS  # the digits feature network and its reference statistics
-from .provenance import machine
 
 DIGITS_TEACHER = ASSETS / "digits_teacher.safetensors"  # `opdiff teacher train --data digits` (assets/README.md)
 
@@ -31,6 +31,16 @@ def reference_solver(steps: int, t_end: float):
     from .sampling import TeacherSolver
 
     return TeacherSolver(REFERENCE_SOLVER, steps, "quadratic", t_end, "denoised", dict(REFERENCE_OPTIONS))
+
+
+def reference_fields(steps: int) -> dict[str, Any]:
+    """``reference_solver`` as the reference fields of a ``BenchConfig`` (the demo's and the ablations' benches)."""
+    return {
+        "reference_solver": REFERENCE_SOLVER,
+        "reference_steps": steps,
+        "reference_grid": "quadratic",
+        "reference_options": dict(REFERENCE_OPTIONS),
+    }
 
 
 @dataclass(frozen=True)
@@ -145,14 +155,30 @@ def check_demo_out(out: Path) -> None:
         )
 
 
+def bench_config(out: Path, c: DemoConfig, seeds: tuple[int, ...]) -> BenchConfig:
+    """The demo's bench of ``out/run`` and ``out/baseline`` on ``seeds``, on the CPU: ``c``'s solvers and NFEs
+    against its reference solution (``reference_solver``), FID with the shipped digits network and statistics."""
+    fid = {"ref": str(DIGITS_STATS), "feature_extractor": str(DIGITS_FEATURENET)} if DIGITS_FEATURENET.is_file() else {}
+    if fid and not DIGITS_STATS.is_file():
+        fid["ref"] = "digits"
+    return BenchConfig(
+        run=str(out / "run"),
+        baseline=str(out / "baseline"),
+        seeds=seeds,
+        solvers=c.bench_solvers,
+        nfes=c.bench_nfes,
+        device="cpu",
+        **reference_fields(c.reference_steps),
+        **fid,
+    )
+
+
 def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | None = None) -> DemoResult:
     """Run every stage into ``out`` (new, or an earlier demo's folder: ``check_demo_out``) and write
     ``out/report.md``."""
-    from .bench import BenchSetup, run_bench, training_seeds
+    from .bench import plan_bench, run_bench
     from .collection import collect
     from .collection_plan import CollectConfig
-    from .fid import FeatureStats, fid_of_pixels, load_extractor
-    from .images import load_images
     from .sampling import SampleWriter, dsno_batches, side_by_side, teacher_batches
     from .training import TrainConfig, load_run, reset_accelerate_state, train
 
@@ -211,7 +237,6 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
         reset_accelerate_state()
         seconds[f"train {name}"] = time.perf_counter() - start
     model, info = load_run(out / "run")
-    base, _ = load_run(out / "baseline")
 
     # samples: DSNO's trajectories and the teacher's samples for the same held-out seeds
     start = time.perf_counter()
@@ -236,43 +261,15 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     spectrum = _spectrum(teacher, out / "spectrum", c)
     seconds["spectrum"] = time.perf_counter() - start
 
-    # bench: Table 1 with FID against the digits (the shipped feature network)
+    # bench: Table 1 with FID against the digits (the shipped feature network), as `opdiff bench` plans it
     start = time.perf_counter()
-    extractor = load_extractor(str(DIGITS_FEATURENET)) if DIGITS_FEATURENET.is_file() else None
-    fid_fn = None
-    if extractor is not None:
-        ref_stats = FeatureStats.load(DIGITS_STATS) if DIGITS_STATS.is_file() else None
-        if ref_stats is None or ref_stats.extractor != extractor.id:
-            from .fid import stats_of_images
-
-            ref_stats = stats_of_images(load_images("digits"), extractor)
-        fid_fn = lambda pixels: fid_of_pixels(pixels, ref_stats, extractor)  # noqa: E731
-    bench_seeds = list(range(c.num + c.samples, c.num + c.samples + c.bench_num))
-    setup = BenchSetup(
-        teacher,
-        ref_solver,
-        bench_seeds,
-        None,
-        c.bench_solvers,
-        c.bench_nfes,
-        None,
-        {"DSNO": model, "one-step baseline": base},
-        fid_fn,
-        batch_size=256,
-        training_seeds=(training_seeds(info),),
-    )
+    bench_seeds = range(c.num + c.samples, c.num + c.samples + c.bench_num)
+    setup = plan_bench(bench_config(out, c, tuple(bench_seeds)))
     result = run_bench(setup, None if progress is None else (lambda label, d, t: progress(f"bench: {label}", d, t)))
     seconds["bench"] = time.perf_counter() - start
-    result.meta.update(
-        {
-            "seeds": f"{bench_seeds[0]}-{bench_seeds[-1]}",
-            "fid": None
-            if fid_fn is None
-            else {"reference": "the digits", "n_reference": 1797, "extractor": extractor.id},
-            "command": "opdiff demo" + ("" if c == DEMO else " --quick"),
-            "machine": machine(),
-        }
-    )
+    if result.meta["fid"] is not None:
+        result.meta["fid"]["reference"] = "the digits"
+    result.meta["command"] = "opdiff demo" + ("" if c == DEMO else " --quick")
     (out / "bench.json").write_text(result.to_json() + "\n")
     path = out / "report.md"
     path.write_text(_report(replace(c, precision=precision), result, spectrum, seconds, info))

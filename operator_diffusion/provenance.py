@@ -16,7 +16,21 @@ from . import __version__
 if TYPE_CHECKING:
     from .backbones import Backbone
 
-__all__ = ["machine", "versions", "file_sha256", "weights_sha256"]
+__all__ = ["machine", "resolve_device", "versions", "file_sha256", "weights_sha256"]
+
+
+def resolve_device(device: str) -> str:
+    """A ``--device``: "auto" (CUDA when available, else the CPU) or a torch device that exists here (else
+    ValueError)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"bad --device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+    return device
 
 
 def machine() -> str:

@@ -33,12 +33,13 @@ import torch
 from torch import Tensor
 
 from . import __version__
+from .configs import SAMPLE_FORMATS as FORMATS
+from .configs import SAMPLE_NUM
 from .images import SAMPLES_IMAGES, SAMPLES_INFO, image_grid, save_png, to_uint8, upscale
 from .schedules import time_grid
 from .seeds import parse_label_spec, parse_labels, parse_seeds  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
-FORMATS = ("png", "npz", "grid")
 GRID_MAX = 64  # samples in grid.png
 STRIPS_MAX = 16  # trajectories in trajectories.png
 VIEW_MIN_SIZE = 64  # grids of smaller images are enlarged (nearest neighbour) to at least this size
@@ -394,6 +395,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     raise FileNotFoundError(f"{str(path)!r} is neither an `opdiff train` run folder nor a DSNO checkpoint")
 
 
+def open_run(path: str | os.PathLike, device: str | torch.device = "cpu", what: str = "the run"):
+    """(DSNO, info) of a run folder or DSNO checkpoint (``load_model``); anything unloadable is a one-line
+    ValueError naming ``what``."""
+    try:
+        return load_model(path, device=device)
+    except FileNotFoundError as e:
+        raise ValueError(f"{what}: {e}") from None
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot load {what} {str(path)!r}: {e}") from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
@@ -554,3 +566,187 @@ def summary(model, info: dict) -> dict[str, Any]:
             k: info.get("collection", {}).get(k) for k in ("solver", "steps", "grid", "target", "output_times")
         },
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage: `opdiff sample` from a SampleConfig
+# --------------------------------------------------------------------------------------------------
+class NonFiniteSamples(RuntimeError):
+    """DSNO produced NaN or Inf: the checkpoint is broken (not a usage error)."""
+
+
+def select_times(spec: str, times: Sequence[float]) -> list[int]:
+    """Indices of the frames to keep: ``final`` (the sample), ``all``, or a list of times among ``times``."""
+    from .configs import parse_time_list
+
+    if spec == "final":
+        return [len(times) - 1]
+    if spec == "all":
+        return list(range(len(times)))
+    idx = []
+    for w in parse_time_list(spec, "--times"):
+        hits = [i for i, t in enumerate(times) if abs(t - w) <= 1e-6 * max(1.0, abs(t))]
+        if not hits:
+            raise ValueError(
+                f"--times {w:g} is not an output time of this model; its times are "
+                f"{', '.join(f'{t:.6g}' for t in times)}"
+            )
+        idx.append(hits[0])
+    return sorted(set(idx))
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """A ``SampleConfig`` checked against its run (``plan_sample``): what ``run_sample`` draws and writes."""
+
+    config: Any  # SampleConfig
+    device: str
+    model: Any  # DSNO
+    info: dict
+    seeds: list[int]
+    labels: Any
+    prompts: Any  # sample_prompts' table (text-conditioned models), else None
+    query: tuple[float, ...] | None
+    out_times: list[float]  # the model's output times (or the query times)
+    keep: list[int]  # the indices among out_times that are written
+    meta: dict
+    teacher: Any = None  # with config.teacher: the teacher backbone, its solver, their NFE and the folder's meta
+    teacher_solver: TeacherSolver | None = None
+    teacher_meta: dict | None = None
+    guidance: float | None = None
+
+
+def plan_sample(config) -> SamplePlan:
+    """Check ``config`` (a ``configs.SampleConfig``) against its run before anything is computed: the device, the
+    run, the seeds (held out by default), labels and prompts, the query and kept times, the teacher, its solver
+    and the output folders. ValueError (FileExistsError for an occupied folder) says what to change."""
+    from .provenance import resolve_device
+    from .seeds import resolve_seeds, seeds_text
+
+    c = config
+    dev = resolve_device(c.device)
+    model, info = open_run(c.run, dev)
+    seed_list = resolve_seeds(c.seeds, c.num, SAMPLE_NUM, info)
+    coll_prompts = info.get("collection", {}).get("prompts") or {}
+    label_mode = parse_labels(c.labels, model.backbone.num_classes)
+    table = sample_prompts(model.backbone, list(c.prompts), coll_prompts.get("negative_prompt", ""))
+    query = None if c.query_times is None else tuple(c.query_times)
+    if query is not None:
+        try:
+            model.query_times(list(query))
+        except ValueError as e:
+            raise ValueError(f"bad --query-times: {e}") from None
+    out_times = [float(t) for t in (model.times if query is None else query)]
+    keep = select_times(c.times, out_times)
+    teacher = solver = nfe = None
+    guidance = info.get("collection", {}).get("guidance") if table is not None else None  # the teacher's W
+    if c.teacher:
+        if not info:
+            raise ValueError("--teacher needs a run folder (a bare checkpoint does not record its teacher)")
+        try:
+            solver = run_solver(info, c.solver, c.steps, c.grid)
+            teacher = run_teacher(info, c.teacher_checkpoint)
+            nfe = solver.nfe(teacher.schedule)  # also validates solver and grid
+        except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+            raise ValueError(f"cannot set up the teacher: {e}") from None
+    prompt_meta = {"prompts": list(c.prompts)} if table is not None else {}
+    meta = {
+        "source": "dsno",
+        "run": str(c.run),
+        "seeds": seeds_text(c.seeds, seed_list),
+        "labels": label_mode,
+        "query_times": None if query is None else list(query),
+        **prompt_meta,
+        **summary(model, info),
+    }
+    tmeta = None
+    if c.teacher:
+        tmeta = {
+            "source": "teacher",
+            "run": str(c.run),
+            "seeds": meta["seeds"],
+            "labels": label_mode,
+            "solver": solver.describe(),
+            "nfe": nfe,
+            **({**prompt_meta, "guidance": guidance, "negative_prompt": table.negative_prompt} if table else {}),
+        }
+    plan = SamplePlan(
+        c,
+        dev,
+        model,
+        info,
+        seed_list,
+        label_mode,
+        table,
+        query,
+        out_times,
+        keep,
+        meta,
+        teacher,
+        solver,
+        tmeta,
+        guidance,
+    )
+    for writer, several in _writers(plan):
+        writer.check(several)
+    return plan
+
+
+def _writers(plan: SamplePlan) -> list[tuple[SampleWriter, bool]]:
+    """The sample folder's writer (and the teacher's, in out/teacher), each with whether it writes several times."""
+    c, out = plan.config, Path(plan.config.out)
+    writers = [(SampleWriter(out, c.formats, plan.meta, c.overwrite), len(plan.keep) > 1)]
+    if plan.teacher_meta is not None:
+        writers.append((SampleWriter(out / "teacher", c.formats, plan.teacher_meta, c.overwrite), False))
+    return writers
+
+
+def run_sample(plan: SamplePlan, progress: Callable[[str, int, int], None] | None = None) -> dict[str, str]:
+    """Draw and write ``plan``'s samples (then the teacher's, and side_by_side.png with grids); returns the files
+    written by name. Only the kept frames are computed: the blocks after the last temporal layer run on them
+    alone (frame pruning). NaN or Inf from DSNO raises ``NonFiniteSamples``."""
+    c, n = plan.config, len(plan.seeds)
+    (writer, _), *teacher = _writers(plan)
+
+    def drain(batches, label: str, into: SampleWriter) -> dict[str, str]:
+        done = 0
+        for batch in batches:
+            if into is writer and not torch.isfinite(batch.outputs).all():
+                raise NonFiniteSamples(
+                    f"DSNO produced NaN/Inf for seeds among {batch.seeds[:5]}…; the checkpoint is broken"
+                )
+            into.add(batch)
+            done += len(batch.seeds)
+            if progress is not None:
+                progress(label, done, n)
+        return into.close()
+
+    batches = dsno_batches(
+        plan.model,
+        plan.seeds,
+        plan.labels,
+        plan.query,
+        c.batch_size,
+        plan.device,
+        frames=plan.keep,
+        prompts=plan.prompts,
+    )
+    files = drain(batches, "DSNO (1 NFE)", writer)
+    if teacher:
+        tb = teacher_batches(
+            plan.teacher,
+            plan.seeds,
+            plan.teacher_solver,
+            plan.labels,
+            c.batch_size,
+            plan.device,
+            plan.guidance,
+            prompts=plan.prompts,
+        )
+        tfiles = drain(tb, f"teacher {plan.teacher_solver.describe()}", teacher[0][0])
+        files.update({f"teacher_{k}": v for k, v in tfiles.items()})
+        if "grid" in c.formats:
+            side = Path(c.out) / "side_by_side.png"
+            side_by_side(files["grid"], tfiles["grid"], side)
+            files["side_by_side"] = str(side)
+    return files

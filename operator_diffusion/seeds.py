@@ -27,6 +27,7 @@ __all__ = [
     "check_tune_seeds",
     "default_tune_seeds",
     "held_out_seeds",
+    "resolve_seeds",
     "TUNE_NUM",
     "SEED_MAX",
     "check_seed",
@@ -193,3 +194,24 @@ def parse_label_spec(text: str | None) -> str | int | tuple[int, ...] | None:
     except ValueError:
         raise ValueError(f"--labels takes 'random', a class index or a comma list of them, got {text!r}") from None
     return values[0] if len(values) == 1 and "," not in text else tuple(values)
+
+
+def resolve_seeds(seeds, num: int | None, default_num: int, info: dict, held_out_of: Sequence[dict] = ()) -> list[int]:
+    """The seeds a stage reports on: explicit ``seeds`` (``parse_seeds``; ``num``, when given, must count them), else
+    ``num`` (default ``default_num``) seeds held out from training, right after the training seeds of ``info`` and
+    of every run in ``held_out_of``. Explicit seeds that a run in ``held_out_of`` (those whose numbers are
+    reported) was trained on are refused. ValueError names the flag."""
+    if num is not None and num < 1:
+        raise ValueError(f"--num must be at least 1 (got {num})")
+    if seeds is None:
+        return held_out_seeds(num or default_num, (info, *held_out_of))
+    out = parse_seeds(seeds)
+    if num is not None and num != len(out):
+        raise ValueError(f"--num {num} but --seeds lists {len(out)} seeds; give one of them or make them agree")
+    check_held_out(out, [training_seeds(i) for i in held_out_of], "--seeds")
+    return out
+
+
+def seeds_text(spec, seeds: Sequence[int]) -> str:
+    """How a report names its seeds: the spec as given, else their first and last (``"1000-1999"``)."""
+    return spec if isinstance(spec, str) else f"{seeds[0]}-{seeds[-1]}"

@@ -54,11 +54,12 @@ def run_ablations(
     """Train and score each variant (default: ``variants(LR)``); the first row of each teacher also scores the
     ``scale`` solvers at their NFEs (each on its own grid, ``bench.SOLVER_DEFAULTS``) on the same seeds."""
     from ..backbones import backbone_from_checkpoint
-    from ..bench import BenchSetup, run_bench
+    from ..bench import plan_bench, run_bench
     from ..collection import collect
     from ..collection_plan import CollectConfig
-    from ..demo import DEMO, DIGITS_TEACHER, digits_teacher, reference_solver
-    from ..training import TrainConfig, load_run, reset_accelerate_state, train
+    from ..configs import BenchConfig
+    from ..demo import DEMO, DIGITS_TEACHER, digits_teacher, reference_fields
+    from ..training import TrainConfig, reset_accelerate_state, train
 
     c = DEMO
     max_steps = train_steps or c.train_steps
@@ -108,19 +109,24 @@ def run_ablations(
             )
             reset_accelerate_state()
             seconds = time.perf_counter() - start
-            model, _ = load_run(root / f"run{k}")
-            ref = reference_solver(c.reference_steps, float(model.times[-1]))
             first = all(r["teacher"] != str(ckpt) for r in rows)
             solvers, nfes = scale if first else ((), ())
-            result = run_bench(
-                BenchSetup(teacher, ref, list(eval_seeds), None, solvers, nfes, None, {"m": model}, None)
+            config = BenchConfig(
+                run=str(root / f"run{k}"),
+                seeds=tuple(eval_seeds),
+                solvers=solvers,
+                nfes=nfes,
+                teacher_checkpoint=str(ckpt),
+                device="cpu",
+                **reference_fields(c.reference_steps),
             )
+            result = run_bench(plan_bench(config))
             solver_rows = {f"{r.method}@{r.nfe}": r.rmse for r in result.rows if r.kind == "solver"}
             rows.append(
                 {
                     "variant": v.name,
-                    "rmse": result.row("m").rmse,
-                    "compute": result.row("m").compute,  # the sample's measured cost / one teacher evaluation
+                    "rmse": result.row("DSNO").rmse,
+                    "compute": result.row("DSNO").compute,  # the sample's measured cost / one teacher evaluation
                     "train_s": seconds,
                     **kw,
                     "times": v.times,

@@ -21,7 +21,8 @@ def run() -> tuple[list[dict], dict]:
     teacher = digits_teacher()
     t_end = 1e-3
     ref = reference_solver(DEMO.reference_steps, t_end)
-    setup = BenchSetup(teacher, ref, [], None, SOLVERS, NFES, tune_seeds=list(SEEDS), batch_size=256)
+    # a tuning study on the teacher alone (no run to plan from): the setup is built from objects in memory
+    setup = BenchSetup(teacher, ref, seeds=[], solvers=SOLVERS, nfes=NFES, tune_seeds=list(SEEDS), batch_size=256)
     choices, table = tune_solvers(setup, SOLVERS)
     best_single: dict[str, tuple[float, SolverChoice]] = {}
     for solver in SOLVERS:

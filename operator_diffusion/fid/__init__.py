@@ -23,13 +23,15 @@ statistics of different extractors are refused. Reference statistics are cached 
 
 The modules: ``frechet`` (``FeatureStats`` and the distance), ``extractor`` (the ``FeatureExtractor``
 interface), ``inception`` (clean-fid's InceptionV3), ``featurenet`` (the small CNN, its trainer and the shipped
-digits network), ``stats`` (image sources, the reference statistics cache, ``compute_fid``) and ``files``
-(helpers they share). This package exports their public API: ``from operator_diffusion.fid import X``.
+digits network), ``stats`` (image sources, the reference statistics cache, ``compute_fid``), ``evaluate``
+(`opdiff fid` from an ``FIDConfig``: ``evaluate_fid``) and ``files`` (helpers they share). This package exports
+their public API: ``from operator_diffusion.fid import X``.
 """
 
 from __future__ import annotations
 
 from ..settings import CACHE_ENV  # the cache root variable, for callers
+from .evaluate import FIDResult, FIDRunError, evaluate_fid
 from .extractor import FeatureExtractor, Progress
 from .featurenet import (
     ASSETS,
@@ -68,6 +70,9 @@ from .stats import (
 )
 
 __all__ = [
+    "evaluate_fid",
+    "FIDResult",
+    "FIDRunError",
     "FeatureStats",
     "FeatureExtractor",
     "InceptionExtractor",
