@@ -122,11 +122,12 @@ def run_ablations(
             )
             result = run_bench(plan_bench(config))
             solver_rows = {f"{r.method}@{r.nfe}": r.rmse for r in result.rows if r.kind == "solver"}
+            (model_row,) = [r for r in result.rows if r.kind == "model"]  # "DSNO" or "one-step baseline"
             rows.append(
                 {
                     "variant": v.name,
-                    "rmse": result.row("DSNO").rmse,
-                    "compute": result.row("DSNO").compute,  # the sample's measured cost / one teacher evaluation
+                    "rmse": model_row.rmse,
+                    "compute": model_row.compute,  # the sample's measured cost / one teacher evaluation
                     "train_s": seconds,
                     **kw,
                     "times": v.times,
