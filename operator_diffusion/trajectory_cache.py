@@ -90,8 +90,8 @@ class TrajectoryCache:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(path, from_hub, str(dataset))
         fingerprint = shards_fingerprint(path, info)
         meta = _read_cache_meta(cache)
-        if meta is None or meta.get("fingerprint") != fingerprint:
-            digest = content_hash(path)
+        if meta is None or meta.get("fingerprint") != fingerprint:  # verified against the shards' recorded sha256
+            digest = content_hash(path, verify=True)
             if meta is not None and meta.get("content_sha256") == digest:
                 write_atomic(cache / CACHE_META, json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
             else:
