@@ -255,7 +255,7 @@ def data_info(
     from operator_diffusion.collection_store import collection_status
 
     try:
-        status = collection_status(path)
+        status = collection_status(path, verify=True)  # a damaged shard is not complete: it is named
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(str(e))
     if as_json:
@@ -289,6 +289,11 @@ def _info_rows(status: dict) -> list[dict[str, Any]]:
         ),
         "shards complete": f"{status['complete_shards']} of {status['num_shards']} ({c['shard_size']} examples each)",
         "examples complete": f"{status['complete_examples']} of {c['num']}",
+        **(
+            {"damaged": "; ".join(status["damaged"]) + "; re-run the same `opdiff collect`"}
+            if status["damaged"]
+            else {}
+        ),
         "bytes per trajectory": f"{status['bytes_per_trajectory']:,} stored"
         + (f", {disk:,.0f} on disk" if disk else "")
         + f" (reference format, 17 float32 steps: {ref:,})",

@@ -138,6 +138,8 @@ def train(
         return
     try:
         result = _run(tt, plan)
+    except ValueError as e:  # a run folder whose checkpoint changed since it was written (runs.CheckpointError)
+        fail(str(e))
     except (ArithmeticError, RuntimeError, OSError) as e:  # the inputs were checked above: a fault
         fail(f"{type(e).__name__}: {e}", code=1)
     msg = f"resumed from step {result.resumed_from}; " if result.resumed_from else ""

@@ -21,6 +21,7 @@ its solves, precision "auto"), ``collection_store`` (the folder: info, card, sha
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -29,7 +30,15 @@ import numpy as np
 import torch
 
 from .collection_plan import AUTO_PRECISION, CollectConfig, CollectionPlan, plan_collection
-from .collection_store import check_output_dir, features, read_info, shard_complete, write_metadata, write_shard
+from .collection_store import (
+    check_output_dir,
+    features,
+    read_info,
+    shard_complete,
+    shard_damage,
+    write_metadata,
+    write_shard,
+)
 from .provenance import versions
 from .seeds import example_inputs
 from .solvers import NonFiniteError
@@ -188,7 +197,7 @@ def collect(
     written, skipped = [], []
     for k in range(p, plan.num_shards, n):
         path, rows = plan.shard_path(out, k), plan.shard_range(k)
-        if shard_complete(path, len(rows)):
+        if shard_complete(path, len(rows)) and not _damaged(path):
             skipped.append(k)
             if progress is not None:
                 progress(len(rows))
@@ -205,6 +214,15 @@ def collect(
             f"collection {str(out)!r} is incomplete after all processes finished: shards {missing[:10]} missing"
         )
     return CollectResult(out, read_info(out), tuple(written), tuple(skipped), tuple(missing), plan.precision_choice)
+
+
+def _damaged(path: Path) -> bool:
+    """True (with a one-line warning) when a complete shard's sha256 is not the one recorded at write time: it is
+    rewritten."""
+    why = shard_damage(path)
+    if why is not None:
+        warnings.warn(f"{why}: rewriting it", stacklevel=3)
+    return why is not None
 
 
 def _collect_shard(

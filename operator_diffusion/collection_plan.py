@@ -216,6 +216,7 @@ def plan_collection(
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     check_seed(c.seed, c.num, "seed")
+    check_collection_size(backbone, c, out_dir)  # before the grid or any array is allocated
     for name, v, valid in (
         ("target", c.target, TARGETS),
         ("dtype", c.dtype, DTYPES),
@@ -275,6 +276,45 @@ def plan_collection(
     return CollectionPlan(
         c, ts, tuple(indices), json.loads(json.dumps(identity)), choice, path, table, backbone.source()
     )
+
+
+GRID_COPIES = 8  # float64 arrays of steps+1 times alive while a grid is built and solved on (a generous bound)
+SOLVER_STATES = 8  # states of a batch a solver holds besides the M recorded outputs (x, ε history, x̂_0, temporaries)
+SHARD_COPIES = 3  # a shard's trajectories in memory at once: the batches, their concatenation, the Arrow columns
+
+
+def check_collection_size(backbone: "Backbone", c: CollectConfig, out_dir: str | os.PathLike | None) -> None:
+    """Bound the size inputs by what the machine holds, before anything is allocated or written (ValueError naming
+    the flag): the solver grid (steps+1 float64 times, ``GRID_COPIES`` of them), a batch's solver states
+    (batch_size × (M + ``SOLVER_STATES``) float32 states; the network's own activations come on top), a shard in
+    memory (shard_size trajectories, ``SHARD_COPIES`` times) against available memory, and the trajectories still
+    to be written against the free disk at ``out_dir``."""
+    from .resources import check_disk, check_memory
+
+    m = len(c.time_list) if c.time_list is not None else c.times
+    m = min(m, c.steps + 1) if isinstance(m, int) and m > 0 else 1  # more times than grid points: refused below
+    state = math.prod(getattr(backbone, "state_shape", backbone.image_shape))
+    trajectory = m * math.prod(backbone.image_shape) * (2 if c.dtype == "float16" else 4)
+    check_memory((c.steps + 1) * 8 * GRID_COPIES, f"--steps {c.steps} (its solver grid)", "lower --steps")
+    check_memory(
+        c.batch_size * (m + SOLVER_STATES) * state * 4,
+        f"--batch-size {c.batch_size} (its solver states)",
+        "lower --batch-size",
+    )
+    check_memory(
+        min(c.shard_size, c.num) * trajectory * SHARD_COPIES,
+        f"--shard-size {c.shard_size} (one shard in memory)",
+        "lower --shard-size",
+    )
+    if out_dir is not None:
+        data = Path(out_dir) / "data"
+        written = sum(f.stat().st_size for f in data.glob("train-*.parquet")) if data.is_dir() else 0
+        check_disk(
+            c.num * trajectory - written,
+            out_dir,
+            f"--num {c.num} ({trajectory:,} bytes per trajectory)",
+            "lower --num, or choose an --out with more free space",
+        )
 
 
 def check_guidance(guidance: float | None) -> None:

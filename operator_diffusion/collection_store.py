@@ -6,6 +6,7 @@ A collection is a folder in the Hub layout, written by ``collect`` (``operator_d
     README.md                          dataset card (YAML: configs, features) + a description
     opdiff_collection.json             format version, the collection's identity config, provenance
     data/train-00000-of-00025.parquet  shard k holds examples [k·S, min((k+1)·S, num))
+    shard_sha256/train-00000-of-00025.parquet.sha256   its sha256 at write time (``sha256sum -c`` format)
 
 Each row holds ``trajectory`` (M, C, H, W) in float16 (or float32) — the teacher's x̂_0 predictions (DSNO's
 targets, ``target="denoised"``) or its states x(t_i) (``target="state"``) at the output times t_1 > … > t_M, all
@@ -55,6 +56,8 @@ __all__ = [
     "read_shard",
     "require_complete",
     "shard_complete",
+    "shard_damage",
+    "shard_hash_path",
     "shard_name",
     "shard_paths",
     "write_metadata",
@@ -66,6 +69,9 @@ INFO_NAME = "opdiff_collection.json"
 CARD_NAME = "README.md"
 DATA_DIR = "data"
 SHARD_GLOB = f"{DATA_DIR}/train-*.parquet"
+HASH_DIR = "shard_sha256"  # one file per shard: its sha256 recorded at write time (collections before: none)
+HASH_GLOB = f"{HASH_DIR}/train-*.parquet.sha256"
+SHARD_FIX = "re-run the same `opdiff collect` command, which rewrites it"
 REFERENCE_STEPS_STORED = 17  # the reference DSNO code stored 16 x̂_0 and x_T per CIFAR trajectory, in float32
 
 
@@ -294,15 +300,52 @@ def write_shard(
             columns.append(pa.array(values[name], schema.field(name).type))
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(pa.Table.from_arrays(columns, schema=schema), tmp)
+    _write_shard_hash(path, tmp)  # before the shard appears: a shard that is there always has its hash
     os.replace(tmp, path)
+
+
+def shard_hash_path(path: Path) -> Path:
+    """Where the sha256 of shard ``path`` (``DIR/data/NAME``) is recorded: ``DIR/shard_sha256/NAME.sha256``."""
+    return path.parent.parent / HASH_DIR / f"{path.name}.sha256"
+
+
+def _write_shard_hash(path: Path, written: Path) -> None:
+    from .provenance import file_sha256
+
+    record = shard_hash_path(path)
+    record.parent.mkdir(exist_ok=True)
+    write_atomic(record, f"{file_sha256(written)}  ../{DATA_DIR}/{path.name}\n")
+
+
+def shard_damage(path: Path) -> str | None:
+    """Why shard ``path`` is damaged — its sha256 differs from the one recorded when it was written — or None
+    (it matches, or it has no record: a collection written before opdiff recorded them)."""
+    from .provenance import file_sha256
+
+    record = shard_hash_path(path)
+    if not record.is_file():
+        return None
+    want = record.read_text().split(maxsplit=1)[:1]
+    if want and file_sha256(path) == want[0]:
+        return None
+    return (
+        f"shard {str(path)!r} is damaged (its sha256 differs from the one recorded in {str(record)!r} when it was "
+        "written)"
+    )
 
 
 def read_shard(path: Path, shape: Sequence[int]) -> dict[str, np.ndarray]:
     """A shard's columns as numpy, trajectories (N, *shape) in the stored dtype (no float32 upcast). Works
     whether or not ``datasets`` registered its Array4D extension type with pyarrow (storage: nested lists)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:  # a damaged shard (of a collection without recorded hashes)
+        raise ValueError(
+            f"shard {str(path)!r} cannot be read ({' '.join(str(e).split())[:200]}); {SHARD_FIX}"
+        ) from None
     arr = table.column("trajectory").combine_chunks()
     arr = getattr(arr, "storage", arr)
     while hasattr(arr.type, "value_type"):  # list<list<…<float16>>> → the flat values, offsets respected
@@ -317,14 +360,16 @@ def read_shard(path: Path, shape: Sequence[int]) -> dict[str, np.ndarray]:
     return out
 
 
-def shard_complete(path: Path, rows: int) -> bool:
-    """A shard is complete when its (atomically renamed) file exists and reads back ``rows`` rows."""
+def shard_complete(path: Path, rows: int, verify: bool = False) -> bool:
+    """A shard is complete when its (atomically renamed) file exists and reads back ``rows`` rows; with ``verify``,
+    also when its sha256 is the one recorded at write time (``shard_damage``: reads the whole file)."""
     import pyarrow.parquet as pq
 
     try:
-        return path.is_file() and pq.read_metadata(path).num_rows == rows
+        complete = path.is_file() and pq.read_metadata(path).num_rows == rows
     except Exception:  # a damaged file is incomplete and gets rewritten
         return False
+    return complete and not (verify and shard_damage(path) is not None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,14 +392,17 @@ def shard_paths(path: Path, info: dict) -> list[tuple[Path, int]]:
     return [(path / shard_name(k, n), min(size, num - k * size)) for k in range(n)]
 
 
-def collection_status(path: str | os.PathLike) -> dict:
+def collection_status(path: str | os.PathLike, verify: bool = False) -> dict:
     """Info plus progress: complete shards and examples, stored bytes per trajectory (raw and on disk),
-    and the reference code's per-trajectory bytes (17 float32 steps) for comparison."""
+    and the reference code's per-trajectory bytes (17 float32 steps) for comparison. With ``verify`` each shard is
+    checked against its recorded sha256, and ``damaged`` lists the reasons of those that fail (not complete)."""
     path = Path(path)
     info = _require_info(path)
     ident = info["collection"]
     shards = shard_paths(path, info)
     done = [(p, r) for p, r in shards if shard_complete(p, r)]
+    damaged = {p: why for p, _ in done if verify and (why := shard_damage(p)) is not None}
+    done = [(p, r) for p, r in done if p not in damaged]
     examples = sum(r for _, r in done)
     pixels = int(np.prod(ident["image_shape"]))
     return {
@@ -363,14 +411,18 @@ def collection_status(path: str | os.PathLike) -> dict:
         "complete_shards": len(done),
         "complete_examples": examples,
         "complete": len(done) == len(shards),
+        "damaged": list(damaged.values()),
         "bytes_per_trajectory": int(np.prod(item_shape(ident))) * np.dtype(ident["dtype"]).itemsize,
         "disk_bytes_per_trajectory": sum(p.stat().st_size for p, _ in done) / examples if examples else None,
         "reference_bytes_per_trajectory": REFERENCE_STEPS_STORED * pixels * 4,
     }
 
 
-def require_complete(path: Path) -> dict:
-    status = collection_status(path)
+def require_complete(path: Path, verify: bool = False) -> dict:
+    """The info of a complete collection; ValueError naming what is missing, or (``verify``) the damaged shard."""
+    status = collection_status(path, verify)
+    if status["damaged"]:
+        raise ValueError(f"{status['damaged'][0]}; {SHARD_FIX}")
     if not status["complete"]:
         raise ValueError(
             f"collection {str(path)!r} is incomplete ({status['complete_shards']} of {status['num_shards']} shards); "
@@ -379,22 +431,23 @@ def require_complete(path: Path) -> dict:
     return status["info"]
 
 
-def iter_shards(path: str | os.PathLike):
-    """The shards' columns (``read_shard``) of a complete collection, in example order."""
+def iter_shards(path: str | os.PathLike, verify: bool = False):
+    """The shards' columns (``read_shard``) of a complete collection, in example order (``verify``: each shard
+    checked against its recorded sha256 first)."""
     path = Path(path)
-    info = require_complete(path)
+    info = require_complete(path, verify)
     for p, _ in shard_paths(path, info):
         yield read_shard(p, item_shape(info["collection"]))
 
 
-def content_hash(path: str | os.PathLike) -> str:
+def content_hash(path: str | os.PathLike, verify: bool = False) -> str:
     """sha256 over the trajectories (stored bytes), seeds and labels in example order (each column
     hashed on its own, then the three digests; a text-conditioned collection's prompt rows and guidance scales
-    are two more columns): independent of shard size, batch size and processes."""
+    are two more columns): independent of shard size, batch size and processes. ``verify``: ``iter_shards``'."""
     cols = {"trajectory": hashlib.sha256(), "seed": hashlib.sha256(), "label": hashlib.sha256()}
     extra = {"prompt": hashlib.sha256(), "guidance": hashlib.sha256()}
     seen: set[str] = set()
-    for shard in iter_shards(path):
+    for shard in iter_shards(path, verify):
         for name, h in {**cols, **extra}.items():
             if name in shard:
                 seen.add(name)
@@ -424,7 +477,7 @@ def load_collection(dir_or_hub_id: str | os.PathLike, cache_dir: str | None = No
     import datasets
 
     path, _ = local_dir(dir_or_hub_id)
-    info = require_complete(path)
+    info = require_complete(path, verify=True)
     # explicit shard paths: `load_dataset(folder)` keys its Arrow cache on the folder's name and card, so two
     # collections in folders of the same name (e.g. two runs' "data") would share one cache entry
     files = [str(p.resolve()) for p, _ in shard_paths(path, info)]
@@ -436,7 +489,7 @@ def push_to_hub(path: str | os.PathLike, repo_id: str, *, private: bool | None =
     from huggingface_hub import HfApi
 
     path = Path(path)
-    require_complete(path)
+    require_complete(path, verify=True)
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     api.upload_folder(
@@ -450,7 +503,7 @@ def push_to_hub(path: str | os.PathLike, repo_id: str, *, private: bool | None =
         folder_path=str(path),
         repo_id=repo_id,
         repo_type="dataset",
-        allow_patterns=[SHARD_GLOB],
+        allow_patterns=[SHARD_GLOB, HASH_GLOB],
         commit_message="opdiff collection: shards",
     )
     return f"https://huggingface.co/datasets/{repo_id}"

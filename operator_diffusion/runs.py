@@ -41,6 +41,11 @@ __all__ = [
     "check_run_numbers",
     "NonFiniteLossError",
     "check_finite_loss",
+    "CHECKPOINT_HASHES",
+    "CheckpointError",
+    "DamagedCheckpointError",
+    "complete_checkpoints",
+    "verify_checkpoint",
 ]
 
 RUN_INFO = "run.json"
@@ -212,10 +217,83 @@ def check_run_dir(out: Path, run_info: dict) -> bool:
     return True
 
 
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints of ``out``, oldest first (each marked by a COMPLETE file, written after
+    ``save_state`` and its hash manifest)."""
+    return sorted(p.parent for p in (out / CHECKPOINTS).glob("step_*/COMPLETE"))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (marked by a COMPLETE file, written after ``save_state``)."""
-    done = sorted(p.parent for p in (out / CHECKPOINTS).glob("step_*/COMPLETE"))
+    """The newest complete checkpoint."""
+    done = complete_checkpoints(out)
     return done[-1] if done else None
+
+
+CHECKPOINT_HASHES = "SHA256SUMS.json"  # in each checkpoint: {file: {"sha256", "bytes"}} of every file save_state wrote
+CHECKPOINT_FIX = "restore the run folder from a copy you trust, or train into a new --out"
+
+
+class CheckpointError(ValueError):
+    """A run folder's checkpoint is refused: a file changed since it was written (its sha256 differs from the one
+    recorded at save time), so it is not loaded (``load_state`` unpickles the optimizer and RNG state)."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file is truncated or missing (shorter than recorded, or unreadable): the previous checkpoint
+    is tried instead."""
+
+
+def _record_checkpoint_hashes(path: Path) -> None:
+    """Write ``CHECKPOINT_HASHES``: the sha256 and size of every file ``save_state`` wrote into ``path``."""
+    from .provenance import file_sha256
+
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in ("COMPLETE", CHECKPOINT_HASHES))
+    sums = {str(p.relative_to(path)): {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files}
+    write_atomic(path / CHECKPOINT_HASHES, json.dumps(sums, indent=1, sort_keys=True) + "\n")
+
+
+def verify_checkpoint(path: Path, hashed: bool = True) -> None:
+    """Check every file of checkpoint ``path`` against the sha256 recorded when it was written, before anything
+    in it is unpickled. DamagedCheckpointError when a file is missing or shorter than recorded (a truncation:
+    a crash, a full disk, a partial copy); CheckpointError when a file's content differs otherwise, or a file was
+    added (changed since written: refused). A checkpoint without a manifest passes when ``hashed`` is False (one
+    written before opdiff recorded them) and is refused otherwise."""
+    from .provenance import file_sha256
+
+    manifest = path / CHECKPOINT_HASHES
+    if not manifest.is_file():
+        if hashed:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has no {CHECKPOINT_HASHES} (its files cannot be verified before they are "
+                f"unpickled); {CHECKPOINT_FIX}"
+            )
+        return
+    try:
+        sums = read_json(manifest, CHECKPOINT_FIX)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    for name, rec in sums.items():
+        f = path / name
+        if not f.is_file():
+            raise DamagedCheckpointError(f"{str(f)!r} is missing")
+        size = f.stat().st_size
+        if size < rec["bytes"]:
+            raise DamagedCheckpointError(f"{str(f)!r} is truncated ({size} of {rec['bytes']} bytes)")
+        if size != rec["bytes"] or file_sha256(f) != rec["sha256"]:
+            raise CheckpointError(
+                f"{str(f)!r} changed since it was written (its sha256 differs from the one recorded at save time), "
+                f"so the run is not resumed from it: a changed optimizer or RNG file could run code when loaded; "
+                f"{CHECKPOINT_FIX}"
+            )
+    extra = sorted(
+        str(p.relative_to(path))
+        for p in path.rglob("*")
+        if p.is_file() and p.name not in ("COMPLETE", CHECKPOINT_HASHES) and str(p.relative_to(path)) not in sums
+    )
+    if extra:
+        raise CheckpointError(
+            f"{str(path / extra[0])!r} was added to the checkpoint after it was written; {CHECKPOINT_FIX}"
+        )
 
 
 class Indices(torch.utils.data.Dataset):
@@ -272,19 +350,46 @@ def start_run(
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
-            write_atomic(out / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
+            # checkpoint_hashes: every checkpoint of this run has its hash manifest (verify_checkpoint)
+            write_atomic(out / RUN_INFO, json.dumps({**run_info, "checkpoint_hashes": True}, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return accelerator
 
 
 def resume_from_checkpoint(accelerator, out: Path, resume: bool, state) -> int | None:
     """Load the latest complete checkpoint of ``out`` (when resuming) into everything registered with
-    ``accelerator`` and cut metrics.jsonl back to it; returns the step resumed from (None: a fresh start)."""
+    ``accelerator`` and cut metrics.jsonl back to it; returns the step resumed from (None: a fresh start).
+
+    Each checkpoint is verified against its hash manifest first (``verify_checkpoint``): a changed file refuses the
+    run (CheckpointError), a truncated or unreadable one falls back to the previous complete checkpoint with a
+    one-line warning, and DamagedCheckpointError names the file when none is left."""
+    import warnings
+
     resumed_from = None
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
+    hashed = bool(resume and read_json(out / RUN_INFO, RUN_JSON_FIX).get("checkpoint_hashes"))
+    damage = None
+    for ckpt in reversed(complete_checkpoints(out)) if resume else ():
+        try:
+            verify_checkpoint(ckpt, hashed)
+            try:
+                accelerator.load_state(str(ckpt))
+            except Exception as e:  # an unhashed (older) checkpoint's damaged file: safetensors, torch, pickle errors
+                if (ckpt / CHECKPOINT_HASHES).is_file():
+                    raise
+                raise DamagedCheckpointError(
+                    f"checkpoint {str(ckpt)!r} cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                ) from None
+        except DamagedCheckpointError as e:
+            damage = str(e)
+            warnings.warn(f"{damage}: skipping checkpoint {ckpt.name}, resuming from the one before it", stacklevel=2)
+            continue
         resumed_from = state.step
+        break
+    else:
+        if damage is not None:
+            raise DamagedCheckpointError(
+                f"{damage}, and no earlier complete checkpoint is left to resume from; {CHECKPOINT_FIX}"
+            )
     if accelerator.is_main_process:
         _truncate_metrics(out / METRICS_FILE, state.step)
     return resumed_from
@@ -332,11 +437,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
     path = out / CHECKPOINTS / f"step_{step:08d}"
+    if accelerator.is_main_process:  # a damaged checkpoint skipped on resume is rewritten: incomplete meanwhile
+        for name in ("COMPLETE", CHECKPOINT_HASHES):
+            (path / name).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _record_checkpoint_hashes(path)
         (path / "COMPLETE").write_text(f"{step}\n")
-        done = sorted(p.parent for p in (out / CHECKPOINTS).glob("step_*/COMPLETE"))
+        done = complete_checkpoints(out)
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

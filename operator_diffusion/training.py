@@ -310,6 +310,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     ).main_process_first():  # one process converts the dataset, the others then open it
         cache = TrajectoryCache.build(config.data)
     collection = cache.info["collection"]
+    check_batch_memory(config, collection)
     torch.manual_seed(config.seed)  # the model's initialisation (temporal layers; the backbone without --init-from)
     if len(cache) < config.batch_size:
         raise ValueError(
@@ -358,6 +359,25 @@ def plan_run(config: TrainConfig) -> RunPlan:
         init_from,
         init_source,
         prompts,
+    )
+
+
+BATCH_COPIES = (
+    6  # float32 arrays of a batch's B·M items alive in a step: x_T per frame, prediction, target, error, grads
+)
+
+
+def check_batch_memory(config: TrainConfig, collection: dict) -> None:
+    """Bound --batch-size by memory: a step holds B × M items (one per output time), ``BATCH_COPIES`` float32
+    arrays of them (a lower bound: the network's activations come on top), on each process."""
+    from .resources import check_memory
+
+    m = 1 if config.baseline else len(collection["output_times"])
+    items = config.batch_size * m
+    check_memory(
+        items * math.prod(collection["image_shape"]) * 4 * BATCH_COPIES,
+        f"--batch-size {config.batch_size} ({items:,} items of {m} output times per step)",
+        "lower --batch-size (and raise --grad-accum to keep the effective batch)",
     )
 
 

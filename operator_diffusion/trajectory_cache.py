@@ -90,8 +90,8 @@ class TrajectoryCache:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(path, from_hub, str(dataset))
         fingerprint = shards_fingerprint(path, info)
         meta = _read_cache_meta(cache)
-        if meta is None or meta.get("fingerprint") != fingerprint:
-            digest = content_hash(path)
+        if meta is None or meta.get("fingerprint") != fingerprint:  # verified against the shards' recorded sha256
+            digest = content_hash(path, verify=True)
             if meta is not None and meta.get("content_sha256") == digest:
                 write_atomic(cache / CACHE_META, json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
             else:
@@ -154,6 +154,11 @@ def _read_cache_meta(cache: Path) -> dict | None:
 
 def _write_cache(path: Path, info: dict, cache: Path, digest: str, fingerprint: str) -> None:
     """Fill memory-mapped arrays shard by shard (never the whole set in memory); the meta file goes last."""
+    from .resources import check_disk
+
+    columns = _cache_columns(info["collection"])
+    need = sum(dtype.itemsize * math.prod(shape) for dtype, shape in columns.values())
+    check_disk(need, cache, f"the training cache of {str(path)!r}", "free space there, or set $OPDIFF_CACHE")
     tmp = cache / ".tensors.tmp"
     for stale in (tmp, cache / CACHE_TENSORS, cache / CACHE_META):
         if stale.is_dir():
@@ -161,7 +166,6 @@ def _write_cache(path: Path, info: dict, cache: Path, digest: str, fingerprint: 
         elif stale.exists():
             stale.unlink()
     tmp.mkdir(parents=True)
-    columns = _cache_columns(info["collection"])
     arrays = {
         name: np.memmap(tmp / f"{name}.bin", dtype=dtype, mode="w+", shape=shape)
         for name, (dtype, shape) in columns.items()

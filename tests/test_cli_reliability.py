@@ -52,6 +52,16 @@ CASES = [
     ("collect-checkpoint-pickle", [*COLLECT, "--checkpoint", "{pickle}", "--out", "{new}"], 2, "not a safetensors"),
     ("collect-checkpoint-missing", [*COLLECT, "--checkpoint", "{new}", "--out", "{new}"], 2, "does not exist"),
     ("collect-guidance-unconditional", [*COLLECT, "--guidance", "2", "--out", "{new}"], 2, "guidance"),
+    # sizes beyond any machine (issue 16, item 15): refused from the plan's estimate before anything is allocated
+    ("collect-steps-beyond-memory", [*COLLECT, "--steps", "10000000000000", "--out", "{new}"], 2, "of memory"),
+    ("collect-batch-beyond-memory", [*COLLECT, "--batch-size", "10000000000000", "--out", "{new}"], 2, "of memory"),
+    (
+        "collect-shard-beyond-memory",
+        [*COLLECT[:-2], "--num", "10000000000000", "--shard-size", "10000000000000", "--out", "{new}"],
+        2,
+        "--shard-size 10000000000000 (one shard in memory) needs at least",
+    ),  # fmt: skip
+    ("collect-num-beyond-disk", [*COLLECT[:-2], "--num", "10000000000000000", "--out", "{new}"], 2, "of disk"),
     # train
     ("train-out-is-a-file", [*TRAIN, "--out", "{file}"], 2, "is a file, not a folder"),
     ("train-data-damaged-info", ["train", "--data", "{damaged}", "--out", "{new}"], 2, "json' is damaged"),
@@ -68,6 +78,7 @@ CASES = [
     ("train-baseline-unknown", [*TRAIN, "--baseline", "two-step", "--out", "{new}"], 2, "--baseline takes"),
     ("train-fp16-on-cpu", [*TRAIN, "--mixed-precision", "fp16", "--out", "{new}"], 2, "fp16 mixed precision"),
     ("train-batch-too-large", [*TRAIN, "--batch-size", "4096", "--out", "{new}"], 2, "fewer than one batch"),
+    ("train-batch-beyond-memory", [*TRAIN, "--batch-size", "10000000000000", "--out", "{new}"], 2, "of memory"),
     ("train-seed-huge", [*TRAIN, "--seed", "99999999999999999999999", "--out", "{new}"], 2, "--seed"),
     ("train-modes-too-many", [*TRAIN, "--modes", "9", "--out", "{new}"], 2, "modes"),
     ("train-diverges", [*TRAIN, "--lr", "1e9", "--warmup", "0", "--max-steps", "6", "--out", "{new}"], 1, "loss"),

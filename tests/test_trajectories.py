@@ -635,7 +635,8 @@ def test_push_to_hub_uploads_card_first_and_reloads(done, tmp_path, monkeypatch)
     assert url.endswith("datasets/me/trajectories")
     assert hub.calls[0] == ("create_repo", "me/trajectories", "dataset")
     assert hub.calls[1] == ("upload_folder", "dataset", [CARD_NAME, INFO_NAME])
-    assert hub.calls[2][2] == [f"data/train-{k:05d}-of-00003.parquet" for k in range(3)]
+    shards = [f"train-{k:05d}-of-00003.parquet" for k in range(3)]  # with their recorded sha256
+    assert hub.calls[2][2] == [f"data/{n}" for n in shards] + [f"shard_sha256/{n}.sha256" for n in shards]
     remote = tmp_path / "hub" / "me" / "trajectories"
     ds = datasets.load_dataset(str(remote), split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.features["trajectory"] == datasets.Array4D((4, *SHAPE), "float16") and ds["seed"] == list(range(10))
@@ -683,7 +684,7 @@ def test_trajectory_cache_reuse_is_keyed_on_a_cheap_fingerprint(done, tmp_path, 
     first = TrajectoryCache.build(done, cache_dir)
     calls = []
     real = trajectory_cache.content_hash
-    monkeypatch.setattr(trajectory_cache, "content_hash", lambda path: calls.append(path) or real(path))
+    monkeypatch.setattr(trajectory_cache, "content_hash", lambda path, **kw: calls.append(path) or real(path, **kw))
     assert TrajectoryCache.build(done, cache_dir).content_sha256 == first.content_sha256 and calls == []
     shard = sorted((done / "data").glob("train-*.parquet"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
@@ -713,3 +714,68 @@ def test_trajectory_cache_matches_the_arrow_data_and_rebuilds_when_stale(bb, don
     rebuilt = TrajectoryCache.build(other, tmp_path / "cache")  # same cache folder, other content: stale
     assert len(rebuilt) == 5 and rebuilt[torch.arange(5)]["seed"].tolist() == list(range(100, 105))
     assert len(TrajectoryCache.load(tmp_path / "cache")) == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaged shards: each shard's sha256 is recorded at write time (issue 16, item 16)
+# --------------------------------------------------------------------------------------------------
+def damage_middle(path: Path) -> None:
+    """Overwrite bytes in the middle of a parquet file: the footer (and so the row count) stays intact."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(range(64))
+    path.write_bytes(bytes(data))
+
+
+def test_a_shard_damaged_in_the_middle_is_named_and_rewritten_on_resume(bb, done, tmp_path):
+    import hashlib
+
+    out = tmp_path / "c"
+    shutil.copytree(done, out)
+    shard = out / "data" / "train-00001-of-00003.parquet"
+    record = out / "shard_sha256" / f"{shard.name}.sha256"
+    assert record.read_text().split()[0] == hashlib.sha256(shard.read_bytes()).hexdigest()  # sha256sum's format
+    damage_middle(shard)
+    assert collection_store.shard_complete(shard, 4)  # the footer still says 4 rows: only the hash tells
+    status = collection_status(out, verify=True)
+    assert not status["complete"] and status["complete_shards"] == 2 and str(shard) in status["damaged"][0]
+    with pytest.raises(ValueError, match=f"shard '{shard}' is damaged.*re-run the same `opdiff collect`"):
+        TrajectoryCache.build(out, tmp_path / "cache")
+    with pytest.raises(ValueError, match="is damaged"):
+        load_collection(out, cache_dir=str(tmp_path / "hf"))
+    with pytest.warns(UserWarning, match=f"shard '{shard}' is damaged .*: rewriting it"):
+        result = collect(bb, out, CONFIG)
+    assert result.written == (1,) and result.skipped == (0, 2)
+    assert content_hash(out, verify=True) == content_hash(done)
+
+
+def test_a_damaged_shard_is_caught_when_the_training_cache_fingerprint_changes(done, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(done, out)
+    first = TrajectoryCache.build(out, tmp_path / "cache")
+    damage_middle(out / "data" / "train-00000-of-00003.parquet")  # a new mtime: the fingerprint changes
+    with pytest.raises(ValueError, match="train-00000-of-00003.parquet' is damaged"):
+        TrajectoryCache.build(out, tmp_path / "cache")
+    assert TrajectoryCache.load(tmp_path / "cache").content_sha256 == first.content_sha256  # the cache is kept
+
+
+def test_train_names_a_damaged_shard_in_one_line(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from opdiff_cli.main import app
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_run["data"], data, ignore=shutil.ignore_patterns(".opdiff-cache"))
+    shard = data / "data" / "train-00000-of-00002.parquet"
+    damage_middle(shard)
+    res = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--dry-run"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert res.stderr.count("\n") == 1 and f"shard '{shard}' is damaged" in " ".join(res.stderr.split()), res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_collection_written_before_shard_hashes_still_loads(done, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(done, out, ignore=shutil.ignore_patterns("shard_sha256"))
+    assert collection_status(out, verify=True)["complete"]
+    assert TrajectoryCache.build(out, tmp_path / "cache").content_sha256 == content_hash(done)

@@ -1,0 +1,77 @@
+"""Size inputs bounded by what the machine holds (issue 16, item 15: ``collect --steps 1000000000`` grew to 15.6 GB
+in 30 s, silently). The machine is faked (``resources.available_memory`` / ``free_disk``), so the tests do not
+depend on this one's memory; each refusal comes before anything is allocated or written."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from operator_diffusion import collection_plan, resources
+from operator_diffusion.backbones import load_backbone
+from operator_diffusion.collection import collect
+from operator_diffusion.collection_plan import CollectConfig, plan_collection
+from operator_diffusion.runs import reset_accelerate_state
+from operator_diffusion.trajectory_cache import TrajectoryCache
+
+from conftest import TINY_TEACHER
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Set the fake machine's available memory and free disk (bytes)."""
+
+    def set_(memory: int = 16 * 10**9, disk: int = 100 * 10**9) -> None:
+        monkeypatch.setattr(resources, "available_memory", lambda: memory)
+        monkeypatch.setattr(resources, "free_disk", lambda path: disk)
+
+    return set_
+
+
+def test_the_probes_steps_are_refused_before_the_grid_is_built(machine, monkeypatch, tmp_path):
+    machine(memory=16 * 10**9)
+    monkeypatch.setattr(collection_plan, "time_grid", lambda *a, **k: pytest.fail("the grid was built"))
+    teacher = load_backbone("opdiff-unet", **TINY_TEACHER)
+    with pytest.raises(ValueError, match=r"--steps 1000000000 \(its solver grid\) needs at least .* memory.*16\.0 GB"):
+        collect(teacher, tmp_path / "c", CollectConfig(num=4, steps=10**9))
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_small_collection_fits_and_the_grid_bound_is_the_grid(machine):
+    teacher = load_backbone("opdiff-unet", **TINY_TEACHER)
+    machine(memory=10**6)  # 1 MB: a 16-step grid, a batch of 4 and a shard of 4 tiny trajectories fit
+    plan_collection(teacher, CollectConfig(num=4, steps=16, batch_size=4, shard_size=4))
+    with pytest.raises(ValueError, match="lower --steps"):  # 20,001 × 8 bytes × copies is over 1 MB
+        plan_collection(teacher, CollectConfig(num=4, steps=20_000, batch_size=4, shard_size=4))
+
+
+def test_collect_refuses_what_the_disk_cannot_hold(machine, tmp_path):
+    machine(disk=1000)
+    teacher = load_backbone("opdiff-unet", **TINY_TEACHER)
+    # 4 output times × 1×8×8 float16 = 512 bytes per trajectory: 2 fit in 1000 bytes, 4 do not
+    with pytest.raises(ValueError, match=r"--num 4 \(512 bytes per trajectory\) needs about 2.0 KB of disk"):
+        collect(teacher, tmp_path / "c", CollectConfig(num=4, steps=16))
+    assert not (tmp_path / "c").exists()
+
+
+def test_train_bounds_batch_size_times_output_times(machine, tiny_run, tmp_path):
+    from operator_diffusion.training import TrainConfig, plan_run
+
+    machine(memory=80_000)  # B·M = 32 items of 1×8×8 float32, six copies: 49 KB fit; 64 items (98 KB) do not
+    config = TrainConfig(data=str(tiny_run["data"]), out=str(tmp_path / "run"), batch_size=8, max_steps=2)
+    plan_run(config)
+    reset_accelerate_state()
+    with pytest.raises(ValueError, match=r"--batch-size 16 \(64 items of 4 output times per step\) needs at least"):
+        plan_run(TrainConfig(data=str(tiny_run["data"]), out=str(tmp_path / "run"), batch_size=16, max_steps=2))
+    reset_accelerate_state()
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_training_cache_is_not_built_on_a_full_disk(machine, tiny_run, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_run["data"], data, ignore=shutil.ignore_patterns(".opdiff-cache"))
+    machine(disk=100)
+    with pytest.raises(ValueError, match="the training cache of .* needs about .* of disk"):
+        TrajectoryCache.build(data)
+    assert not (data / ".opdiff-cache").exists()
