@@ -77,33 +77,33 @@ def train(
     """Train a diffusion teacher on images (denoising score matching on the backbone's schedule)."""
     from operator_diffusion import teacher as tt
 
-    config = tt.TeacherConfig(
-        data=data,
-        out=str(out),
-        backbone=backbone,
-        backbone_options=parse_options(backbone_option),
-        prediction=prediction,
-        num_classes=num_classes,
-        label_dropout=label_dropout,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        warmup=warmup,
-        lr_decay=lr_decay,
-        weight_decay=weight_decay,
-        ema=ema,
-        max_steps=max_steps,
-        grad_clip=grad_clip,
-        mixed_precision=mixed_precision,
-        seed=seed,
-        save_every=save_every,
-        log_every=log_every,
-        hflip=hflip,
-        split=split,
-        column=column,
-        num=num,
-    )
-    try:
+    try:  # the config checks its own plain values
+        config = tt.TeacherConfig(
+            data=data,
+            out=str(out),
+            backbone=backbone,
+            backbone_options=parse_options(backbone_option),
+            prediction=prediction,
+            num_classes=num_classes,
+            label_dropout=label_dropout,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup=warmup,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            ema=ema,
+            max_steps=max_steps,
+            grad_clip=grad_clip,
+            mixed_precision=mixed_precision,
+            seed=seed,
+            save_every=save_every,
+            log_every=log_every,
+            hflip=hflip,
+            split=split,
+            column=column,
+            num=num,
+        )
         plan = tt.plan_teacher(config)
         resume = tt.check_out_dir(out, plan.run_info)
     except ImportError as e:  # a backbone plugin that fails to import

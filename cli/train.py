@@ -103,35 +103,35 @@ def train(
         fail(f"--baseline takes 'one-step', got {baseline!r}")
     if weighting not in training.WEIGHTINGS:
         fail(f"unknown --weighting {weighting!r}; valid: {', '.join(training.WEIGHTINGS)}")
-    config = training.TrainConfig(
-        data=data,
-        out=str(out),
-        init_from=None if init_from is None else str(init_from),
-        backbone=backbone,
-        backbone_options=parse_options(backbone_option),
-        modes=modes,
-        placement=placement,
-        weighting=weighting,
-        weight_min=weight_min,
-        weight_max=weight_max,
-        loss=loss,
-        huber_c=huber_c,
-        final_weight=final_weight,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        warmup=warmup,
-        lr_decay=lr_decay,
-        ema=ema,
-        mixed_precision=mixed_precision,
-        max_steps=max_steps,
-        baseline=baseline == "one-step",
-        seed=seed,
-        save_every=save_every,
-        log_every=log_every,
-        trackers=tuple(tracker),
-    )
-    try:  # everything is checked before the training bar starts
+    try:  # everything is checked before the training bar starts (the config checks its own plain values)
+        config = training.TrainConfig(
+            data=data,
+            out=str(out),
+            init_from=None if init_from is None else str(init_from),
+            backbone=backbone,
+            backbone_options=parse_options(backbone_option),
+            modes=modes,
+            placement=placement,
+            weighting=weighting,
+            weight_min=weight_min,
+            weight_max=weight_max,
+            loss=loss,
+            huber_c=huber_c,
+            final_weight=final_weight,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup=warmup,
+            lr_decay=lr_decay,
+            ema=ema,
+            mixed_precision=mixed_precision,
+            max_steps=max_steps,
+            baseline=baseline == "one-step",
+            seed=seed,
+            save_every=save_every,
+            log_every=log_every,
+            trackers=tuple(tracker),
+        )
         plan = training.plan_run(config)
         training.check_run_dir(out, plan.run_info)
         if dry_run:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence, Union
 
@@ -42,6 +43,63 @@ def field_default(config: type, name: str) -> Any:
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return f.default_factory()  # type: ignore[misc]
     raise KeyError(f"{config.__name__}.{name} has no default")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared checkers (pure Python: every config's __post_init__ and the stages use them)
+# --------------------------------------------------------------------------------------------------
+SEED_MAX = 2**63 - 1  # seeds seed torch generators and are stored as int64 (a collection's seed column)
+LR_DECAYS = ("constant", "cosine", "linear")
+MIXED_PRECISIONS = ("bf16", "fp16", "no")  # Accelerate's mixed_precision
+
+
+def check_seed(seed: int, count: int = 1, flag: str = "--seed") -> None:
+    """Refuse a first seed ``seed`` of ``count`` consecutive ones (seed, seed + 1, …) outside 0..2^63 − 1."""
+    top = SEED_MAX - max(count - 1, 0)
+    if not 0 <= seed <= top:
+        more = f" for {count} consecutive seeds" if count > 1 else ""
+        raise ValueError(f"{flag} {seed} is out of range: it must be an integer from 0 to {top}{more}, e.g. {flag} 0")
+
+
+def check_decay(decay: str, warmup: int, max_steps: int | None) -> None:
+    """Refuse an unknown decay, or a decaying one without decay steps (max_steps must exceed warmup)."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"unknown learning-rate decay {decay!r}; valid: {', '.join(LR_DECAYS)}")
+    if decay != "constant" and (max_steps is None or max_steps <= warmup):
+        raise ValueError(
+            f"a {decay} learning-rate decay needs max_steps > warmup ({warmup}), got {max_steps}; "
+            "raise --max-steps or lower --warmup"
+        )
+
+
+RUN_COUNTS = ("batch_size", "grad_accum", "max_steps", "save_every", "log_every", "keep_checkpoints")
+
+
+def check_run_numbers(config) -> None:
+    """The settings every trainer's config shares: the counts in ``RUN_COUNTS`` are integers >= 1, ``warmup`` an
+    integer >= 0 with a valid ``lr_decay``, ``lr`` finite and > 0, ``ema`` in [0, 1), ``seed`` a torch seed in
+    0..2^63 − 1. ValueError names the flag."""
+    for name in RUN_COUNTS:
+        v = getattr(config, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not isinstance(config.warmup, int) or isinstance(config.warmup, bool) or config.warmup < 0:
+        raise ValueError(f"warmup (--warmup) must be an integer >= 0, got {config.warmup!r}")
+    check_decay(config.lr_decay, config.warmup, config.max_steps)
+    lr = config.lr
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number (--lr, finite and > 0), got {lr!r}")
+    if not 0 <= config.ema < 1:
+        raise ValueError(f"ema must lie in [0, 1), got {config.ema}")
+    check_seed(config.seed)
+
+
+def check_positive(name: str, value: float | None) -> None:
+    """Refuse an optional setting that is given but is not a finite number > 0 (None passes)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if value is not None and not ok:
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{name} ({flag}) must be a finite number > 0, got {value!r}; omit it for the default")
 
 
 WEIGHTINGS = ("sqrt-snr", "snr", "uniform")
@@ -90,6 +148,39 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     trackers: tuple[str, ...] = ()  # accelerate trackers, e.g. ("tensorboard",) or ("wandb",)
+
+    def __post_init__(self) -> None:
+        """The checks that need neither torch nor the data (``training.plan_run`` does the rest); one-line
+        ValueErrors naming the flag."""
+        check_run_numbers(self)
+        check_positive("weight_min", self.weight_min)
+        check_positive("weight_max", self.weight_max)
+        if self.weight_min > self.weight_max:
+            raise ValueError(
+                f"weight_min ({self.weight_min}) is above weight_max ({self.weight_max}): the clamp would invert; "
+                "swap them"
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
+        check_positive("huber_c", self.huber_c)
+        if self.huber_c is not None and self.loss != "pseudo-huber":
+            raise ValueError(
+                f"huber_c (--huber-c) applies to the pseudo-huber loss only, not {self.loss!r}; "
+                "drop it or pass --loss pseudo-huber"
+            )
+        check_positive("final_weight", self.final_weight)
+        if self.baseline and self.placement is not None:
+            raise ValueError(
+                "placement (--placement) places temporal layers, which the one-step baseline has none of; drop it"
+            )
+        if self.placement is not None and not self.placement_selectors:
+            raise ValueError(
+                f"placement (--placement) {self.placement!r} names no module; omit it for the full placement"
+            )
+        if self.mixed_precision not in (*MIXED_PRECISIONS, None):
+            raise ValueError(f"unknown mixed precision {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISIONS)}")
 
     @property
     def placement_selectors(self) -> list[str] | None:

@@ -16,6 +16,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .configs import (  # noqa: F401  (re-exported: the run plumbing's checks live with the configs)
+    LR_DECAYS,
+    MIXED_PRECISIONS,
+    RUN_COUNTS,
+    check_decay,
+    check_run_numbers,
+)
+
 __all__ = [
     "RUN_INFO",
     "METRICS_FILE",
@@ -51,8 +59,7 @@ __all__ = [
 RUN_INFO = "run.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
-PRECISIONS = ("bf16", "fp16", "no")  # Accelerate's mixed_precision
-LR_DECAYS = ("constant", "cosine", "linear")
+PRECISIONS = MIXED_PRECISIONS  # Accelerate's mixed_precision
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,30 +77,6 @@ def check_finite_loss(loss: float, step: int, out: Path) -> None:
         f"the loss is {loss} at step {step}: training stopped and exported nothing; {kept}. Lower --lr, or "
         "check the data for NaN or inf"
     )
-
-
-RUN_COUNTS = ("batch_size", "grad_accum", "max_steps", "save_every", "log_every", "keep_checkpoints")
-
-
-def check_run_numbers(config) -> None:
-    """The settings every trainer's config shares: the counts in ``RUN_COUNTS`` are integers >= 1, ``warmup`` an
-    integer >= 0 with a valid ``lr_decay``, ``lr`` finite and > 0, ``ema`` in [0, 1), ``seed`` a torch seed in
-    0..2^63 − 1. ValueError names the flag."""
-    for name in RUN_COUNTS:
-        v = getattr(config, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if not isinstance(config.warmup, int) or isinstance(config.warmup, bool) or config.warmup < 0:
-        raise ValueError(f"warmup (--warmup) must be an integer >= 0, got {config.warmup!r}")
-    check_decay(config.lr_decay, config.warmup, config.max_steps)
-    lr = config.lr
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number (--lr, finite and > 0), got {lr!r}")
-    if not 0 <= config.ema < 1:
-        raise ValueError(f"ema must lie in [0, 1), got {config.ema}")
-    from .seeds import check_seed
-
-    check_seed(config.seed)
 
 
 def micro_seed(tag: str, seed: int, process: int, micro: int) -> int:
@@ -123,17 +106,6 @@ def read_json(path: Path, fix: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r} is damaged (a JSON {type(data).__name__}, not an object); {fix}")
     return data
-
-
-def check_decay(decay: str, warmup: int, max_steps: int | None) -> None:
-    """Refuse an unknown decay, or a decaying one without decay steps (max_steps must exceed warmup)."""
-    if decay not in LR_DECAYS:
-        raise ValueError(f"unknown learning-rate decay {decay!r}; valid: {', '.join(LR_DECAYS)}")
-    if decay != "constant" and (max_steps is None or max_steps <= warmup):
-        raise ValueError(
-            f"a {decay} learning-rate decay needs max_steps > warmup ({warmup}), got {max_steps}; "
-            "raise --max-steps or lower --warmup"
-        )
 
 
 def learning_rate(step: int, lr: float, warmup: int, decay: str = "constant", max_steps: int | None = None) -> float:

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .configs import SEED_MAX, check_seed  # the seed range every stage shares (torch-free)
 from .schedules import DiffusionProcess, VPLinear
 
 __all__ = [
@@ -34,16 +35,7 @@ __all__ = [
 ]
 
 TUNE_NUM = 128  # tuning seeds of `opdiff bench --tune` (disjoint from the reported ones)
-SEED_MAX = 2**63 - 1  # seeds seed torch generators and are stored as int64 (a collection's seed column)
 SEEDS_MAX = 10_000_000  # seeds in one list: a typo such as 0-10000000000 is refused, not enumerated
-
-
-def check_seed(seed: int, count: int = 1, flag: str = "--seed") -> None:
-    """Refuse a first seed ``seed`` of ``count`` consecutive ones (seed, seed + 1, …) outside 0..2^63 − 1."""
-    top = SEED_MAX - max(count - 1, 0)
-    if not 0 <= seed <= top:
-        more = f" for {count} consecutive seeds" if count > 1 else ""
-        raise ValueError(f"{flag} {seed} is out of range: it must be an integer from 0 to {top}{more}, e.g. {flag} 0")
 
 
 def example_inputs(

@@ -130,6 +130,10 @@ class TeacherConfig:
     column: str | None = None  # datasets sources: the image column (default: the first image feature)
     num: int | None = None  # keep the first ``num`` images of the source
 
+    def __post_init__(self) -> None:
+        """The plain values checked at construction (one-line ValueErrors naming the setting)."""
+        _check_numbers(self)
+
     def identity(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in RESUMABLE_FIELDS + ("out",):
@@ -336,7 +340,6 @@ def _check_labels(images: ImageSet, num_classes: int) -> None:
 def plan_teacher(config: TeacherConfig) -> TeacherPlan:
     """Validate ``config``, read the images and build the backbone (initialised from ``config.seed``).
     Raises ValueError / FileNotFoundError / TypeError (an unknown backbone option) before anything is written."""
-    _check_numbers(config)
     images = load_images(config.data, num=config.num, split=config.split, column=config.column)
     if len(images) < config.batch_size:
         raise ValueError(

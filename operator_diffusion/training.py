@@ -72,20 +72,13 @@ from .configs import (  # noqa: E402, F401  (the config lives in the torch-free 
     RESUMABLE_FIELDS,
     WEIGHTINGS,
     TrainConfig,
+    check_positive,
 )
 
 
 # --------------------------------------------------------------------------------------------------
 # The loss (pure functions)
 # --------------------------------------------------------------------------------------------------
-def check_positive(name: str, value: float | None) -> None:
-    """Refuse an optional setting that is given but is not a finite number > 0 (None passes)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if value is not None and not ok:
-        flag = "--" + name.replace("_", "-")
-        raise ValueError(f"{name} ({flag}) must be a finite number > 0, got {value!r}; omit it for the default")
-
-
 def time_weights(
     schedule, times: Tensor, weighting: str, w_min: float = 1.0, w_max: float = 1e4, final_weight: float | None = None
 ) -> Tensor:
@@ -265,33 +258,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     from .provenance import file_sha256
     from .trajectory_cache import TrajectoryCache
 
-    check_run_numbers(config)
-    check_positive("weight_min", config.weight_min)
-    check_positive("weight_max", config.weight_max)
-    if config.weight_min > config.weight_max:
-        raise ValueError(
-            f"weight_min ({config.weight_min}) is above weight_max ({config.weight_max}): the clamp would invert; "
-            "swap them"
-        )
-    if config.loss not in LOSSES:
-        raise ValueError(f"unknown loss {config.loss!r}; valid: {', '.join(LOSSES)}")
-    check_positive("huber_c", config.huber_c)
-    if config.huber_c is not None and config.loss != "pseudo-huber":
-        raise ValueError(
-            f"huber_c (--huber-c) applies to the pseudo-huber loss only, not {config.loss!r}; "
-            "drop it or pass --loss pseudo-huber"
-        )
-    check_positive("final_weight", config.final_weight)
-    if config.baseline and config.placement is not None:
-        raise ValueError(
-            "placement (--placement) places temporal layers, which the one-step baseline has none of; drop it"
-        )
-    if config.placement is not None and not config.placement_selectors:
-        raise ValueError(
-            f"placement (--placement) {config.placement!r} names no module; omit it for the full placement"
-        )
-    if config.mixed_precision not in (*PRECISIONS, None):
-        raise ValueError(f"unknown mixed precision {config.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
+    config = dataclasses.replace(config)  # TrainConfig.__post_init__ checks the plain values, here too
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError(
             "fp16 mixed precision needs a CUDA GPU (on CPU it would silently train in fp32); "
