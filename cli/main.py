@@ -121,6 +121,11 @@ from .bench import bench as _bench  # noqa: E402
 app.command("bench")(_bench)
 
 
+from .push import push as _push  # noqa: E402
+
+app.command("push")(_push)
+
+
 from .teacher import teacher_app as _teacher_app  # noqa: E402
 
 app.add_typer(_teacher_app, name="teacher")

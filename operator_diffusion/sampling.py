@@ -383,11 +383,13 @@ def run_solver(
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(DSNO, info) from a run directory (``opdiff train``'s output) or a DSNO .safetensors checkpoint."""
+    """(DSNO, info) from a run directory (``opdiff train``'s output, or its Hub id or Hub-layout folder:
+    ``hub.resolve_run``) or a DSNO .safetensors checkpoint."""
     from .adapter import DSNO
+    from .hub import resolve_run
     from .training import load_run
 
-    path = Path(path)
+    path = resolve_run(path)
     if path.is_dir():
         return load_run(path, map_location=device)
     if path.is_file():

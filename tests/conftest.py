@@ -28,6 +28,18 @@ def _private_fid_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("OPDIFF_CACHE", str(tmp_path_factory.getbasetemp() / "opdiff-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _no_inception_download(monkeypatch):
+    """Nothing downloads at test time: clean-fid's download (what a missing Inception file triggers online) fails as
+    an unreachable network does."""
+    import cleanfid.downloads_helper
+
+    def refuse(local_folder, url):
+        raise OSError(f"no downloads in the tests ({url})")
+
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_url", refuse)
+
+
 def reset_accelerate() -> None:
     """Forget Accelerate's process-wide state (each `train` call builds its own Accelerator)."""
     from operator_diffusion.training import reset_accelerate_state

@@ -5,9 +5,11 @@ feature network and its training, and the command's results and refusals. No tes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,15 +211,63 @@ def test_reference_stats_are_cached_per_num(folder, netfile, tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------------
-# Inception: never downloaded; clean-fid's clean pipeline reproduced
+# Inception: downloaded by clean-fid's mechanism unless offline; clean-fid's clean pipeline reproduced
 # ---------------------------------------------------------------------------------------------------
-def test_missing_inception_weights_name_the_file_and_url_without_download(tmp_path):
+def test_a_missing_inception_path_that_was_given_is_named_and_never_downloaded(tmp_path, monkeypatch):
+    import cleanfid.downloads_helper
+
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_url", lambda *a: pytest.fail("downloaded"))
     missing = tmp_path / "nowhere" / "inception.pt"
     with pytest.raises(FileNotFoundError) as e:
         F.load_extractor("inception", inception_path=missing)
-    assert str(missing) in str(e.value) and F.INCEPTION_URL in str(e.value) and "--inception-path" in str(e.value)
+    assert str(missing) in str(e.value) and F.INCEPTION_URL in str(e.value)
+    assert "pass --inception-path" not in str(e.value)  # they passed it
     res = runner.invoke(app, ["fid", "digits", "--ref", "digits", "--inception-path", str(missing), "--device", "cpu"])
     assert res.exit_code == 2 and str(missing) in res.stderr and res.stderr.count("\n") == 1, res.output
+    assert "pass --inception-path" not in res.stderr
+
+
+def test_the_default_inception_file_is_downloaded_by_cleanfid_unless_offline(tmp_path, monkeypatch):
+    import urllib.error
+
+    import cleanfid.downloads_helper
+
+    from operator_diffusion.fid import inception
+
+    default = tmp_path / "tmp" / F.INCEPTION_NAME
+    monkeypatch.setattr(inception, "INCEPTION_FILE", str(default))
+    asked = []
+
+    def download(local_folder, url):  # clean-fid's check_download_url, without the network
+        asked.append((local_folder, url))
+        Path(local_folder).mkdir(parents=True, exist_ok=True)
+        (Path(local_folder) / Path(url).name).write_bytes(b"torchscript weights")
+        return str(Path(local_folder) / Path(url).name)
+
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_url", download)
+    for offline in ({"offline": True}, {}):  # --offline, then HF_HUB_OFFLINE
+        with monkeypatch.context() as m:
+            m.setenv("HF_HUB_OFFLINE", "1")
+            with pytest.raises(FileNotFoundError, match="offline") as e:
+                F.load_extractor("inception", **offline)
+        assert "pass --inception-path PATH" in str(e.value) and F.INCEPTION_URL in str(e.value) and asked == []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    ext = F.load_extractor("inception")
+    assert asked == [(str(default.parent), F.INCEPTION_URL)] and ext.path == default
+    assert ext.sha256 == hashlib.sha256(b"torchscript weights").hexdigest()
+    F.load_extractor("inception")  # there now: not downloaded again
+    assert len(asked) == 1
+
+    default.unlink()
+
+    def unreachable(local_folder, url):
+        Path(local_folder, Path(url).name).write_bytes(b"partial")
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_url", unreachable)
+    with pytest.raises(FileNotFoundError, match="download of .* failed") as e:
+        F.load_extractor("inception")
+    assert "--inception-path PATH" in str(e.value) and "\n" not in str(e.value) and not default.exists()
 
 
 class _FakeLayers(nn.Module):

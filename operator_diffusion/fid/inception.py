@@ -1,5 +1,6 @@
 """clean-fid's InceptionV3 as a feature extractor: ``InceptionExtractor`` (2048-d pool3 features of the torchscript
-weights, never downloaded) and ``clean_preprocess`` (clean-fid's "clean" resize to 299×299).
+weights; missing at clean-fid's default place, they are downloaded there by clean-fid's own mechanism unless offline)
+and ``clean_preprocess`` (clean-fid's "clean" resize to 299×299).
 """
 
 from __future__ import annotations
@@ -54,21 +55,60 @@ def _inception_module(path: str):
     return _InceptionFile(path).eval()
 
 
+def offline_now(offline: Optional[bool] = None) -> bool:
+    """``offline`` when given, else whether ``HF_HUB_OFFLINE`` is set to a true value."""
+    if offline is not None:
+        return bool(offline)
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def download_inception(timeout: float = 60.0) -> Path:
+    """clean-fid's own download (``cleanfid.downloads_helper.check_download_url``, what ``cleanfid.fid`` does) of
+    ``INCEPTION_URL`` into ``INCEPTION_FILE``'s folder. A failure (no network) is a one-line FileNotFoundError
+    saying where to put the file, and leaves no partial file."""
+    import socket
+
+    from cleanfid.downloads_helper import check_download_url
+
+    target = Path(INCEPTION_FILE)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # clean-fid's urlopen has none: an unreachable network must not hang
+    try:
+        return Path(check_download_url(local_folder=str(target.parent), url=INCEPTION_URL))
+    except (OSError, ValueError) as e:  # urllib's URLError and socket timeouts are OSErrors
+        target.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"the Inception weights are missing and the download of {INCEPTION_URL} failed ({oneline(e)}): fetch it "
+            f"on a machine with network and copy it to {INCEPTION_FILE} or pass --inception-path PATH"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 class InceptionExtractor(FeatureExtractor):
     """clean-fid's InceptionV3 features in "clean" mode (``build_feature_extractor("clean")``: the torchscript
     model, resize outside the network). ``path``: the torchscript weights, default clean-fid's own
-    ``/tmp/inception-2015-12-05.pt``. Never downloads: a missing file is a ``FileNotFoundError`` saying
-    where to put it and where clean-fid gets it from. The model is loaded on first use."""
+    ``/tmp/inception-2015-12-05.pt``. A missing default file is downloaded there as clean-fid does
+    (``download_inception``), unless ``offline`` (default: ``HF_HUB_OFFLINE``): then, or when the download fails,
+    it is a ``FileNotFoundError`` saying where to put it and where clean-fid gets it from. A ``path`` that was given
+    is never replaced by a download. The model is loaded on first use."""
 
     dim = 2048
 
-    def __init__(self, path: Optional[str | os.PathLike] = None, device: str = "cpu"):
+    def __init__(self, path: Optional[str | os.PathLike] = None, device: str = "cpu", offline: Optional[bool] = None):
         self.path = Path(path) if path is not None else Path(INCEPTION_FILE)
-        if not self.path.is_file():
+        if not self.path.is_file() and path is not None:
             raise FileNotFoundError(
-                f"the Inception weights {str(self.path)!r} are missing (opdiff never downloads): fetch {INCEPTION_URL} "
+                f"the Inception weights {str(self.path)!r} (--inception-path) do not exist: fetch {INCEPTION_URL} on "
+                "a machine with network and copy it there"
+            )
+        if not self.path.is_file() and offline_now(offline):
+            raise FileNotFoundError(
+                f"the Inception weights {str(self.path)!r} are missing, and opdiff is offline: fetch {INCEPTION_URL} "
                 f"on a machine with network and copy it to {INCEPTION_FILE} or pass --inception-path PATH"
             )
+        if not self.path.is_file():
+            self.path = download_inception()
         from ..provenance import file_sha256
 
         self.sha256 = file_sha256(self.path)

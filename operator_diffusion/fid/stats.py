@@ -28,14 +28,18 @@ Source = Union[str, os.PathLike, np.ndarray, ImageSet]
 
 
 def load_extractor(
-    spec: str | FeatureExtractor, inception_path: Optional[str | os.PathLike] = None, device: str = "cpu"
+    spec: str | FeatureExtractor,
+    inception_path: Optional[str | os.PathLike] = None,
+    device: str = "cpu",
+    offline: Optional[bool] = None,
 ) -> FeatureExtractor:
-    """``"inception"`` (clean-fid's InceptionV3, weights at ``inception_path`` or /tmp), ``"digits"`` (the
-    shipped 8×8 digits FeatureNet) or the path of a FeatureNet .safetensors file."""
+    """``"inception"`` (clean-fid's InceptionV3, weights at ``inception_path`` or /tmp, downloaded there by clean-fid
+    unless ``offline``, default ``HF_HUB_OFFLINE``), ``"digits"`` (the shipped 8×8 digits FeatureNet) or the path of
+    a FeatureNet .safetensors file."""
     if isinstance(spec, FeatureExtractor):
         return spec
     if spec == "inception":
-        return InceptionExtractor(inception_path, device)
+        return InceptionExtractor(inception_path, device, offline)
     if spec == "digits":
         if not DIGITS_FEATURENET.is_file():
             raise FileNotFoundError(

@@ -6,12 +6,13 @@ entry-point group, so that ``operator_diffusion.backbones.load_backbone("diffuse
     >>> from operator_diffusion.backbones import load_backbone
     >>> bb = load_backbone("diffusers-unet2d", pretrained="google/ddpm-cifar10-32")   # needs the Hub (or its cache)
 
-This package's ``__init__`` imports nothing heavy; ``opdiff_diffusers.backbone`` imports diffusers.
+This package's ``__init__`` imports nothing heavy; ``opdiff_diffusers.backbone`` and ``opdiff_diffusers.pipeline``
+(``DSNOPipeline``, a trained DSNO as a diffusers pipeline) import diffusers.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["DiffusersUNet2DBackbone", "__version__"]
+__all__ = ["DSNOPipeline", "DiffusersUNet2DBackbone", "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,4 +20,8 @@ def __getattr__(name: str):
         from .backbone import DiffusersUNet2DBackbone
 
         return DiffusersUNet2DBackbone
+    if name == "DSNOPipeline":
+        from .pipeline import DSNOPipeline
+
+        return DSNOPipeline
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
