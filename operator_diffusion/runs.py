@@ -47,6 +47,8 @@ __all__ = [
     "write_atomic",
     "micro_seed",
     "check_run_numbers",
+    "count_micro_step",
+    "optimizer_step",
     "NonFiniteLossError",
     "check_finite_loss",
     "CHECKPOINT_HASHES",
@@ -119,6 +121,24 @@ def learning_rate(step: int, lr: float, warmup: int, decay: str = "constant", ma
         return lr
     p = min(1.0, (step - warmup) / (max_steps - warmup))
     return lr * (0.5 * (1 + math.cos(math.pi * p)) if decay == "cosine" else 1 - p)
+
+
+def optimizer_step(optimizer, state, config) -> None:
+    """Step the optimizer at this step's learning rate (``learning_rate``) and clear the gradients; inside
+    gradient accumulation Accelerate's wrapped optimizer skips the step until the gradients sync."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(state.step, config.lr, config.warmup, config.lr_decay, config.max_steps)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def count_micro_step(accelerator, state) -> bool:
+    """Count one micro-step; True, with one more optimizer step counted, when its gradients synced."""
+    state.micro += 1
+    if not accelerator.sync_gradients:
+        return False
+    state.step += 1
+    return True
 
 
 class EMA:

@@ -57,9 +57,10 @@ from .runs import (
     check_in_sync,
     check_run_dir,
     check_run_numbers,
+    count_micro_step,
     end_of_step,
-    learning_rate,
     micro_seed,
+    optimizer_step,
     read_json,
     resumable_batches,
     resume_from_checkpoint,
@@ -518,14 +519,9 @@ def train_teacher(
             loss = objective(x0, t, eps, y)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, max_norm) if accelerator.sync_gradients else None
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(state.step, config.lr, config.warmup, config.lr_decay, config.max_steps)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        state.micro += 1
-        if not accelerator.sync_gradients:
+            optimizer_step(optimizer, state, config)
+        if not count_micro_step(accelerator, state):
             continue
-        state.step += 1
         ema.update(network)
         loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
         if not math.isfinite(loss_value):

@@ -48,10 +48,12 @@ from .runs import (  # noqa: F401  (re-exported: the trainers' shared run plumbi
     check_in_sync,
     check_run_dir,
     check_run_numbers,
+    count_micro_step,
     end_of_step,
     latest_checkpoint,
     learning_rate,
     micro_seed,
+    optimizer_step,
     read_json,
     reset_accelerate_state,
     resumable_batches,
@@ -442,14 +444,9 @@ def train(
             pred = model(x_T, batch.get("label"), **cond)
             loss, terms = dsno_loss(pred, target, weights, config.loss, config.huber_c)
             accelerator.backward(loss)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(state.step, config.lr, config.warmup, config.lr_decay, config.max_steps)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        state.micro += 1
-        if not accelerator.sync_gradients:
+            optimizer_step(optimizer, state, config)
+        if not count_micro_step(accelerator, state):
             continue
-        state.step += 1
         ema.update(unwrapped)
         metrics = _metrics(accelerator, loss, terms, weights, optimizer)
         check_finite_loss(metrics["loss"], state.step, out)  # the loss averaged over processes: all stop together
