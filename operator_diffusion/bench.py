@@ -218,16 +218,6 @@ class BenchResult:
 # --------------------------------------------------------------------------------------------------
 # Pure parts
 # --------------------------------------------------------------------------------------------------
-def teacher_match(x: Tensor, reference: Tensor) -> tuple[float, float]:
-    """(RMSE, PSNR in dB) of images ``x`` against ``reference``, both clipped to [-1, 1] (module docstring)."""
-    if x.shape != reference.shape:
-        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(reference.shape)}")
-    err = x.double().clamp(-1, 1) - reference.double().clamp(-1, 1)
-    mse = float(err.square().mean())
-    psnr = math.inf if mse == 0 else 10.0 * math.log10(PSNR_RANGE**2 / mse)
-    return math.sqrt(mse), psnr
-
-
 def per_seed_rmse(x: Tensor, reference: Tensor, clip: bool = True) -> Tensor:
     """Each sample's own RMSE against its reference, (B,) float64 (images clipped to [-1, 1]; latents with
     ``clip=False``). Their median says what a typical seed gets; the pooled RMSE (``teacher_match``) is the root
@@ -240,11 +230,20 @@ def per_seed_rmse(x: Tensor, reference: Tensor, clip: bool = True) -> Tensor:
     return (a - b).square().flatten(1).mean(1).sqrt()
 
 
+def psnr_db(mse: float) -> float:
+    """PSNR in dB of a mean squared error on images in [-1, 1] (peak-to-peak ``PSNR_RANGE``)."""
+    return math.inf if mse == 0 else 10.0 * math.log10(PSNR_RANGE**2 / mse)
+
+
+def teacher_match(x: Tensor, reference: Tensor) -> tuple[float, float]:
+    """(RMSE, PSNR in dB) of images ``x`` against ``reference``, both clipped to [-1, 1] (module docstring)."""
+    mse = float(per_seed_rmse(x, reference).square().mean())
+    return math.sqrt(mse), psnr_db(mse)
+
+
 def latent_rmse(x: Tensor, reference: Tensor) -> float:
     """RMSE of latents ``x`` against ``reference``, unclipped (latents are not pixels in [-1, 1])."""
-    if x.shape != reference.shape:
-        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(reference.shape)}")
-    return float((x.double() - reference.double()).square().mean().sqrt())
+    return float(per_seed_rmse(x, reference, clip=False).square().mean().sqrt())
 
 
 def steps_for_nfe(
@@ -682,14 +681,13 @@ def run_bench(setup: BenchSetup, progress: Callable[[str, int, int], None] | Non
         return collect_batches(batches, n, None if progress is None else (lambda d, t: progress(label, d, t)), sync)
 
     def add(method: str, nfe: int, depth: int, batch: SampleBatch, seconds: float, detail: str, kind: str) -> None:
-        x = batch.outputs[:, -1]
-        if batch.images is None:
-            rmse, psnr = teacher_match(x, ref.outputs[:, -1])
-        else:  # a latent teacher: RMSE of the latents (not clipped), PSNR of the decoded images
-            rmse = latent_rmse(x, ref.outputs[:, -1])
-            psnr = teacher_match(batch.images[:, -1], ref.images[:, -1])[1]
+        # each seed's RMSE: of the images, or of a latent teacher's latents (not clipped)
+        own = per_seed_rmse(batch.outputs[:, -1], ref.outputs[:, -1], clip=batch.images is None)
+        mse = float(own.square().mean())
+        rmse, median = math.sqrt(mse), float(own.median())
+        # PSNR of the images: the samples themselves, or a latent teacher's decoded images
+        psnr = psnr_db(mse) if batch.images is None else teacher_match(batch.images[:, -1], ref.images[:, -1])[1]
         fid = None if su.fid is None else float(su.fid(to_uint8(batch.pixels[:, -1])))
-        median = float(per_seed_rmse(x, ref.outputs[:, -1], clip=batch.images is None).median())
         rows.append(
             BenchRow(
                 method,

@@ -260,7 +260,6 @@ def plan_run(config: TrainConfig) -> RunPlan:
     from .provenance import file_sha256
     from .trajectory_cache import TrajectoryCache
 
-    config = dataclasses.replace(config)  # TrainConfig.__post_init__ checks the plain values, here too
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError(
             "fp16 mixed precision needs a CUDA GPU (on CPU it would silently train in fp32); "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -39,15 +40,23 @@ class AdapterTiming:
     dsno_train: float | None  # forward+backward, DSNO
 
 
-def _interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each function, calling them in turn ``repeats`` times (after one warm-up each)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
+def interleaved_medians(
+    fns: dict, repeats: int, warmups: int = 1, sync: Callable[[], None] | None = None
+) -> dict[str, float]:
+    """Median wall time of each function, calling them in turn ``repeats`` times after ``warmups`` calls each;
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs around every timed call so that device work is counted."""
+    sync = sync or (lambda: None)
     for fn in fns.values():
-        fn()
+        for _ in range(warmups):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -94,7 +103,7 @@ def time_adapter(
         fns["teacher_bm_train"] = train(lambda: bb(x_bm, t_bm))
         for p, model in models.items():
             fns[f"train {p}"] = train(lambda model=model: model(x))
-    m = _interleaved_medians(fns, repeats)
+    m = interleaved_medians(fns, repeats)
     return [
         AdapterTiming(
             preset,

@@ -18,7 +18,6 @@ on the CPU, which is how the tests keep it working.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,27 +44,13 @@ class SampleRow:
     error: str | None = None  # why a compiled row could not be measured
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _medians(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each function called in turn ``repeats`` times after two warm-ups (compilation and CUDA
-    graph capture happen in the warm-ups), synchronising the device around every call."""
-    for fn in fns.values():
-        fn()
-        fn()
-    _sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """``adapter.interleaved_medians`` after two warm-ups (compilation and CUDA graph capture happen in them),
+    synchronising the device around every timed call."""
+    from .adapter import interleaved_medians
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return interleaved_medians(fns, repeats, warmups=2, sync=sync)
 
 
 def _autocast(device: torch.device, precision: str):

@@ -445,8 +445,7 @@ class UNetBlockCuts:
         cuts = self.item_cut_points
         if after not in cuts:
             raise ValueError(f"{after!r} is not an item cut point of {self.name}; valid: {', '.join(cuts)}")
-        later = [c for c in cuts[cuts.index(after) + 1 :] if c != "mid_block"]
-        return keep_items_by_hooks(self.network, after, later, index)
+        return keep_items_by_hooks(self.network, after, cuts[cuts.index(after) + 1 :], index)
 
 
 class DiffusersUNet2DBackbone(UNetBlockCuts, Backbone):
