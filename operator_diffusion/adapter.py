@@ -159,12 +159,9 @@ def trace_outputs(backbone: Backbone, names: Sequence[str]) -> dict[str, tuple[i
     return shapes
 
 
-def trace_injection_points(
-    backbone: Backbone, names: Sequence[str], shapes: dict[str, tuple[int, ...] | str] | None = None
-) -> list[InjectionPoint]:
-    """Each named module's output channels and resolution from one traced forward pass (``trace_outputs``, or
-    its result ``shapes``); the points come back in the order the forward pass reaches them."""
-    shapes = trace_outputs(backbone, names) if shapes is None else shapes
+def trace_injection_points(names: Sequence[str], shapes: dict[str, tuple[int, ...] | str]) -> list[InjectionPoint]:
+    """Each named module's output channels and resolution from one traced forward pass (``shapes``, what
+    ``trace_outputs`` returns); the points come back in the order the forward pass reaches them."""
     points = []
     for n in sorted(names, key=lambda n: list(shapes).index(n) if n in shapes else -1):
         shape = shapes.get(n)
@@ -280,7 +277,7 @@ class DSNO(nn.Module):
         )
         cuts = backbone.item_cut_points
         shapes = trace_outputs(backbone, [*names, *(c for c in cuts if c not in names)])
-        self.injection_points = trace_injection_points(backbone, names, shapes)
+        self.injection_points = trace_injection_points(names, shapes)
         # frame pruning: where the forward pass may continue on the requested frames only (None: never)
         self.cut_point = frame_cut_point(list(shapes), self.injection_points[-1].name, cuts)
         from .operators import TemporalBlock  # lazy: neuralop is a heavy import
@@ -348,11 +345,11 @@ class DSNO(nn.Module):
         out = []
         for f in frames:
             try:
-                i = operator.index(f) if not isinstance(f, bool) else None
+                if isinstance(f, bool):
+                    raise TypeError
+                i = operator.index(f)
             except TypeError:
-                i = None
-            if i is None:
-                raise TypeError(f"frames must be integer indices into the output times, got {f!r}")
+                raise TypeError(f"frames must be integer indices into the output times, got {f!r}") from None
             if not -num_frames <= i < num_frames:
                 raise ValueError(f"frame index {i} is out of range for {num_frames} output times")
             out.append(i % num_frames)
