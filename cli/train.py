@@ -65,6 +65,11 @@ def train(
     final_weight: Optional[float] = typer.Option(
         None, "--final-weight", help="Loss weight of the last output time t_M (> 0), replacing its w(t_M)."
     ),
+    output_skip: Optional[str] = typer.Option(
+        None,
+        "--output-skip",
+        help="fit: predict c_skip·x_T + c_out·F per output time, fitted to the data (default: the raw output).",
+    ),
     batch_size: int = typer.Option(
         _default("batch_size"), "--batch-size", help="Trajectories per process and micro-step."
     ),
@@ -118,6 +123,7 @@ def train(
             loss=loss,
             huber_c=huber_c,
             final_weight=final_weight,
+            output_skip=output_skip,
             batch_size=batch_size,
             grad_accum=grad_accum,
             lr=lr,

@@ -21,6 +21,12 @@ reference implementation whose teacher predicted x directly. The teacher's own o
 at state x_{t_i}) cannot be converted — DSNO never sees x_{t_i}, only x_T — so the head is a warm start
 that training re-targets.
 
+``output_skip`` (optional, issue 14's warm-start lever) reparameterises the output per frame as EDM does
+(Karras et al. 2022, eq. 7), G_i = c_skip,i·x_T + c_out,i·F_i with F the network's raw output. Here the
+coefficients are fitted to the collection (``fit_output_skip``): c_skip,i is the least-squares slope of the target
+at t_i on the noise x_T (x_T explains about a third of a digits target's variance) and c_out,i the RMS of what is
+left, so the network's own target has unit RMS, like the teacher's ε.
+
 PSLD teachers: DSNO maps the phase-space noise z_T (B, 2C, H, W) (the PSLD prior, ``seeds.example_inputs``)
 to the data's trajectory. The network's output on item (b, i) has 2C channels (a PSLD network predicts the HSM ε
 of x and m); its x half (the first C channels) is the prediction of the target at t_i, and the m half is
@@ -187,6 +193,39 @@ def frame_cut_point(order: Sequence[str], last: str, cuts: Sequence[str]) -> str
     return min(after, key=rank.__getitem__) if after else None
 
 
+def fit_output_skip(x_T: Tensor, targets: Tensor) -> Tensor:
+    """Per-frame output preconditioning (c_skip,i, c_out,i), (M, 2) float64, fitted to training pairs:
+    noise x_T (N, C, H, W) and targets (N, M, C, H, W). G_i = c_skip,i·x_T + c_out,i·F_i as EDM's eq. 7 (Karras
+    et al. 2022), but with c_skip,i the ordinary least-squares slope of y_i on x_T over all elements (with an
+    intercept) instead of EDM's σ_data²/(σ² + σ_data²), and c_out,i = RMS(y_i − c_skip,i·x_T), which makes the
+    network's own target (y_i − c_skip,i·x_T)/c_out,i unit-RMS."""
+    if x_T.ndim + 1 != targets.ndim or x_T.shape[0] != targets.shape[0] or x_T.shape[1:] != targets.shape[2:]:
+        raise ValueError(
+            f"fit_output_skip needs x_T (N, C, H, W) and targets (N, M, C, H, W), got {tuple(x_T.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    x = x_T.double().flatten(1)  # (N, D)
+    y = targets.double().transpose(0, 1).flatten(2)  # (M, N, D)
+    xc = x - x.mean()
+    yc = y - y.mean(dim=(1, 2), keepdim=True)
+    c_skip = (xc * yc).sum(dim=(1, 2)) / xc.square().sum()
+    c_out = (y - c_skip[:, None, None] * x).square().mean(dim=(1, 2)).sqrt()
+    return torch.stack([c_skip, c_out], dim=1)
+
+
+def output_skip_at(table: Tensor, log_snr: Tensor, query_log_snr: Tensor) -> Tensor:
+    """The (c_skip, c_out) rows of ``table`` (fitted at times of log-SNR ``log_snr``) at other times: piecewise
+    linear in log-SNR, constant beyond the first and last fitted time. (M, 2), (M,), (K,) → (K, 2)."""
+    order = torch.argsort(log_snr)
+    xs, tab, q = log_snr[order].double(), table[order].double(), query_log_snr.double()
+    if len(xs) == 1:
+        return tab.expand(len(q), 2).clone()
+    q = q.clamp(xs[0], xs[-1])
+    j = torch.searchsorted(xs, q).clamp(1, len(xs) - 1)
+    w = ((q - xs[j - 1]) / (xs[j] - xs[j - 1]))[:, None]
+    return (1 - w) * tab[j - 1] + w * tab[j]
+
+
 def frame_items(batch: int, num_frames: int, frames: Sequence[int]) -> Tensor:
     """Items b·M + i of the kept frames i (in the order given) of every example b: (B·K,) long, example-major."""
     f = torch.as_tensor(list(frames), dtype=torch.long)
@@ -229,6 +268,8 @@ class DSNO(nn.Module):
         init: ``"zero"`` (exact identity: DSNO starts as the teacher network) or ``"small"`` (reference init).
         negative_slope: LeakyReLU slope of the temporal layers (0.01 in the paper).
         baseline: the one-step distillation baseline (no temporal layers, one output at t_M).
+        output_skip: None (the raw network output is the prediction) or (c_skip, c_out) per output time, (M, 2)
+            (the baseline: (1, 2)), from ``fit_output_skip``: the prediction at t_i is c_skip,i·x_T + c_out,i·F_i.
 
     ``forward(x_T, labels=None, times=None, frames=None)`` → (B, M, C, H, W). ``times`` evaluates the operator on
     other query times (App. A.3): the temporal layers treat the times as equispaced samples in index, as in
@@ -246,6 +287,7 @@ class DSNO(nn.Module):
         init: str = "zero",
         negative_slope: float = 0.01,
         baseline: bool = False,
+        output_skip: Sequence[Sequence[float]] | Tensor | None = None,
     ):
         super().__init__()
         if not isinstance(backbone, Backbone):
@@ -260,6 +302,7 @@ class DSNO(nn.Module):
         # The baseline has one output, at the end of the trajectory; DSNO keeps all M.
         self.register_buffer("times", all_times[-1:] if baseline else all_times, persistent=False)
         self.train_times = all_times
+        self.output_skip = None if output_skip is None else self.check_output_skip(output_skip, len(self.times))
         self.temporal = nn.ModuleDict()
         self.injection_points: list[InjectionPoint] = []
         # the baseline has no temporal layer: its one frame is the whole output
@@ -334,10 +377,37 @@ class DSNO(nn.Module):
                 stack.enter_context(bb.keep_items(self.cut_point, frame_items(b, m, keep).to(x_T.device)))
             out = bb.forward(x, t_items, lab, **cond_items)
         out = bb.schedule.data_part(out)  # PSLD: (B*M, 2C, H, W) -> the x half (B*M, C, H, W)
-        if prune:
-            return out.reshape(b, len(keep), *out.shape[1:])
-        out = out.reshape(b, m, *out.shape[1:])
-        return out if keep is None else out[:, keep]
+        if not prune:
+            out = out.reshape(b, m, *out.shape[1:])
+            out = out if keep is None else out[:, keep]
+        else:
+            out = out.reshape(b, len(keep), *out.shape[1:])
+        if self.output_skip is not None:
+            skip = self._skip_rows(t if times is not None else None)
+            skip = skip if keep is None else skip[keep]
+            c = skip.to(device=out.device, dtype=out.dtype)[None, :, :, None, None, None]  # (1, K, 2, 1, 1, 1)
+            out = c[:, :, 0] * bb.schedule.data_part(x_T)[:, None] + c[:, :, 1] * out
+        return out
+
+    def _skip_rows(self, query: Tensor | None) -> Tensor:
+        """(c_skip, c_out) of each output time: the fitted rows, or interpolated at query times (App. A.3)."""
+        if query is None:
+            return self.output_skip
+        snr = self.backbone.schedule.data_log_snr
+        return output_skip_at(self.output_skip, snr(self.times.double().cpu()), snr(query.double().cpu()))
+
+    @staticmethod
+    def check_output_skip(table: Sequence[Sequence[float]] | Tensor, num_times: int) -> Tensor:
+        """``output_skip`` as a float64 (M, 2) tensor: one finite (c_skip, c_out) row per output time, c_out > 0."""
+        t = torch.as_tensor(table, dtype=torch.float64).cpu()
+        if t.shape != (num_times, 2):
+            raise ValueError(
+                f"output_skip must hold one (c_skip, c_out) row per output time, shape ({num_times}, 2); "
+                f"got {tuple(t.shape)}"
+            )
+        if not torch.isfinite(t).all() or not (t[:, 1] > 0).all():
+            raise ValueError(f"output_skip needs finite rows with c_out > 0, got {t.tolist()}")
+        return t
 
     @staticmethod
     def check_frames(frames: Sequence[int], num_frames: int) -> list[int]:
@@ -410,6 +480,7 @@ class DSNO(nn.Module):
             "init": self.init,
             "negative_slope": self.negative_slope,
             "baseline": self.baseline,
+            **({} if self.output_skip is None else {"output_skip": self.output_skip.tolist()}),
         }
 
     @classmethod
@@ -429,6 +500,7 @@ class DSNO(nn.Module):
             init=config["init"],
             negative_slope=config["negative_slope"],
             baseline=config["baseline"],
+            output_skip=config.get("output_skip"),  # absent in models saved before the option
         )
 
     def save(self, path: str | Path) -> None:
@@ -472,4 +544,5 @@ class DSNO(nn.Module):
             if self.baseline
             else f"modes={self.modes}, points={len(self.injection_points)}"
         )
-        return f"backbone={self.backbone.name!r}, times={[round(float(t), 6) for t in self.train_times]}, {kind}"
+        skip = "" if self.output_skip is None else ", output_skip=fit"
+        return f"backbone={self.backbone.name!r}, times={[round(float(t), 6) for t in self.train_times]}, {kind}{skip}"

@@ -31,6 +31,7 @@ __all__ = [
     "LOSSES",
     "RESUMABLE_FIELDS",
     "LATER_FIELDS",
+    "OUTPUT_SKIPS",
     "HUBER_C_PER_SQRT_DIM",
 ]
 
@@ -108,7 +109,8 @@ HUBER_C_PER_SQRT_DIM = 0.00054  # iCT (Song & Dhariwal, 2023): c = 0.00054·√D
 # Fields that may change between a run and its resumption (they do not change what is trained).
 RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints", "trackers")
 # Fields added after runs were made: left out of the identity while None (their old behaviour), so those runs resume.
-LATER_FIELDS = ("huber_c", "final_weight", "placement")
+LATER_FIELDS = ("huber_c", "final_weight", "placement", "output_skip")
+OUTPUT_SKIPS = ("fit",)  # TrainConfig.output_skip: per-frame c_skip·x_T + c_out·F fitted to the data (adapter)
 INIT_SCRATCH = "scratch"  # init_from: the backbone's own initialisation (runs made before the teacher default had None)
 
 
@@ -131,6 +133,8 @@ class TrainConfig:
     loss: Literal["l1", "l2", "pseudo-huber"] = "l1"
     huber_c: float | None = None  # pseudo-Huber c; None: iCT's 0.00054·√(C·H·W)
     final_weight: float | None = None  # replaces w(t_M), the last output's loss weight; None: w(t_M)
+    # per-frame output preconditioning G_i = c_skip,i·x_T + c_out,i·F_i: "fit" (to the data); None: the raw output
+    output_skip: Literal["fit"] | None = None
     batch_size: int = 64  # per process and micro-step
     grad_accum: int = 1
     lr: float = 2e-4
@@ -171,6 +175,10 @@ class TrainConfig:
                 "drop it or pass --loss pseudo-huber"
             )
         check_positive("final_weight", self.final_weight)
+        if self.output_skip not in (*OUTPUT_SKIPS, None):
+            raise ValueError(
+                f"unknown output skip {self.output_skip!r}; valid: {', '.join(OUTPUT_SKIPS)} (or none: the raw output)"
+            )
         if self.baseline and self.placement is not None:
             raise ValueError(
                 "placement (--placement) places temporal layers, which the one-step baseline has none of; drop it"

@@ -296,6 +296,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         placement=None if config.baseline else config.placement_selectors,
         init=config.init,
         baseline=config.baseline,
+        output_skip=None if config.output_skip is None else output_skip_from_data(cache, bb, config.baseline),
     )
     weights = time_weights(
         bb.schedule, model.times, config.weighting, config.weight_min, config.weight_max, config.final_weight
@@ -328,6 +329,21 @@ def plan_run(config: TrainConfig) -> RunPlan:
         init_source,
         prompts,
     )
+
+
+SKIP_FIT_NUM = 4096  # trajectories the output skip is fitted on (the first ones: deterministic, cheap)
+
+
+def output_skip_from_data(cache, backbone: Backbone, baseline: bool, num: int = SKIP_FIT_NUM) -> Tensor:
+    """``adapter.fit_output_skip`` on the collection's first ``num`` trajectories and their prior draws (the
+    collection's noise rule); the baseline's one output: the last time's row."""
+    from .adapter import fit_output_skip
+    from .seeds import example_inputs
+
+    td = cache[torch.arange(min(num, len(cache)))]
+    x_T, _ = example_inputs(td["seed"].tolist(), backbone.image_shape, schedule=backbone.schedule)
+    targets = td["trajectory"]
+    return fit_output_skip(backbone.schedule.data_part(x_T), targets[:, -1:] if baseline else targets)
 
 
 BATCH_COPIES = (

@@ -399,3 +399,85 @@ def test_bad_frames_are_refused(frames, error, match):
 def test_an_unknown_preset_names_the_presets():
     with pytest.raises(ValueError, match="placement presets: full, through-mid, through-up1"):
         DSNO(tiny(), TIMES, placement="through-middle")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Per-frame output preconditioning (output_skip, issue 14's warm-start lever)
+# ------------------------------------------------------------------------------------------------------
+def test_fit_output_skip_is_least_squares_with_an_intercept():
+    """Reference: numpy's polyfit of each frame's targets on the noise, element by element, and the RMS of the
+    residual without the intercept (which the network has to produce)."""
+    import numpy as np
+
+    from operator_diffusion.adapter import fit_output_skip
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 4, 4, generator=g, dtype=torch.float64)
+    slopes, offsets = [0.1, 0.3, -0.5], [0.2, -0.7, 0.0]
+    y = torch.stack(
+        [a * x + b + 0.4 * torch.randn(x.shape, generator=g, dtype=torch.float64) for a, b in zip(slopes, offsets)],
+        dim=1,
+    )
+    table = fit_output_skip(x, y)
+    assert table.shape == (3, 2) and table.dtype == torch.float64
+    for i in range(3):
+        slope, _ = np.polyfit(x.numpy().ravel(), y[:, i].numpy().ravel(), 1)
+        rms = np.sqrt(np.mean((y[:, i].numpy() - slope * x.numpy()) ** 2))
+        assert table[i, 0].item() == pytest.approx(slope, rel=1e-10)
+        assert table[i, 1].item() == pytest.approx(rms, rel=1e-10)
+    with pytest.raises(ValueError, match=r"\(N, M, C, H, W\)"):
+        fit_output_skip(x, y[:, 0])
+
+
+def test_output_skip_at_interpolates_in_log_snr_and_holds_beyond_the_ends():
+    from operator_diffusion.adapter import output_skip_at
+
+    table = torch.tensor([[0.1, 1.0], [0.3, 0.5], [0.2, 0.4]], dtype=torch.float64)
+    snr = torch.tensor([-2.0, 1.0, 4.0], dtype=torch.float64)  # any order: sorted inside
+    q = torch.tensor([1.0, -0.5, 2.5, -9.0, 9.0, 4.0], dtype=torch.float64)
+    want = torch.tensor(
+        [[0.3, 0.5], [0.2, 0.75], [0.25, 0.45], [0.1, 1.0], [0.2, 0.4], [0.2, 0.4]], dtype=torch.float64
+    )
+    torch.testing.assert_close(output_skip_at(table, snr, q), want, rtol=1e-12, atol=1e-12)
+    perm = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(output_skip_at(table[perm], snr[perm], q), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("placement", [None, "through-mid"])
+@torch.no_grad()
+def test_output_skip_is_c_skip_x_T_plus_c_out_times_the_raw_output(placement, tmp_path):
+    """Reference: the same network without the skip (its raw output F), combined by hand in float64; pruned frames,
+    the training times given as query times, and a safetensors round trip give the same numbers."""
+    bb = tiny(num_classes=3)
+    bb.network.double()
+    raw = small_dsno(bb, placement=placement).double().eval()
+    table = [[0.1, 0.9], [0.2, 0.7], [0.25, 0.6], [0.3, 0.5]]
+    model = copy.deepcopy(raw)
+    model.output_skip = DSNO.check_output_skip(table, 4)
+    x = torch.randn(3, *bb.image_shape, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1])
+    c = torch.tensor(table, dtype=torch.float64)
+    want = c[None, :, 0, None, None, None] * x[:, None] + c[None, :, 1, None, None, None] * raw(x, labels)
+    torch.testing.assert_close(model(x, labels), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(x, labels, frames=[3, 1]), want[:, [3, 1]], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.sample(x, labels), want[:, -1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(x, labels, times=TIMES), want, rtol=1e-12, atol=1e-12)
+    model.float().save(tmp_path / "skip.safetensors")
+    loaded = DSNO.load(tmp_path / "skip.safetensors").eval()
+    assert loaded.config()["output_skip"] == table
+    assert "output_skip" not in raw.config()  # models without the option keep their config
+    xf = x.float()
+    torch.testing.assert_close(loaded(xf, labels), model(xf, labels), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "table, match",
+    [
+        ([[0.1, 1.0]] * 3, r"shape \(4, 2\)"),
+        ([[0.1, 1.0]] * 3 + [[0.2, 0.0]], "c_out > 0"),
+        ([[float("nan"), 1]] * 4, "finite"),
+    ],
+)
+def test_bad_output_skip_is_refused(table, match):
+    with pytest.raises(ValueError, match=match):
+        DSNO(tiny(), TIMES, output_skip=table)

@@ -415,6 +415,7 @@ def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
     for flags, message in [
         (["--loss", "pseudo-huber", "--huber-c", "-0.5"], "huber_c (--huber-c) must be a finite number > 0"),
         (["--final-weight", "0"], "final_weight (--final-weight) must be a finite number > 0"),
+        (["--output-skip", "edm"], "unknown output skip 'edm'; valid: fit"),
         # checked before anything is written (the probe's `--lr -1` left a run.json behind that refused the fix)
         (["--lr", "-1"], "lr must be a positive number"),
         (["--warmup", "-3"], "warmup (--warmup) must be an integer >= 0"),
@@ -516,3 +517,31 @@ def test_placement_is_part_of_the_run_and_refused_where_it_cannot_apply(tiny_run
     with pytest.raises(ValueError, match="names no module"):
         plan_run(TrainConfig(out=str(tmp_path / "d"), placement=" , ", **base))
     assert not any((tmp_path / n).exists() for n in "abcd")  # planning writes nothing
+
+
+def test_output_skip_is_fitted_to_the_collection_and_travels_with_the_model(tiny_run, tmp_path):
+    """Reference: the collection's parquet shards read with pyarrow, the prior draws re-made with torch.randn from
+    each seed (the noise rule), and numpy's least-squares line per output time."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from operator_diffusion.training import TrainConfig, plan_run
+
+    base = dict(data=str(tiny_run["data"]), batch_size=8, max_steps=2, save_every=2)
+    tables = [pq.read_table(f) for f in sorted((Path(tiny_run["data"]) / "data").glob("*.parquet"))]
+    seeds = [s for t in tables for s in t.column("seed").to_pylist()]
+    y = np.array([traj for t in tables for traj in t.column("trajectory").to_pylist()], dtype=np.float64)
+    x = np.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)).numpy() for s in seeds])
+    want = []
+    for i in range(y.shape[1]):
+        slope, _ = np.polyfit(x.ravel(), y[:, i].ravel(), 1)
+        want.append([slope, np.sqrt(np.mean((y[:, i] - slope * x) ** 2))])
+    plan = plan_run(TrainConfig(out=str(tmp_path / "a"), output_skip="fit", **base))
+    np.testing.assert_allclose(plan.model.output_skip.numpy(), want, rtol=1e-6)
+    baseline = plan_run(TrainConfig(out=str(tmp_path / "b"), output_skip="fit", baseline=True, **base))
+    np.testing.assert_allclose(baseline.model.output_skip.numpy(), want[-1:], rtol=1e-6)
+    assert "output_skip" not in TrainConfig(out="x", **base).identity()  # as before the option: old runs resume
+    train(TrainConfig(out=str(tmp_path / "run"), output_skip="fit", **base))
+    model, info = load_run(tmp_path / "run")
+    assert info["train"]["output_skip"] == "fit"
+    torch.testing.assert_close(model.output_skip, plan.model.output_skip, rtol=0, atol=0)

@@ -188,6 +188,22 @@ def lever_variants(x0_checkpoint: Path, lr: float) -> list[Variant]:
     ]
 
 
+def demo_lever_variants(lr: float, baseline_lr: float) -> list[Variant]:
+    """Levers at the demo's budget, each for DSNO and for the baseline (which gets its own learning rate)."""
+    no_dropout = ("backbone_options", {"dropout": 0.0})
+    skip = ("output_skip", "fit")
+    rows = []
+    for who, base in (("DSNO", (("lr", lr),)), ("baseline", (("lr", baseline_lr), ("baseline", True)))):
+        rows += [
+            Variant(f"{who}: demo settings", train=base),
+            Variant(f"{who}: output skip", train=base + (skip,)),
+            Variant(f"{who}: dropout 0", train=base + (no_dropout,)),
+            Variant(f"{who}: output skip, dropout 0", train=base + (skip, no_dropout)),
+        ]
+    rows.append(Variant("DSNO: 3 Fourier modes", train=(("lr", lr), ("modes", 3))))
+    return rows
+
+
 def run_levers(root: Path | None = None) -> list[dict]:
     from ..demo import DEMO
 
