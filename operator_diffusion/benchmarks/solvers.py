@@ -7,8 +7,6 @@ The functions return rows; ``__main__`` formats them.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -63,30 +61,24 @@ class Overhead:
     ratio: float  # solver overhead per NFE / one network evaluation
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def benchmark_overhead(network_eps, x: torch.Tensor, steps: int = 20, repeats: int = 7) -> tuple[float, list[Overhead]]:
     """Per-NFE solver overhead (solve() with a free ε, i.e. a precomputed tensor) against the median time
-    of one ``network_eps`` evaluation on the same batch, measured side by side in one run."""
+    of one ``network_eps`` evaluation on the same batch, measured side by side (interleaved) in one run."""
     schedule = VPLinear()
     ts = time_grid(schedule, steps, "logsnr")
+    from .adapter import interleaved_medians
+
     with torch.inference_mode():
         eps0 = network_eps(x, torch.full((len(x),), 0.5))
-        t_net = _median_time(lambda: network_eps(x, torch.full((len(x),), 0.5)), repeats)
 
         def free_eps(x_, t_):
             return eps0
 
-        rows = []
-        for name in available_solvers():
-            nfe = solve(free_eps, x, schedule, ts, name).nfe  # also the warm-up
-            t = _median_time(lambda: solve(free_eps, x, schedule, ts, name), repeats)
-            rows.append(Overhead(name, 1e3 * t / steps, (t / nfe) / t_net))
+        names = available_solvers()
+        nfes = {name: solve(free_eps, x, schedule, ts, name).nfe for name in names}
+        fns = {"network": lambda: network_eps(x, torch.full((len(x),), 0.5))}
+        fns.update({name: (lambda name=name: solve(free_eps, x, schedule, ts, name)) for name in names})
+        medians = interleaved_medians(fns, repeats, warmups=0)  # the NFE counts above were the warm-up
+    t_net = medians["network"]
+    rows = [Overhead(name, 1e3 * medians[name] / steps, (medians[name] / nfes[name]) / t_net) for name in names]
     return t_net, rows
