@@ -101,3 +101,101 @@ def test_a_backbone_without_checkpointing_is_refused_in_one_line():
         ValueError, match="'opdiff-unet' does not support gradient checkpointing: drop --gradient-checkpointing"
     ):
         DSNO(bb, TIMES).enable_gradient_checkpointing()
+
+
+# --------------------------------------------------------------------------------------------------
+# The measurements behind the SD 1.5 estimate (operator_diffusion.memory), against hand counts
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_saved_bytes_of_a_small_net_are_the_hand_count(device):
+    """Linear(5→7) → ReLU → Linear(7→3) on 4 rows, float32. Trainable weights: the first layer keeps its input x
+    (4·5·4 B) for its weight's gradient, ReLU its output (4·7·4 B), which the second layer keeps too (the same
+    storage, counted once). Frozen weights and an x that needs a gradient: the layers keep only their weights (the
+    parameters, not counted), ReLU its output. A 3×3 convolution keeps its input."""
+    from operator_diffusion.memory import saved_tensor_bytes
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)).to(device)
+    x = torch.randn(4, 5, device=device)
+    params = list(net.parameters())
+    blocks = {"first": net[0], "relu": net[1], "second": net[2]}
+    saved = saved_tensor_bytes(lambda: net(x), params, blocks)
+    assert saved == {"total": 4 * 5 * 4 + 4 * 7 * 4, "first": 4 * 5 * 4, "relu": 4 * 7 * 4}
+    net.requires_grad_(False)
+    saved = saved_tensor_bytes(lambda: net(x.requires_grad_()), params)
+    assert saved == {"total": 4 * 7 * 4, "other": 4 * 7 * 4}
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, device=device)
+    y = torch.randn(1, 2, 5, 5, device=device)
+    assert saved_tensor_bytes(lambda: conv(y), list(conv.parameters()))["total"] == 2 * 5 * 5 * 4
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_live_bytes_follow_allocations_and_frees(device):
+    """a = 2x, b = a + 1, drop a, c = 3b: at most two results are alive at once; after the call only c."""
+    from operator_diffusion.memory import LiveBytes
+
+    x = torch.empty(64, 32, device=device)
+
+    def f():
+        a = x * 2
+        b = a + 1
+        del a
+        return b * 3
+
+    with LiveBytes(exclude=[x]) as live:
+        c = f()
+    assert live.peak == 2 * x.nbytes and live.live == x.nbytes
+    del c
+    assert live.live == 0
+
+
+def test_step_cost_counts_the_flops_of_forward_and_backward():
+    """Linear(5→7) without bias on 4 rows: 2·4·5·7 FLOPs forward, as many for the weight's gradient, as many again
+    when the input needs one too; the gradient itself is released when complete, not counted."""
+    from operator_diffusion.memory import step_cost
+
+    lin = torch.nn.Linear(5, 7, bias=False, device="meta")
+    x = torch.empty(4, 5, device="meta")
+    fwd = 2 * 4 * 5 * 7
+    assert step_cost(lin, lambda: lin(x).sum(), [x]).flops == 2 * fwd
+    x.requires_grad_()
+    assert step_cost(lin, lambda: lin(x).sum(), [x]).flops == 3 * fwd
+    assert lin.weight.grad is None
+
+
+def test_fused_attention_saves_rows_not_the_attention_matrix():
+    """Attention over L = 256 tokens: the CPU/meta fallback keeps the L×L matrix; the fused kernels a GPU runs keep
+    q, k, v, the output and a per-row log-sum-exp (plus two RNG words)."""
+    from operator_diffusion.memory import fused_attention, saved_tensor_bytes
+
+    b, h, n, d = 2, 4, 256, 16
+    for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
+        q, k, v = (torch.empty(b, h, n, d, device="meta", dtype=dtype, requires_grad=True) for _ in range(3))
+
+        def attend():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        assert saved_tensor_bytes(attend)["total"] >= b * h * n * n * size
+        with fused_attention():
+            fused = saved_tensor_bytes(attend)["total"]
+        rows = 4 * b * h * n * d * size + b * h * n * 4  # q, k, v, out; the log-sum-exp in float32
+        assert rows <= fused <= rows + 64
+
+
+def test_emulated_autocast_casts_like_cuda_autocast():
+    """A linear layer computes on bf16 copies of its input and weight and returns bf16. For its weight's gradient it
+    keeps the input's copy (4·5·2 bytes); when the input needs a gradient too, also the weight's copy (7·5·2 bytes).
+    A GroupNorm runs in float32."""
+    from operator_diffusion.memory import emulated_autocast, saved_tensor_bytes
+
+    lin, norm = torch.nn.Linear(5, 7, device="meta"), torch.nn.GroupNorm(1, 7, device="meta")
+    x = torch.empty(4, 5, device="meta")
+    out = {}
+    with emulated_autocast(torch.nn.Sequential(lin)):
+        assert saved_tensor_bytes(lambda: out.setdefault("y", lin(x)), list(lin.parameters()))["total"] == 4 * 5 * 2
+        assert out["y"].dtype == torch.bfloat16
+        x.requires_grad_()
+        assert saved_tensor_bytes(lambda: lin(x), list(lin.parameters()))["total"] == 4 * 5 * 2 + 7 * 5 * 2
+    with emulated_autocast(torch.nn.Sequential(norm)):
+        assert norm(out["y"]).dtype == torch.float32
+    assert lin(x).dtype == torch.float32  # restored
