@@ -255,6 +255,26 @@ class _TemporalHook:
         return self.dsno.temporal[self.key](u).reshape(n, c, h, w)
 
 
+class _FrameCheckpoint:
+    """``checkpoint(block, *args)`` for a backbone's gradient checkpointing: ``torch.utils.checkpoint`` (non-
+    reentrant, RNG state preserved) of the block's call with DSNO's frame count of the forward pass, so that the
+    temporal layers hooked inside the block act when the backward pass recomputes it too (outside
+    ``DSNO.forward``, where they are otherwise inert). An object bound to its DSNO, as ``_TemporalHook``, so that
+    ``copy.deepcopy`` re-binds it to the copy."""
+
+    def __init__(self, dsno: "DSNO"):
+        self.dsno = dsno
+
+    def __call__(self, block, *args):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self._run, self.dsno._num_frames, block, *args, use_reentrant=False)
+
+    def _run(self, frames: int | None, block, *args):
+        with self.dsno._frames(frames):
+            return block(*args)
+
+
 class DSNO(nn.Module):
     """Operator-learning one-step sampler built on a backbone (paper Sec. 3, Fig. 1).
 
@@ -335,12 +355,19 @@ class DSNO(nn.Module):
     # ----------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _frames(self, m: int):
-        self._num_frames = m
+    def _frames(self, m: int | None):
+        previous, self._num_frames = self._num_frames, m
         try:
             yield
         finally:
-            self._num_frames = None
+            self._num_frames = previous
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory in training: the backbone's blocks are recomputed in the backward pass
+        (``Backbone.enable_gradient_checkpointing``) instead of keeping their activations. The gradients are the
+        same: a recomputed block sees the same temporal layers (``_FrameCheckpoint``), the same RNG state (dropout)
+        and the same autocast state as in the forward pass."""
+        self.backbone.enable_gradient_checkpointing(_FrameCheckpoint(self))
 
     @property
     def num_times(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence, Union
 
@@ -32,6 +33,8 @@ __all__ = [
     "RESUMABLE_FIELDS",
     "LATER_FIELDS",
     "OUTPUT_SKIPS",
+    "TRAINABLE_KEYWORDS",
+    "trainable_selectors",
     "HUBER_C_PER_SQRT_DIM",
 ]
 
@@ -103,13 +106,30 @@ def check_positive(name: str, value: float | None) -> None:
         raise ValueError(f"{name} ({flag}) must be a finite number > 0, got {value!r}; omit it for the default")
 
 
+TRAINABLE_KEYWORDS = ("all", "temporal", "norms")  # --trainable's keywords (``finetune.select_trainable``)
+
+
+def trainable_selectors(spec: str) -> list[str]:
+    """The selectors of a ``--trainable`` spec (``"temporal+norms"`` → ``["temporal", "norms"]``; ``,`` or ``+``
+    joins them), ValueError when it has none."""
+    selectors = [s.strip() for s in re.split(r"[,+]", spec) if s.strip()]
+    if not selectors:
+        raise ValueError(
+            f"trainable (--trainable) {spec!r} names no parameters; give all, temporal, norms, globs over parameter "
+            "names, or a combination such as temporal+norms"
+        )
+    return selectors
+
+
 WEIGHTINGS = ("sqrt-snr", "snr", "uniform")
 LOSSES = ("l1", "l2", "pseudo-huber")
 HUBER_C_PER_SQRT_DIM = 0.00054  # iCT (Song & Dhariwal, 2023): c = 0.00054·√D, D = C·H·W
 # Fields that may change between a run and its resumption (they do not change what is trained).
-RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints", "trackers")
+# gradient_checkpointing trades compute for memory and gives the same gradients (tests/test_memory.py): a run may resume
+# with or without it (on a smaller GPU, say).
+RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints", "trackers", "gradient_checkpointing")
 # Fields added after runs were made: left out of the identity while None (their old behaviour), so those runs resume.
-LATER_FIELDS = ("huber_c", "final_weight", "placement", "output_skip")
+LATER_FIELDS = ("huber_c", "final_weight", "placement", "output_skip", "trainable")
 OUTPUT_SKIPS = ("fit",)  # TrainConfig.output_skip: per-frame c_skip·x_T + c_out·F fitted to the data (adapter)
 INIT_SCRATCH = "scratch"  # init_from: the backbone's own initialisation (runs made before the teacher default had None)
 
@@ -152,6 +172,11 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     trackers: tuple[str, ...] = ()  # accelerate trackers, e.g. ("tensorboard",) or ("wandb",)
+    # memory at scale: recompute the backbone's blocks in the backward pass instead of keeping their activations
+    gradient_checkpointing: bool = False
+    # the parameters that train (``finetune.select_trainable``): "all", "temporal", "norms", globs over parameter
+    # names, joined by "," or "+" (e.g. "temporal+norms"); the others stay the teacher's; None: all
+    trainable: str | None = None
 
     def __post_init__(self) -> None:
         """The checks that need neither torch nor the data (``training.plan_run`` does the rest); one-line
@@ -187,6 +212,10 @@ class TrainConfig:
             raise ValueError(
                 f"placement (--placement) {self.placement!r} names no module; omit it for the full placement"
             )
+        if self.trainable is not None:
+            trainable_selectors(self.trainable)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
         if self.mixed_precision not in (*MIXED_PRECISIONS, None):
             raise ValueError(f"unknown mixed precision {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISIONS)}")
 

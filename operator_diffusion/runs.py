@@ -142,25 +142,30 @@ def count_micro_step(accelerator, state) -> bool:
 
 
 class EMA:
-    """Exponential moving average of a model's parameters, checkpointed with ``accelerator.save_state``.
+    """Exponential moving average of a model's trainable parameters (those with ``requires_grad``: a frozen one is
+    its own average, and keeping no copy of it saves its memory), checkpointed with ``accelerator.save_state``.
     Decay min(decay, (1+n)/(10+n)) after n updates (the usual warm-up, so short runs are not dominated by the
     initialisation; it reaches 0.9999 after ~10^5 updates like the reference's constant decay)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = float(decay)
         self.updates = 0
-        self.shadow = [p.detach().float().clone() for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.parameters(model)]
+
+    @staticmethod
+    def parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        params = [p.detach().float() for p in model.parameters()]
+        params = [p.detach().float() for p in self.parameters(model)]
         torch._foreach_lerp_(self.shadow, params, 1 - d)
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        for s, p in zip(self.shadow, model.parameters()):
+        for s, p in zip(self.shadow, self.parameters(model), strict=True):
             p.copy_(s.to(p.dtype))
 
     def state_dict(self) -> dict[str, Any]:

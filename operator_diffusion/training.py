@@ -148,6 +148,7 @@ class RunPlan:
     init_from: str | None = None  # the weights it starts from, resolved (``resolve_init_from``)
     init_source: dict | None = None  # or the collection's ``teacher_source`` they were loaded from
     prompts: Any = None  # prompts.PromptTable of a text-conditioned collection (its embeddings condition the student)
+    trainable_parameters: int | None = None  # the values that train (``finetune.freeze``; the rest stays the teacher's)
 
 
 def build_backbone(config: TrainConfig, collection: dict, init_from: str | None = None) -> Backbone:
@@ -257,6 +258,7 @@ def load_teacher_source(bb: Backbone, config: TrainConfig, info: dict) -> dict |
 
 def plan_run(config: TrainConfig) -> RunPlan:
     """Validate the configuration, open the data (building its training cache once) and build the model."""
+    from .finetune import freeze
     from .provenance import file_sha256
     from .trajectory_cache import TrajectoryCache
 
@@ -298,6 +300,9 @@ def plan_run(config: TrainConfig) -> RunPlan:
         baseline=config.baseline,
         output_skip=None if config.output_skip is None else output_skip_from_data(cache, bb, config.baseline),
     )
+    trainable = freeze(model, config.trainable)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     weights = time_weights(
         bb.schedule, model.times, config.weighting, config.weight_min, config.weight_max, config.final_weight
     )
@@ -328,6 +333,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         init_from,
         init_source,
         prompts,
+        trainable,
     )
 
 
@@ -426,7 +432,8 @@ def train(
 
     model = plan.model
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999))
+    # frozen parameters (--trainable) get no optimizer state and no gradients
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(0.9, 0.999))
     loader = torch.utils.data.DataLoader(
         Indices(len(plan.cache)),
         batch_size=config.batch_size,
@@ -517,7 +524,8 @@ def _export(model: DSNO, ema: EMA, out: Path, plan: RunPlan, num_processes: int 
         "teacher_source": plan.cache.info.get("teacher_source"),  # how a teacher that loads its own weights rebuilds
         "ema_updates": ema.updates,
         "num_processes": num_processes,
-        "parameters": final.parameter_report() | {"injection_points": len(final.injection_points)},
+        "parameters": final.parameter_report()
+        | {"injection_points": len(final.injection_points), "trainable_parameters": plan.trainable_parameters},
     }
     write_atomic(out / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
     return path

@@ -405,6 +405,12 @@ def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
     assert dry.exit_code == 0, dry.output
     resolved = json.loads(dry.output)
     assert resolved["loss_weights"][-1] == 12.5 and resolved["config"]["huber_c"] == 0.01
+    memory = ["--dry-run", "--gradient-checkpointing", "--trainable", "temporal"]
+    dry = runner.invoke(app, [*args, "--out", str(tmp_path / "dry"), *memory])
+    assert dry.exit_code == 0, dry.output
+    resolved = json.loads(dry.output)
+    assert resolved["config"]["gradient_checkpointing"] is True and resolved["config"]["trainable"] == "temporal"
+    assert resolved["trainable_parameters"] == resolved["temporal_parameters"]
     ok = runner.invoke(app, [*args, "--out", str(tmp_path / "cli")])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "cli" / "model.safetensors").is_file()
@@ -420,6 +426,8 @@ def test_cli_train_dry_run_run_and_usage_errors(dataset, tmp_path):
         (["--lr", "-1"], "lr must be a positive number"),
         (["--warmup", "-3"], "warmup (--warmup) must be an integer >= 0"),
         (["--weight-min", "10", "--weight-max", "1"], "the clamp would invert"),
+        (["--trainable", "network.nothing.*"], "--trainable 'network.nothing.*' selects nothing"),
+        (["--trainable", ","], "names no parameters"),
         *(
             [(["--mixed-precision", "fp16"], "fp16 mixed precision needs a CUDA GPU")]
             if not torch.cuda.is_available()
@@ -545,3 +553,79 @@ def test_output_skip_is_fitted_to_the_collection_and_travels_with_the_model(tiny
     model, info = load_run(tmp_path / "run")
     assert info["train"]["output_skip"] == "fit"
     torch.testing.assert_close(model.output_skip, plan.model.output_skip, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory at scale: freezing and gradient checkpointing in a run
+# --------------------------------------------------------------------------------------------------
+def test_frozen_parameters_stay_bitwise_the_teachers_and_get_no_gradients(dataset, tmp_path):
+    """--trainable temporal+norms (and the output conv, zero-initialised in this student built from scratch: frozen at
+    zero it would pass no gradient back): the optimizer moves those only and holds state for them alone; every other
+    weight of the export (and of the last checkpoint) is bitwise the initial one."""
+    from operator_diffusion.training import plan_run
+
+    out = tmp_path / "run"
+    cfg = config(
+        dataset, out, max_steps=6, save_every=6, trainable="temporal+norms,network.out_conv.*", lr=1e-2, warmup=1
+    )
+    plan = plan_run(cfg)
+    initial = {k: v.clone() for k, v in plan.model.state_dict().items()}
+    norms = {
+        f"network.{m}.{p}"
+        for m, mod in plan.model.network.named_modules()
+        if isinstance(mod, nn.GroupNorm)
+        for p, _ in mod.named_parameters()
+    } | {"network.out_conv.weight", "network.out_conv.bias"}
+    assert norms and plan.trainable_parameters == sum(
+        v.numel() for k, v in plan.model.named_parameters() if k.startswith("temporal.") or k in norms
+    )
+    train(cfg, plan=plan)
+    trains = [k.startswith("temporal.") or k in norms for k, _ in plan.model.named_parameters()]
+    assert [p.requires_grad for p in plan.model.parameters()] == trains  # autograd computes no gradient for the rest
+    adam = torch.load(out / "checkpoints/step_00000006/optimizer.bin", weights_only=True)
+    assert len(adam["state"]) == len(adam["param_groups"][0]["params"]) == sum(trains)  # Adam's state: those only
+    for state in (load_file(out / "model.safetensors"), load_file(out / "checkpoints/step_00000006/model.safetensors")):
+        assert state.keys() == initial.keys()
+        moved = {k for k in state if not torch.equal(state[k], initial[k])}
+        assert moved and moved <= norms | {k for k in state if k.startswith("temporal.")}
+        assert any("norm" in k for k in moved) and any(k.startswith("temporal.") for k in moved), sorted(moved)
+    model, info = load_run(out)
+    assert info["parameters"]["trainable_parameters"] == plan.trainable_parameters
+    assert info["train"]["trainable"] == "temporal+norms,network.out_conv.*"  # another choice of weights is another run
+
+
+def test_trainable_selectors_refuse_what_selects_nothing(dataset, tmp_path):
+    from operator_diffusion.training import TrainConfig, plan_run
+
+    with pytest.raises(ValueError, match="names no parameters"):
+        TrainConfig(data="d", out="o", trainable=" + ")
+    with pytest.raises(ValueError, match="'network.nothing.*' selects nothing"):
+        plan_run(config(dataset, tmp_path / "a", trainable="temporal,network.nothing.*"))
+    with pytest.raises(ValueError, match="'temporal' selects nothing: the model has no temporal layers"):
+        plan_run(config(dataset, tmp_path / "b", trainable="temporal", baseline=True))
+    glob = plan_run(config(dataset, tmp_path / "c", trainable="network.mid.*"))
+    assert {k for k, p in glob.model.named_parameters() if p.requires_grad} == {
+        k for k, _ in glob.model.named_parameters() if k.startswith("network.mid.")
+    }
+    assert "trainable" not in config(dataset, tmp_path / "d").identity()  # unset: runs from before resume
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_gradient_checkpointing_trains_the_same_run_and_may_change_on_resume(dataset, tmp_path):
+    """With dropout on, a checkpointed run logs the plain run's losses and ends at its weights; a plain run resumed
+    with --gradient-checkpointing is the same run (it changes memory, not what is trained)."""
+    opts = {"backbone_options": {"preset": "tiny", "dropout": 0.1}, "save_every": 4, "max_steps": 8}
+    plain, ckpt, mixed = tmp_path / "plain", tmp_path / "ckpt", tmp_path / "mixed"
+    train(config(dataset, plain, **opts))
+    reset_accelerate_state()
+    train(config(dataset, ckpt, gradient_checkpointing=True, **opts))
+    reset_accelerate_state()
+    train(config(dataset, mixed, **{**opts, "max_steps": 4}))
+    reset_accelerate_state()
+    assert train(config(dataset, mixed, gradient_checkpointing=True, **opts)).resumed_from == 4
+    for run in (ckpt, mixed):
+        for a, b in zip(metrics(run), metrics(plain), strict=True):
+            assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7) for k in a)
+        a, b = load_file(run / "model.safetensors"), load_file(plain / "model.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

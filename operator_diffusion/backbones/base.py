@@ -23,7 +23,7 @@ import abc
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -137,6 +137,17 @@ class Backbone(abc.ABC):
         still alive at the cut (features, skip connections, embeddings)."""
         raise ValueError(f"backbone {self.name!r} cannot drop items after {after!r}: it declares no item cut points")
         yield  # pragma: no cover - makes this a generator for contextmanager
+
+    def enable_gradient_checkpointing(self, checkpoint: Callable[..., Tensor]) -> None:
+        """Recompute the network's blocks in the backward pass instead of keeping their activations: from now on,
+        while gradients are enabled, the network calls ``checkpoint(block, *args)`` where it would call
+        ``block(*args)`` (diffusers' ``gradient_checkpointing_func`` convention). ``checkpoint`` runs the call
+        under ``torch.utils.checkpoint`` (``DSNO.enable_gradient_checkpointing`` passes one that keeps the temporal
+        layers active while a block is recomputed). A backbone that supports it overrides this; the default
+        refuses."""
+        raise ValueError(
+            f"backbone {self.name!r} does not support gradient checkpointing: drop --gradient-checkpointing"
+        )
 
     # ----------------------------------------------------------------------------------------------
     # Conditioning beyond class labels, text prompts and latent states (defaults: none of them)

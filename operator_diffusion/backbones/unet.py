@@ -337,6 +337,9 @@ class OpdiffUNet(nn.Module):
         self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
         # (block name, item index): forward continues after that block on those items only (``cut_points``)
         self.keep: tuple[str, Tensor] | None = None
+        # gradient checkpointing: called as checkpoint(block, *args) for each ResBlock and the mid block while
+        # gradients are enabled (``OpdiffUNetBackbone.enable_gradient_checkpointing``); None: plain calls
+        self.checkpoint: Any = None
 
     def config(self) -> dict[str, Any]:
         """The constructor kwargs (JSON-serialisable): ``OpdiffUNet(**net.config())`` rebuilds the architecture."""
@@ -375,6 +378,10 @@ class OpdiffUNet(nn.Module):
             raise ValueError("this U-Net is unconditional (num_classes=0) but labels were given")
         emb = F.silu(emb)  # every ResBlock's emb_proj sees SiLU(emb) (ADM's emb_layers)
         keep = self.keep
+        checkpoint = self.checkpoint if torch.is_grad_enabled() else None
+
+        def run(block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+            return block(h, emb) if checkpoint is None else checkpoint(block, h, emb)
 
         def cut(name: str, h: Tensor, hs: list[Tensor], emb: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
             """After block ``name``: continue on the kept items only (``keep``), skips and embedding included."""
@@ -387,19 +394,19 @@ class OpdiffUNet(nn.Module):
         h, hs, emb = cut("stem", h, hs, emb)
         for l, level in enumerate(self.down):
             for j, block in enumerate(level.res):
-                h = block(h, emb)
+                h = run(block, h, emb)
                 hs.append(h)
                 h, hs, emb = cut(f"down.{l}.res.{j}", h, hs, emb)
             if level.downsample is not None:
                 h = level.downsample(h)
                 hs.append(h)
                 h, hs, emb = cut(f"down.{l}.downsample", h, hs, emb)
-        h = self.mid(h, emb)
+        h = run(self.mid, h, emb)
         h, hs, emb = cut("mid", h, hs, emb)
         for l in reversed(range(len(self.up))):
             level = self.up[l]
             for j, block in enumerate(level.res):
-                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+                h = run(block, torch.cat([h, hs.pop()], dim=1), emb)
                 h, hs, emb = cut(f"up.{l}.res.{j}", h, hs, emb)
             if level.upsample is not None:
                 h = level.upsample(h)
@@ -515,6 +522,10 @@ class OpdiffUNetBackbone(Backbone):
             yield
         finally:
             self.network.keep = None
+
+    def enable_gradient_checkpointing(self, checkpoint) -> None:
+        """Every ResBlock and the mid block is called through ``checkpoint`` while gradients are enabled."""
+        self.network.checkpoint = checkpoint
 
     def noise_conditioning(self, t: Tensor) -> Tensor:
         """c_noise(t), what the network's time embedding sees: the schedule's (``DiffusionProcess.c_noise``)."""

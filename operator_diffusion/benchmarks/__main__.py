@@ -525,6 +525,12 @@ def placements_section() -> str:
     return "\n".join(lines)
 
 
+def sd_memory_section() -> str:
+    from .memory import sd_memory_section as section
+
+    return section()
+
+
 def gpu_section() -> str:
     from .gpu import report
 
@@ -542,6 +548,7 @@ SECTIONS = {
     "adapter": adapter_section,
     "placements": placements_section,
     "gpu": gpu_section,
+    "sd-memory": sd_memory_section,
     "collect": collect_section,
     "train": train_section,
     "demo": demo_section,

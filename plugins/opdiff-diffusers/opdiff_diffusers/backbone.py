@@ -414,10 +414,16 @@ def _load_pretrained(pretrained: str | os.PathLike, subfolder: str | None, kwarg
 # The backbone
 # --------------------------------------------------------------------------------------------------
 class UNetBlockCuts:
-    """Frame pruning and placement presets for diffusers U-Nets (``UNet2DModel``, ``UNet2DConditionModel``): their
-    ``forward`` hands every per-item tensor (the features, the skip connections, the time embedding, the prompt
-    embedding) to the mid and up blocks as arguments, so forward hooks can cut them (``keep_items_by_hooks``).
-    Mixed into a ``Backbone`` whose ``network`` has ``down_blocks``/``mid_block``/``up_blocks``."""
+    """Frame pruning, placement presets and gradient checkpointing for diffusers U-Nets (``UNet2DModel``,
+    ``UNet2DConditionModel``): their ``forward`` hands every per-item tensor (the features, the skip connections,
+    the time embedding, the prompt embedding) to the mid and up blocks as arguments, so forward hooks can cut them
+    (``keep_items_by_hooks``). Mixed into a ``Backbone`` whose ``network`` has ``down_blocks``/``mid_block``/
+    ``up_blocks``."""
+
+    def enable_gradient_checkpointing(self, checkpoint) -> None:
+        """diffusers' own: its blocks call ``checkpoint(resnet, hidden_states, temb)`` (and the transformer blocks
+        of cross-attention) while gradients are enabled."""
+        self.network.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
 
     @property
     def placement_presets(self) -> dict[str, list[str]]:
