@@ -98,6 +98,15 @@ def train(
         help="The parameters that train; the others stay the teacher's: all (default), temporal, norms, globs over "
         "parameter names (network.mid_block.*), joined by + or , (e.g. temporal+norms).",
     ),
+    lora_rank: Optional[int] = typer.Option(
+        None,
+        "--lora-rank",
+        help="LoRA adapters of this rank on the U-Net's Linear and Conv2d layers (needs peft); the teacher's weights "
+        "stay frozen, the adapters and the temporal layers train, and the export merges them.",
+    ),
+    lora_targets: Optional[str] = typer.Option(
+        None, "--lora-targets", help="Globs over the layers that get LoRA adapters (default: every Linear and Conv2d)."
+    ),
     baseline: Optional[str] = typer.Option(
         None, "--baseline", help="'one-step': the knowledge-distillation baseline (no temporal layers, last time only)."
     ),
@@ -151,6 +160,8 @@ def train(
             trackers=tuple(tracker),
             gradient_checkpointing=gradient_checkpointing,
             trainable=trainable,
+            lora_rank=lora_rank,
+            lora_targets=lora_targets,
         )
         plan = training.plan_run(config)
         training.check_run_dir(out, plan.run_info)
@@ -174,8 +185,8 @@ def train(
             )
             return
         result = _run(training, config, plan)
-    except (ValueError, FileNotFoundError, TypeError) as e:  # TypeError: an unknown backbone option
-        fail(str(e))
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as e:  # TypeError: an unknown backbone option;
+        fail(str(e))  # ImportError: an optional dependency (peft for --lora-rank) is missing
     except training.NonFiniteLossError as e:  # not a usage error: the run diverged
         fail(str(e), code=1)
     msg = f"resumed from step {result.resumed_from}; " if result.resumed_from else ""

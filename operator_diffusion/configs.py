@@ -129,7 +129,7 @@ HUBER_C_PER_SQRT_DIM = 0.00054  # iCT (Song & Dhariwal, 2023): c = 0.00054·√D
 # with or without it (on a smaller GPU, say).
 RESUMABLE_FIELDS = ("max_steps", "save_every", "log_every", "keep_checkpoints", "trackers", "gradient_checkpointing")
 # Fields added after runs were made: left out of the identity while None (their old behaviour), so those runs resume.
-LATER_FIELDS = ("huber_c", "final_weight", "placement", "output_skip", "trainable")
+LATER_FIELDS = ("huber_c", "final_weight", "placement", "output_skip", "trainable", "lora_rank", "lora_targets")
 OUTPUT_SKIPS = ("fit",)  # TrainConfig.output_skip: per-frame c_skip·x_T + c_out·F fitted to the data (adapter)
 INIT_SCRATCH = "scratch"  # init_from: the backbone's own initialisation (runs made before the teacher default had None)
 
@@ -177,6 +177,11 @@ class TrainConfig:
     # the parameters that train (``finetune.select_trainable``): "all", "temporal", "norms", globs over parameter
     # names, joined by "," or "+" (e.g. "temporal+norms"); the others stay the teacher's; None: all
     trainable: str | None = None
+    # LoRA adapters of this rank on the backbone's Linear/Conv2d layers (``finetune.add_lora``), merged at export;
+    # with it the teacher's weights stay frozen and, unless ``trainable`` says otherwise, the adapters and the
+    # temporal layers train. ``lora_targets``: globs over those layers' names (None: all of them)
+    lora_rank: int | None = None
+    lora_targets: str | None = None
 
     def __post_init__(self) -> None:
         """The checks that need neither torch nor the data (``training.plan_run`` does the rest); one-line
@@ -214,6 +219,14 @@ class TrainConfig:
             )
         if self.trainable is not None:
             trainable_selectors(self.trainable)
+        if self.lora_rank is not None and (
+            isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1
+        ):
+            raise ValueError(f"lora_rank (--lora-rank) must be an integer >= 1, got {self.lora_rank!r}")
+        if self.lora_targets is not None:
+            if self.lora_rank is None:
+                raise ValueError("lora_targets (--lora-targets) chooses LoRA's layers; pass --lora-rank too")
+            trainable_selectors(self.lora_targets)
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
         if self.mixed_precision not in (*MIXED_PRECISIONS, None):

@@ -4,7 +4,12 @@ ones, so that the optimizer holds state for those only and no gradients are kept
 A selector is ``all``, ``temporal`` (DSNO's temporal layers), ``norms`` (the affine weights of the backbone's
 normalisation layers: GroupNorm, LayerNorm and the like) or a glob over DSNO's parameter names (``fnmatch``: ``*``
 matches across dots, e.g. ``network.mid_block.*``). A spec joins selectors with ``,`` or ``+``:
-``temporal+norms`` trains the temporal layers and the norms, the rest of the U-Net stays the teacher's."""
+``temporal+norms`` trains the temporal layers and the norms, the rest of the U-Net stays the teacher's.
+
+LoRA (``opdiff train --lora-rank R``, Hu et al. 2021) through peft: the backbone's chosen ``Linear`` and ``Conv2d``
+layers get rank-R adapters W + (α/R)·B·A (B zero at the start, so DSNO still starts as the teacher), the teacher's
+weights stay frozen, and the adapters train together with the temporal layers. The export merges them
+(``merge_lora``), so a trained run's ``model.safetensors`` has the plain DSNO layout."""
 
 from __future__ import annotations
 
@@ -14,7 +19,17 @@ from torch import nn
 
 from .configs import TRAINABLE_KEYWORDS, trainable_selectors
 
-__all__ = ["TRAINABLE_KEYWORDS", "trainable_selectors", "select_trainable", "freeze"]
+__all__ = [
+    "TRAINABLE_KEYWORDS",
+    "trainable_selectors",
+    "select_trainable",
+    "freeze",
+    "add_lora",
+    "merge_lora",
+    "lora_targets",
+]
+
+LORA_TYPES = (nn.Linear, nn.Conv2d)  # the layer types peft's LoRA adapts here
 
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
 
@@ -54,10 +69,68 @@ def select_trainable(model: nn.Module, spec: str) -> list[str]:
     return [n for n in names if n in chosen]
 
 
-def freeze(model: nn.Module, spec: str | None) -> int:
+def freeze(model: nn.Module, spec: str | None, lora: bool = False) -> int:
     """Freeze every parameter of ``model`` that ``spec`` does not select (``requires_grad=False``: no gradient is
-    computed or kept for it) and return the number of trainable values; None or ``all`` trains everything."""
-    keep = set(select_trainable(model, spec or "all"))
+    computed or kept for it) and return the number of trainable values; None or ``all`` trains everything.
+    ``lora``: the model carries LoRA adapters (``add_lora``), which always train; then None means the adapters
+    and the temporal layers (the baseline: the adapters alone)."""
+    if lora and spec is None:
+        keep = {n for n, _ in model.named_parameters() if n.startswith("temporal.")}
+    else:
+        keep = set(select_trainable(model, spec or "all"))
+    if lora:
+        keep |= {n for n, _ in model.named_parameters() if ".lora_" in n}
     for name, p in model.named_parameters():
         p.requires_grad_(name in keep)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_targets(network: nn.Module, spec: str | None) -> list[str]:
+    """The ``Linear`` and ``Conv2d`` modules of ``network`` that get LoRA adapters: all of them (None), or those
+    whose names match the globs of ``spec`` (joined by ``,`` or ``+``, e.g. ``*attn*``); ValueError naming a glob
+    that matches none."""
+    names = [n for n, m in network.named_modules() if isinstance(m, LORA_TYPES)]
+    if spec is None:
+        return names
+    chosen: set[str] = set()
+    for sel in trainable_selectors(spec):
+        hits = fnmatch.filter(names, sel)
+        if not hits:
+            raise ValueError(
+                f"--lora-targets {sel!r} matches no Linear or Conv2d module of the backbone; their names look like "
+                f"{', '.join(names[:3])}"
+            )
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
+
+
+def add_lora(model, rank: int, targets: str | None = None) -> list[str]:
+    """Inject rank-``rank`` LoRA adapters (α = rank: scale 1; B = 0, so the output is unchanged) into the
+    ``lora_targets`` of ``model.network`` with peft, in place; returns the adapted module names."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ImportError(
+            "--lora-rank needs peft, which is not installed: pip install peft (or 'operator-diffusion[lora]')"
+        ) from None
+    names = lora_targets(model.network, targets)
+    config = LoraConfig(r=int(rank), lora_alpha=int(rank), target_modules=names, lora_dropout=0.0, bias="none")
+    inject_adapter_in_model(config, model.network)
+    return names
+
+
+def merge_lora(network: nn.Module) -> int:
+    """Fold every LoRA adapter of ``network`` into its base layer (W ← W + (α/R)·B·A) and put the base layer back
+    in its place, so the state dict has the plain layout again; returns the number of layers merged."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft: nothing can have been injected
+        return 0
+    merged = 0
+    for name, module in list(network.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(network.get_submodule(parent) if parent else network, child, module.get_base_layer())
+            merged += 1
+    return merged

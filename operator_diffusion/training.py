@@ -258,7 +258,7 @@ def load_teacher_source(bb: Backbone, config: TrainConfig, info: dict) -> dict |
 
 def plan_run(config: TrainConfig) -> RunPlan:
     """Validate the configuration, open the data (building its training cache once) and build the model."""
-    from .finetune import freeze
+    from .finetune import add_lora, freeze
     from .provenance import file_sha256
     from .trajectory_cache import TrajectoryCache
 
@@ -300,7 +300,9 @@ def plan_run(config: TrainConfig) -> RunPlan:
         baseline=config.baseline,
         output_skip=None if config.output_skip is None else output_skip_from_data(cache, bb, config.baseline),
     )
-    trainable = freeze(model, config.trainable)
+    if config.lora_rank is not None:
+        add_lora(model, config.lora_rank, config.lora_targets)
+    trainable = freeze(model, config.trainable, lora=config.lora_rank is not None)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     weights = time_weights(
@@ -510,8 +512,11 @@ def _metrics(accelerator, loss: Tensor, terms: Tensor, weights: Tensor, optimize
 
 def _export(model: DSNO, ema: EMA, out: Path, plan: RunPlan, num_processes: int = 1) -> Path:
     """EMA weights → ``model.safetensors`` (DSNO config in its metadata) and a human-readable ``config.json``."""
+    from .finetune import merge_lora
+
     final = copy.deepcopy(model).float().cpu().eval()
     ema.copy_to(final)
+    merge_lora(final.network)  # LoRA runs: the adapters folded into the weights, the plain DSNO layout
     path = out / MODEL_FILE
     tmp = out / (MODEL_FILE + ".tmp")
     final.save(tmp)
