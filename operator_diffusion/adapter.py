@@ -135,13 +135,16 @@ def resolve_placement(
 
 def trace_outputs(backbone: Backbone, names: Sequence[str]) -> dict[str, tuple[int, ...] | str]:
     """Run the backbone once (eval mode, no grad) on one zero image at t_max and record what each named module
-    returns on its first call: the output shape, or the output's type name when it is not one tensor. Keys come
+    returns on its first call: the output shape (of the one tensor, or of the tensor in a 1-tuple), or the
+    output's type name otherwise. Keys come
     in the order the forward pass reaches the modules; modules never called are absent."""
     modules = dict(backbone.network.named_modules())
     shapes: dict[str, tuple[int, ...] | str] = {}
 
     def recorder(name: str):
         def hook(module, args, output) -> None:  # returns None: the output is left as it is
+            if isinstance(output, tuple) and len(output) == 1 and isinstance(output[0], Tensor):
+                output = output[0]  # (features,): the temporal hook replaces the one element
             shapes.setdefault(name, tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
 
         return hook
@@ -177,8 +180,8 @@ def trace_injection_points(names: Sequence[str], shapes: dict[str, tuple[int, ..
             )
         if not isinstance(shape, tuple) or len(shape) != 4:
             raise ValueError(
-                f"injection point {n!r} returns {shape}, not one (N, C, H, W) tensor; choose a module that does "
-                "(e.g. a ResBlock rather than a block returning (h, skips))"
+                f"injection point {n!r} returns {shape}, not one (N, C, H, W) tensor (or a 1-tuple of one); choose a "
+                "module that does (e.g. a ResBlock rather than a block returning (h, skips))"
             )
         points.append(InjectionPoint(n, int(shape[1]), (int(shape[2]), int(shape[3]))))
     return points
@@ -246,10 +249,12 @@ class _TemporalHook:
     def __init__(self, dsno: "DSNO", key: str):
         self.dsno, self.key = dsno, key
 
-    def __call__(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
+    def __call__(self, module: nn.Module, args, output: Tensor | tuple[Tensor]) -> Tensor | tuple[Tensor] | None:
         m = self.dsno._num_frames
         if m is None:  # outside DSNO.forward: the backbone behaves as the plain teacher
             return None
+        if isinstance(output, tuple):  # a module returning (features,), e.g. diffusers' Transformer2DModel
+            return (self(module, args, output[0]),)
         n, c, h, w = output.shape
         u = output.reshape(n // m, m, c, h, w)  # (B*M, C, H, W) -> (B, M, C, H, W), item b*M+i
         return self.dsno.temporal[self.key](u).reshape(n, c, h, w)

@@ -168,13 +168,15 @@ def prediction_from_scheduler(config: Mapping[str, Any]) -> str:
 # Injection points
 # --------------------------------------------------------------------------------------------------
 def _tensor_attention(module: nn.Module | None) -> bool:
-    """True for attention modules whose forward output is one (N, C, H, W) tensor for an (N, C, H, W)
-    input: diffusers' ``Attention`` (the self-attention of AttnDownBlock2D / AttnUpBlock2D /
-    UNetMidBlock2D, built with ``_from_deprecated_attn_block``: it reshapes back to 4-D and adds the
-    residual). ``Transformer2DModel`` (cross-attention blocks) returns a tuple / dataclass: not usable."""
+    """True for attention modules whose output carries one (N, C, H, W) tensor for an (N, C, H, W) input, a
+    temporal layer's place: diffusers' ``Attention`` (the self-attention of AttnDownBlock2D / AttnUpBlock2D /
+    UNetMidBlock2D, built with ``_from_deprecated_attn_block``: it reshapes back to 4-D and adds the residual)
+    returns the tensor, and ``Transformer2DModel`` (the cross-attention of CrossAttnDownBlock2D / UpBlock2D, called
+    with ``return_dict=False`` inside the blocks) returns it as a 1-tuple, which DSNO's hook handles."""
     from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    return isinstance(module, Attention)
+    return isinstance(module, (Attention, Transformer2DModel))
 
 
 def discover_injection_points(unet: nn.Module) -> list[str]:
@@ -182,10 +184,10 @@ def discover_injection_points(unet: nn.Module) -> list[str]:
 
     For every down block ``down_blocks.{i}`` and then (after ``mid_block``) every up block ``up_blocks.{i}``,
     and every ``resnets.{j}`` in it: the point is ``attentions.{j}`` when the block has attentions paired
-    with its resnets (``attentions[j]`` runs right after ``resnets[j]``) and that attention returns a
-    tensor (diffusers ``Attention``); otherwise ``resnets.{j}`` itself (blocks without attention; blocks
-    whose attention is a ``Transformer2DModel``, whose output is a tuple / dataclass, so the temporal layer
-    goes after the ResNet before it; blocks with fewer attentions than resnets, e.g. AttnSkipUpBlock2D).
+    with its resnets (``attentions[j]`` runs right after ``resnets[j]``) and that attention returns its
+    features (diffusers ``Attention``, or ``Transformer2DModel`` as a 1-tuple: ``_tensor_attention``); otherwise
+    ``resnets.{j}`` itself (blocks without attention; blocks with fewer attentions than resnets, e.g.
+    AttnSkipUpBlock2D).
     ``mid_block`` (whose output is one tensor) sits between the down and up points. Downsamplers,
     upsamplers and the blocks themselves (down blocks return ``(h, skips)`` tuples) are never points.
 
@@ -217,7 +219,7 @@ def discover_injection_points(unet: nn.Module) -> list[str]:
 
 def _out_channels(module: nn.Module) -> int:
     if _tensor_attention(module):
-        return int(module.out_dim)
+        return int(getattr(module, "out_dim", None) or module.out_channels)  # Attention's out_dim; a Transformer2DModel
     if hasattr(module, "out_channels"):  # ResnetBlock2D, ResnetBlockCondNorm2D
         return int(module.out_channels)
     if hasattr(module, "resnets"):  # mid block: its last resnet's output

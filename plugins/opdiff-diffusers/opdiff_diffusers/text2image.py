@@ -394,8 +394,8 @@ class DiffusersText2ImageBackbone(UNetBlockCuts, Backbone):
 
     @property
     def default_injection_points(self) -> list[str]:
-        """``discover_injection_points`` on the UNet2DConditionModel: its cross-attention blocks' attentions are
-        ``Transformer2DModel``s, which return a tuple, so the points there are the ResNets before them;
+        """``discover_injection_points`` on the UNet2DConditionModel: in its cross-attention blocks the point is each
+        ResNet's ``Transformer2DModel`` (a 1-tuple of the features), as the self-attention of a UNet2DModel;
         ``mid_block`` (UNetMidBlock2DCrossAttn, one tensor) is a point."""
         return discover_injection_points(self.network)
 

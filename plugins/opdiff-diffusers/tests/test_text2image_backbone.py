@@ -156,11 +156,20 @@ def test_injection_points_are_discovered_in_the_conditional_unet(bb):
 
     assert bb.default_injection_points == TINY_POINTS
     modules = dict(bb.network.named_modules())
-    assert not any(isinstance(modules[p], Transformer2DModel) for p in TINY_POINTS)  # those return tuples
+    cross = [p for p in TINY_POINTS if isinstance(modules[p], Transformer2DModel)]
+    assert cross == ["down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"]
     seen = []
-    hooks = [
-        modules[p].register_forward_hook(lambda m, a, out, p=p: seen.append((p, tuple(out.shape)))) for p in TINY_POINTS
-    ]
+
+    def record(p):
+        def hook(module, args, out):
+            if p in cross:  # called with return_dict=False inside the blocks: a 1-tuple of the features
+                assert isinstance(out, tuple) and len(out) == 1, (p, type(out))
+                out = out[0]
+            seen.append((p, tuple(out.shape)))
+
+        return hook
+
+    hooks = [modules[p].register_forward_hook(record(p)) for p in TINY_POINTS]
     try:
         e = bb.encode_prompts(["a cat"])
         bb(torch.randn(1, *bb.image_shape), torch.tensor([0.5]), **e)
@@ -170,6 +179,22 @@ def test_injection_points_are_discovered_in_the_conditional_unet(bb):
     assert [p for p, _ in seen] == TINY_POINTS  # each once, in forward order
     assert all(len(s) == 4 for _, s in seen)
     assert [s[1] for _, s in seen] == list(bb.injection_point_channels().values())
+
+
+@torch.no_grad()
+def test_the_temporal_layers_after_cross_attention_act_on_its_features(bb):
+    """Each temporal layer runs once per DSNO pass, those at the Transformer2DModel points (1-tuples) too, and the
+    one after the first cross-attention changes the output: the reference is the same model with that layer zero."""
+    model = DSNO(bb, TIMES, modes=2, init="small")
+    e = bb.encode_prompts(PROMPTS)["encoder_hidden_states"]
+    x = torch.randn(3, *bb.image_shape)
+    calls = {k: 0 for k in model.temporal}
+    for k, block in model.temporal.items():
+        block.register_forward_pre_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+    out = model(x, encoder_hidden_states=e)
+    assert calls == {k: 1 for k in model.temporal}
+    model.temporal["down_blocks__0__attentions__0"].conv.weight.zero_()  # that layer becomes the identity
+    assert not torch.allclose(model(x, encoder_hidden_states=e), out, rtol=1e-4, atol=1e-6)
 
 
 @torch.no_grad()

@@ -27,14 +27,14 @@ TINY_UNET = dict(
     attention_head_dim=2,
     norm_num_groups=4,
 )
-TINY_POINTS = [
-    "down_blocks.0.resnets.0",
+TINY_POINTS = [  # after each ResNet, or after its cross-attention Transformer2DModel where it has one
+    "down_blocks.0.attentions.0",
     "down_blocks.1.resnets.0",
     "mid_block",
     "up_blocks.0.resnets.0",
     "up_blocks.0.resnets.1",
-    "up_blocks.1.resnets.0",
-    "up_blocks.1.resnets.1",
+    "up_blocks.1.attentions.0",
+    "up_blocks.1.attentions.1",
 ]
 TINY_VAE = dict(
     in_channels=3,
