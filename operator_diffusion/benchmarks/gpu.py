@@ -9,7 +9,10 @@ and under bf16 autocast:
   one teacher evaluation, timed side by side with ``torch.cuda.synchronize`` around every call;
 * the training step of DSNO and of the one-step baseline (``opdiff train`` itself, through Accelerate);
 * collection throughput (``opdiff collect`` end to end: teacher solves and parquet shards);
-* peak GPU memory of each measurement.
+* peak GPU memory of each measurement;
+* a check of the SD 1.5 memory estimate (``benchmarks.memory``, worked out on the meta device): real training steps
+  of DSNO on a random-weight SD 1.5 UNet (no download) at B = 1 and 2 and at the estimate's largest B, for each
+  bf16 option, with ``torch.cuda.max_memory_allocated`` beside the estimate's prediction for that B.
 
 On a machine without CUDA it measures nothing and says so; ``sample_rows(device="cpu", ...)`` runs the same code
 on the CPU, which is how the tests keep it working.
@@ -192,6 +195,67 @@ def collection_rows(
     return rows
 
 
+def sd_memory_rows(
+    device: str = "cuda", unet_config="sd1.5", options=None, batches=(1, 2), at_estimate: bool = True, steps: int = 2
+) -> list[dict]:
+    """Measured peak memory of ``steps`` real training steps (bf16 autocast, Adam, the EMA on the device, as ``opdiff
+    train``) of DSNO on a random-weight text-to-image UNet (built once), beside ``benchmarks.memory``'s estimate for
+    the same B; for each option, at ``batches`` and (``at_estimate``) at the estimate's largest B. A step that runs
+    out of memory is recorded as such. On the CPU (the tests) the peak is None and only the code path runs."""
+    from ..adapter import DSNO
+    from ..backbones import load_backbone
+    from ..finetune import freeze
+    from ..runs import EMA
+    from .memory import OPTIONS, PERSISTENT_PER_TRAINABLE, TIMES, WEIGHT_BYTES, estimate, meta_dsno
+
+    dev = torch.device(device)
+    meta = meta_dsno(unet_config)
+    torch.manual_seed(0)
+    model = DSNO(load_backbone("diffusers-text2image", unet_config=unet_config), TIMES, init="small").to(dev).train()
+    bb = model.backbone
+    rows = []
+    for option in options or [o for o in OPTIONS if o.precision == "bf16"]:
+        est = estimate(meta, option)
+        trainable = freeze(model, option.trainable)
+        persistent = WEIGHT_BYTES * sum(p.numel() for p in model.parameters()) + PERSISTENT_PER_TRAINABLE * trainable
+        if option.checkpointing:
+            model.enable_gradient_checkpointing()
+        else:
+            model.network.disable_gradient_checkpointing()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        ema = EMA(model, 0.999)
+        sizes = list(batches) + ([est.max_batch] if at_estimate and est.max_batch not in batches else [])
+        for batch in sizes:
+            row = {"option": option.label, "checkpointing": option.checkpointing, "batch": batch, "peak_gib": None}
+            row["estimate_gib"] = (est.persistent + est.fixed + batch * est.per_example) / 2**30
+            row["persistent_gib"] = persistent / 2**30
+            try:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(dev)
+                x = torch.randn(batch, *bb.state_shape, device=dev)
+                cond = {k: torch.randn(batch, *v, device=dev) for k, v in bb.conditioning_shapes.items()}
+                t0 = time.perf_counter()
+                for _ in range(steps):  # the first step creates Adam's moments
+                    with _autocast(dev, option.precision):
+                        loss = model(x, **cond).float().abs().mean()
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    ema.update(model)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                row["step_s"] = (time.perf_counter() - t0) / steps
+                peak = _peak_mib(dev)
+                row["peak_gib"] = None if peak is None else peak / 1024
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory"
+                optimizer.zero_grad(set_to_none=True)
+            rows.append(row)
+        del optimizer, ema
+    return rows
+
+
 def report(machine) -> str:
     """The benchmarks page section (``__main__``); without CUDA, a line saying nothing was measured."""
     lines = [
@@ -230,5 +294,24 @@ def report(machine) -> str:
     lines += ["", "| collection | precision | trajectories | per second | peak MiB |", "|---|---|---:|---:|---:|"]
     for r in collection_rows():
         lines.append(f"| {r['preset']} | {r['precision']} | {r['num']} | {r['per_s']:.0f} | {r['peak_mib']:.0f} |")
+    lines += [
+        "",
+        "SD 1.5 UNet (random weights), 512² latents, M = 4, bf16 autocast, Adam and the EMA on the device: measured "
+        "peak (`torch.cuda.max_memory_allocated`) against the meta-device estimate of `benchmarks sd-memory` for the "
+        "same B.",
+        "",
+        "| trains | checkpointing | B | measured peak GiB | estimate GiB | measured / estimate | step s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in sd_memory_rows():
+        if r.get("error"):
+            lines.append(
+                f"| {r['option']} | {r['checkpointing']} | {r['batch']} | {r['error']} | {r['estimate_gib']:.1f} | | |"
+            )
+            continue
+        lines.append(
+            f"| {r['option']} | {r['checkpointing']} | {r['batch']} | {r['peak_gib']:.1f} | {r['estimate_gib']:.1f} | "
+            f"{r['peak_gib'] / r['estimate_gib']:.2f} | {r['step_s']:.2f} |"
+        )
     lines.append("")
     return "\n".join(lines)
