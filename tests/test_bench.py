@@ -459,33 +459,6 @@ def test_the_gpu_script_runs_its_code_paths_on_the_cpu(tmp_path):
         assert "No CUDA device on this machine: nothing measured." in gpu.report(lambda: "this machine")
 
 
-def test_the_gpu_scripts_sd_memory_check_runs_on_the_cpu():
-    """The check of the SD 1.5 memory estimate runs real training steps; here on the CPU with the plugin's tiny
-    text-to-image UNet (no peak memory without CUDA): the steps run, and the persistent state it counts on paper
-    is the estimate's (the same rule applied to the real model instead of the meta one)."""
-    pytest.importorskip("opdiff_diffusers")
-    from operator_diffusion.benchmarks import gpu
-    from operator_diffusion.benchmarks.memory import OPTIONS, estimate, meta_dsno
-
-    tiny = dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    option = next(o for o in OPTIONS if o.precision == "bf16" and o.checkpointing and o.trainable == "temporal+norms")
-    rows = gpu.sd_memory_rows("cpu", unet_config=tiny, options=[option], batches=(1,), at_estimate=False, steps=1)
-    assert [(r["batch"], r["peak_gib"], r.get("error")) for r in rows] == [(1, None, None)]
-    assert rows[0]["step_s"] > 0
-    assert rows[0]["persistent_gib"] == pytest.approx(estimate(meta_dsno(tiny), option).persistent / 2**30, rel=1e-12)
-
-
 def test_per_seed_rmse_is_each_seeds_own_error_and_its_median_ignores_an_outlier():
     """Seed b is off by a constant c_b everywhere, so its RMSE is |c_b|; one bad seed moves the pooled RMSE (the
     root of the mean square) far more than the median."""

@@ -39,3 +39,18 @@ def test_the_estimate_rests_on_linear_activations_and_checkpointing_trades_flops
         f"temporal layers ({len(model.temporal)})",
     }
     assert all(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled()
+
+
+def test_the_gpu_scripts_check_of_the_estimate_runs_on_the_cpu():
+    """The GPU script's check of the estimate (benchmarks.gpu.sd_memory_rows) runs real training steps; here on the
+    CPU with the tiny UNet (no peak memory without CUDA), so that it cannot rot: the steps run, and the real model's
+    persistent state, counted by the estimate's rule, is the meta model's."""
+    from operator_diffusion.benchmarks import gpu
+    from operator_diffusion.benchmarks.memory import OPTIONS
+
+    option = next(o for o in OPTIONS if o.precision == "bf16" and o.checkpointing and o.trainable == "temporal+norms")
+    rows = gpu.sd_memory_rows("cpu", dict(TINY_UNET), options=[option], batches=(1,), at_estimate=False, steps=1)
+    assert [(r["batch"], r["peak_gib"], r.get("error")) for r in rows] == [(1, None, None)]
+    assert rows[0]["step_s"] > 0
+    expected = estimate(meta_dsno(dict(TINY_UNET)), option).persistent / 2**30
+    assert rows[0]["persistent_gib"] == expected
