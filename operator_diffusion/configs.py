@@ -367,6 +367,7 @@ class BenchConfig:
     inception_path: str | None = None
     ref_num: int | None = None
     cache_dir: str | None = None
+    offline: bool = False  # no Inception download, a Hub run from the Hub cache only (False: HF_HUB_OFFLINE decides)
     batch_size: int = 256  # does not change the results
     device: str = "auto"
     out: str | None = None  # folder of bench.md and bench.json
@@ -413,6 +414,7 @@ class FIDConfig:
     cache_dir: str | None = None  # reference statistics cache
     save_stats: str | None = None  # write SOURCE's statistics here
     overwrite: bool = False  # replace an existing save_stats file
+    offline: bool = False  # never download the Inception weights (as HF_HUB_OFFLINE=1; False: HF_HUB_OFFLINE decides)
 
     def __post_init__(self) -> None:
         cover = " (a covariance needs 2 images)"

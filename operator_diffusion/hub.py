@@ -353,10 +353,11 @@ def looks_like_hub_id(text: str) -> bool:
     return True
 
 
-def resolve_run(run: str | os.PathLike) -> Path:
+def resolve_run(run: str | os.PathLike, offline: bool = False) -> Path:
     """A local path for ``run``: the path itself when it exists (a run folder, a Hub-layout folder, a checkpoint),
     else the Hub model ``run``'s snapshot of the run files (``RUN_FILES``), downloaded or, offline
-    (``HF_HUB_OFFLINE``), from the local Hub cache. Anything else is a FileNotFoundError in one line."""
+    (``offline``, e.g. `--offline`, or ``HF_HUB_OFFLINE``), from the local Hub cache. Anything else is a
+    FileNotFoundError in one line."""
     path = Path(run)
     if path.exists():
         return path
@@ -369,13 +370,13 @@ def resolve_run(run: str | os.PathLike) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    offline = is_offline()
+    why = "--offline" if offline else "HF_HUB_OFFLINE" if is_offline() else None
     try:
         local = huggingface_hub.snapshot_download(
-            text, repo_type="model", allow_patterns=list(RUN_FILES), local_files_only=offline
+            text, repo_type="model", allow_patterns=list(RUN_FILES), local_files_only=why is not None
         )
     except LocalEntryNotFoundError:
-        where = "offline (HF_HUB_OFFLINE), and it is not in the Hub cache" if offline else "and the Hub is unreachable"
+        where = f"offline ({why}), and it is not in the Hub cache" if why else "and the Hub is unreachable"
         raise FileNotFoundError(f"{text!r} is no local folder, {where}; download it online once, or pass a folder")
     except huggingface_hub.errors.RepositoryNotFoundError:
         raise FileNotFoundError(

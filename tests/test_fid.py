@@ -21,6 +21,7 @@ import operator_diffusion.fid as F
 import operator_diffusion.fid.stats as fid_stats  # where load_extractor looks up DIGITS_FEATURENET
 from opdiff_cli.main import app
 from operator_diffusion.images import ImageSet, load_images, save_png
+from operator_diffusion.runs import reset_accelerate_state
 
 runner = CliRunner()
 
@@ -231,6 +232,7 @@ def test_the_default_inception_file_is_downloaded_by_cleanfid_unless_offline(tmp
     import urllib.error
 
     import cleanfid.downloads_helper
+    import huggingface_hub.constants  # noqa: F401  (imported now: it reads HF_HUB_OFFLINE once, at import)
 
     from operator_diffusion.fid import inception
 
@@ -268,6 +270,39 @@ def test_the_default_inception_file_is_downloaded_by_cleanfid_unless_offline(tmp
     with pytest.raises(FileNotFoundError, match="download of .* failed") as e:
         F.load_extractor("inception")
     assert "--inception-path PATH" in str(e.value) and "\n" not in str(e.value) and not default.exists()
+
+
+def test_fid_and_bench_offline_flags_never_download_the_inception_weights(tiny_run, tmp_path, monkeypatch):
+    """`--offline` (issue 16): with HF_HUB_OFFLINE unset and the default Inception file missing, `opdiff fid` and
+    `opdiff bench --ref` answer the offline instruction in one line (exit 2) instead of trying clean-fid's download;
+    without the flag they try it (and here, as with no network, it fails)."""
+    import cleanfid.downloads_helper
+    from huggingface_hub import constants
+
+    from operator_diffusion.fid import inception
+
+    monkeypatch.setattr(inception, "INCEPTION_FILE", str(tmp_path / "tmp" / F.INCEPTION_NAME))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def no_network(local_folder, url):  # clean-fid's download, on a machine with no network
+        asked.append(url)
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_url", no_network)
+    fid = ["fid", "digits", "--ref", "digits", "--num", "8", "--device", "cpu"]
+    bench = ["bench", str(tiny_run["run"]), "--num", "2", "--nfe", "1", "--solvers", "ddim", "--ref", "digits"]
+    for command in (fid, bench):
+        r = runner.invoke(app, [*command, "--offline"])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+        assert "offline" in r.stderr and F.INCEPTION_URL in r.stderr and "failed" not in r.stderr, r.stderr
+        assert asked == [] and not (tmp_path / "tmp").exists()
+        r = runner.invoke(app, command)
+        assert r.exit_code == 2 and "download of" in r.stderr and "failed" in r.stderr, r.output
+        assert asked == [F.INCEPTION_URL]
+        asked.clear()
+    reset_accelerate_state()
 
 
 class _FakeLayers(nn.Module):

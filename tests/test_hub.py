@@ -184,6 +184,29 @@ def test_sample_and_bench_take_the_pushed_folder_and_a_hub_id(
     assert not (tmp_path / "x").exists()
 
 
+def test_bench_offline_reads_a_hub_run_from_the_hub_cache_only(tmp_path, monkeypatch):
+    """`opdiff bench --offline` (issue 16) with HF_HUB_OFFLINE unset: the real `snapshot_download` is asked for the
+    Hub cache only, and a run that is not there is one line naming --offline."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    real, asked = huggingface_hub.snapshot_download, []
+
+    def cache_only(repo_id, **kw):
+        asked.append(kw.get("local_files_only"))
+        if not kw.get("local_files_only"):
+            pytest.fail("went to the Hub")
+        return real(repo_id, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
+    r = runner.invoke(app, ["bench", "me/not-pushed", "--offline", "--num", "2"])
+    assert asked == [True], r.output
+    assert r.exit_code == 2 and "offline (--offline)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_bad_push_and_hub_input_is_one_line_exit_2(tiny_run, fake_hub, tmp_path, monkeypatch):
     import httpx2
     import huggingface_hub

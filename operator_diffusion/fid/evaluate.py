@@ -85,7 +85,7 @@ def evaluate_fid(config: FIDConfig, progress: Callable[[str, int, int], None] | 
     ext = None
     if named_ref or isinstance(src, ImageSet) or isinstance(ref_obj, ImageSet):
         try:
-            ext = load_extractor(c.feature_extractor, c.inception_path, dev)
+            ext = load_extractor(c.feature_extractor, c.inception_path, dev, c.offline or None)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"--feature-extractor {c.feature_extractor}: {e}") from None
         if named_ref and not isinstance(ext, InceptionExtractor):
