@@ -444,6 +444,79 @@ def test_train_feature_net_learns_the_digits(digits):
     assert net.features(digits.tensor()[:4]).shape == (4, 32)
 
 
+def test_a_feature_net_trains_on_non_square_images_and_refuses_other_shapes(digits, tmp_path):
+    """Non-square images (issue 16): a FeatureNet takes [H, W]; its stages halve both sides until each is at most 4;
+    it learns 8×6 crops of the digits, saves and loads; other shapes are refused in one line naming inception."""
+    crops = ImageSet(np.ascontiguousarray(digits.images[:, :, 1:7]), digits.labels, "digit crops", {"kind": "crops"})
+    net, metrics = F.train_feature_net(crops, epochs=6, batch_size=64, seed=0, width=16, feature_dim=32)
+    assert net.hw == (8, 6) and net.config()["image_size"] == [8, 6] and metrics["heldout_accuracy"] > 0.85, metrics
+    for hw, last in (((8, 6), (4, 3)), ((8, 12), (2, 3)), ((5, 40), (1, 3)), ((8, 8), (4, 4))):
+        body = F.FeatureNet(1, list(hw), 4, 4, 0).body(torch.zeros(1, 1, *hw))
+        assert tuple(body.shape[-2:]) == last
+    net.save(tmp_path / "crops.safetensors")
+    ext = F.FeatureNetExtractor(tmp_path / "crops.safetensors")
+    assert ext.net.hw == (8, 6) and ext.id == F.FeatureNetExtractor(net).id
+    np.savez(tmp_path / "crops.npz", images=crops.images[:200])
+    np.savez(tmp_path / "shifted.npz", images=np.roll(crops.images[:200], 2, axis=2))
+    args = ["--feature-extractor", str(tmp_path / "crops.safetensors"), "--device", "cpu", "--json"]
+    same = runner.invoke(app, ["fid", str(tmp_path / "crops.npz"), "--ref", str(tmp_path / "crops.npz"), *args])
+    other = runner.invoke(app, ["fid", str(tmp_path / "shifted.npz"), "--ref", str(tmp_path / "crops.npz"), *args])
+    assert same.exit_code == 0 and other.exit_code == 0, same.output + other.output
+    assert abs(json.loads(same.stdout)["fid"]) <= 1e-6 < 1 < json.loads(other.stdout)["fid"]
+    for extractor, takes in ((str(tmp_path / "crops.safetensors"), "8×6"), ("digits", "8×8")):
+        res = runner.invoke(
+            app, ["fid", "digits", "--ref", str(tmp_path / "crops.npz"), "--feature-extractor", extractor]
+        )
+        assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+        assert f"takes only {takes}" in res.stderr and "--feature-extractor inception (any size" in res.stderr
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_cli_fid_of_non_square_images_through_inception_matches_cleanfid(tmp_path):
+    """`opdiff fid` on two folders of non-square images of different aspects (20×24 RGB against 24×20 grayscale) gives
+    the Fréchet distance of clean-fid's own folder features of the same files. The reference's Tr (Σ₁Σ₂)^{1/2} is the
+    sum of the singular values of A₁A₂ᵀ/√((n₁−1)(n₂−1)), A the centred features (Σ = AᵀA/(n−1)): 12×12, not 2048²."""
+    from cleanfid.fid import get_folder_features
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w" / F.INCEPTION_NAME
+    weights.parent.mkdir()
+    torch.jit.script(_FakeInception()).save(str(weights))
+    rng = np.random.default_rng(5)
+    sets = {
+        "wide": rng.integers(0, 256, (12, 20, 24, 3), np.uint8),
+        "tall": rng.integers(0, 256, (12, 24, 20, 1), np.uint8),
+    }
+    model = InceptionV3W(str(weights.parent), download=False).eval()
+    centred, means = [], []
+    for name, pixels in sets.items():
+        (tmp_path / name).mkdir()
+        for i, im in enumerate(pixels):
+            save_png(im, tmp_path / name / f"{i:02d}.png")
+        feats = get_folder_features(
+            str(tmp_path / name),
+            model,
+            num_workers=0,
+            batch_size=5,
+            device=torch.device("cpu"),
+            mode="clean",
+            verbose=False,
+        ).astype(np.float64)
+        means.append(feats.mean(0))
+        centred.append((feats - feats.mean(0)) / np.sqrt(len(feats) - 1))
+    (a1, a2), (mu1, mu2) = centred, means
+    trace_sqrt = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    want = float(np.sum((mu1 - mu2) ** 2) + np.sum(a1**2) + np.sum(a2**2) - 2 * trace_sqrt)
+    res = runner.invoke(
+        app,
+        ["fid", str(tmp_path / "wide"), "--ref", str(tmp_path / "tall"), "--inception-path", str(weights), "--json"]
+        + ["--device", "cpu", "--cache-dir", str(tmp_path / "cache")],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["fid"] == pytest.approx(want, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------
