@@ -122,6 +122,10 @@ CASES = [
     ("spectrum-out-is-a-file", [*SPECTRUM, "--out", "{file}"], 2, "is a file"),
     ("spectrum-option-bad-number", ["spectrum", *TINY, "-o", "dropout={bad"], 2, "takes a number"),
     ("spectrum-seed-huge", [*SPECTRUM, "--seed", "99999999999999999999999"], 2, "--seed"),
+    ("spectrum-num-beyond-memory", [*SPECTRUM, "--num", "10000000000000", "--out", "{new}"], 2, "of memory"),
+    ("spectrum-points-beyond-memory", [*SPECTRUM, "--points", "10000000000000"], 2, "lower --points"),
+    ("spectrum-dim-beyond-memory", [*SPECTRUM, "--dim", "10000000000000"], 2, "lower --num or --dim"),
+    ("spectrum-backbone-num-beyond-memory", ["spectrum", *TINY, "--num", "10000000000000"], 2, "of memory"),
     # inspect
     ("inspect-backbone-unknown", ["inspect", "-b", "nosuch"], 2, "unknown backbone 'nosuch'"),
     ("inspect-checkpoint-pickle", ["inspect", "{pickle}"], 2, "safetensors"),
@@ -134,6 +138,7 @@ CASES = [
     ("teacher-lr-negative", [*TEACHER, "--lr", "-1", "--out", "{new}"], 2, "lr"),
     ("teacher-out-dsno-run", [*TEACHER, "--out", "{run}"], 2, "not a teacher run"),
     ("teacher-seed-huge", [*TEACHER, "--seed", "99999999999999999999999", "--out", "{new}"], 2, "--seed"),
+    ("teacher-batch-beyond-memory", [*TEACHER, "--batch-size", "10000000000000", "--out", "{new}"], 2, "of memory"),
     # demo, data info, the command line itself
     ("demo-out-is-a-file", ["demo", "--out", "{file}"], 2, "is a file"),
     ("demo-out-foreign", ["demo", "--out", "{foreign}"], 2, "holds files the demo does not write (thesis.tex)"),
