@@ -22,7 +22,8 @@ def _default(name: str):
 def fid(
     source: str = typer.Argument(
         ...,
-        help="Images under test: an `opdiff train` run (samples it: --num, --seeds), 'digits', an image folder (an "
+        help="Images under test: an `opdiff train` run or its Hub id (samples it: --num, --seeds), 'digits', an image "
+        "folder (an "
         "`opdiff sample` folder works), "
         "an .npz of images, a statistics .npz (--save-stats), a datasets folder or Hub id.",
     ),
@@ -71,7 +72,8 @@ def fid(
     offline: bool = typer.Option(
         _default("offline"),
         "--offline",
-        help="Never download the Inception weights (as HF_HUB_OFFLINE=1): a missing file is a one-line error.",
+        help="Download nothing for the FID: the Inception weights are never downloaded (a missing file is a one-line "
+        "error), and a Hub run SOURCE is read from the Hub cache only (HF_HUB_OFFLINE=1 does this and more).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
