@@ -184,6 +184,28 @@ def test_sample_and_bench_take_the_pushed_folder_and_a_hub_id(
     assert not (tmp_path / "x").exists()
 
 
+def test_push_sample_draws_the_cards_grid_as_opdiff_sample_does(tiny_run, tmp_path):
+    """`opdiff push --sample N` (issue 16): a run without samples gets the grid `opdiff sample --num N --format grid`
+    writes (held-out seeds), byte for byte; --sample with --samples, or out of range, is one line and writes nothing."""
+    r = runner.invoke(
+        app, ["sample", str(tiny_run["run"]), "--num", "6", "--format", "grid", "--out", str(tmp_path / "s")]
+    )
+    assert r.exit_code == 0, r.output
+    before = sorted(p.relative_to(tiny_run["run"]) for p in tiny_run["run"].rglob("*"))
+    r = runner.invoke(app, ["push", str(tiny_run["run"]), REPO, "--sample", "6", "--local-dir", str(tmp_path / "repo")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "repo" / "grid.png").read_bytes() == (tmp_path / "s" / "grid.png").read_bytes()
+    assert "![samples](grid.png)" in (tmp_path / "repo" / "README.md").read_text()
+    assert sorted(p.relative_to(tiny_run["run"]) for p in tiny_run["run"].rglob("*")) == before  # nothing drawn into it
+    for extra, message in ((["--samples", str(tmp_path / "s")], "drop --samples"), ([], "from 1 to 1024")):
+        sample = "6" if extra else "0"
+        r = runner.invoke(
+            app, ["push", str(tiny_run["run"]), REPO, "--sample", sample, *extra, "--local-dir", str(tmp_path / "x")]
+        )
+        assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / "x").exists()
+
+
 def test_bench_offline_reads_a_hub_run_from_the_hub_cache_only(tmp_path, monkeypatch):
     """`opdiff bench --offline` (issue 16) with HF_HUB_OFFLINE unset: the real `snapshot_download` is asked for the
     Hub cache only, and a run that is not there is one line naming --offline."""
