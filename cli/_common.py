@@ -49,10 +49,24 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+INTERRUPTED = (
+    "interrupted: run the same command again to resume (collect, train and teacher train go on from their last "
+    "complete shard or checkpoint)"
+)
+
+
 class OneLineErrors(TyperGroup):
     """The command group whose command-line errors (a flag of the wrong type, a missing or unknown flag, an unknown
     command) are one ``error:`` line naming the help to read, exit code 2, like every other usage error; Click
-    prints the usage, a hint and (through Typer) a framed box."""
+    prints the usage, a hint and (through Typer) a framed box. Ctrl-C (SIGINT) is one ``INTERRUPTED`` line and exit
+    code 130 (Typer's code, which alone says nothing)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         import sys

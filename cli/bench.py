@@ -98,6 +98,12 @@ def bench(
         "--cache-dir",
         help="Where reference statistics are cached (default fid/ under $OPDIFF_CACHE, else ~/.cache/opdiff/fid).",
     ),
+    offline: bool = typer.Option(
+        _default("offline"),
+        "--offline",
+        help="Download nothing for the run or the FID: the Inception weights are never downloaded, and a Hub RUN or "
+        "--baseline is read from the Hub cache only (HF_HUB_OFFLINE=1 does this and more).",
+    ),
     batch_size: int = typer.Option(
         _default("batch_size"), "--batch-size", help="Samples per batch (does not change the results)."
     ),
@@ -132,6 +138,7 @@ def bench(
             inception_path=as_text(inception_path),
             ref_num=ref_num,
             cache_dir=as_text(cache_dir),
+            offline=offline,
             batch_size=batch_size,
             device=device,
             out=as_text(out),

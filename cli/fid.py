@@ -22,7 +22,8 @@ def _default(name: str):
 def fid(
     source: str = typer.Argument(
         ...,
-        help="Images under test: an `opdiff train` run (samples it: --num, --seeds), 'digits', an image folder (an "
+        help="Images under test: an `opdiff train` run or its Hub id (samples it: --num, --seeds), 'digits', an image "
+        "folder (an "
         "`opdiff sample` folder works), "
         "an .npz of images, a statistics .npz (--save-stats), a datasets folder or Hub id.",
     ),
@@ -48,7 +49,8 @@ def fid(
     inception_path: Optional[Path] = typer.Option(
         None,
         "--inception-path",
-        help="clean-fid's inception-2015-12-05.pt (default /tmp/inception-2015-12-05.pt); never downloaded.",
+        help="clean-fid's inception-2015-12-05.pt, never downloaded (default /tmp/inception-2015-12-05.pt, "
+        "downloaded there by clean-fid's mechanism when missing, unless --offline or HF_HUB_OFFLINE=1).",
     ),
     split: str = typer.Option(_default("split"), "--split", help="Split of a datasets source."),
     column: Optional[str] = typer.Option(
@@ -67,6 +69,12 @@ def fid(
         None, "--save-stats", help="Write SOURCE's statistics to this .npz (usable later as SOURCE or --ref)."
     ),
     overwrite: bool = typer.Option(_default("overwrite"), "--overwrite", help="Replace an existing --save-stats file."),
+    offline: bool = typer.Option(
+        _default("offline"),
+        "--offline",
+        help="Download nothing for the FID: the Inception weights are never downloaded (a missing file is a one-line "
+        "error), and a Hub run SOURCE is read from the Hub cache only (HF_HUB_OFFLINE=1 does this and more).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """FID of SOURCE against --ref (clean-fid's Fréchet distance; reference statistics are cached)."""
@@ -90,6 +98,7 @@ def fid(
             cache_dir=as_text(cache_dir),
             save_stats=as_text(save_stats),
             overwrite=overwrite,
+            offline=offline,
         )
         with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
             outcome = F.evaluate_fid(config, stage_progress(progress))

@@ -23,6 +23,12 @@ def push(
     samples: Optional[Path] = typer.Option(
         None, "--samples", help="The `opdiff sample --out` folder whose grid.png goes up (default: one in RUN)."
     ),
+    sample: Optional[int] = typer.Option(
+        None,
+        "--sample",
+        help="Draw the card's grid now: N one-NFE samples on held-out seeds, as `opdiff sample --num N` (instead of "
+        "--samples).",
+    ),
     local_dir: Optional[Path] = typer.Option(
         None, "--local-dir", help="Write the repository's files into this new folder instead of uploading them."
     ),
@@ -36,10 +42,12 @@ def push(
         if local_dir is not None:
             if local_dir.exists() and (not local_dir.is_dir() or any(local_dir.iterdir())):
                 fail(f"--local-dir {str(local_dir)!r} already exists and is not an empty folder")
-            names = hub.stage_run(run, local_dir, repo_id, bench, samples)
+            names = hub.stage_run(run, local_dir, repo_id, bench, samples, sample)
             console.print(f"wrote {', '.join(names)} into {local_dir}")
             return
-        url = hub.push_run(run, repo_id, private=private or None, token=token, bench=bench, samples=samples)
+        url = hub.push_run(
+            run, repo_id, private=private or None, token=token, bench=bench, samples=samples, sample=sample
+        )
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     except OSError as e:  # the Hub refused or was unreachable (huggingface_hub's HTTP errors are OSErrors)

@@ -4,6 +4,7 @@ the number of Fourier modes that hold a given share of its energy, the recommend
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,6 +63,20 @@ def _check_inputs(
     for ok, message in checks:
         if not ok:
             fail(message)
+    if oracle is not None:  # float64 states of --dim values
+        _check_size(num, points, batch, steps, dim, 8, "--dim")
+    else:  # float32 states of a size known once the backbone is built: a bound for any, until then
+        _check_size(num, points, batch, steps, None, 4)
+
+
+def _check_size(num: int, points: int, batch: int, steps: int, values: Optional[int], itemsize: int, flag=None):
+    """``spectrum.check_spectrum_size``'s one-line refusal (exit 2)."""
+    from operator_diffusion.spectrum import check_spectrum_size
+
+    try:
+        check_spectrum_size(num, points, batch, steps, values, itemsize, flag)
+    except ValueError as e:
+        fail(str(e))
 
 
 def _load_teacher(backbone: Optional[str], checkpoint: Optional[Path], options: dict[str, Any], device: str):
@@ -168,6 +183,7 @@ def spectrum(
     else:
         dev = resolve_device(device)
         model = _load_teacher(backbone, checkpoint, options, dev)
+        _check_size(num, points, batch, steps_per_interval, math.prod(model.image_shape), 4)
         s = model.schedule
         x_all = torch.randn((num, *model.image_shape), generator=generator) * float(
             s.sigma(torch.tensor(s.t_max, dtype=torch.float64))

@@ -468,7 +468,7 @@ def plan_bench(config: BenchConfig) -> BenchSetup:
     dev = resolve_device(c.device)
     if c.grid is not None and c.grid not in GRID_KINDS:
         raise ValueError(f"unknown --grid {c.grid!r}; valid: {', '.join(GRID_KINDS)}")
-    model, info = open_run(c.run, dev, "the DSNO run")
+    model, info = open_run(c.run, dev, "the DSNO run", c.offline)
     if not info:
         raise ValueError(
             f"{str(c.run)!r} is a bare checkpoint; bench needs the run folder (it records the teacher and its data)"
@@ -476,7 +476,7 @@ def plan_bench(config: BenchConfig) -> BenchSetup:
     models = {"DSNO": model} if not model.baseline else {"one-step baseline": model}
     infos = (info,)
     if c.baseline is not None:
-        base, binfo = open_run(c.baseline, dev, "the baseline run")
+        base, binfo = open_run(c.baseline, dev, "the baseline run", c.offline)
         if tuple(base.backbone.image_shape) != tuple(model.backbone.image_shape):
             raise ValueError(
                 f"the baseline makes images of shape {base.backbone.image_shape}, the DSNO run "
@@ -575,7 +575,7 @@ def _fid_of_reference(c: BenchConfig, device: str, notes: list[str]) -> tuple[Ca
     from . import fid as F
 
     try:
-        extractor = F.load_extractor(c.feature_extractor, c.inception_path, device)
+        extractor = F.load_extractor(c.feature_extractor, c.inception_path, device, c.offline or None)
         ref_stats = F.reference_stats(c.ref, extractor, c.ref_num, cache_dir=c.cache_dir, device=device)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"cannot set up FID: {e}") from None

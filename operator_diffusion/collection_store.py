@@ -299,9 +299,18 @@ def write_shard(
         if name in schema.names:
             columns.append(pa.array(values[name], schema.field(name).type))
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_arrays(columns, schema=schema), tmp)
-    _write_shard_hash(path, tmp)  # before the shard appears: a shard that is there always has its hash
-    os.replace(tmp, path)
+    try:
+        pq.write_table(pa.Table.from_arrays(columns, schema=schema), tmp)
+        _write_shard_hash(path, tmp)  # before the shard appears: a shard that is there always has its hash
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder gone read-only: the complete shards stay, the partial one goes
+        tmp.unlink(missing_ok=True)
+        error = OSError(
+            f"cannot write shard {str(path)!r} ({' '.join(str(e).split())}); the shards already complete are kept: "
+            "free some space (or fix the folder) and run the same command again to resume"
+        )
+        error.errno = e.errno
+        raise error from None
 
 
 def shard_hash_path(path: Path) -> Path:

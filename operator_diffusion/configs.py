@@ -417,6 +417,7 @@ class BenchConfig:
     inception_path: str | None = None
     ref_num: int | None = None
     cache_dir: str | None = None
+    offline: bool = False  # no Inception download, a Hub run from the Hub cache only (False: HF_HUB_OFFLINE decides)
     batch_size: int = 256  # does not change the results
     device: str = "auto"
     out: str | None = None  # folder of bench.md and bench.json
@@ -449,7 +450,7 @@ class BenchConfig:
 class FIDConfig:
     """What `opdiff fid` compares (``fid.evaluate_fid``): SOURCE's features against REF's."""
 
-    source: str  # an `opdiff train` run (sampled), digits, an image folder, an .npz, statistics, a dataset
+    source: str  # a run or its Hub id (sampled), digits, an image folder, an .npz, statistics, a dataset
     ref: str  # the same kinds, or cleanfid:NAME/RES/SPLIT
     num: int | None = None  # the first num images of SOURCE (a run draws FID_RUN_NUM)
     seeds: Seeds = None  # a run SOURCE: the seeds to sample (None: held out)
@@ -463,6 +464,7 @@ class FIDConfig:
     cache_dir: str | None = None  # reference statistics cache
     save_stats: str | None = None  # write SOURCE's statistics here
     overwrite: bool = False  # replace an existing save_stats file
+    offline: bool = False  # no Inception download, a Hub run from the Hub cache only (False: HF_HUB_OFFLINE decides)
 
     def __post_init__(self) -> None:
         cover = " (a covariance needs 2 images)"

@@ -284,18 +284,41 @@ def model_card(info: dict, repo_id: str, bench_md: str | None, grid: bool, pushe
 # --------------------------------------------------------------------------------------------------
 # Push and resolve
 # --------------------------------------------------------------------------------------------------
+def draw_grid(run: Path, folder: Path, num: int) -> Path:
+    """`opdiff sample RUN --num NUM --format grid --out FOLDER/samples` (held-out seeds): the folder of its grid."""
+    from .configs import SampleConfig
+    from .sampling import plan_sample, run_sample
+
+    out = folder / "samples"
+    run_sample(plan_sample(SampleConfig(run=str(run), out=str(out), num=num, formats=("grid",))))
+    return out
+
+
 def stage_run(
     run: str | os.PathLike,
     dest: str | os.PathLike,
     repo_id: str,
     bench: Path | None = None,
     samples: Path | None = None,
+    sample: int | None = None,
 ) -> list[str]:
-    """Write the repository's files for ``run`` into ``dest`` (empty or new); returns their names."""
+    """Write the repository's files for ``run`` into ``dest`` (empty or new); returns their names. ``sample``: draw
+    the card's grid now, of that many samples on held-out seeds (``draw_grid``), instead of finding one."""
     run, dest = Path(run), Path(dest)
     info = finished_run_info(run)
     check_repo_id(repo_id)
-    bench_dir, grid_dir = find_bench(run, bench), find_grid(run, samples)
+    if sample is not None and (samples is not None or isinstance(sample, bool) or not 1 <= sample <= 1024):
+        raise ValueError(
+            "--sample N draws the card's grid (N from 1 to 1024, e.g. --sample 64); drop --samples, which takes one"
+            if samples is not None
+            else f"--sample must be an integer from 1 to 1024 (the grid's images), got {sample!r}"
+        )
+    with tempfile.TemporaryDirectory(prefix="opdiff-grid-") as drawn:
+        grid_dir = draw_grid(run, Path(drawn), sample) if sample is not None else find_grid(run, samples)
+        return _stage(run, dest, repo_id, info, find_bench(run, bench), grid_dir)
+
+
+def _stage(run: Path, dest: Path, repo_id: str, info: dict, bench_dir: Path | None, grid_dir: Path | None) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     copies = {name: run / name for name in (MODEL_FILE, CONFIG_FILE, RUN_INFO, METRICS_FILE) if (run / name).is_file()}
     if bench_dir is not None and (bench_dir / BENCH_JSON).is_file():
@@ -324,12 +347,13 @@ def push_run(
     token: str | None = None,
     bench: Path | None = None,
     samples: Path | None = None,
+    sample: int | None = None,
 ) -> str:
     """Upload a finished run as a Hub model repository (``stage_run``'s files, one commit). Returns the URL."""
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory(prefix="opdiff-push-") as tmp:
-        names = stage_run(run, tmp, repo_id, bench, samples)  # validates everything before any network call
+        names = stage_run(run, tmp, repo_id, bench, samples, sample)  # validates everything before any network call
         api = HfApi(token=token)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(
@@ -353,10 +377,11 @@ def looks_like_hub_id(text: str) -> bool:
     return True
 
 
-def resolve_run(run: str | os.PathLike) -> Path:
+def resolve_run(run: str | os.PathLike, offline: bool = False) -> Path:
     """A local path for ``run``: the path itself when it exists (a run folder, a Hub-layout folder, a checkpoint),
     else the Hub model ``run``'s snapshot of the run files (``RUN_FILES``), downloaded or, offline
-    (``HF_HUB_OFFLINE``), from the local Hub cache. Anything else is a FileNotFoundError in one line."""
+    (``offline``, e.g. `--offline`, or ``HF_HUB_OFFLINE``), from the local Hub cache. Anything else is a
+    FileNotFoundError in one line."""
     path = Path(run)
     if path.exists():
         return path
@@ -369,13 +394,13 @@ def resolve_run(run: str | os.PathLike) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    offline = is_offline()
+    why = "--offline" if offline else "HF_HUB_OFFLINE" if is_offline() else None
     try:
         local = huggingface_hub.snapshot_download(
-            text, repo_type="model", allow_patterns=list(RUN_FILES), local_files_only=offline
+            text, repo_type="model", allow_patterns=list(RUN_FILES), local_files_only=why is not None
         )
     except LocalEntryNotFoundError:
-        where = "offline (HF_HUB_OFFLINE), and it is not in the Hub cache" if offline else "and the Hub is unreachable"
+        where = f"offline ({why}), and it is not in the Hub cache" if why else "and the Hub is unreachable"
         raise FileNotFoundError(f"{text!r} is no local folder, {where}; download it online once, or pass a folder")
     except huggingface_hub.errors.RepositoryNotFoundError:
         raise FileNotFoundError(

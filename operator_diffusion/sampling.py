@@ -382,14 +382,14 @@ def run_solver(
     )
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", offline: bool = False):
     """(DSNO, info) from a run directory (``opdiff train``'s output, or its Hub id or Hub-layout folder:
-    ``hub.resolve_run``) or a DSNO .safetensors checkpoint."""
+    ``hub.resolve_run``, from the Hub cache only when ``offline``) or a DSNO .safetensors checkpoint."""
     from .adapter import DSNO
     from .hub import resolve_run
     from .training import load_run
 
-    path = resolve_run(path)
+    path = resolve_run(path, offline)
     if path.is_dir():
         return load_run(path, map_location=device)
     if path.is_file():
@@ -397,11 +397,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     raise FileNotFoundError(f"{str(path)!r} is neither an `opdiff train` run folder nor a DSNO checkpoint")
 
 
-def open_run(path: str | os.PathLike, device: str | torch.device = "cpu", what: str = "the run"):
+def open_run(path: str | os.PathLike, device: str | torch.device = "cpu", what: str = "the run", offline: bool = False):
     """(DSNO, info) of a run folder or DSNO checkpoint (``load_model``); anything unloadable is a one-line
     ValueError naming ``what``."""
     try:
-        return load_model(path, device=device)
+        return load_model(path, device=device, offline=offline)
     except FileNotFoundError as e:
         raise ValueError(f"{what}: {e}") from None
     except (ValueError, RuntimeError) as e:

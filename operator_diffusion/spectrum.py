@@ -59,6 +59,7 @@ __all__ = [
     "exact_trajectories",
     "toy_oracle",
     "sample_prior",
+    "check_spectrum_size",
     "report_paths",
     "spectrum_report",
 ]
@@ -302,6 +303,46 @@ def sample_prior(oracle: Oracle, n: int, generator: torch.Generator | None = Non
     x0 = oracle.sample(n, generator=generator)
     z = torch.randn(x0.shape, dtype=torch.float64, generator=generator)
     return oracle.schedule.alpha(t) * x0 + oracle.schedule.sigma(t) * z
+
+
+GRID_COPIES = 4  # float64 arrays of the refined grid's times alive while it is built (λ, u, the fine grid, the cat)
+
+
+def check_spectrum_size(
+    num: int,
+    points: int,
+    batch: int,
+    steps_per_interval: int,
+    values: int | None,
+    itemsize: int,
+    values_flag: str | None = None,
+) -> None:
+    """Bound the size inputs of a spectrum by the memory available, before anything is drawn or solved (ValueError
+    naming the flags; issue 16, item 15). Lower bounds: the refined solver grid (float64 times), the x_T draws
+    (``num`` × ``values`` of ``itemsize`` bytes), one batch of trajectories (``points`` states each, with the
+    float64 copy the FFT takes) and the per-trajectory spectra (``num`` × (``points``//2 + 1) float64).
+    ``values``: the numbers in one state (None: not known yet, counted as 1, a bound that holds for any teacher);
+    ``values_flag``: the flag that sets it, if any (``--dim`` of an oracle)."""
+    from .resources import check_memory
+
+    v = values or 1
+    each = f" of {v:,} values each" if values else " even at one value each"
+    more = f" or {values_flag}" if values_flag else ""
+    grid = (points - 1) * steps_per_interval + 1
+    check_memory(
+        grid * 8 * GRID_COPIES,
+        f"--points {points} × --steps-per-interval {steps_per_interval} (a solver grid of {grid:,} times)",
+        "lower --points or --steps-per-interval",
+    )
+    check_memory(num * v * itemsize, f"--num {num} (its x_T draws{each})", f"lower --num{more}")
+    check_memory(
+        min(batch, num) * points * v * (itemsize + 8),
+        f"--batch {batch} × --points {points} (one batch of trajectories{each})",
+        f"lower --batch or --points{more}",
+    )
+    check_memory(
+        num * (points // 2 + 1) * 8, f"--num {num} × --points {points} (the spectra)", "lower --num or --points"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

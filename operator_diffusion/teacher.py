@@ -338,9 +338,28 @@ def _check_labels(images: ImageSet, num_classes: int) -> None:
         )
 
 
+STEP_COPIES = 6  # float32 arrays of a batch alive in a step: x_0, ε, x_t, the output, the target, the error's gradient
+
+
+def check_batch_memory(batch_size: int, values: int | None) -> None:
+    """Bound --batch-size by memory (issue 16, item 15): a step holds ``STEP_COPIES`` float32 arrays of the batch's
+    states (a lower bound: the network's activations come on top). ``values``: the numbers in one state (None: the
+    data is not read yet, counted as 1, a bound that holds for any images)."""
+    from .resources import check_memory
+
+    per = f"{values:,} values per image" if values else "even at one value per image"
+    check_memory(
+        batch_size * (values or 1) * 4 * STEP_COPIES,
+        f"--batch-size {batch_size} ({per})",
+        "lower --batch-size (and raise --grad-accum to keep the effective batch)",
+    )
+
+
 def plan_teacher(config: TeacherConfig) -> TeacherPlan:
     """Validate ``config``, read the images and build the backbone (initialised from ``config.seed``).
-    Raises ValueError / FileNotFoundError / TypeError (an unknown backbone option) before anything is written."""
+    Raises ValueError / FileNotFoundError / TypeError (an unknown backbone option) before anything is written; a
+    batch beyond memory before the images are read."""
+    check_batch_memory(config.batch_size, None)
     images = load_images(config.data, num=config.num, split=config.split, column=config.column)
     if len(images) < config.batch_size:
         raise ValueError(
@@ -350,6 +369,7 @@ def plan_teacher(config: TeacherConfig) -> TeacherPlan:
     _check_labels(images, config.num_classes)
     torch.manual_seed(config.seed)  # the network's initialisation
     backbone, kwargs = _build_backbone(config, images.shape)
+    check_batch_memory(config.batch_size, math.prod(backbone.state_shape))
     precision = config.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
     run_info = {
         "kind": RUN_KIND,

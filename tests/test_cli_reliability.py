@@ -50,6 +50,7 @@ CASES = [
     ("collect-grid-unknown", [*COLLECT, "--grid", "spiral", "--out", "{new}"], 2, "unknown grid 'spiral'"),
     ("collect-time-list-text", [*COLLECT, "--time-list", "a,b", "--out", "{new}"], 2, "comma-separated times"),
     ("collect-checkpoint-pickle", [*COLLECT, "--checkpoint", "{pickle}", "--out", "{new}"], 2, "not a safetensors"),
+    ("collect-checkpoint-truncated", [*COLLECT, "--checkpoint", "{truncated}", "--out", "{new}"], 2, "{truncated}"),
     ("collect-checkpoint-missing", [*COLLECT, "--checkpoint", "{new}", "--out", "{new}"], 2, "does not exist"),
     ("collect-guidance-unconditional", [*COLLECT, "--guidance", "2", "--out", "{new}"], 2, "guidance"),
     # sizes beyond any machine (issue 16, item 15): refused from the plan's estimate before anything is allocated
@@ -72,6 +73,7 @@ CASES = [
     ("train-lr-negative", [*TRAIN, "--lr", "-1", "--out", "{new}"], 2, "lr"),
     ("train-weights-inverted", [*TRAIN, "--weight-min", "10", "--weight-max", "1", "--out", "{new}"], 2, "swap"),
     ("train-init-from-missing", [*TRAIN, "--init-from", "{new}", "--out", "{new}"], 2, "does not exist"),
+    ("train-init-from-truncated", [*TRAIN, "--init-from", "{truncated}", "--out", "{new}"], 2, "{truncated}"),
     ("train-init-from-pickle", [*TRAIN, "--init-from", "{pickle}", "--out", "{new}"], 2, "not a safetensors"),
     ("train-out-other-run", [*TRAIN, "--lr", "0.5", "--out", "{run}"], 2, "holds another run"),
     ("train-loss-unknown", [*TRAIN, "--loss", "l3", "--out", "{new}"], 2, "unknown loss 'l3'"),
@@ -85,6 +87,14 @@ CASES = [
     # sample
     ("sample-run-missing", ["sample", "{new}", "--out", "{new}"], 2, "neither an `opdiff train` run folder"),
     ("sample-run-pickle", ["sample", "{pickle}", "--out", "{new}"], 2, "safetensors"),
+    ("sample-model-truncated", ["sample", "{cutrun}", "--out", "{new}"], 2, "{cutrun}/model.safetensors' is not a"),
+    ("bench-model-truncated", ["bench", "{cutrun}"], 2, "{cutrun}/model.safetensors' is not a readable"),
+    (
+        "fid-run-model-truncated",
+        ["fid", "{cutrun}", "--ref", "digits", "--feature-extractor", "digits"],
+        2,
+        "{cutrun}/",
+    ),
     ("sample-config-damaged", ["sample", "{badrun}", "--out", "{new}"], 2, "config.json' is damaged"),
     ("sample-seeds-reversed", ["sample", "{run}", "--seeds", "5-1", "--out", "{new}"], 2, "below the start"),
     ("sample-seeds-too-many", ["sample", "{run}", "--seeds", "0-99999999999", "--out", "{new}"], 2, "more than"),
@@ -119,9 +129,14 @@ CASES = [
     ("spectrum-points-few", [*SPECTRUM[:-2], "--points", "4"], 2, "--points must be at least 16"),
     ("spectrum-energy-above-one", [*SPECTRUM, "--energy", "2"], 2, "--energy must be in (0, 1]"),
     ("spectrum-checkpoint-pickle", ["spectrum", "--checkpoint", "{pickle}"], 2, "safetensors"),
+    ("spectrum-checkpoint-truncated", ["spectrum", "--checkpoint", "{truncated}"], 2, "{truncated}"),
     ("spectrum-out-is-a-file", [*SPECTRUM, "--out", "{file}"], 2, "is a file"),
     ("spectrum-option-bad-number", ["spectrum", *TINY, "-o", "dropout={bad"], 2, "takes a number"),
     ("spectrum-seed-huge", [*SPECTRUM, "--seed", "99999999999999999999999"], 2, "--seed"),
+    ("spectrum-num-beyond-memory", [*SPECTRUM, "--num", "10000000000000", "--out", "{new}"], 2, "of memory"),
+    ("spectrum-points-beyond-memory", [*SPECTRUM, "--points", "10000000000000"], 2, "lower --points"),
+    ("spectrum-dim-beyond-memory", [*SPECTRUM, "--dim", "10000000000000"], 2, "lower --num or --dim"),
+    ("spectrum-backbone-num-beyond-memory", ["spectrum", *TINY, "--num", "10000000000000"], 2, "of memory"),
     # inspect
     ("inspect-backbone-unknown", ["inspect", "-b", "nosuch"], 2, "unknown backbone 'nosuch'"),
     ("inspect-checkpoint-pickle", ["inspect", "{pickle}"], 2, "safetensors"),
@@ -134,6 +149,7 @@ CASES = [
     ("teacher-lr-negative", [*TEACHER, "--lr", "-1", "--out", "{new}"], 2, "lr"),
     ("teacher-out-dsno-run", [*TEACHER, "--out", "{run}"], 2, "not a teacher run"),
     ("teacher-seed-huge", [*TEACHER, "--seed", "99999999999999999999999", "--out", "{new}"], 2, "--seed"),
+    ("teacher-batch-beyond-memory", [*TEACHER, "--batch-size", "10000000000000", "--out", "{new}"], 2, "of memory"),
     # demo, data info, the command line itself
     ("demo-out-is-a-file", ["demo", "--out", "{file}"], 2, "is a file"),
     ("demo-out-foreign", ["demo", "--out", "{foreign}"], 2, "holds files the demo does not write (thesis.tex)"),
@@ -169,6 +185,11 @@ def places(tiny_run, tmp_path_factory):
     info.write_text(info.read_text()[:200] + "\x01")  # cut off, with a control character
     shutil.copytree(tiny_run["run"], ws / "badrun", ignore=shutil.ignore_patterns("checkpoints"))
     (ws / "badrun" / "config.json").write_text('{"format_version": 1, "collection": ')
+    teacher = Path(tiny_run["teacher"]).read_bytes()
+    (ws / "truncated.safetensors").write_bytes(teacher[: len(teacher) // 2])  # cut off mid-tensor
+    shutil.copytree(tiny_run["run"], ws / "cutrun", ignore=shutil.ignore_patterns("checkpoints"))
+    model = (ws / "cutrun" / "model.safetensors").read_bytes()
+    (ws / "cutrun" / "model.safetensors").write_bytes(model[: len(model) // 2])
     (ws / "samples" / "images").mkdir(parents=True)
     (ws / "samples" / "opdiff_samples.json").write_text("{}\n")
     (ws / "samples" / "images" / "000000.png").write_bytes(b"an earlier sample")
@@ -182,6 +203,8 @@ def places(tiny_run, tmp_path_factory):
         "empty": ws / "empty",
         "damaged": ws / "damaged",
         "badrun": ws / "badrun",
+        "truncated": ws / "truncated.safetensors",
+        "cutrun": ws / "cutrun",
         "samples": ws / "samples",
         "ws": ws,
     }

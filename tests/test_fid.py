@@ -21,6 +21,7 @@ import operator_diffusion.fid as F
 import operator_diffusion.fid.stats as fid_stats  # where load_extractor looks up DIGITS_FEATURENET
 from opdiff_cli.main import app
 from operator_diffusion.images import ImageSet, load_images, save_png
+from operator_diffusion.runs import reset_accelerate_state
 
 runner = CliRunner()
 
@@ -231,6 +232,7 @@ def test_the_default_inception_file_is_downloaded_by_cleanfid_unless_offline(tmp
     import urllib.error
 
     import cleanfid.downloads_helper
+    import huggingface_hub.constants  # noqa: F401  (imported now: it reads HF_HUB_OFFLINE once, at import)
 
     from operator_diffusion.fid import inception
 
@@ -268,6 +270,39 @@ def test_the_default_inception_file_is_downloaded_by_cleanfid_unless_offline(tmp
     with pytest.raises(FileNotFoundError, match="download of .* failed") as e:
         F.load_extractor("inception")
     assert "--inception-path PATH" in str(e.value) and "\n" not in str(e.value) and not default.exists()
+
+
+def test_fid_and_bench_offline_flags_never_download_the_inception_weights(tiny_run, tmp_path, monkeypatch):
+    """`--offline` (issue 16): with HF_HUB_OFFLINE unset and the default Inception file missing, `opdiff fid` and
+    `opdiff bench --ref` answer the offline instruction in one line (exit 2) instead of trying clean-fid's download;
+    without the flag they try it (and here, as with no network, it fails)."""
+    import cleanfid.downloads_helper
+    from huggingface_hub import constants
+
+    from operator_diffusion.fid import inception
+
+    monkeypatch.setattr(inception, "INCEPTION_FILE", str(tmp_path / "tmp" / F.INCEPTION_NAME))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def no_network(local_folder, url):  # clean-fid's download, on a machine with no network
+        asked.append(url)
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_url", no_network)
+    fid = ["fid", "digits", "--ref", "digits", "--num", "8", "--device", "cpu"]
+    bench = ["bench", str(tiny_run["run"]), "--num", "2", "--nfe", "1", "--solvers", "ddim", "--ref", "digits"]
+    for command in (fid, bench):
+        r = runner.invoke(app, [*command, "--offline"])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+        assert "offline" in r.stderr and F.INCEPTION_URL in r.stderr and "failed" not in r.stderr, r.stderr
+        assert asked == [] and not (tmp_path / "tmp").exists()
+        r = runner.invoke(app, command)
+        assert r.exit_code == 2 and "download of" in r.stderr and "failed" in r.stderr, r.output
+        assert asked == [F.INCEPTION_URL]
+        asked.clear()
+    reset_accelerate_state()
 
 
 class _FakeLayers(nn.Module):
@@ -407,6 +442,79 @@ def test_train_feature_net_learns_the_digits(digits):
     assert metrics["n_heldout"] == 180 and metrics["n_train"] == 1617
     assert metrics["heldout_accuracy"] > 0.9, metrics
     assert net.features(digits.tensor()[:4]).shape == (4, 32)
+
+
+def test_a_feature_net_trains_on_non_square_images_and_refuses_other_shapes(digits, tmp_path):
+    """Non-square images (issue 16): a FeatureNet takes [H, W]; its stages halve both sides until each is at most 4;
+    it learns 8×6 crops of the digits, saves and loads; other shapes are refused in one line naming inception."""
+    crops = ImageSet(np.ascontiguousarray(digits.images[:, :, 1:7]), digits.labels, "digit crops", {"kind": "crops"})
+    net, metrics = F.train_feature_net(crops, epochs=6, batch_size=64, seed=0, width=16, feature_dim=32)
+    assert net.hw == (8, 6) and net.config()["image_size"] == [8, 6] and metrics["heldout_accuracy"] > 0.85, metrics
+    for hw, last in (((8, 6), (4, 3)), ((8, 12), (2, 3)), ((5, 40), (1, 3)), ((8, 8), (4, 4))):
+        body = F.FeatureNet(1, list(hw), 4, 4, 0).body(torch.zeros(1, 1, *hw))
+        assert tuple(body.shape[-2:]) == last
+    net.save(tmp_path / "crops.safetensors")
+    ext = F.FeatureNetExtractor(tmp_path / "crops.safetensors")
+    assert ext.net.hw == (8, 6) and ext.id == F.FeatureNetExtractor(net).id
+    np.savez(tmp_path / "crops.npz", images=crops.images[:200])
+    np.savez(tmp_path / "shifted.npz", images=np.roll(crops.images[:200], 2, axis=2))
+    args = ["--feature-extractor", str(tmp_path / "crops.safetensors"), "--device", "cpu", "--json"]
+    same = runner.invoke(app, ["fid", str(tmp_path / "crops.npz"), "--ref", str(tmp_path / "crops.npz"), *args])
+    other = runner.invoke(app, ["fid", str(tmp_path / "shifted.npz"), "--ref", str(tmp_path / "crops.npz"), *args])
+    assert same.exit_code == 0 and other.exit_code == 0, same.output + other.output
+    assert abs(json.loads(same.stdout)["fid"]) <= 1e-6 < 1 < json.loads(other.stdout)["fid"]
+    for extractor, takes in ((str(tmp_path / "crops.safetensors"), "8×6"), ("digits", "8×8")):
+        res = runner.invoke(
+            app, ["fid", "digits", "--ref", str(tmp_path / "crops.npz"), "--feature-extractor", extractor]
+        )
+        assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+        assert f"takes only {takes}" in res.stderr and "--feature-extractor inception (any size" in res.stderr
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_cli_fid_of_non_square_images_through_inception_matches_cleanfid(tmp_path):
+    """`opdiff fid` on two folders of non-square images of different aspects (20×24 RGB against 24×20 grayscale) gives
+    the Fréchet distance of clean-fid's own folder features of the same files. The reference's Tr (Σ₁Σ₂)^{1/2} is the
+    sum of the singular values of A₁A₂ᵀ/√((n₁−1)(n₂−1)), A the centred features (Σ = AᵀA/(n−1)): 12×12, not 2048²."""
+    from cleanfid.fid import get_folder_features
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w" / F.INCEPTION_NAME
+    weights.parent.mkdir()
+    torch.jit.script(_FakeInception()).save(str(weights))
+    rng = np.random.default_rng(5)
+    sets = {
+        "wide": rng.integers(0, 256, (12, 20, 24, 3), np.uint8),
+        "tall": rng.integers(0, 256, (12, 24, 20, 1), np.uint8),
+    }
+    model = InceptionV3W(str(weights.parent), download=False).eval()
+    centred, means = [], []
+    for name, pixels in sets.items():
+        (tmp_path / name).mkdir()
+        for i, im in enumerate(pixels):
+            save_png(im, tmp_path / name / f"{i:02d}.png")
+        feats = get_folder_features(
+            str(tmp_path / name),
+            model,
+            num_workers=0,
+            batch_size=5,
+            device=torch.device("cpu"),
+            mode="clean",
+            verbose=False,
+        ).astype(np.float64)
+        means.append(feats.mean(0))
+        centred.append((feats - feats.mean(0)) / np.sqrt(len(feats) - 1))
+    (a1, a2), (mu1, mu2) = centred, means
+    trace_sqrt = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    want = float(np.sum((mu1 - mu2) ** 2) + np.sum(a1**2) + np.sum(a2**2) - 2 * trace_sqrt)
+    res = runner.invoke(
+        app,
+        ["fid", str(tmp_path / "wide"), "--ref", str(tmp_path / "tall"), "--inception-path", str(weights), "--json"]
+        + ["--device", "cpu", "--cache-dir", str(tmp_path / "cache")],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["fid"] == pytest.approx(want, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -184,6 +184,97 @@ def test_sample_and_bench_take_the_pushed_folder_and_a_hub_id(
     assert not (tmp_path / "x").exists()
 
 
+def test_push_sample_draws_the_cards_grid_as_opdiff_sample_does(tiny_run, tmp_path):
+    """`opdiff push --sample N` (issue 16): a run without samples gets the grid `opdiff sample --num N --format grid`
+    writes (held-out seeds), byte for byte; --sample with --samples, or out of range, is one line and writes nothing."""
+    r = runner.invoke(
+        app, ["sample", str(tiny_run["run"]), "--num", "6", "--format", "grid", "--out", str(tmp_path / "s")]
+    )
+    assert r.exit_code == 0, r.output
+    before = sorted(p.relative_to(tiny_run["run"]) for p in tiny_run["run"].rglob("*"))
+    r = runner.invoke(app, ["push", str(tiny_run["run"]), REPO, "--sample", "6", "--local-dir", str(tmp_path / "repo")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "repo" / "grid.png").read_bytes() == (tmp_path / "s" / "grid.png").read_bytes()
+    assert "![samples](grid.png)" in (tmp_path / "repo" / "README.md").read_text()
+    assert sorted(p.relative_to(tiny_run["run"]) for p in tiny_run["run"].rglob("*")) == before  # nothing drawn into it
+    for extra, message in ((["--samples", str(tmp_path / "s")], "drop --samples"), ([], "from 1 to 1024")):
+        sample = "6" if extra else "0"
+        r = runner.invoke(
+            app, ["push", str(tiny_run["run"]), REPO, "--sample", sample, *extra, "--local-dir", str(tmp_path / "x")]
+        )
+        assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / "x").exists()
+
+
+def test_bench_offline_reads_a_hub_run_from_the_hub_cache_only(tmp_path, monkeypatch):
+    """`opdiff bench --offline` (issue 16) with HF_HUB_OFFLINE unset: the real `snapshot_download` is asked for the
+    Hub cache only, and a run that is not there is one line naming --offline."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    real, asked = huggingface_hub.snapshot_download, []
+
+    def cache_only(repo_id, **kw):
+        asked.append(kw.get("local_files_only"))
+        if not kw.get("local_files_only"):
+            pytest.fail("went to the Hub")
+        return real(repo_id, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
+    r = runner.invoke(app, ["bench", "me/not-pushed", "--offline", "--num", "2"])
+    assert asked == [True], r.output
+    assert r.exit_code == 2 and "offline (--offline)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fid_takes_a_hub_run_id_and_reads_other_hub_ids_as_image_datasets(tiny_run, tmp_path, monkeypatch):
+    """`opdiff fid USER/NAME` (issue 16): a model repository holding a run is sampled as the local run is (the same
+    seeds, the same FID); --offline asks the Hub cache only; an id no model repository answers (a dataset's) is
+    read as images, as before."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from operator_diffusion import images
+
+    asked = []
+
+    def snapshot_download(repo_id, *, repo_type=None, allow_patterns=None, local_files_only=False, **kw):
+        asked.append((repo_id, repo_type, local_files_only))
+        if repo_id != REPO:
+            response = httpx2.Response(
+                404, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+            )
+            raise RepositoryNotFoundError("404 Client Error. Repository Not Found", response=response)
+        local = tmp_path / "snapshot"
+        local.mkdir(exist_ok=True)
+        for name in allow_patterns:
+            shutil.copy(tiny_run["run"] / name, local / name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    read = []
+
+    def read_hf_dataset(name, split="train", column=None, num=None):  # a Hub dataset, without the network
+        read.append(name)
+        return images.load_images("digits", num=num)
+
+    monkeypatch.setattr(images, "read_hf_dataset", read_hf_dataset)
+    fid = ["fid", "--ref", "digits", "--feature-extractor", "digits", "--num", "16", "--json"]
+    results = {}
+    for source, extra in ((REPO, []), (REPO, ["--offline"]), (str(tiny_run["run"]), []), ("me/a-dataset", [])):
+        r = runner.invoke(app, [fid[0], source, *fid[1:], *extra])
+        assert r.exit_code == 0, r.output
+        results[(source, tuple(extra))] = json.loads(r.stdout)
+    assert asked == [(REPO, "model", False), (REPO, "model", True), ("me/a-dataset", "model", False)]
+    hub, local = results[(REPO, ())], results[(str(tiny_run["run"]), ())]
+    assert hub["fid"] == local["fid"] == results[(REPO, ("--offline",))]["fid"] and hub["n_source"] == 16
+    assert hub["source"].startswith(f"{REPO} (DSNO, seeds 48-63)")
+    assert read == ["me/a-dataset"] and results[("me/a-dataset", ())]["n_source"] == 16
+
+
 def test_bad_push_and_hub_input_is_one_line_exit_2(tiny_run, fake_hub, tmp_path, monkeypatch):
     import httpx2
     import huggingface_hub

@@ -75,3 +75,74 @@ def test_the_training_cache_is_not_built_on_a_full_disk(machine, tiny_run, tmp_p
     with pytest.raises(ValueError, match="the training cache of .* needs about .* of disk"):
         TrajectoryCache.build(data)
     assert not (data / ".opdiff-cache").exists()
+
+
+def test_teacher_train_bounds_the_batch_before_and_after_reading_the_images(machine, monkeypatch, tmp_path):
+    from operator_diffusion import teacher
+
+    def config(batch_size):
+        return teacher.TeacherConfig(data="digits", out=str(tmp_path / "t"), batch_size=batch_size, max_steps=2)
+
+    # 1×8×8 digits, six float32 copies per step: a batch of 128 needs 196,608 bytes, one of 256 393,216
+    machine(memory=300_000)
+    teacher.plan_teacher(config(128))
+    with pytest.raises(ValueError, match=r"--batch-size 256 \(64 values per image\) needs at least 393.2 KB"):
+        teacher.plan_teacher(config(256))
+    machine(memory=16 * 10**9)  # a batch beyond any machine is refused before the images are read
+    monkeypatch.setattr(teacher, "load_images", lambda *a, **k: pytest.fail("the images were read"))
+    with pytest.raises(ValueError, match=r"--batch-size 10000000000000 \(even at one value per image\) needs"):
+        teacher.plan_teacher(config(10**13))
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(
+    "args, memory, message",
+    [
+        # --oracle gaussian --dim 4 --num 2 --points 16: grid 16·8·4 = 512 bytes, x_T 2·4·8 = 64, a batch of 2
+        # trajectories 2·16·4·(8 + 8) = 2,048, spectra 2·9·8 = 144: 3,000 bytes hold it
+        ([], 3000, None),
+        (["--points", "32"], 3000, "--batch 16 × --points 32 (one batch of trajectories of 4 values each) needs"),
+        (["--num", "200"], 3000, "--num 200 (its x_T draws of 4 values each) needs at least 6.4 KB"),
+        (["--steps-per-interval", "40"], 3000, "(a solver grid of 601 times) needs at least 19.2 KB"),
+        (["--dim", "400"], 3000, "lower --num or --dim"),
+    ],
+)
+def test_spectrum_bounds_its_sizes_by_memory(machine, tmp_path, args, memory, message):
+    from typer.testing import CliRunner
+
+    from opdiff_cli.main import app
+
+    machine(memory=memory)
+    base = [
+        "spectrum",
+        "--oracle",
+        "gaussian",
+        "--dim",
+        "4",
+        "--num",
+        "2",
+        "--points",
+        "16",
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    result = CliRunner().invoke(app, [*base, *args])
+    if message is None:
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+    assert message in " ".join(result.stderr.split()) and not (tmp_path / "s").exists(), result.stderr
+
+
+def test_spectrum_of_a_backbone_is_bounded_by_its_state_size_once_built(machine, tmp_path):
+    from typer.testing import CliRunner
+
+    from opdiff_cli.main import app
+
+    # a batch of 2 trajectories at 16 points: 384 bytes at one value per state, 24,576 with the tiny net's 1×8×8
+    machine(memory=20_000)
+    args = ["spectrum", "--backbone", "opdiff-unet", "-o", "preset=tiny", "-o", "in_channels=1", "--num", "2"]
+    result = CliRunner().invoke(app, [*args, "--points", "16", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+    assert "(one batch of trajectories of 64 values each) needs at least 24.6 KB" in " ".join(result.stderr.split())
+    assert not (tmp_path / "s").exists()

@@ -31,9 +31,26 @@ def is_run(spec: str) -> bool:
     return p.is_dir() and (p / "model.safetensors").is_file() and (p / "config.json").is_file()
 
 
-def run_samples(spec: str, num: Optional[int], seeds, device: str) -> ImageSet:
-    """An `opdiff train` run as SOURCE: its one-NFE samples for held-out seeds (default ``FID_RUN_NUM``), as
-    pixels in memory."""
+def run_folder(spec: str, offline: bool = False) -> Optional[str]:
+    """The run folder SOURCE names: a local `opdiff train` run (or Hub-layout folder), or a Hub model id holding one
+    (``hub.resolve_run``, from the Hub cache only when ``offline``). None for anything else: an image source, e.g. a
+    Hub *dataset* id, which no model repository answers."""
+    if is_run(spec):
+        return spec
+    from ..hub import looks_like_hub_id, resolve_run
+
+    if Path(spec).exists() or not looks_like_hub_id(spec):
+        return None
+    try:
+        local = str(resolve_run(spec, offline))
+    except FileNotFoundError:  # no such model repository (a dataset id), or the Hub unreachable: read it as images
+        return None
+    return local if is_run(local) else None
+
+
+def run_samples(spec: str, num: Optional[int], seeds, device: str, name: Optional[str] = None) -> ImageSet:
+    """An `opdiff train` run folder as SOURCE (``name``: what the user called it, default the folder): its one-NFE
+    samples for held-out seeds (default ``FID_RUN_NUM``), as pixels in memory."""
     import numpy as np
 
     from ..images import to_uint8
@@ -45,9 +62,12 @@ def run_samples(spec: str, num: Optional[int], seeds, device: str) -> ImageSet:
     labels = parse_labels(None, model.backbone.num_classes)
     batches = dsno_batches(model, seed_list, labels, None, 256, device)
     pixels = np.concatenate([to_uint8(b.pixels[:, -1]) for b in batches])
-    name = f"{spec} (DSNO, seeds {seeds_text(seeds, seed_list)})"
+    called = name or spec
     return ImageSet(
-        pixels, None, name, {"kind": "run", "run": spec, "seeds": [seed_list[0], seed_list[-1], len(seed_list)]}
+        pixels,
+        None,
+        f"{called} (DSNO, seeds {seeds_text(seeds, seed_list)})",
+        {"kind": "run", "run": called, "seeds": [seed_list[0], seed_list[-1], len(seed_list)]},
     )
 
 
@@ -72,12 +92,12 @@ def evaluate_fid(config: FIDConfig, progress: Callable[[str, int, int], None] | 
     if save is not None and save.exists() and not c.overwrite:
         raise ValueError(f"--save-stats {str(save)!r} already exists; pass --overwrite or choose another file")
     dev = resolve_device(c.device)
-    source_is_run = is_run(c.source)
-    if c.seeds is not None and not source_is_run:
+    run = run_folder(c.source, c.offline)
+    if c.seeds is not None and run is None:
         raise ValueError("--seeds only applies when SOURCE is an `opdiff train` run")
     src = (
-        run_samples(c.source, c.num, c.seeds, dev)
-        if source_is_run
+        run_samples(run, c.num, c.seeds, dev, c.source)
+        if run is not None
         else _open(c.source, c.num, c.split, c.column, "SOURCE")
     )
     named_ref = c.ref.startswith(CLEANFID_PREFIX)
@@ -85,7 +105,7 @@ def evaluate_fid(config: FIDConfig, progress: Callable[[str, int, int], None] | 
     ext = None
     if named_ref or isinstance(src, ImageSet) or isinstance(ref_obj, ImageSet):
         try:
-            ext = load_extractor(c.feature_extractor, c.inception_path, dev)
+            ext = load_extractor(c.feature_extractor, c.inception_path, dev, c.offline or None)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"--feature-extractor {c.feature_extractor}: {e}") from None
         if named_ref and not isinstance(ext, InceptionExtractor):

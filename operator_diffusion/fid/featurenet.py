@@ -10,7 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,34 +43,52 @@ class FeatureNet(nn.Module):
     map is at most 4×4 (8×8 → one stage, 32×32 → three), a last block to ``feature_dim`` channels, and a
     global average pool: ``features(x)`` (N, feature_dim), like Inception's pool3. ``forward(x)`` adds a
     linear head to ``num_classes`` logits (``num_classes = 0``: no head). Inputs are in model space
-    (pixels/127.5 − 1, ``images.from_uint8``), (N, in_channels, image_size, image_size)."""
+    (pixels/127.5 − 1, ``images.from_uint8``), (N, in_channels, H, W) with (H, W) = ``hw``: ``image_size`` is
+    one integer for square images or [H, W] for others (the stages run until both sides are at most 4)."""
 
     def __init__(
-        self, in_channels: int = 1, image_size: int = 8, width: int = 32, feature_dim: int = 64, num_classes: int = 10
+        self,
+        in_channels: int = 1,
+        image_size: int | Sequence[int] = 8,
+        width: int = 32,
+        feature_dim: int = 64,
+        num_classes: int = 10,
     ):
         super().__init__()
+        sides = [image_size] if isinstance(image_size, int) else list(image_size)
+        if not 1 <= len(sides) <= 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in sides):
+            raise ValueError(f"FeatureNet image_size must be an integer or [H, W] integers, got {image_size!r}")
         for name, v, lo in (
             ("in_channels", in_channels, 1),
-            ("image_size", image_size, 2),
+            *(("image_size", side, 2) for side in sides),
             ("width", width, 1),
             ("feature_dim", feature_dim, 1),
             ("num_classes", num_classes, 0),
         ):
             if not isinstance(v, int) or v < lo:
                 raise ValueError(f"FeatureNet {name} must be an integer ≥ {lo}, got {v!r}")
-        self.in_channels, self.image_size, self.width = in_channels, image_size, width
+        h, w = sides * (3 - len(sides))
+        # one integer when square: the config (and so the digest and id) of square networks stays what it was
+        self.image_size: int | list[int] = h if h == w else [h, w]
+        self.in_channels, self.width = in_channels, width
         self.feature_dim, self.num_classes = feature_dim, num_classes
-        layers, c, size = [_block(in_channels, width)], width, image_size
+        layers, c = [_block(in_channels, width)], width
         while True:
             layers += [_block(c, 2 * c, stride=2), _block(2 * c, 2 * c)]
-            c, size = 2 * c, (size + 1) // 2
-            if size <= 4:
+            c, h, w = 2 * c, (h + 1) // 2, (w + 1) // 2
+            if max(h, w) <= 4:
                 break
         layers.append(_block(c, feature_dim))
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(feature_dim, num_classes) if num_classes else None
 
-    def config(self) -> dict[str, int]:
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The (H, W) of the images the network takes."""
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+    def config(self) -> dict[str, Any]:
         return {
             "in_channels": self.in_channels,
             "image_size": self.image_size,
@@ -161,14 +179,18 @@ class FeatureNetExtractor(FeatureExtractor):
         self.device = device
 
     def check(self, pixels: np.ndarray) -> None:
+        """The images must have the network's height, width and channels: a FeatureNet never resizes (its features
+        of other sizes or aspects would mean nothing), unlike Inception, which takes any size and aspect."""
         _, h, w, c = pixels.shape
         n = self.net
-        if (h, w, c) != (n.image_size, n.image_size, n.in_channels):
+        (nh, nw), nc = n.hw, n.in_channels
+        if (h, w, c) != (nh, nw, nc):
             name = str(self.path) if self.path else "the feature network"
+            aspect = " (another aspect ratio)" if h * nw != w * nh else ""
             raise FIDInputError(
-                f"the images are {h}×{w} with {c} channel(s) but {name} takes {n.image_size}×{n.image_size} with "
-                f"{n.in_channels} channel(s); use a feature network trained on such images or --feature-extractor "
-                "inception"
+                f"the images are {h}×{w} with {c} channel(s){aspect} but {name} takes only {nh}×{nw} with {nc} "
+                f"channel(s); use --feature-extractor inception (any size and aspect ratio) or a feature network "
+                f"trained on {h}×{w} images (train_feature_net)"
             )
 
     def features(self, pixels, batch_size=64, device=None, progress=None):
@@ -231,8 +253,6 @@ def train_feature_net(
     if epochs < 1 or batch_size < 1 or not 0 <= holdout < 1:
         raise ValueError(f"need epochs ≥ 1, batch_size ≥ 1 and 0 ≤ holdout < 1 (got {epochs}, {batch_size}, {holdout})")
     c, h, w = images.shape
-    if h != w:
-        raise ValueError(f"FeatureNet takes square images, {images.source!r} holds {h}×{w}")
     labels = torch.as_tensor(np.asarray(images.labels), dtype=torch.long)
     if labels.min() < 0:
         raise ValueError("labels must be integers ≥ 0")
@@ -242,7 +262,7 @@ def train_feature_net(
     perm = torch.randperm(len(x_all), generator=gen)
     n_hold = int(round(holdout * len(x_all)))
     hold, train = perm[:n_hold], perm[n_hold:]
-    net = FeatureNet(c, h, width, feature_dim, int(labels.max()) + 1).to(device)
+    net = FeatureNet(c, [h, w], width, feature_dim, int(labels.max()) + 1).to(device)
     x_tr, y_tr = x_all[train].to(device), labels[train].to(device)
     x_ho, y_ho = x_all[hold].to(device), labels[hold].to(device)
     steps_per_epoch = -(-len(x_tr) // batch_size)

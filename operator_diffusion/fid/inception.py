@@ -56,10 +56,12 @@ def _inception_module(path: str):
 
 
 def offline_now(offline: Optional[bool] = None) -> bool:
-    """``offline`` when given, else whether ``HF_HUB_OFFLINE`` is set to a true value."""
+    """``offline`` when given, else whether ``HF_HUB_OFFLINE`` is set to a true value (``hub.is_offline``)."""
     if offline is not None:
         return bool(offline)
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    from ..hub import is_offline
+
+    return is_offline()
 
 
 def download_inception(timeout: float = 60.0) -> Path:
