@@ -64,17 +64,16 @@ def parse_times(text: str | None) -> tuple[float, ...] | None:
         fail(f"--time-list takes comma-separated times, got {text!r}")
 
 
-def _load_teacher(name: str, options: dict, checkpoint: Path | None, seed: int):
-    """The backbone (random weights seeded by ``seed`` so that a checkpoint-free run is reproducible)."""
+def _load_teacher(name: str | None, options: dict, checkpoint: Path | None, seed: int):
+    """The backbone (``backbones.load_teacher``: a checkpoint saved by opdiff is enough on its own; random weights
+    seeded by ``seed`` without one, so that a checkpoint-free run is reproducible)."""
     import torch
 
-    from operator_diffusion.backbones import load_backbone
+    from operator_diffusion.backbones import load_teacher
 
     torch.manual_seed(seed)
     try:
-        backbone = load_backbone(name, **options)
-        if checkpoint is not None:
-            backbone.load_weights(checkpoint)
+        backbone = load_teacher(name, checkpoint, **options)
     except ImportError as e:
         fail(str(e), code=1)
     except (ValueError, TypeError, OSError) as e:  # OSError: a missing path, a Hub id that cannot load
@@ -83,8 +82,14 @@ def _load_teacher(name: str, options: dict, checkpoint: Path | None, seed: int):
 
 
 def collect(
-    backbone: str = typer.Option(..., "--backbone", help="Teacher backbone name (see `opdiff backbones`)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Teacher weights (.safetensors)."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="Teacher backbone name (see `opdiff backbones`); default: the --checkpoint's own."
+    ),
+    checkpoint: Optional[Path] = typer.Option(
+        None,
+        "--checkpoint",
+        help="Teacher weights (.safetensors); one saved by opdiff carries its backbone config, so it is enough alone.",
+    ),
     backbone_config: List[str] = typer.Option(
         [],
         "--backbone-config",

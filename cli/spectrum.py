@@ -80,16 +80,12 @@ def _check_size(num: int, points: int, batch: int, steps: int, values: Optional[
 
 
 def _load_teacher(backbone: Optional[str], checkpoint: Optional[Path], options: dict[str, Any], device: str):
-    """The backbone by name (weights from --checkpoint if given) or rebuilt from the checkpoint's own config."""
-    from operator_diffusion.backbones import backbone_from_checkpoint, load_backbone
+    """The backbone by name (weights from --checkpoint if given) or rebuilt from the checkpoint's own config
+    (``backbones.load_teacher``)."""
+    from operator_diffusion.backbones import load_teacher
 
     try:
-        if backbone is None:
-            model = backbone_from_checkpoint(checkpoint, **options)
-        else:
-            model = load_backbone(backbone, **options)
-            if checkpoint is not None:
-                model.load_weights(checkpoint)
+        model = load_teacher(backbone, checkpoint, **options)
     except (ValueError, TypeError, ImportError, OSError) as e:  # OSError: a missing path, an unloadable Hub id
         fail(f"cannot load the backbone: {e}")
     if model.state_shape != model.image_shape:

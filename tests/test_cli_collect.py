@@ -228,3 +228,30 @@ def test_push_to_hub_offline(tmp_path, monkeypatch):
     assert "uploaded to https://huggingface.co/datasets/me/traj" in res.stdout
     ds = datasets.load_dataset(str(remote), split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.features["trajectory"] == datasets.Array4D((4, 3, 8, 8), "float16") and len(ds) == 6
+
+
+def test_a_checkpoint_saved_by_opdiff_is_enough_on_its_own(tmp_path):
+    """Issue 16, item 7: `collect --checkpoint F` needs no --backbone, and `--backbone opdiff-unet --checkpoint F`
+    needs no repeated -o preset=…: both give the collection that the full description gives (the same identity and
+    content hash), where the second used to fail on hundreds of missing keys."""
+    torch.manual_seed(3)
+    teacher = load_backbone("opdiff-unet", preset="tiny")
+    with torch.no_grad():
+        teacher.network.out_conv.weight.normal_(std=0.05)
+    ckpt = tmp_path / "teacher.safetensors"
+    teacher.save_weights(ckpt)
+    rest = [*RUN[4:], "--checkpoint", str(ckpt)]
+    hashes = {}
+    for key, args in {"full": TINY, "alone": [], "named": ["--backbone", "opdiff-unet"]}.items():
+        res = runner.invoke(app, ["collect", *args, *rest, "--out", str(tmp_path / key)])
+        assert res.exit_code == 0, res.output
+        hashes[key] = collection_store.content_hash(tmp_path / key)
+    assert hashes["alone"] == hashes["named"] == hashes["full"]
+    info = json.loads((tmp_path / "alone" / "opdiff_collection.json").read_text())["collection"]
+    assert (
+        info["checkpoint_sha256"]
+        == json.loads((tmp_path / "full" / "opdiff_collection.json").read_text())["collection"]["checkpoint_sha256"]
+    )
+    none = runner.invoke(app, ["collect", *RUN[4:], "--out", str(tmp_path / "none")])
+    assert none.exit_code == 2 and "pass --backbone NAME" in none.stderr and none.stderr.count("\n") == 1
+    assert not (tmp_path / "none").exists()

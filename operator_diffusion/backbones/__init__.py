@@ -27,6 +27,8 @@ __all__ = [
     "load_backbone",
     "register_backbone",
     "backbone_from_checkpoint",
+    "checkpoint_config",
+    "load_teacher",
 ]
 
 ENTRY_POINT_GROUP = "opdiff.backbones"
@@ -172,9 +174,9 @@ def _with_close_options(message: str, cls: type) -> str:
     return f"unknown backbone option {m.group(1)!r} for {getattr(cls, 'name', cls.__name__)!r}{hint}"
 
 
-def backbone_from_checkpoint(path: str | Path, **overrides) -> Backbone:
-    """Rebuild a backbone from a checkpoint written by ``Backbone.save_weights`` (config in its metadata),
-    then load its weights. ``overrides`` replace config entries (e.g. ``dropout=0.0``)."""
+def checkpoint_config(path: str | Path) -> dict | None:
+    """The backbone config a checkpoint written by ``Backbone.save_weights`` carries in its metadata (None when it
+    carries none); FileNotFoundError / ValueError for a missing or unreadable file."""
     from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
@@ -184,13 +186,47 @@ def backbone_from_checkpoint(path: str | Path, **overrides) -> Backbone:
             meta = f.metadata() or {}
     except SafetensorError as e:
         raise not_safetensors(path, e) from None
-    if CHECKPOINT_CONFIG_KEY not in meta:
+    return json.loads(meta[CHECKPOINT_CONFIG_KEY]) if CHECKPOINT_CONFIG_KEY in meta else None
+
+
+def backbone_from_checkpoint(path: str | Path, **overrides) -> Backbone:
+    """Rebuild a backbone from a checkpoint written by ``Backbone.save_weights`` (config in its metadata),
+    then load its weights. ``overrides`` replace config entries (e.g. ``dropout=0.0``)."""
+    config = checkpoint_config(path)
+    if config is None:
         raise ValueError(
             f"checkpoint {str(path)!r} carries no backbone config in its metadata; "
             f"use load_backbone(name, checkpoint=..., **config) instead"
         )
-    backbone = load_backbone(**{**json.loads(meta[CHECKPOINT_CONFIG_KEY]), **overrides})
+    backbone = load_backbone(**{**config, **overrides})
     backbone.load_weights(path)
+    return backbone
+
+
+def load_teacher(name: str | None, checkpoint: str | Path | None = None, **options) -> Backbone:
+    """The backbone a command's ``--backbone NAME``, ``--checkpoint FILE`` and options describe. A checkpoint that
+    carries its config (``save_weights``) is enough on its own: without ``NAME`` it is rebuilt from that config (the
+    options override entries, e.g. ``dropout=0``), and so it is with ``NAME`` naming the same backbone and no options
+    (``-o preset=…`` need not be repeated). Otherwise the backbone is built from ``NAME`` and the options, as given,
+    and the weights are loaded into it (a checkpoint of another architecture is refused there)."""
+    config = None if checkpoint is None else checkpoint_config(checkpoint)
+    if name is None:
+        if checkpoint is None:
+            raise ValueError(
+                "no teacher given: pass --backbone NAME (see `opdiff backbones`) or --checkpoint FILE of a backbone "
+                "saved by opdiff"
+            )
+        if config is None:
+            raise ValueError(
+                f"--checkpoint {str(checkpoint)!r} carries no backbone config in its metadata (it was not saved by "
+                "opdiff); name its backbone with --backbone NAME and its options"
+            )
+    if config is not None and (name is None or (name == config.get("name") and not options)):
+        backbone = load_backbone(**{**config, **options})
+    else:
+        backbone = load_backbone(name, **options)
+    if checkpoint is not None:
+        backbone.load_weights(checkpoint)
     return backbone
 
 
