@@ -4,7 +4,8 @@ them before anything is written (issue 16, item 15: ``collect --steps 1000000000
 Each stage estimates the bytes its plan needs (a lower bound: the arrays it must hold, never the network's own
 activations, which depend on the backbone) and refuses in one line, naming the flag, what it needs and what is
 there. Standard library only (no psutil): ``/proc/meminfo``'s MemAvailable where there is one, else
-``os.sysconf``; ``shutil.disk_usage`` of the nearest existing folder.
+``os.sysconf``, and never more than the process's cgroup leaves (a container's memory limit, v2 or v1);
+``shutil.disk_usage`` of the nearest existing folder.
 """
 
 from __future__ import annotations
@@ -16,9 +17,44 @@ from pathlib import Path
 __all__ = ["available_memory", "free_disk", "check_memory", "check_disk", "format_bytes"]
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2: no limit) and anything else: None
+
+
+def cgroup_memory_left(root: Path | None = None) -> int | None:
+    """Bytes the process's memory cgroup still allows (limit − usage), or None without a limit: cgroup v2
+    (``memory.max``, ``memory.current``) or v1 (``memory/memory.limit_in_bytes``, ``memory/memory.usage_in_bytes``;
+    v1 writes a huge number for "no limit", which then exceeds the machine's memory and does not bind); ``root``:
+    the cgroup file system (default ``CGROUP_ROOT``)."""
+    root = CGROUP_ROOT if root is None else root
+    for limit_file, usage_file in (
+        (root / "memory.max", root / "memory.current"),
+        (root / "memory" / "memory.limit_in_bytes", root / "memory" / "memory.usage_in_bytes"),
+    ):
+        limit = _read_int(limit_file)
+        if limit is not None:
+            return max(0, limit - (_read_int(usage_file) or 0))
+    return None
+
+
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable, else free physical pages); None when
-    the system does not say."""
+    """Bytes of memory available to a new allocation: Linux MemAvailable (else free physical pages), capped by
+    what the process's cgroup still allows (``cgroup_memory_left``); None when the system does not say."""
+    host = _host_available_memory()
+    cgroup = cgroup_memory_left()
+    if host is None or cgroup is None:
+        return host if cgroup is None else cgroup
+    return min(host, cgroup)
+
+
+def _host_available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -146,3 +146,26 @@ def test_spectrum_of_a_backbone_is_bounded_by_its_state_size_once_built(machine,
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
     assert "(one batch of trajectories of 64 values each) needs at least 24.6 KB" in " ".join(result.stderr.split())
     assert not (tmp_path / "s").exists()
+
+
+def test_a_cgroup_limit_caps_the_available_memory(tmp_path, monkeypatch):
+    """A container's memory limit binds before the host's MemAvailable: cgroup v2 and v1 files written here; "max"
+    (v2) means no limit."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("1073741824\n")
+    (v2 / "memory.current").write_text("268435456\n")
+    assert resources.cgroup_memory_left(v2) == 1073741824 - 268435456
+    (v2 / "memory.max").write_text("max\n")
+    assert resources.cgroup_memory_left(v2) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("2000\n")
+    (v1 / "memory.usage_in_bytes").write_text("3000\n")
+    assert resources.cgroup_memory_left(tmp_path / "v1") == 0
+    assert resources.cgroup_memory_left(tmp_path / "none") is None
+    monkeypatch.setattr(resources, "CGROUP_ROOT", tmp_path / "v1")
+    monkeypatch.setattr(resources, "_host_available_memory", lambda: 10**12)
+    assert resources.available_memory() == 0
+    monkeypatch.setattr(resources, "CGROUP_ROOT", tmp_path / "none")
+    assert resources.available_memory() == 10**12
