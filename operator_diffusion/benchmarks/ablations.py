@@ -201,6 +201,10 @@ def demo_lever_variants(lr: float, baseline_lr: float) -> list[Variant]:
             Variant(f"{who}: output skip, dropout 0", train=base + (skip, no_dropout)),
         ]
     rows.append(Variant("DSNO: 3 Fourier modes", train=(("lr", lr), ("modes", 3))))
+    rows.append(Variant("DSNO: 3 Fourier modes, dropout 0", train=(("lr", lr), ("modes", 3), no_dropout)))
+    for seed in (1, 2):  # the modes lever again, from other initialisations and batch orders (TrainConfig.seed)
+        rows.append(Variant(f"DSNO: demo settings, seed {seed}", train=(("lr", lr), ("seed", seed))))
+        rows.append(Variant(f"DSNO: 3 Fourier modes, seed {seed}", train=(("lr", lr), ("modes", 3), ("seed", seed))))
     return rows
 
 
