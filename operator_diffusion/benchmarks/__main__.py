@@ -158,8 +158,8 @@ def demo_section() -> str:
             f"Machine: {machine()}",
             "",
             f"Shipped digits teacher; {c.num} trajectories ({c.solver}, {c.steps} steps, M = {c.times}); DSNO and the "
-            f"one-step baseline {c.train_steps} steps each at batch {c.batch_size} (lr {c.lr:g} / {c.baseline_lr:g}), "
-            "from "
+            f"one-step baseline {c.train_steps} steps each at batch {c.batch_size} (lr {c.lr:g} / {c.baseline_lr:g}, "
+            f"dropout {c.dropout:g}), from "
             "the teacher's weights. FID: the shipped digits feature network against the 1,797 digits (not comparable "
             "to Inception FIDs).",
             "",
