@@ -202,6 +202,9 @@ def demo_lever_variants(lr: float, baseline_lr: float) -> list[Variant]:
         ]
     rows.append(Variant("DSNO: 3 Fourier modes", train=(("lr", lr), ("modes", 3))))
     rows.append(Variant("DSNO: 3 Fourier modes, dropout 0", train=(("lr", lr), ("modes", 3), no_dropout)))
+    for who, base in (("DSNO", (("lr", lr),)), ("baseline", (("lr", baseline_lr), ("baseline", True)))):
+        for ema in (0.9, 0.999):  # the EMA decay, at the demo's settings after dropout 0 (the demo's EMA: 0.99)
+            rows.append(Variant(f"{who}: dropout 0, EMA {ema:g}", train=base + (no_dropout, ("ema", ema))))
     for seed in (1, 2):  # the modes lever again, from other initialisations and batch orders (TrainConfig.seed)
         rows.append(Variant(f"DSNO: demo settings, seed {seed}", train=(("lr", lr), ("seed", seed))))
         rows.append(Variant(f"DSNO: 3 Fourier modes, seed {seed}", train=(("lr", lr), ("modes", 3), ("seed", seed))))
