@@ -49,23 +49,35 @@ def select_trainable(model: nn.Module, spec: str) -> list[str]:
         if prefix.split(".")[0] == "network" and _is_norm(m)
         for p, _ in m.named_parameters(recurse=False)
     }
+
+    def hits(sel: str) -> list[str]:
+        if sel == "all":
+            return names
+        if sel == "temporal":
+            return [n for n in names if n.startswith("temporal.")]
+        if sel == "norms":
+            return [n for n in names if n in norms]
+        return fnmatch.filter(names, sel)
+
+    def refusal(sel: str) -> str:
+        what = "no temporal layers (the one-step baseline?)" if sel == "temporal" else "no parameter it matches"
+        return (
+            f"--trainable {sel!r} selects nothing: the model has {what}; parameter names look like "
+            f"{', '.join(names[:2])} (keywords: {', '.join(TRAINABLE_KEYWORDS)})"
+        )
+
+    return _select(names, spec, hits, refusal)
+
+
+def _select(names: list[str], spec: str, hits, refusal) -> list[str]:
+    """The ``names`` that the selectors of ``spec`` (``trainable_selectors``) pick, in their order: the union of
+    ``hits(selector)``; ValueError ``refusal(selector)`` for a selector that picks none."""
     chosen: set[str] = set()
     for sel in trainable_selectors(spec):
-        if sel == "all":
-            hits = names
-        elif sel == "temporal":
-            hits = [n for n in names if n.startswith("temporal.")]
-        elif sel == "norms":
-            hits = [n for n in names if n in norms]
-        else:
-            hits = fnmatch.filter(names, sel)
-        if not hits:
-            what = "no temporal layers (the one-step baseline?)" if sel == "temporal" else "no parameter it matches"
-            raise ValueError(
-                f"--trainable {sel!r} selects nothing: the model has {what}; parameter names look like "
-                f"{', '.join(names[:2])} (keywords: {', '.join(TRAINABLE_KEYWORDS)})"
-            )
-        chosen.update(hits)
+        found = hits(sel)
+        if not found:
+            raise ValueError(refusal(sel))
+        chosen.update(found)
     return [n for n in names if n in chosen]
 
 
@@ -92,16 +104,15 @@ def lora_targets(network: nn.Module, spec: str | None) -> list[str]:
     names = [n for n, m in network.named_modules() if isinstance(m, LORA_TYPES)]
     if spec is None:
         return names
-    chosen: set[str] = set()
-    for sel in trainable_selectors(spec):
-        hits = fnmatch.filter(names, sel)
-        if not hits:
-            raise ValueError(
-                f"--lora-targets {sel!r} matches no Linear or Conv2d module of the backbone; their names look like "
-                f"{', '.join(names[:3])}"
-            )
-        chosen.update(hits)
-    return [n for n in names if n in chosen]
+    return _select(
+        names,
+        spec,
+        lambda sel: fnmatch.filter(names, sel),
+        lambda sel: (
+            f"--lora-targets {sel!r} matches no Linear or Conv2d module of the backbone; their names look "
+            f"like {', '.join(names[:3])}"
+        ),
+    )
 
 
 def add_lora(model, rank: int, targets: str | None = None) -> list[str]:

@@ -49,6 +49,7 @@ __all__ = [
     "check_run_numbers",
     "count_micro_step",
     "optimizer_step",
+    "trainable_parameters",
     "NonFiniteLossError",
     "check_finite_loss",
     "CHECKPOINT_HASHES",
@@ -141,6 +142,12 @@ def count_micro_step(accelerator, state) -> bool:
     return True
 
 
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train (``requires_grad``; ``finetune.freeze`` clears it for the frozen ones): what the
+    optimizer steps and the EMA averages."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class EMA:
     """Exponential moving average of a model's trainable parameters (those with ``requires_grad``: a frozen one is
     its own average, and keeping no copy of it saves its memory), checkpointed with ``accelerator.save_state``.
@@ -150,22 +157,18 @@ class EMA:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = float(decay)
         self.updates = 0
-        self.shadow = [p.detach().float().clone() for p in self.parameters(model)]
-
-    @staticmethod
-    def parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().float().clone() for p in trainable_parameters(model)]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        params = [p.detach().float() for p in self.parameters(model)]
+        params = [p.detach().float() for p in trainable_parameters(model)]
         torch._foreach_lerp_(self.shadow, params, 1 - d)
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        for s, p in zip(self.shadow, self.parameters(model), strict=True):
+        for s, p in zip(self.shadow, trainable_parameters(model), strict=True):
             p.copy_(s.to(p.dtype))
 
     def state_dict(self) -> dict[str, Any]:

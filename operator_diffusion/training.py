@@ -59,6 +59,7 @@ from .runs import (  # noqa: F401  (re-exported: the trainers' shared run plumbi
     resumable_batches,
     resume_from_checkpoint,
     start_run,
+    trainable_parameters,
     write_atomic,
 )
 from .schedules import schedule_from_config
@@ -435,7 +436,7 @@ def train(
     model = plan.model
     model.train()
     # frozen parameters (--trainable) get no optimizer state and no gradients
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=config.lr, betas=(0.9, 0.999))
     loader = torch.utils.data.DataLoader(
         Indices(len(plan.cache)),
         batch_size=config.batch_size,

@@ -205,8 +205,8 @@ def sd_memory_rows(
     from ..adapter import DSNO
     from ..backbones import load_backbone
     from ..finetune import freeze
-    from ..runs import EMA
-    from .memory import OPTIONS, PERSISTENT_PER_TRAINABLE, TIMES, WEIGHT_BYTES, estimate, meta_dsno
+    from ..runs import EMA, trainable_parameters
+    from .memory import OPTIONS, TIMES, estimate, meta_dsno, persistent_bytes
 
     dev = torch.device(device)
     meta = meta_dsno(unet_config)
@@ -217,12 +217,12 @@ def sd_memory_rows(
     for option in options or [o for o in OPTIONS if o.precision == "bf16"]:
         est = estimate(meta, option)
         trainable = freeze(model, option.trainable)
-        persistent = WEIGHT_BYTES * sum(p.numel() for p in model.parameters()) + PERSISTENT_PER_TRAINABLE * trainable
+        persistent = persistent_bytes(model, trainable)
         if option.checkpointing:
             model.enable_gradient_checkpointing()
         else:
             model.network.disable_gradient_checkpointing()
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-6)
         ema = EMA(model, 0.999)
         sizes = list(batches) + ([est.max_batch] if at_estimate and est.max_batch not in batches else [])
         for batch in sizes:

@@ -94,6 +94,12 @@ class Estimate:
     step_seconds: float  # at max_batch
 
 
+def persistent_bytes(model, trainable: int) -> int:
+    """The state a training run keeps on the device whatever B is, counted on paper: ``WEIGHT_BYTES`` per parameter
+    and ``PERSISTENT_PER_TRAINABLE`` more per trainable one (``trainable`` values)."""
+    return WEIGHT_BYTES * sum(p.numel() for p in model.parameters()) + PERSISTENT_PER_TRAINABLE * trainable
+
+
 def estimate(model, option: Option, memory: int = GPU_MEMORY, reserve: int = RESERVE) -> Estimate:
     from ..finetune import freeze
 
@@ -102,7 +108,7 @@ def estimate(model, option: Option, memory: int = GPU_MEMORY, reserve: int = RES
     fixed = one.peak_bytes - slope
     params = sum(p.numel() for p in model.parameters())
     trainable = freeze(model, option.trainable)
-    persistent = WEIGHT_BYTES * params + PERSISTENT_PER_TRAINABLE * trainable
+    persistent = persistent_bytes(model, trainable)
     max_batch = max(0, math.floor((memory - reserve - persistent - fixed) / slope))
     flops = (two.flops - one.flops) or one.flops
     seconds = max_batch * flops / (PEAK_FLOPS[option.precision] * MFU)
