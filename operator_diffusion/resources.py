@@ -47,11 +47,8 @@ def cgroup_memory_left(root: Path | None = None) -> int | None:
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation: Linux MemAvailable (else free physical pages), capped by
     what the process's cgroup still allows (``cgroup_memory_left``); None when the system does not say."""
-    host = _host_available_memory()
-    cgroup = cgroup_memory_left()
-    if host is None or cgroup is None:
-        return host if cgroup is None else cgroup
-    return min(host, cgroup)
+    known = [v for v in (_host_available_memory(), cgroup_memory_left()) if v is not None]
+    return min(known) if known else None
 
 
 def _host_available_memory() -> int | None:
