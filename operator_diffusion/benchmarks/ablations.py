@@ -205,6 +205,25 @@ def demo_lever_variants(lr: float, baseline_lr: float) -> list[Variant]:
     for who, base in (("DSNO", (("lr", lr),)), ("baseline", (("lr", baseline_lr), ("baseline", True)))):
         for ema in (0.9, 0.999):  # the EMA decay, at the demo's settings after dropout 0 (the demo's EMA: 0.99)
             rows.append(Variant(f"{who}: dropout 0, EMA {ema:g}", train=base + (no_dropout, ("ema", ema))))
+    # batch size at the demo's compute (batch × steps = 64 000 trajectory draws) and the learning-rate schedule,
+    # run after the demo took dropout 0 (its rows: "…: dropout 0, EMA …" and the dropout-0 rows above)
+    for who, base, rate in (
+        ("DSNO", (("baseline", False),), lr),
+        ("baseline", (("baseline", True),), baseline_lr),
+    ):
+        common = base + (no_dropout,)
+        for batch, steps, scale in ((32, 2000, 0.5), (32, 2000, 1.0), (128, 500, 1.0), (128, 500, 2.0)):
+            rows.append(
+                Variant(
+                    f"{who}: dropout 0, batch {batch} × {steps} steps, lr {rate * scale:g}",
+                    train=common + (("lr", rate * scale), ("batch_size", batch), ("max_steps", steps)),
+                )
+            )
+        for decay in ("constant", "linear"):
+            rows.append(
+                Variant(f"{who}: dropout 0, {decay} schedule", train=common + (("lr", rate), ("lr_decay", decay)))
+            )
+        rows.append(Variant(f"{who}: dropout 0, warm-up 200 steps", train=common + (("lr", rate), ("warmup", 200))))
     for seed in (1, 2):  # the modes lever again, from other initialisations and batch orders (TrainConfig.seed)
         rows.append(Variant(f"DSNO: demo settings, seed {seed}", train=(("lr", lr), ("seed", seed))))
         rows.append(Variant(f"DSNO: 3 Fourier modes, seed {seed}", train=(("lr", lr), ("modes", 3), ("seed", seed))))
