@@ -145,6 +145,13 @@ def collect(
     batch_size: int = typer.Option(
         64, "--batch-size", help="Trajectories per solve (changes only float round-off; keep it to resume bit-exactly)."
     ),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="Run the teacher under torch.compile: ~1.3× faster evaluations on CPU after a one-off compile of "
+        "~30 s, so it pays for collections of more than a few minutes (changes only float round-off; falls back "
+        "to eager with a warning where compiling fails).",
+    ),
     shard_size: int = typer.Option(1000, "--shard-size", help="Examples per parquet shard."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 or float32."),
     precision: str = typer.Option(
@@ -186,6 +193,7 @@ def collect(
         prompts=read_prompts(prompts, prompt_column),
         negative_prompt=negative_prompt,
         batch_size=batch_size,
+        compile=compile,
         solver_options=parse_options(solver_option, "--solver-option"),
     )
     device = resolve_device(device)

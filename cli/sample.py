@@ -59,6 +59,13 @@ def sample(
         _default("batch_size"), "--batch-size", help="Samples per forward pass (does not change the images)."
     ),
     device: str = typer.Option(_default("device"), "--device", help="auto | cpu | cuda | cuda:N."),
+    compile: bool = typer.Option(
+        _default("compile"),
+        "--compile",
+        help="Run DSNO (and --teacher) under torch.compile: ~1.2× faster on CPU after a one-off compile of "
+        "~10 s per batch shape, for many samples (changes only float round-off; falls back to eager with a "
+        "warning where compiling fails).",
+    ),
     teacher: bool = typer.Option(
         _default("teacher"),
         "--teacher",
@@ -91,6 +98,7 @@ def sample(
             prompts=(*prompt, *(read_prompts(prompts, None) or ())),
             batch_size=batch_size,
             device=device,
+            compile=compile,
             teacher=teacher,
             teacher_checkpoint=as_text(teacher_checkpoint),
             solver=solver,

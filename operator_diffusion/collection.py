@@ -192,7 +192,8 @@ def collect(
         check_output_dir(out, plan)
     config = plan.config
     nulls = None if plan.prompts is None else plan.prompts.null_inputs()
-    teacher = EpsFunction.from_backbone(backbone, config.guidance, device, plan.identity["precision"], nulls)
+    precision = plan.identity["precision"]
+    teacher = EpsFunction.from_backbone(backbone, config.guidance, device, precision, nulls, config.compile)
     feats = features(plan.identity)
     written, skipped = [], []
     for k in range(p, plan.num_shards, n):
@@ -225,6 +226,11 @@ def _damaged(path: Path) -> bool:
     return why is not None
 
 
+def _compiled(teacher: EpsFunction) -> bool:
+    """Whether the shard's teacher ran under torch.compile (False also where ``--compile`` fell back to eager)."""
+    return getattr(teacher.eps_fn, "fallback", "eager") is None
+
+
 def _collect_shard(
     teacher: EpsFunction, plan: CollectionPlan, feats, path: Path, rows: range, progress: Progress | None
 ) -> None:
@@ -244,7 +250,7 @@ def _collect_shard(
         if progress is not None:
             progress(len(batch))
     seeds = np.arange(rows.start, rows.stop, dtype=np.int64) + plan.config.seed
-    provenance = {"batch_size": bs, "device": str(teacher.device), **versions()}
+    provenance = {"batch_size": bs, "device": str(teacher.device), "compiled": _compiled(teacher), **versions()}
     columns = {k: np.concatenate([c[k] for c in conditions]) for k in conditions[0]}
     write_shard(
         path,

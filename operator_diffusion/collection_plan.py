@@ -61,8 +61,8 @@ TimeKind = Literal["uniform", "quadratic"]
 
 @dataclass(frozen=True)
 class CollectConfig:
-    """What to collect from a teacher. Everything but ``batch_size`` is part of the dataset's identity
-    (the batch size changes only float round-off: see ``collection._collect_shard``)."""
+    """What to collect from a teacher. Everything but ``batch_size`` and ``compile`` is part of the dataset's
+    identity (both change only float round-off: see ``collection._collect_shard``)."""
 
     num: int  # number of trajectories
     solver: str | None = None  # None: the process's default_solver and its options
@@ -83,6 +83,7 @@ class CollectConfig:
     negative_prompt: str | None = None  # the guided ε's null branch for prompts; None: the empty prompt ""
     solver_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64  # trajectories per solve; changes float round-off only
+    compile: bool = False  # the teacher under torch.compile (``compilation``); changes float round-off only
 
 
 def with_defaults(config: CollectConfig, schedule: DiffusionProcess) -> CollectConfig:

@@ -354,6 +354,7 @@ class SampleConfig:
     prompts: tuple[str, ...] = ()  # text-conditioned models: seed s takes prompt s mod len
     batch_size: int = 256  # does not change the images
     device: str = "auto"
+    compile: bool = False  # DSNO (and the teacher) under torch.compile (``compilation``): float round-off only
     teacher: bool = False  # also sample the teacher into out/teacher
     teacher_checkpoint: str | None = None  # the teacher's weights (default: found from the run)
     solver: str | None = None  # teacher solver, steps and grid (default: the collection's)

@@ -127,20 +127,25 @@ def dsno_batches(
     device: str | torch.device = "cpu",
     frames: Sequence[int] | None = None,
     prompts=None,
+    compile: bool = False,
 ) -> Iterator[SampleBatch]:
     """DSNO's outputs, one forward pass per batch: at its training times, or at ``times`` (App. A.3); only the
     output frames ``frames`` (indices into those times, e.g. ``[-1]``: the samples), frame-pruned, when given.
-    A text-conditioned model takes ``prompts`` (``sample_prompts``); a latent one's outputs are also decoded."""
+    A text-conditioned model takes ``prompts`` (``sample_prompts``); a latent one's outputs are also decoded.
+    ``compile``: the forward pass under torch.compile (``compilation``)."""
+    from .compilation import compiled
+
     bb = model.backbone
     model.to(device).eval()
     out_times = [float(t) for t in (model.times if times is None else times)]
     if frames is not None:
         frames = model.check_frames(frames, len(out_times))
         out_times = [out_times[i] for i in frames]
+    forward = compiled(model, compile, "DSNO")
     for chunk, x, y in seed_inputs(seeds, bb, labels, batch_size, device):
         cond = seed_conditioning(prompts, chunk, device)
         with torch.inference_mode():
-            out = model(x, y, times=times, frames=frames, **cond).float().cpu()
+            out = forward(x, y, times=times, frames=frames, **cond).float().cpu()
         yield SampleBatch(chunk, None if y is None else y.cpu(), out, out_times, decode_outputs(bb, out))
 
 
@@ -197,13 +202,15 @@ def teacher_batches(
     device: str | torch.device = "cpu",
     guidance: float | None = None,
     prompts=None,
+    compile: bool = False,
 ) -> Iterator[SampleBatch]:
     """The teacher's outputs (B, 1, C, H, W) at ``solver.t_end`` for the same seeds (same noise rule); with
-    ``prompts`` (``sample_prompts``) guided against its negative prompt; a latent teacher's are also decoded."""
+    ``prompts`` (``sample_prompts``) guided against its negative prompt; a latent teacher's are also decoded.
+    ``compile``: the teacher under torch.compile (``compilation``)."""
     from .teacher_solve import EpsFunction, record_trajectories
 
     nulls = None if prompts is None else prompts.null_inputs()
-    teacher = EpsFunction.from_backbone(backbone, guidance, device, null_inputs=nulls)
+    teacher = EpsFunction.from_backbone(backbone, guidance, device, null_inputs=nulls, compile=compile)
     ts = solver.grid_times(backbone.schedule)
     for chunk, x, y in seed_inputs(seeds, backbone, labels, batch_size, device):
         extra = {} if y is None else {"labels": y}
@@ -732,6 +739,7 @@ def run_sample(plan: SamplePlan, progress: Callable[[str, int, int], None] | Non
         plan.device,
         frames=plan.keep,
         prompts=plan.prompts,
+        compile=c.compile,
     )
     files = drain(batches, "DSNO (1 NFE)", writer)
     if teacher:
@@ -744,6 +752,7 @@ def run_sample(plan: SamplePlan, progress: Callable[[str, int, int], None] | Non
             plan.device,
             plan.guidance,
             prompts=plan.prompts,
+            compile=c.compile,
         )
         tfiles = drain(tb, f"teacher {plan.teacher_solver.describe()}", teacher[0][0])
         files.update({f"teacher_{k}": v for k, v in tfiles.items()})

@@ -83,10 +83,12 @@ class EpsFunction:
         device,
         precision: str = "fp32",
         null_inputs: dict[str, Tensor] | None = None,
+        compile: bool = False,
     ) -> "EpsFunction":
         """The backbone's ε on ``device``, guided at scale ``guidance`` (None: unguided) against its null label
         and the null branch's conditioning inputs ``null_inputs`` (a text backbone: the negative prompt's
-        embedding, one item's tensor per input)."""
+        embedding, one item's tensor per input); under ``torch.compile`` when ``compile`` (``compilation``)."""
+        from .compilation import compiled
         from .prediction import autocast_eps, classifier_free_guidance
 
         backbone.to(device).eval()
@@ -97,7 +99,7 @@ class EpsFunction:
         if guidance is not None:
             nulls = {k: v.to(device) for k, v in (null_inputs or {}).items()}
             eps_fn = classifier_free_guidance(eps_fn, float(guidance), backbone.null_label, nulls)
-        return cls(eps_fn, backbone.schedule, device)
+        return cls(compiled(eps_fn, compile, "the teacher network"), backbone.schedule, device)
 
 
 def default_device() -> torch.device:

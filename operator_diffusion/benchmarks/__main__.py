@@ -565,6 +565,60 @@ def faults_section() -> str:
     return "\n".join(lines)
 
 
+def compile_section() -> str:
+    """Issue 18's cheaper operations on the CPU: torch.compile and channels_last, on both kinds of CPU."""
+    from .compile import COLLECT_NUM, SAMPLE_BATCH, TEACHER_BATCH, TRAIN_BATCH, run_kind
+
+    kinds = {kind: run_kind(kind) for kind in ("native", "avx2")}
+    lines = [
+        "## torch.compile and channels_last on the CPU (issue 18)",
+        "",
+        "Command: `python -m operator_diffusion.benchmarks compile` (about 15 minutes on 2 cores)  ",
+        f"Machine: {kinds['native']['machine']}",
+        "",
+        "The digits backbone (dropout 0), DSNO with M = 4 and 2 modes at the full placement. Each kind of CPU runs in "
+        "its own process with an empty inductor cache: *native* as the machine is, *AVX2* with torch's, oneDNN's "
+        "and inductor's AVX2-only code paths (the capability each process reported is in the table). Medians of 7 "
+        "interleaved calls; *compile s*: the first call, cold cache, what a user's first run pays. *Teacher*: the "
+        f"ε evaluation collection runs, batch {TEACHER_BATCH}; *sample*: DSNO's frame-pruned one-step sample, "
+        f"batch {SAMPLE_BATCH}; *training step*: forward, L1 loss, backward, Adam, batch {TRAIN_BATCH}; "
+        f"*collection*: `collect` of {COLLECT_NUM} deis-15 trajectories, with `--compile` its compile included.",
+        "",
+        "| kind (capability) | call | eager | compiled | speedup | compile s | channels_last speedup |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for kind, r in kinds.items():
+        name = f"{'native' if kind == 'native' else 'AVX2'} ({r['capability']})"
+        inf, c = r["inference"], r["compile_s"]
+        rows = [
+            ("teacher", inf["teacher"], inf["teacher compiled"], c["teacher"], inf["teacher channels_last"]),
+            ("sample", inf["sample"], inf["sample compiled"], c["sample"], inf["sample channels_last"]),
+        ]
+        if "training" in r:
+            t = r["training"]
+            rows.append(("training step", t["step"], t["step compiled"], c["training step"], None))
+        for call, eager, comp, cs, cl in rows:
+            cl_cell = "–" if cl is None else f"{eager / cl:.2f}×"
+            lines.append(
+                f"| {name} | {call} | {1e3 * eager:.1f} ms | {1e3 * comp:.1f} ms | {eager / comp:.2f}× | {cs:.1f} | "
+                f"{cl_cell} |"
+            )
+        one, one_c = inf["1 NFE at the sample batch"], inf["1 NFE at the sample batch, compiled"]
+        lines.append(
+            f"| {name} | DSNO / 1 NFE at batch {SAMPLE_BATCH} | {inf['sample'] / one:.2f}× | "
+            f"{inf['sample compiled'] / one_c:.2f}× | – | – | – |"
+        )
+        col = r["collect_s"]
+        lines.append(
+            f"| {name} | collection ({r['collect_num']} trajectories) | {col['eager']:.1f} s | {col['compiled']:.1f} s "
+            f"| {col['eager'] / col['compiled']:.2f}× | – | – |"
+        )
+        if r["fallbacks"]:
+            lines.append(f"| {name} | fell back to eager | {', '.join(r['fallbacks'])} | | | | |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def gpu_section() -> str:
     from .gpu import report
 
@@ -582,6 +636,7 @@ SECTIONS = {
     "adapter": adapter_section,
     "placements": placements_section,
     "gpu": gpu_section,
+    "compile": compile_section,
     "sd-memory": sd_memory_section,
     "faults": faults_section,
     "collect": collect_section,
