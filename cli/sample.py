@@ -62,9 +62,9 @@ def sample(
     compile: bool = typer.Option(
         _default("compile"),
         "--compile",
-        help="Run DSNO (and --teacher) under torch.compile: ~1.2× faster on CPU after a one-off compile of "
-        "~10 s per batch shape, for many samples (changes only float round-off; falls back to eager with a "
-        "warning where compiling fails).",
+        help="Run DSNO (and --teacher) under torch.compile: 1.1-1.3x faster on CPU after a one-off compile of "
+        "about a minute per batch shape, for many samples (changes only float round-off; falls back to eager with "
+        "a warning where compiling fails).",
     ),
     teacher: bool = typer.Option(
         _default("teacher"),

@@ -1,9 +1,10 @@
 """``--compile``: the network calls of long jobs (the teacher in ``opdiff collect``, DSNO and the teacher in ``opdiff
 sample``) under ``torch.compile``, with a fallback to the eager call wherever compiling fails.
 
-Measured on 2 CPU cores (docs/benchmarks.md, compile): inductor makes the digits teacher's evaluation 1.2–1.4×
-faster and DSNO's frame-pruned sample 1.15–1.3×, after a one-off compile of about 5–35 s per shape; the training
-step gains nothing there (0.98–1.01×, after a 2-minute compile), so ``opdiff train`` does not offer it. Compiling
+Measured on the CPU (docs/benchmarks.md, compile): inductor makes the digits teacher's evaluation 1.26× (AVX-512)
+to 1.49× (AVX2) faster and DSNO's frame-pruned sample 1.09× to 1.34×, after a cold compile of about a minute per
+batch shape; the training step gains nothing (0.97–1.01×, after a two-minute compile), so ``opdiff train`` does
+not offer it. Compiling
 changes float round-off only (fused kernels sum in another order), like the batch size: it is not part of a
 collection's identity.
 """

@@ -582,7 +582,10 @@ def compile_section() -> str:
         "interleaved calls; *compile s*: the first call, cold cache, what a user's first run pays. *Teacher*: the "
         f"ε evaluation collection runs, batch {TEACHER_BATCH}; *sample*: DSNO's frame-pruned one-step sample, "
         f"batch {SAMPLE_BATCH}; *training step*: forward, L1 loss, backward, Adam, batch {TRAIN_BATCH}; "
-        f"*collection*: `collect` of {COLLECT_NUM} deis-15 trajectories, with `--compile` its compile included.",
+        f"*collection*: `collect` of {COLLECT_NUM} deis-15 trajectories (16 NFE each) at batch {TEACHER_BATCH}, in a "
+        "process of its own with an empty cache, so that `--compile`'s cold compile is included. *Break-even*: the "
+        "collection size from which `--compile` saves time, from the teacher row (compile seconds over the time "
+        "saved per evaluation).",
         "",
         "| kind (capability) | call | eager | compiled | speedup | compile s | channels_last speedup |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -613,6 +616,9 @@ def compile_section() -> str:
             f"| {name} | collection ({r['collect_num']} trajectories) | {col['eager']:.1f} s | {col['compiled']:.1f} s "
             f"| {col['eager'] / col['compiled']:.2f}× | – | – |"
         )
+        saved = inf["teacher"] - inf["teacher compiled"]
+        even = f"{c['teacher'] / saved * TEACHER_BATCH / 16:,.0f} trajectories" if saved > 0 else "never"
+        lines.append(f"| {name} | break-even of `collect --compile` | {even} | | | | |")
         if r["fallbacks"]:
             lines.append(f"| {name} | fell back to eager | {', '.join(r['fallbacks'])} | | | | |")
     lines.append("")

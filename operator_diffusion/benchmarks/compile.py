@@ -4,10 +4,11 @@ Side by side in one process, eager against compiled (inductor, ``compilation.Com
 channels_last, for the three calls that dominate opdiff's jobs on the digits backbone: the teacher's evaluation at
 the demo's collection batch, DSNO's frame-pruned sample (M = 4, full placement) at batch 256, and the DSNO training
 step at batch 64 (forward, L1 loss, backward, Adam). Compile seconds are the first call's, from an empty inductor
-cache (``TORCHINDUCTOR_CACHE_DIR`` is a fresh folder): what a user's first run pays. Last, a whole collection
-(``collect``, deis-15, 4096 trajectories) with and without ``CollectConfig.compile``, compile included.
+cache (``TORCHINDUCTOR_CACHE_DIR`` is a fresh folder): what a user's first run pays. Then, in a process of its own
+with its own empty cache, a whole collection (``collect``, deis-15) with and without ``CollectConfig.compile``, its
+cold compile included.
 
-``run_kind(kind)`` runs all of it in a subprocess: ``native`` as the machine is, ``avx2`` with the AVX2-only code
+``run_kind(kind)`` runs both parts in subprocesses: ``native`` as the machine is, ``avx2`` with the AVX2-only code
 paths of torch, oneDNN and inductor (DESIGN.md), so one run measures both kinds of CPU.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OPDIFF_INDUCTOR_SIMDLEN": "256"}
-TEACHER_BATCH, SAMPLE_BATCH, TRAIN_BATCH, COLLECT_NUM = 512, 256, 64, 4096
+TEACHER_BATCH, SAMPLE_BATCH, TRAIN_BATCH, COLLECT_NUM = 512, 256, 64, 16384
 
 
 def _first_call(fn) -> float:
@@ -34,19 +35,21 @@ def _first_call(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(repeats: int = 7, collect_num: int = COLLECT_NUM, train: bool = True) -> dict:
-    """Every figure of one kind of CPU (this process's code paths): medians of ``repeats`` interleaved calls."""
-    from ..adapter import DSNO
+def _digits():
     from ..backbones import load_backbone
-    from ..collection import collect
-    from ..collection_plan import CollectConfig
+
+    torch.manual_seed(0)
+    return load_backbone("opdiff-unet", preset="digits", dropout=0.0).eval()
+
+
+def measure_calls(repeats: int = 7, train: bool = True) -> dict:
+    """The calls' figures on this process's code paths: medians of ``repeats`` interleaved calls."""
+    from ..adapter import DSNO
     from ..compilation import Compiled
-    from ..provenance import machine
     from ..teacher_solve import EpsFunction
     from .adapter import interleaved_medians
 
-    torch.manual_seed(0)
-    bb = load_backbone("opdiff-unet", preset="digits", dropout=0.0).eval()
+    bb = _digits()
     s = bb.schedule
     times = torch.linspace(s.t_max, s.t_min, 5, dtype=torch.float64)[1:]
     model = DSNO(bb, times, modes=2, init="small", placement="full").eval()
@@ -59,7 +62,7 @@ def measure(repeats: int = 7, collect_num: int = COLLECT_NUM, train: bool = True
 
         return run
 
-    out: dict = {"machine": machine(), "capability": torch.backends.cpu.get_cpu_capability()}
+    out: dict = {}
     xt, tt = torch.randn(TEACHER_BATCH, *bb.image_shape), torch.full((TEACHER_BATCH,), 0.5)
     xs = torch.randn(SAMPLE_BATCH, *bb.image_shape)
     ts = torch.full((SAMPLE_BATCH,), 0.5)
@@ -107,40 +110,58 @@ def measure(repeats: int = 7, collect_num: int = COLLECT_NUM, train: bool = True
         fallbacks += [step_c.what] if step_c.fallback is not None else []
         model.eval()
     out["fallbacks"] = fallbacks
-
-    collect_s = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, flag in (("eager", False), ("compiled", True)):
-            config = CollectConfig(
-                num=collect_num, solver="deis", steps=15, batch_size=TEACHER_BATCH, shard_size=collect_num, compile=flag
-            )
-            start = time.perf_counter()
-            collect(bb, Path(tmp) / name, config)
-            collect_s[name] = time.perf_counter() - start
-    out["collect_s"] = collect_s
-    out["collect_num"] = collect_num
     return out
 
 
-def run_kind(kind: str, **kwargs) -> dict:
-    """``measure`` in a fresh process (a fresh, empty inductor cache): ``kind`` "native" or "avx2"."""
-    env = {**os.environ, **(AVX2_ENV if kind == "avx2" else {})}
-    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as tmp:
-        env["TORCHINDUCTOR_CACHE_DIR"] = cache
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "operator_diffusion.benchmarks.compile", str(result), json.dumps(kwargs)]
-        subprocess.run(cmd, env=env, check=True)
-        return json.loads(result.read_text())
+def measure_collection(num: int = COLLECT_NUM) -> dict:
+    """Wall seconds of ``collect`` (deis-15, batch ``TEACHER_BATCH``) of ``num`` trajectories, eager and then
+    compiled (its first, cold compile included: run it in a process with an empty inductor cache)."""
+    from ..collection import collect
+    from ..collection_plan import CollectConfig
+
+    bb = _digits()
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, flag in (("eager", False), ("compiled", True)):
+            config = CollectConfig(
+                num=num, solver="deis", steps=15, batch_size=TEACHER_BATCH, shard_size=4096, compile=flag
+            )
+            start = time.perf_counter()
+            collect(bb, Path(tmp) / name, config)
+            seconds[name] = time.perf_counter() - start
+    return {"collect_s": seconds, "collect_num": num}
 
 
-def _child(result: str, kwargs: str) -> None:
+PARTS = {"calls": measure_calls, "collection": measure_collection}
+
+
+def run_kind(kind: str, parts: dict[str, dict] | None = None) -> dict:
+    """Each part (``PARTS`` name → its keyword arguments; default all) in a fresh process with a fresh, empty
+    inductor cache, on ``kind`` "native" or "avx2" code paths; their results merged."""
+    out: dict = {}
+    for part, kwargs in (parts or {p: {} for p in PARTS}).items():
+        env = {**os.environ, **(AVX2_ENV if kind == "avx2" else {})}
+        with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as tmp:
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+            result = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "operator_diffusion.benchmarks.compile", part, str(result), json.dumps(kwargs)]
+            subprocess.run(cmd, env=env, check=True)
+            out.update(json.loads(result.read_text()))
+    return out
+
+
+def _child(part: str, result: str, kwargs: str) -> None:
+    from ..provenance import machine
+
     simdlen = os.environ.get("OPDIFF_INDUCTOR_SIMDLEN")
     if simdlen:  # inductor picks its vector width from the CPU, not from ATEN_CPU_CAPABILITY
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.simdlen = int(simdlen)
-    Path(result).write_text(json.dumps(measure(**json.loads(kwargs))))
+    figures = PARTS[part](**json.loads(kwargs))
+    figures.update(machine=machine(), capability=torch.backends.cpu.get_cpu_capability())
+    Path(result).write_text(json.dumps(figures))
 
 
 if __name__ == "__main__":
-    _child(*sys.argv[1:3])
+    _child(*sys.argv[1:4])
