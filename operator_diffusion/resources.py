@@ -95,6 +95,17 @@ def check_memory(need: float, what: str, fix: str) -> None:
         )
 
 
+def check_batch_memory(batch_size: int, values: int, copies: int, detail: str) -> None:
+    """Bound a trainer's ``--batch-size`` by memory: a step holds ``copies`` float32 arrays of the batch's
+    ``values`` numbers per example (a lower bound: the network's activations come on top); ``detail`` says what an
+    example is, in the message."""
+    check_memory(
+        batch_size * values * 4 * copies,
+        f"--batch-size {batch_size} ({detail})",
+        "lower --batch-size (and raise --grad-accum to keep the effective batch)",
+    )
+
+
 def check_disk(need: float, path: str | os.PathLike, what: str, fix: str) -> None:
     """Refuse (ValueError) when ``what`` needs more than the free disk where ``path`` is written."""
     have = free_disk(path)

@@ -345,14 +345,10 @@ def check_batch_memory(batch_size: int, values: int | None) -> None:
     """Bound --batch-size by memory (issue 16, item 15): a step holds ``STEP_COPIES`` float32 arrays of the batch's
     states (a lower bound: the network's activations come on top). ``values``: the numbers in one state (None: the
     data is not read yet, counted as 1, a bound that holds for any images)."""
-    from .resources import check_memory
+    from .resources import check_batch_memory as check
 
     per = f"{values:,} values per image" if values else "even at one value per image"
-    check_memory(
-        batch_size * (values or 1) * 4 * STEP_COPIES,
-        f"--batch-size {batch_size} ({per})",
-        "lower --batch-size (and raise --grad-accum to keep the effective batch)",
-    )
+    check(batch_size, values or 1, STEP_COPIES, per)
 
 
 def plan_teacher(config: TeacherConfig) -> TeacherPlan:

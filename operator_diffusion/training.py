@@ -363,15 +363,11 @@ BATCH_COPIES = (
 def check_batch_memory(config: TrainConfig, collection: dict) -> None:
     """Bound --batch-size by memory: a step holds B × M items (one per output time), ``BATCH_COPIES`` float32
     arrays of them (a lower bound: the network's activations come on top), on each process."""
-    from .resources import check_memory
+    from .resources import check_batch_memory as check
 
     m = 1 if config.baseline else len(collection["output_times"])
-    items = config.batch_size * m
-    check_memory(
-        items * math.prod(collection["image_shape"]) * 4 * BATCH_COPIES,
-        f"--batch-size {config.batch_size} ({items:,} items of {m} output times per step)",
-        "lower --batch-size (and raise --grad-accum to keep the effective batch)",
-    )
+    detail = f"{config.batch_size * m:,} items of {m} output times per step"
+    check(config.batch_size, m * math.prod(collection["image_shape"]), BATCH_COPIES, detail)
 
 
 def collection_prompts(data: str, collection: dict):
