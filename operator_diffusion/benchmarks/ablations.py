@@ -224,6 +224,18 @@ def demo_lever_variants(lr: float, baseline_lr: float) -> list[Variant]:
                 Variant(f"{who}: dropout 0, {decay} schedule", train=common + (("lr", rate), ("lr_decay", decay)))
             )
         rows.append(Variant(f"{who}: dropout 0, warm-up 200 steps", train=common + (("lr", rate), ("warmup", 200))))
+    # the two that helped DSNO, again from another initialisation and batch order, and together
+    small = (("lr", lr), ("batch_size", 32), ("max_steps", 2000), no_dropout)
+    rows += [
+        Variant("DSNO: dropout 0, seed 1", train=(("lr", lr), no_dropout, ("seed", 1))),
+        Variant(f"DSNO: dropout 0, batch 32 × 2000 steps, lr {lr:g}, seed 1", train=small + (("seed", 1),)),
+        Variant(
+            "DSNO: dropout 0, warm-up 200 steps, seed 1", train=(("lr", lr), no_dropout, ("warmup", 200), ("seed", 1))
+        ),
+        Variant(
+            f"DSNO: dropout 0, batch 32 × 2000 steps, lr {lr:g}, warm-up 400 steps", train=small + (("warmup", 400),)
+        ),
+    ]
     for seed in (1, 2):  # the modes lever again, from other initialisations and batch orders (TrainConfig.seed)
         rows.append(Variant(f"DSNO: demo settings, seed {seed}", train=(("lr", lr), ("seed", seed))))
         rows.append(Variant(f"DSNO: 3 Fourier modes, seed {seed}", train=(("lr", lr), ("modes", 3), ("seed", seed))))
