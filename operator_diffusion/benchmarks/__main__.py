@@ -452,8 +452,7 @@ def demo_levers_section() -> str:
 
 
 def quality_section() -> str:
-    from .ablations import EVAL_SEEDS
-    from .quality import SCALE, best_solver, plot, run_quality
+    from .quality import EVAL_SEEDS, SCALE, best_solver, plot, run_quality
 
     rows = run_quality()
     plot(rows, Path("docs/quality.png"))
@@ -464,7 +463,7 @@ def quality_section() -> str:
         "Command: `python -m operator_diffusion.benchmarks quality` (writes docs/quality.png)  ",
         f"Machine: {machine()}",
         "",
-        f"DSNO@1 teacher-match RMSE on {len(EVAL_SEEDS)} held-out seeds (demo settings otherwise); best fair solver "
+        f"DSNO@1 teacher-match RMSE on the {len(EVAL_SEEDS)} seeds {EVAL_SEEDS.start}-{EVAL_SEEDS.stop - 1}, held out from every row (demo settings otherwise); best fair solver "
         f"({', '.join(SCALE[0])}, each on its own grid) at "
         + ", ".join(f"{n} NFE: {best_solver(s, n):.4f}" for n in SCALE[1])
         + ".",
