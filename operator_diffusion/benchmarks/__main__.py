@@ -463,7 +463,8 @@ def quality_section() -> str:
         "Command: `python -m operator_diffusion.benchmarks quality` (writes docs/quality.png)  ",
         f"Machine: {machine()}",
         "",
-        f"DSNO@1 teacher-match RMSE on the {len(EVAL_SEEDS)} seeds {EVAL_SEEDS.start}-{EVAL_SEEDS.stop - 1}, held out from every row (demo settings otherwise); best fair solver "
+        f"DSNO@1 teacher-match RMSE on the {len(EVAL_SEEDS)} seeds {EVAL_SEEDS.start}-{EVAL_SEEDS.stop - 1}, held "
+        "out from every row (demo settings otherwise); best fair solver "
         f"({', '.join(SCALE[0])}, each on its own grid) at "
         + ", ".join(f"{n} NFE: {best_solver(s, n):.4f}" for n in SCALE[1])
         + ".",
