@@ -54,12 +54,18 @@ class DemoConfig:
     steps: int = 15  # UniPC-50, closer than UniPC-20 (0.032), at 3/4 of its cost
     precision: str = "auto"  # measured on the machine: bf16 autocast only where it is faster (docs/collect.md)
     times: int = 4  # M output times
-    train_steps: int = 1000  # DSNO optimizer steps (the baseline gets as many)
-    batch_size: int = 64
+    # DSNO's and the baseline's batch × steps are equal (64,000 trajectory draws), each at its own best split:
+    # DSNO batch 32 × 2000 with a 400-step warm-up (-6.9% against 64 × 1000 with 50), the baseline 64 × 1000 with 50
+    # (batch 32: +1-2%, a longer warm-up +0.6%) (docs/benchmarks.md, demo-levers §)
+    train_steps: int = 2000  # DSNO optimizer steps
+    batch_size: int = 32  # DSNO's
+    baseline_train_steps: int = 1000
+    baseline_batch_size: int = 64
     lr: float = 2e-3  # 2e-3: RMSE 0.132 / FID 0.534; 1e-3: 0.125 / 0.648 (docs/demo.md)
     lr_decay: str = "cosine"
     baseline_lr: float = 2e-3  # the baseline's own best of 1e-3 … 8e-3 at this budget (docs/benchmarks.md, baseline-lr)
-    warmup: int = 50
+    warmup: int = 400  # DSNO's linear warm-up steps
+    baseline_warmup: int = 50
     loss: str = "l1"  # DSNO's and the baseline's loss (docs/benchmarks.md, levers)
     final_weight: float | None = None  # DSNO's weight of the last output time (None: sqrt-SNR, ~77% of the loss)
     ema: float = 0.99
@@ -83,8 +89,10 @@ DEMO = DemoConfig()
 QUICK = replace(
     DEMO,
     num=512,
-    train_steps=40,
-    warmup=5,
+    train_steps=80,
+    warmup=10,
+    baseline_train_steps=40,
+    baseline_warmup=5,
     samples=16,
     bench_num=64,
     bench_nfes=(1, 2, 5, 10),
@@ -215,8 +223,18 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     seconds["collect"] = time.perf_counter() - start
     precision = collected.info["collection"]["precision"]  # "auto" resolved by measuring on this machine
 
-    runs = {"DSNO": (out / "run", False, c.lr), "one-step baseline": (out / "baseline", True, c.baseline_lr)}
-    for name, (path, baseline, lr) in runs.items():
+    runs = {
+        "DSNO": (out / "run", False, c.lr, c.batch_size, c.train_steps, c.warmup),
+        "one-step baseline": (
+            out / "baseline",
+            True,
+            c.baseline_lr,
+            c.baseline_batch_size,
+            c.baseline_train_steps,
+            c.baseline_warmup,
+        ),
+    }
+    for name, (path, baseline, lr, batch_size, steps, warmup) in runs.items():
         start = time.perf_counter()
         stage = report(f"train {name}")
         train(
@@ -226,15 +244,15 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
                 init_from=str(DIGITS_TEACHER),
                 backbone_options={"dropout": c.dropout},
                 modes=c.modes,
-                batch_size=c.batch_size,
+                batch_size=batch_size,
                 lr=lr,
                 lr_decay=c.lr_decay,
-                warmup=c.warmup,
+                warmup=warmup,
                 ema=c.ema,
                 loss=c.loss,
                 final_weight=None if baseline else c.final_weight,
-                max_steps=c.train_steps,
-                save_every=c.train_steps,
+                max_steps=steps,
+                save_every=steps,
                 log_every=10,
                 baseline=baseline,
             ),
@@ -317,6 +335,15 @@ def _spectrum(teacher, folder: Path, c: DemoConfig) -> dict[str, Any]:
     }
 
 
+def training_text(c: DemoConfig) -> str:
+    """How the two samplers trained: the same trajectory draws, each at its own batch, steps and warm-up."""
+    return (
+        f"DSNO {c.train_steps} steps at batch {c.batch_size} (warm-up {c.warmup}, lr {c.lr:g}) and the one-step "
+        f"baseline {c.baseline_train_steps} steps at batch {c.baseline_batch_size} (warm-up {c.baseline_warmup}, "
+        f"lr {c.baseline_lr:g}), {c.lr_decay} decay: the same {c.train_steps * c.batch_size:,} trajectory draws"
+    )
+
+
 def _report(c: DemoConfig, result, spectrum: dict, seconds: dict, info: dict) -> str:
     dsno = result.row("DSNO")
     base = result.row("one-step baseline")
@@ -324,9 +351,8 @@ def _report(c: DemoConfig, result, spectrum: dict, seconds: dict, info: dict) ->
         "# opdiff demo: DSNO on the 8×8 digits",
         "",
         f"Teacher: the shipped digits `opdiff-unet` ({DIGITS_TEACHER.name}). Trajectories: {c.num} from {c.solver} "
-        f"with {c.steps} steps (teacher in {c.precision}), M = {c.times} output times. DSNO and the one-step baseline: "
-        f"{c.train_steps} steps each at batch {c.batch_size} ({c.lr_decay} learning rate from {c.lr:g} and "
-        f"{c.baseline_lr:g}), dropout {c.dropout:g}, initialised from the teacher. Reference solution of the table: "
+        f"with {c.steps} steps (teacher in {c.precision}), M = {c.times} output times. {training_text(c)}, "
+        f"dropout {c.dropout:g}, initialised from the teacher. Reference solution of the table: "
         f"{REFERENCE_SOLVER} with {c.reference_steps} steps.",
         "",
         "## Samples (same seeds): DSNO, 1 NFE | teacher",

@@ -143,7 +143,7 @@ def demo_section() -> str:
     """The full `opdiff demo` on the shipped digits teacher, timed per stage, with its Table 1."""
     import tempfile
 
-    from ..demo import DEMO, run_demo
+    from ..demo import DEMO, run_demo, training_text
 
     with tempfile.TemporaryDirectory() as tmp:
         result = run_demo(Path(tmp) / "demo", DEMO)
@@ -157,11 +157,9 @@ def demo_section() -> str:
             "Command: `python -m operator_diffusion.benchmarks demo` (runs `opdiff demo` into a temporary folder)  ",
             f"Machine: {machine()}",
             "",
-            f"Shipped digits teacher; {c.num} trajectories ({c.solver}, {c.steps} steps, M = {c.times}); DSNO and the "
-            f"one-step baseline {c.train_steps} steps each at batch {c.batch_size} (lr {c.lr:g} / {c.baseline_lr:g}, "
-            f"dropout {c.dropout:g}), from "
-            "the teacher's weights. FID: the shipped digits feature network against the 1,797 digits (not comparable "
-            "to Inception FIDs).",
+            f"Shipped digits teacher; {c.num} trajectories ({c.solver}, {c.steps} steps, M = {c.times}); "
+            f"{training_text(c)}; dropout {c.dropout:g}; from the teacher's weights. FID: the shipped digits feature "
+            "network against the 1,797 digits (not comparable to Inception FIDs).",
             "",
             "| stage | seconds |",
             "|---|---:|",
@@ -374,10 +372,10 @@ def baseline_lr_section() -> str:
         "Command: `python -m operator_diffusion.benchmarks baseline-lr`  ",
         f"Machine: {machine()}",
         "",
-        f"The demo's data and budget ({DEMO.num} trajectories, {DEMO.train_steps} steps, batch {DEMO.batch_size}, "
-        "cosine "
-        f"decay); teacher-match RMSE on the tuning seeds {EVAL_SEEDS.start}-{EVAL_SEEDS.stop - 1}, disjoint from the "
-        f"seeds the demo reports. Best: lr {best['lr']:g} (the demo uses {DEMO.baseline_lr:g}).",
+        f"The demo's data and budget ({DEMO.num} trajectories, {DEMO.baseline_train_steps} steps, batch "
+        f"{DEMO.baseline_batch_size}, cosine decay); teacher-match RMSE on the tuning seeds "
+        f"{EVAL_SEEDS.start}-{EVAL_SEEDS.stop - 1}, disjoint from the seeds the demo reports. Best: lr "
+        f"{best['lr']:g} (the demo uses {DEMO.baseline_lr:g}).",
         "",
         "| learning rate | RMSE | training s |",
         "|---:|---:|---:|",

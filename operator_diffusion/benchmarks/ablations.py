@@ -62,7 +62,6 @@ def run_ablations(
     from ..training import TrainConfig, reset_accelerate_state, train
 
     c = DEMO
-    max_steps = train_steps or c.train_steps
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(root or tmp)
@@ -86,14 +85,15 @@ def run_ablations(
                 ),
                 checkpoint=ckpt,
             )
+            baseline = dict(v.train).get("baseline", False)  # the demo's settings of its sampler
             kw = {
                 "modes": c.modes,
-                "batch_size": c.batch_size,
+                "batch_size": c.baseline_batch_size if baseline else c.batch_size,
                 "lr": lr,
                 "lr_decay": c.lr_decay,
-                "warmup": c.warmup,
+                "warmup": c.baseline_warmup if baseline else c.warmup,
                 "ema": c.ema,
-                "max_steps": max_steps,
+                "max_steps": train_steps or (c.baseline_train_steps if baseline else c.train_steps),
                 **dict(v.train),
             }
             start = time.perf_counter()
