@@ -39,6 +39,7 @@ from .collection_store import (
     write_metadata,
     write_shard,
 )
+from .compilation import runs_compiled
 from .provenance import versions
 from .seeds import example_inputs
 from .solvers import NonFiniteError
@@ -226,11 +227,6 @@ def _damaged(path: Path) -> bool:
     return why is not None
 
 
-def _compiled(teacher: EpsFunction) -> bool:
-    """Whether the shard's teacher ran under torch.compile (False also where ``--compile`` fell back to eager)."""
-    return getattr(teacher.eps_fn, "fallback", "eager") is None
-
-
 def _collect_shard(
     teacher: EpsFunction, plan: CollectionPlan, feats, path: Path, rows: range, progress: Progress | None
 ) -> None:
@@ -250,7 +246,12 @@ def _collect_shard(
         if progress is not None:
             progress(len(batch))
     seeds = np.arange(rows.start, rows.stop, dtype=np.int64) + plan.config.seed
-    provenance = {"batch_size": bs, "device": str(teacher.device), "compiled": _compiled(teacher), **versions()}
+    provenance = {
+        "batch_size": bs,
+        "device": str(teacher.device),
+        "compiled": runs_compiled(teacher.eps_fn),
+        **versions(),
+    }
     columns = {k: np.concatenate([c[k] for c in conditions]) for k in conditions[0]}
     write_shard(
         path,

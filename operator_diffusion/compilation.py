@@ -4,9 +4,8 @@ sample``) under ``torch.compile``, with a fallback to the eager call wherever co
 Measured on the CPU (docs/benchmarks.md, compile): inductor makes the digits teacher's evaluation 1.26× (AVX-512)
 to 1.49× (AVX2) faster and DSNO's frame-pruned sample 1.09× to 1.34×, after a cold compile of about a minute per
 batch shape; the training step gains nothing (0.97–1.01×, after a two-minute compile), so ``opdiff train`` does
-not offer it. Compiling
-changes float round-off only (fused kernels sum in another order), like the batch size: it is not part of a
-collection's identity.
+not offer it. Compiling changes float round-off only (fused kernels sum in another order), like the batch size: it
+is not part of a collection's identity.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["BACKEND", "Compiled", "compiled"]
+__all__ = ["BACKEND", "Compiled", "compiled", "runs_compiled"]
 
 BACKEND = "inductor"  # torch.compile's default: C++/OpenMP kernels on CPU, Triton on GPU
 
@@ -58,3 +57,8 @@ class Compiled:
 def compiled(fn: Callable[..., Any], enabled: bool, what: str) -> Callable[..., Any]:
     """``Compiled(fn, what, BACKEND)`` when ``enabled``, else ``fn`` itself."""
     return Compiled(fn, what, BACKEND) if enabled else fn
+
+
+def runs_compiled(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is a ``Compiled`` call that has not fallen back to eager."""
+    return isinstance(fn, Compiled) and fn.fallback is None

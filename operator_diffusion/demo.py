@@ -46,8 +46,9 @@ def reference_fields(steps: int) -> dict[str, Any]:
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of each stage. ``DEMO`` fits ≤ 10 minutes on 2 CPU cores of the slower, AVX2-only kind with a margin
-    for a slow day on a shared machine (measured there on two days: a DSNO step 0.27–0.32 s, a baseline step
-    0.095–0.12 s, collection 4.3–5.1 ms per trajectory in fp32; docs/benchmarks.md, demo), ``QUICK`` ≤ 2 minutes."""
+    for a slow day on a shared machine (measured there: 479 s in all, DSNO's 2000 steps at batch 32 in 307 s, the
+    baseline's 1000 at batch 64 in 95 s, collection 3.8–5.1 ms per trajectory in fp32; docs/benchmarks.md, demo),
+    ``QUICK`` ≤ 2 minutes."""
 
     num: int = 12288  # trajectories collected (docs/benchmarks.md, demo; sized for AVX2-only CPUs)
     solver: str = "deis"  # teacher solver of the collection: DEIS-15 (16 NFE) is 0.020 RMSE from

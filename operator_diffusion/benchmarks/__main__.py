@@ -571,7 +571,7 @@ def compile_section() -> str:
     lines = [
         "## torch.compile and channels_last on the CPU (issue 18)",
         "",
-        "Command: `python -m operator_diffusion.benchmarks compile` (about 15 minutes on 2 cores)  ",
+        "Command: `python -m operator_diffusion.benchmarks compile` (about 30 minutes at 1 thread)  ",
         f"Machine: {kinds['native']['machine']}",
         "",
         "The digits backbone (dropout 0), DSNO with M = 4 and 2 modes at the full placement. Each kind of CPU runs in "
@@ -611,7 +611,8 @@ def compile_section() -> str:
         )
         col = r["collect_s"]
         lines.append(
-            f"| {name} | collection ({r['collect_num']} trajectories) | {col['eager']:.1f} s | {col['compiled']:.1f} s "
+            f"| {name} | collection ({r['collect_num']} trajectories), cold compile included | {col['eager']:.1f} s | "
+            f"{col['compiled']:.1f} s "
             f"| {col['eager'] / col['compiled']:.2f}× | – | – |"
         )
         saved = inf["teacher"] - inf["teacher compiled"]

@@ -69,9 +69,11 @@ def measure_calls(repeats: int = 7, train: bool = True) -> dict:
     eps = EpsFunction.from_backbone(bb, None, "cpu").eps_fn
     eps_c = Compiled(eps, "the teacher")
     sample_c = Compiled(lambda: model(xs, frames=[-1]), "DSNO")
+    eps_s = Compiled(bb.eps_fn, "the teacher at the sample batch")
     out["compile_s"] = {
         "teacher": _first_call(inference(lambda: eps_c(xt, tt))),
         "sample": _first_call(inference(sample_c)),
+        "teacher at the sample batch": _first_call(inference(lambda: eps_s(xs, ts))),
     }
     xt_cl, xs_cl = (x.contiguous(memory_format=torch.channels_last) for x in (xt, xs))
     calls = {
@@ -79,15 +81,12 @@ def measure_calls(repeats: int = 7, train: bool = True) -> dict:
         "teacher compiled": inference(lambda: eps_c(xt, tt)),
         "teacher channels_last": inference(lambda: model_cl.backbone.eps_fn(xt_cl, tt)),
         "1 NFE at the sample batch": inference(lambda: bb.eps_fn(xs, ts)),
-        "1 NFE at the sample batch, compiled": None,  # filled below (a second compiled shape)
+        "1 NFE at the sample batch, compiled": inference(lambda: eps_s(xs, ts)),
         "sample": inference(lambda: model(xs, frames=[-1])),
         "sample compiled": inference(sample_c),
         "sample channels_last": inference(lambda: model_cl(xs_cl, frames=[-1])),
     }
-    eps_s = Compiled(bb.eps_fn, "the teacher at the sample batch")
-    out["compile_s"]["teacher at the sample batch"] = _first_call(inference(lambda: eps_s(xs, ts)))
-    calls["1 NFE at the sample batch, compiled"] = inference(lambda: eps_s(xs, ts))
-    fallbacks = [c.what for c in (eps_c, sample_c, eps_s) if c.fallback is not None]
+    compiled = [eps_c, sample_c, eps_s]
     out["inference"] = interleaved_medians(calls, repeats)
 
     if train:
@@ -96,6 +95,7 @@ def measure_calls(repeats: int = 7, train: bool = True) -> dict:
         target = torch.randn(TRAIN_BATCH, len(times), *bb.image_shape)
         opt = torch.optim.Adam(model.parameters(), lr=1e-5)
         step_c = Compiled(model, "the DSNO training step")
+        compiled.append(step_c)
 
         def step(f):
             def run():
@@ -107,9 +107,8 @@ def measure_calls(repeats: int = 7, train: bool = True) -> dict:
 
         out["compile_s"]["training step"] = _first_call(step(step_c))
         out["training"] = interleaved_medians({"step": step(model), "step compiled": step(step_c)}, repeats)
-        fallbacks += [step_c.what] if step_c.fallback is not None else []
         model.eval()
-    out["fallbacks"] = fallbacks
+    out["fallbacks"] = [c.what for c in compiled if c.fallback is not None]
     return out
 
 
