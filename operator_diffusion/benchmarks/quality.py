@@ -1,8 +1,9 @@
-"""The one-step quality benchmark (``python -m operator_diffusion.benchmarks quality``, about 75 minutes on
-2 CPU cores): DSNO@1's teacher-match error on the digits against training steps (1k, 2k, 4k, 8k at 32k
-trajectories) and against trajectories (8k, 32k, 128k at 4k steps), each run with its own full learning-rate
-schedule, beside the best fair solvers at 5, 10 and 15 NFE on the same held-out seeds (each solver on its own grid,
-``bench.SOLVER_DEFAULTS``). Writes docs/quality.png; the goal is DSNO@1 ≤ the best fair solver at 10 NFE."""
+"""The one-step quality benchmark (``python -m operator_diffusion.benchmarks quality``, about 2 hours at 1 CPU
+thread): DSNO@1's teacher-match error on the digits against training steps (1k, 2k, 4k, 8k at 32k trajectories,
+and 4k, 8k at 128k) and against trajectories (8k, 32k, 128k at 4k steps), each run with its own full learning-rate
+schedule (the demo's batch, and its warm-up share of the run), beside the best fair solvers at 5, 10 and 15 NFE on
+the same held-out seeds (each solver on its own grid, ``bench.SOLVER_DEFAULTS``). Writes docs/quality.png; the goal
+is DSNO@1 ≤ the best fair solver at 10 NFE."""
 
 from __future__ import annotations
 
@@ -11,22 +12,33 @@ from pathlib import Path
 STEPS = (1000, 2000, 4000, 8000)
 NUMS = (8192, 32768, 131072)
 FIXED_NUM, FIXED_STEPS = 32768, 4000
+LARGE = (131072, 8000)  # does the largest collection still gain from steps where 32k trajectories stopped?
 SCALE = (("ddim", "deis", "dpmpp-2m", "unipc"), (5, 10, 15))
 # held out from every row's training seeds (0 … max(NUMS) − 1): the other benchmarks' 100000-100255 lie inside the
 # 131072-trajectory collection's, which `bench` refuses
 EVAL_SEEDS = range(200_000, 200_256)
 
 
+def quality_points() -> list[tuple[int, int]]:
+    """(trajectories, steps) of every row, the largest collection first."""
+    points = {(n, FIXED_STEPS) for n in NUMS} | {(FIXED_NUM, s) for s in STEPS} | {LARGE}
+    return sorted(points, key=lambda p: (-p[0], p[1]))
+
+
+def warmup_steps(steps: int) -> int:
+    """The demo DSNO's warm-up share of its run (400 of 2000 steps), applied to a run of ``steps``."""
+    from ..demo import DEMO
+
+    return round(steps * DEMO.warmup / DEMO.train_steps)
+
+
 def quality_variants() -> list:
     from .ablations import Variant
 
-    out = [Variant(f"{FIXED_NUM} trajectories, {s} steps", num=FIXED_NUM, train=(("max_steps", s),)) for s in STEPS]
-    out += [
-        Variant(f"{n} trajectories, {FIXED_STEPS} steps", num=n, train=(("max_steps", FIXED_STEPS),))
-        for n in NUMS
-        if n != FIXED_NUM
+    return [
+        Variant(f"{n} trajectories, {s} steps", num=n, train=(("max_steps", s), ("warmup", warmup_steps(s))))
+        for n, s in quality_points()
     ]
-    return out
 
 
 def run_quality(root: Path | None = None) -> list[dict]:
@@ -49,13 +61,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
     solvers = rows[0]["solvers"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-    for ax, key, fixed, xs, label in (
-        (axes[0], "max_steps", FIXED_NUM, STEPS, "training steps"),
-        (axes[1], "num", FIXED_STEPS, NUMS, "trajectories"),
+    for ax, key, series, label in (
+        (axes[0], "max_steps", ((FIXED_NUM, "k"), (LARGE[0], "tab:red")), "training steps"),
+        (axes[1], "num", ((FIXED_STEPS, "k"),), "trajectories"),
     ):
         other = "num" if key == "max_steps" else "max_steps"
-        pts = sorted((r[key], r["rmse"]) for r in rows if r[other] == fixed and r[key] in xs)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="k", label="DSNO, 1 NFE")
+        unit = "trajectories" if other == "num" else "steps"
+        for fixed, color in series:
+            pts = sorted((r[key], r["rmse"]) for r in rows if r[other] == fixed)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"DSNO@1, {fixed} {unit}")
         for nfe, style in ((5, ":"), (10, "--"), (15, "-.")):
             best = best_solver(solvers, nfe)
             if best is not None:
