@@ -382,3 +382,17 @@ def test_block_dft_path_equals_the_fft_path(m, gen):
         fft = block(x)
         torch.testing.assert_close(dft, fft, rtol=0, atol=1e-12)
         assert not torch.equal(dft, x)  # the layer acts
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 6])
+def test_the_time_domain_kernel_of_the_overhead_benchmark_is_the_layer(m, gen):
+    """The overhead benchmark's stand-in writes K as a block-circulant matrix derived by hand from the DFT; it must
+    compute the shipped layer's T u (else its timings compare different layers)."""
+    from operator_diffusion.benchmarks.overhead import TimeDomainBlock
+
+    c = 3
+    for n_modes in range(1, m // 2 + 2):
+        block = make_block(c, n_modes, m, gen)
+        u = torch.randn(2, m, c, 4, 3, dtype=torch.float64, generator=gen)
+        block.dft_max_times = 0  # the rfft path: the definition
+        torch.testing.assert_close(TimeDomainBlock(block)(u), block(u), rtol=0, atol=1e-12)

@@ -481,6 +481,49 @@ def quality_section() -> str:
     return "\n".join(lines)
 
 
+def overhead_section() -> str:
+    """What the temporal layers add to a training step (issue 18's ≤ 10%), taken apart by layer stand-ins."""
+    from .overhead import layer_timings, step_overheads
+
+    steps, layers = step_overheads(), layer_timings()
+    names = ("hooks only", "one pass", "shipped", "time-domain kernel")
+    lines = [
+        "## What the temporal layers add to a training step (issue 18)",
+        "",
+        "Command: `python -m operator_diffusion.benchmarks overhead`  ",
+        f"Machine: {machine()}",
+        "",
+        "Digits backbone, DSNO at the full placement (M = 4, 2 modes), forward + backward of a squared-error loss, "
+        "medians of 7 interleaved calls; each column is DSNO's step with its temporal layers swapped for a stand-in, "
+        "as overhead over the plain network's step on the same B·M items (issue 18's target: ≤ 10%). *Hooks only*: "
+        "each layer returns its input; *one pass*: each layer is one elementwise pass (u·1); *shipped*: "
+        "`TemporalBlock`; *time-domain kernel*: the same T u with K as one (M·C)×(M·C) block-circulant 1×1 "
+        "convolution (`benchmarks/overhead.py`, tested equal to the shipped layer).",
+        "",
+        "| B | layers | plain step | " + " | ".join(names) + " |",
+        "|---:|---:|---:|" + "---:|" * len(names),
+    ]
+    for r in steps:
+        cells = " | ".join(f"{100 * (r[n] / r['plain'] - 1):+.1f}%" for n in names)
+        lines.append(f"| {r['batch']} | {r['layers']} | {1e3 * r['plain']:.1f} ms | {cells} |")
+    lines += [
+        "",
+        "One temporal layer alone, forward + backward (M = 4, 2 modes), at the layer shapes of the digits and cifar10 "
+        "backbones:",
+        "",
+        "| backbone | channels | H×W | B | shipped | time-domain kernel | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in layers:
+        t0, t1 = r["shipped"], r["time-domain kernel"]
+        lines.append(
+            f"| {r['who']} | {r['channels']} | {r['size']}×{r['size']} | {r['batch']} | {1e3 * t0:.2f} ms | "
+            f"{1e3 * t1:.2f} ms | {t0 / t1:.2f}× |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
 def placements_section() -> str:
     """Quality against cost of the placement presets (issue 18): one DSNO per preset on the demo's data and budget."""
     from ..demo import DEMO
@@ -640,6 +683,7 @@ SECTIONS = {
     "solver-grids": solver_grids_section,
     "adapter": adapter_section,
     "placements": placements_section,
+    "overhead": overhead_section,
     "gpu": gpu_section,
     "compile": compile_section,
     "sd-memory": sd_memory_section,
