@@ -499,3 +499,22 @@ def test_the_quality_benchmark_gives_each_run_the_demo_dsnos_warm_up_share_and_t
     for v in quality_variants():
         t = dict(v.train)
         assert t["warmup"] < t["max_steps"]
+
+
+def test_ablation_variants_train_at_their_samplers_demo_settings_dropout_included():
+    """ "The demo's settings" of every ablation row are the demo's, dropout 0 included (the backbone's own is 0.1);
+    a variant's override wins."""
+    from operator_diffusion.benchmarks.ablations import Variant, train_settings
+    from operator_diffusion.demo import DEMO
+
+    dsno = train_settings(Variant("d"), DEMO.lr)
+    assert dsno["backbone_options"] == {"dropout": DEMO.dropout} and DEMO.dropout == 0.0
+    assert (dsno["batch_size"], dsno["warmup"], dsno["max_steps"]) == (DEMO.batch_size, DEMO.warmup, DEMO.train_steps)
+    base = train_settings(Variant("b", train=(("baseline", True),)), DEMO.baseline_lr)
+    assert (base["batch_size"], base["warmup"], base["max_steps"]) == (
+        DEMO.baseline_batch_size,
+        DEMO.baseline_warmup,
+        DEMO.baseline_train_steps,
+    )
+    own = train_settings(Variant("o", train=(("backbone_options", {"dropout": 0.1}),)), DEMO.lr)
+    assert own["backbone_options"] == {"dropout": 0.1}

@@ -450,11 +450,19 @@ def demo_levers_section() -> str:
 
 
 def quality_section() -> str:
-    from .quality import EVAL_SEEDS, SCALE, best_solver, plot, run_quality
+    from .quality import plot, run_quality
 
     rows = run_quality()
     plot(rows, Path("docs/quality.png"))
+    return quality_text(rows)
+
+
+def quality_text(rows: list[dict]) -> str:
+    """The quality section for rows of ``run_quality`` (or of its variants run one at a time)."""
+    from .quality import EVAL_SEEDS, SCALE, best_solver
+
     s = rows[0]["solvers"]
+    r0 = rows[0]
     lines = [
         "## One-step quality against training steps and trajectories (digits)",
         "",
@@ -462,20 +470,23 @@ def quality_section() -> str:
         f"Machine: {machine()}",
         "",
         f"DSNO@1 teacher-match RMSE on the {len(EVAL_SEEDS)} seeds {EVAL_SEEDS.start}-{EVAL_SEEDS.stop - 1}, held "
-        "out from every row (demo settings otherwise); best fair solver "
+        f"out from every row; the demo's DSNO settings otherwise (batch {r0['batch_size']}, lr {r0['lr']:g}, cosine "
+        f"decay after a linear warm-up of 20% of the run, EMA {r0['ema']:g}, dropout "
+        f"{r0['backbone_options']['dropout']:g}); *draws*: batch × steps, the "
+        "trajectories seen in training. Best fair solver "
         f"({', '.join(SCALE[0])}, each on its own grid) at "
         + ", ".join(f"{n} NFE: {best_solver(s, n):.4f}" for n in SCALE[1])
         + ".",
         "",
         "![quality](quality.png)",
         "",
-        "| trajectories | steps | DSNO@1 RMSE | / best@10 | training s |",
-        "|---:|---:|---:|---:|---:|",
+        "| trajectories | steps | draws | DSNO@1 RMSE | / best@5 | / best@10 | training s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['num']} | {r['max_steps']} | {r['rmse']:.4f} | {r['rmse'] / best_solver(s, 10):.2f} | "
-            f"{r['train_s']:.0f} |"
+            f"| {r['num']} | {r['max_steps']} | {r['max_steps'] * r['batch_size']:,} | {r['rmse']:.4f} | "
+            f"{r['rmse'] / best_solver(s, 5):.2f} | {r['rmse'] / best_solver(s, 10):.2f} | {r['train_s']:.0f} |"
         )
     lines.append("")
     return "\n".join(lines)

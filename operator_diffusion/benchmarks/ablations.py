@@ -43,6 +43,25 @@ def variants(lr: float) -> list[Variant]:
     ]
 
 
+def train_settings(v: Variant, lr: float, train_steps: int | None = None) -> dict:
+    """The TrainConfig fields of a variant: its sampler's demo settings (DSNO's or the baseline's batch, warm-up and
+    steps; the demo's modes, schedule, EMA and dropout), then the variant's own overrides."""
+    from ..demo import DEMO as c
+
+    baseline = dict(v.train).get("baseline", False)
+    return {
+        "modes": c.modes,
+        "batch_size": c.baseline_batch_size if baseline else c.batch_size,
+        "lr": lr,
+        "lr_decay": c.lr_decay,
+        "warmup": c.baseline_warmup if baseline else c.warmup,
+        "ema": c.ema,
+        "backbone_options": {"dropout": c.dropout},  # the demo's (a variant may set its own)
+        "max_steps": train_steps or (c.baseline_train_steps if baseline else c.train_steps),
+        **dict(v.train),
+    }
+
+
 def run_ablations(
     root: Path | None = None,
     chosen: list[Variant] | None = None,
@@ -85,17 +104,7 @@ def run_ablations(
                 ),
                 checkpoint=ckpt,
             )
-            baseline = dict(v.train).get("baseline", False)  # the demo's settings of its sampler
-            kw = {
-                "modes": c.modes,
-                "batch_size": c.baseline_batch_size if baseline else c.batch_size,
-                "lr": lr,
-                "lr_decay": c.lr_decay,
-                "warmup": c.baseline_warmup if baseline else c.warmup,
-                "ema": c.ema,
-                "max_steps": train_steps or (c.baseline_train_steps if baseline else c.train_steps),
-                **dict(v.train),
-            }
+            kw = train_settings(v, lr, train_steps)
             start = time.perf_counter()
             train(
                 TrainConfig(
