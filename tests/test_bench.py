@@ -518,3 +518,14 @@ def test_ablation_variants_train_at_their_samplers_demo_settings_dropout_include
     )
     own = train_settings(Variant("o", train=(("backbone_options", {"dropout": 0.1}),)), DEMO.lr)
     assert own["backbone_options"] == {"dropout": 0.1}
+
+
+def test_the_overhead_benchmark_times_every_stand_in_beside_the_plain_network():
+    """Its code path on the CPU at a tiny batch (the GPU script runs it on CUDA): one timing per stand-in."""
+    import math
+
+    from operator_diffusion.benchmarks.overhead import STAND_INS, step_overheads
+
+    (row,) = step_overheads((1,), repeats=1)
+    assert all(math.isfinite(row[n]) and row[n] > 0 for n in ("plain", *STAND_INS))
+    assert row["layers"] == 11  # one after every ResBlock and the mid block of the digits preset

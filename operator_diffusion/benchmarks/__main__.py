@@ -497,7 +497,8 @@ def overhead_section() -> str:
     from .overhead import layer_timings, step_overheads
 
     steps, layers = step_overheads(), layer_timings()
-    names = ("hooks only", "one pass", "shipped", "time-domain kernel")
+    from .overhead import STAND_INS as names
+
     lines = [
         "## What the temporal layers add to a training step (issue 18)",
         "",

@@ -9,6 +9,8 @@ and under bf16 autocast:
   one teacher evaluation, timed side by side with ``torch.cuda.synchronize`` around every call;
 * the training step of DSNO and of the one-step baseline (``opdiff train`` itself, through Accelerate);
 * collection throughput (``opdiff collect`` end to end: teacher solves and parquet shards);
+* the temporal layers' overhead on the training step (``benchmarks.overhead``: DSNO's forward + backward against
+  the plain network's on the same B·M items, the layers as shipped and swapped for stand-ins);
 * peak GPU memory of each measurement;
 * a check of the SD 1.5 memory estimate (``benchmarks.memory``, worked out on the meta device): real training steps
   of DSNO on a random-weight SD 1.5 UNet (no download) at B = 1 and 2 and at the estimate's largest B, for each
@@ -256,6 +258,17 @@ def sd_memory_rows(
     return rows
 
 
+def overhead_rows(device: str = "cuda") -> list[dict]:
+    """The overhead benchmark's step table on the GPU: digits at B = 32 and 256, cifar10 at B = 16, fp32 and bf16."""
+    from .overhead import step_overheads
+
+    rows = []
+    for precision in PRECISIONS:
+        rows += step_overheads((32, 256), repeats=20, device=device, preset="digits", precision=precision)
+        rows += step_overheads((16,), repeats=20, device=device, preset="cifar10", precision=precision)
+    return rows
+
+
 def report(machine) -> str:
     """The benchmarks page section (``__main__``); without CUDA, a line saying nothing was measured."""
     lines = [
@@ -291,6 +304,20 @@ def report(machine) -> str:
             f"| {r['precision']} | {r['batch']} | {1e3 * r['dsno']:.1f} ms | {1e3 * r['baseline']:.1f} ms | "
             f"{r['dsno'] / r['baseline']:.2f} | {r['dsno_peak_mib']:.0f} |"
         )
+    lines += [
+        "",
+        "Temporal overhead on the training step (issue 18's ≤ 10%; `benchmarks overhead` on the GPU): DSNO's forward + "
+        "backward at the full placement over the plain network's on the same B·M items, with the layers as shipped "
+        "and swapped for stand-ins (hooks only; one elementwise pass each; the block-circulant time-domain kernel).",
+        "",
+        "| preset | precision | B | plain step | hooks only | one pass | shipped | time-domain kernel |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    from .overhead import STAND_INS
+
+    for r in overhead_rows():
+        cells = " | ".join(f"{100 * (r[n] / r['plain'] - 1):+.1f}%" for n in STAND_INS)
+        lines.append(f"| {r['preset']} | {r['precision']} | {r['batch']} | {1e3 * r['plain']:.2f} ms | {cells} |")
     lines += ["", "| collection | precision | trajectories | per second | peak MiB |", "|---|---|---:|---:|---:|"]
     for r in collection_rows():
         lines.append(f"| {r['preset']} | {r['precision']} | {r['num']} | {r['per_s']:.0f} | {r['peak_mib']:.0f} |")

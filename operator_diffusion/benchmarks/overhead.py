@@ -25,6 +25,7 @@ from torch import nn
 from ..operators import TemporalBlock
 from .adapter import interleaved_medians
 
+STAND_INS = ("hooks only", "one pass", "shipped", "time-domain kernel")  # the step table's columns, in order
 BATCHES = (32, 256)  # DSNO's demo training batch, and the adapter section's large batch
 LAYER_CASES = (  # (who, channels, height = width, batch)
     ("digits", 16, 8, 32),
@@ -94,39 +95,56 @@ def _train_call(params, f):
     return run
 
 
-def step_overheads(batches=BATCHES, repeats: int = 7) -> list[dict]:
-    """Per batch: the plain network's forward+backward on B·M items and DSNO's with each layer stand-in."""
+def step_overheads(
+    batches=BATCHES, repeats: int = 7, device: str = "cpu", preset: str = "digits", precision: str = "fp32"
+) -> list[dict]:
+    """Per batch: the plain network's forward+backward on B·M items and DSNO's with each layer stand-in, on
+    ``device`` (synchronised around every call on CUDA), in float32 or under bf16 autocast."""
+    import contextlib
+
     from ..adapter import DSNO
     from ..backbones import load_backbone
 
+    dev = torch.device(device)
     torch.manual_seed(0)
-    bb = load_backbone("opdiff-unet", preset="digits")
+    bb = load_backbone("opdiff-unet", preset=preset).to(dev)
     s = bb.schedule
     times = torch.linspace(s.t_max, s.t_min, 5, dtype=torch.float64)[1:]
-    model = DSNO(bb, times, modes=2, init="small", placement="full").eval()
+    model = DSNO(bb, times, modes=2, init="small", placement="full").to(dev).eval()
     shipped = dict(model.temporal.items())
-    variants = {
+    layers_of = {
         "hooks only": {k: HooksOnly() for k in shipped},
         "one pass": {k: OnePass() for k in shipped},
         "shipped": shipped,
         "time-domain kernel": {k: TimeDomainBlock(v) for k, v in shipped.items()},
     }
+    variants = {name: layers_of[name] for name in STAND_INS}
     params = list(model.parameters())
+    autocast = (
+        torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
     rows = []
     for batch in batches:
-        x = torch.randn(batch, *bb.image_shape)
-        x_bm, t_bm = x.repeat_interleave(len(times), 0), times.repeat(batch)
-        fns = {"plain": _train_call(params, lambda: bb(x_bm, t_bm))}
+        x = torch.randn(batch, *bb.image_shape, device=dev)
+        x_bm, t_bm = x.repeat_interleave(len(times), 0), times.to(dev).repeat(batch)
+
+        def plain():
+            with autocast:
+                return bb(x_bm, t_bm).float()
+
+        fns = {"plain": _train_call(params, plain)}
         for name, layers in variants.items():
 
             def call(layers=layers):
                 model.temporal.update(layers)
-                return model(x)
+                with autocast:
+                    return model(x).float()
 
             fns[name] = _train_call(params, call)
-        m = interleaved_medians(fns, repeats)
+        m = interleaved_medians(fns, repeats, warmups=2, sync=sync)
         model.temporal.update(shipped)
-        rows.append({"batch": batch, "layers": len(shipped), **m})
+        rows.append({"preset": preset, "precision": precision, "batch": batch, "layers": len(shipped), **m})
     return rows
 
 
