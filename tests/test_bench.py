@@ -529,3 +529,23 @@ def test_the_overhead_benchmark_times_every_stand_in_beside_the_plain_network():
     (row,) = step_overheads((1,), repeats=1)
     assert all(math.isfinite(row[n]) and row[n] > 0 for n in ("plain", *STAND_INS))
     assert row["layers"] == 11  # one after every ResBlock and the mid block of the digits preset
+
+
+def test_a_failing_part_of_the_gpu_report_costs_one_line_not_the_rest(capsys):
+    from operator_diffusion.benchmarks.gpu import _Report
+
+    def training_rows():
+        raise RuntimeError("CUDA error: no kernel image\nsecond line")
+
+    lines = _Report(["## GPU figures", ""])
+    assert lines.measured(training_rows) == []
+    lines.append("| table |")
+    assert lines.measured(lambda: [1, 2]) == [1, 2]  # the next part still runs
+    assert list(lines) == [
+        "## GPU figures",
+        "",
+        "training_rows failed: RuntimeError: CUDA error: no kernel image",
+        "| table |",
+    ]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == list(lines)  # each line shown once, as its part ends

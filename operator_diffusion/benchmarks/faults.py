@@ -85,6 +85,13 @@ def steps_logged(out: Path) -> int:
     return 0
 
 
+def _terminal_signals() -> None:
+    """In the child, before exec: Ctrl-C as a terminal delivers it. A background job of a non-interactive shell
+    (``cmd &`` in a script, nohup) starts with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    handler: the SIGINT test would measure the launcher, not the command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(
     argv: Sequence[str],
     log: Path,
@@ -97,7 +104,7 @@ def run(
     ``progress() >= target`` and ``delay`` seconds more have passed, if it still runs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out, open(f"{log}.err", "w") as err:
-        proc = subprocess.Popen([*CLI, *argv], stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen([*CLI, *argv], stdout=out, stderr=err, env=env, preexec_fn=_terminal_signals)
         signalled, reached = False, 0
         try:
             start = time.monotonic()

@@ -269,15 +269,36 @@ def overhead_rows(device: str = "cuda") -> list[dict]:
     return rows
 
 
+class _Report(list):
+    """The report's lines; ``measured(part)`` runs one part of it. A part that fails adds one line saying how, and
+    the others still run (a lent GPU is rare: one failure must not cost the rest). The lines not yet shown are
+    printed as each part ends, so that a run cut short by its time limit still shows what it measured."""
+
+    shown = 0
+
+    def measured(self, part) -> list:
+        try:
+            rows = part()
+        except Exception as e:
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            self.append(f"{part.__name__} failed: {type(e).__name__}: {first}")
+            rows = []
+        print("\n".join(self[self.shown :]), flush=True)
+        self.shown = len(self)
+        return rows
+
+
 def report(machine) -> str:
     """The benchmarks page section (``__main__``); without CUDA, a line saying nothing was measured."""
-    lines = [
-        "## GPU figures (issue 18)",
-        "",
-        "Command: `python -m operator_diffusion.benchmarks gpu`  ",
-        f"Machine: {machine()}",
-        "",
-    ]
+    lines = _Report(
+        [
+            "## GPU figures (issue 18)",
+            "",
+            "Command: `python -m operator_diffusion.benchmarks gpu`  ",
+            f"Machine: {machine()}",
+            "",
+        ]
+    )
     if not torch.cuda.is_available():
         return "\n".join(lines + ["No CUDA device on this machine: nothing measured.", ""])
     lines += [
@@ -288,7 +309,7 @@ def report(machine) -> str:
         "| preset | B | precision | compiled | 1 NFE | " + " | ".join(f"DSNO / 1 NFE ({p})" for p in PLACEMENTS),
         "|---|---:|---|---|---:|" + "---:|" * len(PLACEMENTS),
     ]
-    for r in sample_rows():
+    for r in lines.measured(sample_rows):
         if r.error:
             lines.append(f"| {r.preset} | {r.batch} | {r.precision} | {r.compiled} | failed: {r.error} |")
             continue
@@ -299,7 +320,7 @@ def report(machine) -> str:
         "| training step (digits) | B | DSNO | baseline | DSNO / baseline | peak MiB (DSNO) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in training_rows():
+    for r in lines.measured(training_rows):
         lines.append(
             f"| {r['precision']} | {r['batch']} | {1e3 * r['dsno']:.1f} ms | {1e3 * r['baseline']:.1f} ms | "
             f"{r['dsno'] / r['baseline']:.2f} | {r['dsno_peak_mib']:.0f} |"
@@ -315,11 +336,11 @@ def report(machine) -> str:
     ]
     from .overhead import STAND_INS
 
-    for r in overhead_rows():
+    for r in lines.measured(overhead_rows):
         cells = " | ".join(f"{100 * (r[n] / r['plain'] - 1):+.1f}%" for n in STAND_INS)
         lines.append(f"| {r['preset']} | {r['precision']} | {r['batch']} | {1e3 * r['plain']:.2f} ms | {cells} |")
     lines += ["", "| collection | precision | trajectories | per second | peak MiB |", "|---|---|---:|---:|---:|"]
-    for r in collection_rows():
+    for r in lines.measured(collection_rows):
         lines.append(f"| {r['preset']} | {r['precision']} | {r['num']} | {r['per_s']:.0f} | {r['peak_mib']:.0f} |")
     lines += [
         "",
@@ -330,7 +351,7 @@ def report(machine) -> str:
         "| trains | checkpointing | B | measured peak GiB | estimate GiB | measured / estimate | step s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for r in sd_memory_rows():
+    for r in lines.measured(sd_memory_rows):
         if r.get("error"):
             lines.append(
                 f"| {r['option']} | {r['checkpointing']} | {r['batch']} | {r['error']} | {r['estimate_gib']:.1f} | | |"
