@@ -488,13 +488,19 @@ def test_the_quality_benchmark_scores_every_row_on_seeds_none_of_them_trained_on
 
 
 def test_the_quality_benchmark_gives_each_run_the_demo_dsnos_warm_up_share_and_the_large_point():
-    from operator_diffusion.benchmarks.quality import LARGE, quality_points, quality_variants, warmup_steps
+    from operator_diffusion.benchmarks.quality import (
+        LONG_NUMS,
+        LONG_STEPS,
+        quality_points,
+        quality_variants,
+        warmup_steps,
+    )
     from operator_diffusion.demo import DEMO
 
     assert warmup_steps(DEMO.train_steps) == DEMO.warmup  # the demo's own run is unchanged
     assert warmup_steps(4 * DEMO.train_steps) == 4 * DEMO.warmup
     points = quality_points()
-    assert LARGE in points and len(set(points)) == len(points)
+    assert {(n, LONG_STEPS) for n in LONG_NUMS} <= set(points) and len(set(points)) == len(points)
     assert points[0][0] == max(n for n, _ in points)  # the largest collection runs first
     for v in quality_variants():
         t = dict(v.train)

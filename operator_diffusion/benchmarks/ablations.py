@@ -62,6 +62,27 @@ def train_settings(v: Variant, lr: float, train_steps: int | None = None) -> dic
     }
 
 
+def score_run(run: Path, teacher: Path, eval_seeds, scale=((), ())):
+    """``opdiff bench`` of a trained run on ``eval_seeds`` against its teacher's reference (the demo's): the model's
+    row, and the RMSE of each ``scale`` solver at each NFE ({"method@nfe": rmse})."""
+    from ..bench import plan_bench, run_bench
+    from ..configs import BenchConfig
+    from ..demo import DEMO, reference_fields
+
+    config = BenchConfig(
+        run=str(run),
+        seeds=tuple(eval_seeds),
+        solvers=scale[0],
+        nfes=scale[1],
+        teacher_checkpoint=str(teacher),
+        device="cpu",
+        **reference_fields(DEMO.reference_steps),
+    )
+    result = run_bench(plan_bench(config))
+    (model_row,) = [r for r in result.rows if r.kind == "model"]  # "DSNO" or "one-step baseline"
+    return model_row, {f"{r.method}@{r.nfe}": r.rmse for r in result.rows if r.kind == "solver"}
+
+
 def run_ablations(
     root: Path | None = None,
     chosen: list[Variant] | None = None,
@@ -73,11 +94,9 @@ def run_ablations(
     """Train and score each variant (default: ``variants(LR)``); the first row of each teacher also scores the
     ``scale`` solvers at their NFEs (each on its own grid, ``bench.SOLVER_DEFAULTS``) on the same seeds."""
     from ..backbones import backbone_from_checkpoint
-    from ..bench import plan_bench, run_bench
     from ..collection import collect
     from ..collection_plan import CollectConfig
-    from ..configs import BenchConfig
-    from ..demo import DEMO, DIGITS_TEACHER, digits_teacher, reference_fields
+    from ..demo import DEMO, DIGITS_TEACHER, digits_teacher
     from ..training import TrainConfig, reset_accelerate_state, train
 
     c = DEMO
@@ -120,18 +139,7 @@ def run_ablations(
             seconds = time.perf_counter() - start
             first = all(r["teacher"] != str(ckpt) for r in rows)
             solvers, nfes = scale if first else ((), ())
-            config = BenchConfig(
-                run=str(root / f"run{k}"),
-                seeds=tuple(eval_seeds),
-                solvers=solvers,
-                nfes=nfes,
-                teacher_checkpoint=str(ckpt),
-                device="cpu",
-                **reference_fields(c.reference_steps),
-            )
-            result = run_bench(plan_bench(config))
-            solver_rows = {f"{r.method}@{r.nfe}": r.rmse for r in result.rows if r.kind == "solver"}
-            (model_row,) = [r for r in result.rows if r.kind == "model"]  # "DSNO" or "one-step baseline"
+            model_row, solver_rows = score_run(root / f"run{k}", ckpt, eval_seeds, (solvers, nfes))
             rows.append(
                 {
                     "variant": v.name,
