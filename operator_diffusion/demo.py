@@ -85,6 +85,18 @@ class DemoConfig:
     spectrum_points: int = 256
     collect_batch: int = 512
 
+    def sampler_settings(self, baseline: bool) -> dict[str, Any]:
+        """``TrainConfig`` fields in which DSNO and the one-step baseline differ: each sampler's own learning rate,
+        batch, steps and warm-up (the same trajectory draws, each at its own best split)."""
+        if baseline:
+            return {
+                "lr": self.baseline_lr,
+                "batch_size": self.baseline_batch_size,
+                "max_steps": self.baseline_train_steps,
+                "warmup": self.baseline_warmup,
+            }
+        return {"lr": self.lr, "batch_size": self.batch_size, "max_steps": self.train_steps, "warmup": self.warmup}
+
 
 DEMO = DemoConfig()
 QUICK = replace(
@@ -224,18 +236,9 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
     seconds["collect"] = time.perf_counter() - start
     precision = collected.info["collection"]["precision"]  # "auto" resolved by measuring on this machine
 
-    runs = {
-        "DSNO": (out / "run", False, c.lr, c.batch_size, c.train_steps, c.warmup),
-        "one-step baseline": (
-            out / "baseline",
-            True,
-            c.baseline_lr,
-            c.baseline_batch_size,
-            c.baseline_train_steps,
-            c.baseline_warmup,
-        ),
-    }
-    for name, (path, baseline, lr, batch_size, steps, warmup) in runs.items():
+    runs = {"DSNO": (out / "run", False), "one-step baseline": (out / "baseline", True)}
+    for name, (path, baseline) in runs.items():
+        settings = c.sampler_settings(baseline)
         start = time.perf_counter()
         stage = report(f"train {name}")
         train(
@@ -245,15 +248,12 @@ def run_demo(out: str | Path, config: DemoConfig = DEMO, progress: Progress | No
                 init_from=str(DIGITS_TEACHER),
                 backbone_options={"dropout": c.dropout},
                 modes=c.modes,
-                batch_size=batch_size,
-                lr=lr,
                 lr_decay=c.lr_decay,
-                warmup=warmup,
                 ema=c.ema,
                 loss=c.loss,
                 final_weight=None if baseline else c.final_weight,
-                max_steps=steps,
-                save_every=steps,
+                save_every=settings["max_steps"],
+                **settings,
                 log_every=10,
                 baseline=baseline,
             ),

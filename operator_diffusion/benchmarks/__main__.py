@@ -494,10 +494,9 @@ def quality_text(rows: list[dict]) -> str:
 
 def overhead_section() -> str:
     """What the temporal layers add to a training step (issue 18's ≤ 10%), taken apart by layer stand-ins."""
-    from .overhead import layer_timings, step_overheads
+    from .overhead import STAND_INS, layer_timings, overhead_cells, step_overheads
 
     steps, layers = step_overheads(), layer_timings()
-    from .overhead import STAND_INS as names
 
     lines = [
         "## What the temporal layers add to a training step (issue 18)",
@@ -512,12 +511,11 @@ def overhead_section() -> str:
         "`TemporalBlock`; *time-domain kernel*: the same T u with K as one (M·C)×(M·C) block-circulant 1×1 "
         "convolution (`benchmarks/overhead.py`, tested equal to the shipped layer).",
         "",
-        "| B | layers | plain step | " + " | ".join(names) + " |",
-        "|---:|---:|---:|" + "---:|" * len(names),
+        "| B | layers | plain step | " + " | ".join(STAND_INS) + " |",
+        "|---:|---:|---:|" + "---:|" * len(STAND_INS),
     ]
     for r in steps:
-        cells = " | ".join(f"{100 * (r[n] / r['plain'] - 1):+.1f}%" for n in names)
-        lines.append(f"| {r['batch']} | {r['layers']} | {1e3 * r['plain']:.1f} ms | {cells} |")
+        lines.append(f"| {r['batch']} | {r['layers']} | {1e3 * r['plain']:.1f} ms | {overhead_cells(r)} |")
     lines += [
         "",
         "One temporal layer alone, forward + backward (M = 4, 2 modes), at the layer shapes of the digits and cifar10 "

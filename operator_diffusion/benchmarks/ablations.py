@@ -48,16 +48,15 @@ def train_settings(v: Variant, lr: float, train_steps: int | None = None) -> dic
     steps; the demo's modes, schedule, EMA and dropout), then the variant's own overrides."""
     from ..demo import DEMO as c
 
-    baseline = dict(v.train).get("baseline", False)
+    sampler = c.sampler_settings(dict(v.train).get("baseline", False))
     return {
         "modes": c.modes,
-        "batch_size": c.baseline_batch_size if baseline else c.batch_size,
+        **sampler,
         "lr": lr,
         "lr_decay": c.lr_decay,
-        "warmup": c.baseline_warmup if baseline else c.warmup,
         "ema": c.ema,
         "backbone_options": {"dropout": c.dropout},  # the demo's (a variant may set its own)
-        "max_steps": train_steps or (c.baseline_train_steps if baseline else c.train_steps),
+        "max_steps": train_steps or sampler["max_steps"],
         **dict(v.train),
     }
 

@@ -8,6 +8,7 @@ sampling costs) and its whole trajectory (all M frames); forward only, and forwa
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -59,6 +60,20 @@ def interleaved_medians(
             sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def device_medians(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """``interleaved_medians`` after two warm-ups (compilation and CUDA graph capture happen in them), synchronising
+    a CUDA device around every timed call."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return interleaved_medians(fns, repeats, warmups=2, sync=sync)
+
+
+def precision_autocast(device: torch.device, precision: str):
+    """bf16 autocast on ``device`` for ``"bf16"``, nothing for ``"fp32"``."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def time_adapter(

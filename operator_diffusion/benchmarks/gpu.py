@@ -22,13 +22,14 @@ on the CPU, which is how the tests keep it working.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .adapter import device_medians, precision_autocast
 
 PRESETS = ("digits", "cifar10")
 BATCHES = (1, 16, 256)
@@ -47,21 +48,6 @@ class SampleRow:
     ratio: dict[str, float] = field(default_factory=dict)  # placement -> DSNO sample / 1 NFE
     peak_mib: float | None = None
     error: str | None = None  # why a compiled row could not be measured
-
-
-def _medians(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
-    """``adapter.interleaved_medians`` after two warm-ups (compilation and CUDA graph capture happen in them),
-    synchronising the device around every timed call."""
-    from .adapter import interleaved_medians
-
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    return interleaved_medians(fns, repeats, warmups=2, sync=sync)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _peak_mib(device: torch.device) -> float | None:
@@ -106,14 +92,14 @@ def sample_rows(
 
                         def call(f):
                             def run():
-                                with torch.inference_mode(), _autocast(dev, precision):
+                                with torch.inference_mode(), precision_autocast(dev, precision):
                                     f()
 
                             return run
 
                         if dev.type == "cuda":
                             torch.cuda.reset_peak_memory_stats(dev)
-                        m = _medians({k: call(f) for k, f in fns.items()}, repeats, dev)
+                        m = device_medians({k: call(f) for k, f in fns.items()}, repeats, dev)
                     except Exception as e:  # a compiler that is missing or fails: recorded, the run goes on
                         row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                         rows.append(row)
@@ -239,7 +225,7 @@ def sd_memory_rows(
                 cond = {k: torch.randn(batch, *v, device=dev) for k, v in bb.conditioning_shapes.items()}
                 t0 = time.perf_counter()
                 for _ in range(steps):  # the first step creates Adam's moments
-                    with _autocast(dev, option.precision):
+                    with precision_autocast(dev, option.precision):
                         loss = model(x, **cond).float().abs().mean()
                     loss.backward()
                     optimizer.step()
@@ -325,20 +311,21 @@ def report(machine) -> str:
             f"| {r['precision']} | {r['batch']} | {1e3 * r['dsno']:.1f} ms | {1e3 * r['baseline']:.1f} ms | "
             f"{r['dsno'] / r['baseline']:.2f} | {r['dsno_peak_mib']:.0f} |"
         )
+    from .overhead import STAND_INS, overhead_cells
+
     lines += [
         "",
         "Temporal overhead on the training step (issue 18's ≤ 10%; `benchmarks overhead` on the GPU): DSNO's forward + "
         "backward at the full placement over the plain network's on the same B·M items, with the layers as shipped "
         "and swapped for stand-ins (hooks only; one elementwise pass each; the block-circulant time-domain kernel).",
         "",
-        "| preset | precision | B | plain step | hooks only | one pass | shipped | time-domain kernel |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| preset | precision | B | plain step | " + " | ".join(STAND_INS) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(STAND_INS),
     ]
-    from .overhead import STAND_INS
-
     for r in lines.measured(overhead_rows):
-        cells = " | ".join(f"{100 * (r[n] / r['plain'] - 1):+.1f}%" for n in STAND_INS)
-        lines.append(f"| {r['preset']} | {r['precision']} | {r['batch']} | {1e3 * r['plain']:.2f} ms | {cells} |")
+        lines.append(
+            f"| {r['preset']} | {r['precision']} | {r['batch']} | {1e3 * r['plain']:.2f} ms | {overhead_cells(r)} |"
+        )
     lines += ["", "| collection | precision | trajectories | per second | peak MiB |", "|---|---|---:|---:|---:|"]
     for r in lines.measured(collection_rows):
         lines.append(f"| {r['preset']} | {r['precision']} | {r['num']} | {r['per_s']:.0f} | {r['peak_mib']:.0f} |")

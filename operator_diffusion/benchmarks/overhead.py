@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..operators import TemporalBlock
-from .adapter import interleaved_medians
+from .adapter import device_medians, interleaved_medians, precision_autocast
 
 STAND_INS = ("hooks only", "one pass", "shipped", "time-domain kernel")  # the step table's columns, in order
 BATCHES = (32, 256)  # DSNO's demo training batch, and the adapter section's large batch
@@ -100,8 +100,6 @@ def step_overheads(
 ) -> list[dict]:
     """Per batch: the plain network's forward+backward on B·M items and DSNO's with each layer stand-in, on
     ``device`` (synchronised around every call on CUDA), in float32 or under bf16 autocast."""
-    import contextlib
-
     from ..adapter import DSNO
     from ..backbones import load_backbone
 
@@ -112,25 +110,20 @@ def step_overheads(
     times = torch.linspace(s.t_max, s.t_min, 5, dtype=torch.float64)[1:]
     model = DSNO(bb, times, modes=2, init="small", placement="full").to(dev).eval()
     shipped = dict(model.temporal.items())
-    layers_of = {
+    variants = {  # keyed by STAND_INS
         "hooks only": {k: HooksOnly() for k in shipped},
         "one pass": {k: OnePass() for k in shipped},
         "shipped": shipped,
         "time-domain kernel": {k: TimeDomainBlock(v) for k, v in shipped.items()},
     }
-    variants = {name: layers_of[name] for name in STAND_INS}
     params = list(model.parameters())
-    autocast = (
-        torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    )
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
     rows = []
     for batch in batches:
         x = torch.randn(batch, *bb.image_shape, device=dev)
         x_bm, t_bm = x.repeat_interleave(len(times), 0), times.to(dev).repeat(batch)
 
         def plain():
-            with autocast:
+            with precision_autocast(dev, precision):
                 return bb(x_bm, t_bm).float()
 
         fns = {"plain": _train_call(params, plain)}
@@ -138,14 +131,19 @@ def step_overheads(
 
             def call(layers=layers):
                 model.temporal.update(layers)
-                with autocast:
+                with precision_autocast(dev, precision):
                     return model(x).float()
 
             fns[name] = _train_call(params, call)
-        m = interleaved_medians(fns, repeats, warmups=2, sync=sync)
+        m = device_medians(fns, repeats, dev)
         model.temporal.update(shipped)
         rows.append({"preset": preset, "precision": precision, "batch": batch, "layers": len(shipped), **m})
     return rows
+
+
+def overhead_cells(row: dict) -> str:
+    """One step row's table cells: each stand-in's overhead over the plain network, in the order of STAND_INS."""
+    return " | ".join(f"{100 * (row[n] / row['plain'] - 1):+.1f}%" for n in STAND_INS)
 
 
 def layer_timings(cases=LAYER_CASES, repeats: int = 9) -> list[dict]:
